@@ -1,0 +1,36 @@
+//! Principals, roles and API keys: who may call what.
+//!
+//! A principal has a name and a set of roles. Callers prove who they are with an API key
+//! (`tvk_<id>_<secret>`; the vault stores the id and a hash of the secret only) or, with
+//! mutual TLS, a verified certificate identity bound to a principal. Lookups go through
+//! [`Authenticator`], which keeps an in-memory snapshot of the clients table and refreshes it
+//! when the database changes, so `clients revoke` takes effect on a running server within a
+//! second.
+
+/// What a principal may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// Tokenize, TokenizeBatch, GetTokenInfo.
+    Tokenize,
+    /// Detokenize, DetokenizeBatch, GetTokenInfo.
+    Detokenize,
+    /// GetTokenInfo.
+    Info,
+    /// DeleteToken.
+    Delete,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Tokenize, Role::Detokenize, Role::Info, Role::Delete];
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Tokenize => "tokenize",
+            Role::Detokenize => "detokenize",
+            Role::Info => "info",
+            Role::Delete => "delete",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Role> {
+        Role::ALL.iter().copied().find(|r| r.name() == s.trim())
+    }
+}

@@ -1,0 +1,780 @@
+//! Card numbers. [`Pan`] is the only way a primary account number (PAN) enters the system.
+//!
+//! This module owns:
+//! - parsing and normalising user input into a [`Pan`] (digits only, held in a zeroizing
+//!   buffer), with errors that carry positions and counts but never any part of the input;
+//! - the Luhn check ([`luhn_valid`], [`luhn_check_digit`]);
+//! - brand detection from IIN ranges ([`Brand`]);
+//! - PCI DSS 3.4.1 masking ([`Pan::masked`], [`Pan::masked_last4`], [`mask_parts`]).
+//!
+//! A `Pan` deliberately has no `Display` and a redacted `Debug`, so it cannot end up in a log
+//! line or an error message by accident; the digits are only reachable via
+//! [`Pan::expose_digits`].
+
+use zeroize::Zeroizing;
+
+/// Fewest digits a PAN may have (ISO/IEC 7812 allows 8, but no brand we handle issues < 12).
+pub const MIN_LEN: usize = 12;
+/// Most digits a PAN may have (ISO/IEC 7812).
+pub const MAX_LEN: usize = 19;
+/// PANs with at least this many digits may show their first six when masked: six shown plus
+/// four shown still leaves at least five hidden.
+pub const BIN_VISIBLE_MIN_LEN: usize = 15;
+
+/// Card brand, detected from the issuer identification number (IIN) ranges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Brand {
+    Visa,
+    Mastercard,
+    Amex,
+    Discover,
+    Jcb,
+    DinersClub,
+    UnionPay,
+    Maestro,
+    Mir,
+    Unknown,
+}
+
+impl Brand {
+    /// Stable integer code used in storage (never change a value).
+    pub fn code(self) -> i64 {
+        match self {
+            Brand::Unknown => 1,
+            Brand::Visa => 2,
+            Brand::Mastercard => 3,
+            Brand::Amex => 4,
+            Brand::Discover => 5,
+            Brand::Jcb => 6,
+            Brand::DinersClub => 7,
+            Brand::UnionPay => 8,
+            Brand::Maestro => 9,
+            Brand::Mir => 10,
+        }
+    }
+    pub fn from_code(code: i64) -> Brand {
+        Brand::ALL
+            .iter()
+            .copied()
+            .find(|b| b.code() == code)
+            .unwrap_or(Brand::Unknown)
+    }
+    pub const ALL: [Brand; 10] = [
+        Brand::Visa,
+        Brand::Mastercard,
+        Brand::Amex,
+        Brand::Discover,
+        Brand::Jcb,
+        Brand::DinersClub,
+        Brand::UnionPay,
+        Brand::Maestro,
+        Brand::Mir,
+        Brand::Unknown,
+    ];
+    /// Stable lowercase name (used in APIs and metrics labels; never change a value).
+    pub fn name(self) -> &'static str {
+        match self {
+            Brand::Visa => "visa",
+            Brand::Mastercard => "mastercard",
+            Brand::Amex => "amex",
+            Brand::Discover => "discover",
+            Brand::Jcb => "jcb",
+            Brand::DinersClub => "diners_club",
+            Brand::UnionPay => "unionpay",
+            Brand::Maestro => "maestro",
+            Brand::Mir => "mir",
+            Brand::Unknown => "unknown",
+        }
+    }
+
+    /// Detects the brand from the leading digits of an ASCII digit string.
+    ///
+    /// Only the first six digits are looked at. Ranges are tried longest prefix first, so a
+    /// specific range (e.g. Discover's 622126-622925) wins over the broader one that
+    /// contains it (UnionPay's 62).
+    pub fn detect(digits: &[u8]) -> Brand {
+        for &(width, lo, hi, brand) in IIN_TABLE {
+            if let Some(prefix) = leading_number(digits, width) {
+                if (lo..=hi).contains(&prefix) {
+                    return brand;
+                }
+            }
+        }
+        Brand::Unknown
+    }
+}
+
+/// (prefix width in digits, first prefix, last prefix, brand), sorted by width, widest first,
+/// which is what resolves overlaps in favour of the most specific range.
+const IIN_TABLE: &[(usize, u32, u32, Brand)] = &[
+    // 6 digits
+    (6, 622126, 622925, Brand::Discover), // Discover / UnionPay co-brand inside 62
+    (6, 676770, 676770, Brand::Maestro),
+    (6, 676774, 676774, Brand::Maestro),
+    // 4 digits
+    (4, 2200, 2204, Brand::Mir),
+    (4, 2221, 2720, Brand::Mastercard),
+    (4, 3095, 3095, Brand::DinersClub),
+    (4, 3528, 3589, Brand::Jcb),
+    (4, 6011, 6011, Brand::Discover),
+    (4, 6304, 6304, Brand::Maestro),
+    (4, 6759, 6759, Brand::Maestro),
+    (4, 6761, 6763, Brand::Maestro),
+    // 3 digits
+    (3, 300, 305, Brand::DinersClub),
+    (3, 644, 649, Brand::Discover),
+    // 2 digits
+    (2, 34, 34, Brand::Amex),
+    (2, 36, 36, Brand::DinersClub),
+    (2, 37, 37, Brand::Amex),
+    (2, 38, 39, Brand::DinersClub),
+    (2, 50, 50, Brand::Maestro),
+    (2, 51, 55, Brand::Mastercard),
+    (2, 56, 58, Brand::Maestro),
+    (2, 62, 62, Brand::UnionPay),
+    (2, 65, 65, Brand::Discover),
+    (2, 81, 81, Brand::UnionPay),
+    // 1 digit
+    (1, 4, 4, Brand::Visa),
+];
+
+/// The number formed by the first `width` digits, or `None` if there are fewer or a
+/// non-digit is among them.
+fn leading_number(digits: &[u8], width: usize) -> Option<u32> {
+    let head = digits.get(..width)?;
+    head.iter().try_fold(0u32, |acc, &b| {
+        b.is_ascii_digit().then(|| acc * 10 + u32::from(b - b'0'))
+    })
+}
+
+/// Why a card number was rejected. Never contains the input, only positions and lengths.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PanError {
+    #[error("card number is empty")]
+    Empty,
+    #[error("card number has a character that is not a digit at position {0}")]
+    NotADigit(usize),
+    #[error("card number has a misplaced separator at position {0}")]
+    MisplacedSeparator(usize),
+    #[error("card number has {0} digits, fewer than the minimum of 12")]
+    TooShort(usize),
+    #[error("card number has {0} digits, more than the maximum of 19")]
+    TooLong(usize),
+    #[error("card number fails the Luhn check")]
+    LuhnFailed,
+}
+
+/// A validated, normalised card number. Digits live in a zeroizing buffer.
+pub struct Pan {
+    digits: Zeroizing<String>,
+}
+
+impl Pan {
+    /// Parses a card number: ASCII digits, optionally grouped by single spaces or hyphens
+    /// between digits (`4111 1111 1111 1111`, `4111-1111-1111-1111`).
+    ///
+    /// Checks run in a fixed order so the error is predictable: empty, then characters and
+    /// separators (first offending position, 1-based, counted in characters), then the digit
+    /// count (12..=19), then Luhn.
+    pub fn parse(input: &str) -> Result<Pan, PanError> {
+        if input.is_empty() {
+            return Err(PanError::Empty);
+        }
+        // Capacity is fixed up front and never exceeded, so the String never reallocates:
+        // a reallocation would leave a copy of the digits behind in freed memory that
+        // Zeroizing cannot reach.
+        let mut digits = Zeroizing::new(String::with_capacity(MAX_LEN));
+        let mut count: usize = 0;
+        let mut prev_was_digit = false;
+        let mut last_pos = 0;
+        for (i, c) in input.chars().enumerate() {
+            let pos = i + 1;
+            last_pos = pos;
+            match c {
+                // is_ascii_digit, not is_numeric: Unicode digits (Arabic-Indic, fullwidth…)
+                // would otherwise slip through as look-alikes.
+                '0'..='9' => {
+                    count += 1;
+                    // Past MAX_LEN we only keep counting (the input is rejected anyway), so a
+                    // huge input costs time but no memory.
+                    if count <= MAX_LEN {
+                        digits.push(c);
+                    }
+                    prev_was_digit = true;
+                }
+                ' ' | '-' => {
+                    // A separator must sit between two digits: this rejects leading and
+                    // doubled separators here and trailing ones after the loop.
+                    if !prev_was_digit {
+                        return Err(PanError::MisplacedSeparator(pos));
+                    }
+                    prev_was_digit = false;
+                }
+                _ => return Err(PanError::NotADigit(pos)),
+            }
+        }
+        if !prev_was_digit {
+            return Err(PanError::MisplacedSeparator(last_pos));
+        }
+        if count < MIN_LEN {
+            return Err(PanError::TooShort(count));
+        }
+        if count > MAX_LEN {
+            return Err(PanError::TooLong(count));
+        }
+        if !luhn_valid(digits.as_bytes()) {
+            return Err(PanError::LuhnFailed);
+        }
+        Ok(Pan { digits })
+    }
+    /// The normalised digits. The only way to read the number; callers must not log it.
+    pub fn expose_digits(&self) -> &str {
+        &self.digits
+    }
+    pub fn len(&self) -> usize {
+        self.digits.len()
+    }
+    /// Always false: a parsed PAN has at least 12 digits (present for clippy's `len` lint).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+    pub fn brand(&self) -> Brand {
+        Brand::detect(self.digits.as_bytes())
+    }
+    /// First six digits when PCI masking allows showing them (see `masked`), else empty.
+    ///
+    /// Shown only for PANs of at least 15 digits, so that six shown plus four shown still
+    /// leaves at least five digits hidden.
+    pub fn bin(&self) -> String {
+        if self.len() >= BIN_VISIBLE_MIN_LEN {
+            self.digits[..6].to_string()
+        } else {
+            String::new()
+        }
+    }
+    pub fn last4(&self) -> String {
+        self.digits[self.len() - 4..].to_string()
+    }
+    /// `411111******1111`
+    pub fn masked(&self) -> String {
+        mask_parts(&self.bin(), &self.last4(), self.len())
+    }
+    /// `************1111`
+    pub fn masked_last4(&self) -> String {
+        mask_parts("", &self.last4(), self.len())
+    }
+}
+
+// Written out rather than derived so the copy is visibly another zeroizing buffer of exactly
+// the PAN's size (no growth, so no stray unzeroized copies).
+impl Clone for Pan {
+    fn clone(&self) -> Self {
+        let mut digits = Zeroizing::new(String::with_capacity(MAX_LEN));
+        digits.push_str(&self.digits);
+        Pan { digits }
+    }
+}
+
+impl std::fmt::Debug for Pan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pan(<redacted>)")
+    }
+}
+
+/// True when the ASCII digit string passes the Luhn check.
+///
+/// False for an empty slice or one containing anything but ASCII digits, so a caller can
+/// never mistake garbage for a valid number.
+pub fn luhn_valid(digits: &[u8]) -> bool {
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return false;
+    }
+    luhn_sum(digits, false) % 10 == 0
+}
+
+/// The check digit that makes `payload` + digit Luhn-valid, as an ASCII digit (`b'0'..=b'9'`),
+/// so it can be pushed straight onto the payload bytes.
+///
+/// # Panics
+/// If `payload` contains anything but ASCII digits.
+pub fn luhn_check_digit(payload: &[u8]) -> u8 {
+    assert!(
+        payload.iter().all(u8::is_ascii_digit),
+        "luhn_check_digit: payload must be ASCII digits"
+    );
+    // The check digit will sit to the right of the payload, so the payload's last digit is
+    // the first one doubled.
+    let sum = luhn_sum(payload, true);
+    b'0' + ((10 - sum % 10) % 10) as u8
+}
+
+/// Luhn sum over ASCII digits, doubling every second digit counted from the right; when
+/// `double_rightmost` the rightmost digit is the first doubled one.
+fn luhn_sum(digits: &[u8], double_rightmost: bool) -> u32 {
+    digits
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, &b)| {
+            let d = u32::from(b - b'0');
+            if (i % 2 == 0) == double_rightmost {
+                let dd = d * 2;
+                if dd > 9 {
+                    dd - 9
+                } else {
+                    dd
+                }
+            } else {
+                d
+            }
+        })
+        .sum()
+}
+
+/// Mask given bin and last four as TokenInfo shows them (used where only stored parts exist).
+///
+/// Produces exactly `len` characters: `bin`, then `*`, then `last4`, e.g. `411111******1111`.
+/// Defensive about its inputs so it can never show more than PCI DSS 3.4.1 allows, even from
+/// bad stored data: `bin` is shown only if it is at most six ASCII digits and `len >= 15`
+/// (same rule as [`Pan::bin`]), and `last4` only if it is at most four ASCII digits.
+pub fn mask_parts(bin: &str, last4: &str, len: usize) -> String {
+    let digits_only = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    let bin = if len >= BIN_VISIBLE_MIN_LEN && bin.len() <= 6 && digits_only(bin) {
+        bin
+    } else {
+        ""
+    };
+    let last4 = if last4.len() <= 4 && digits_only(last4) {
+        // Never longer than the masked number itself.
+        &last4[last4.len().saturating_sub(len)..]
+    } else {
+        ""
+    };
+    let stars = len.saturating_sub(bin.len() + last4.len());
+    let mut out = String::with_capacity(bin.len() + stars + last4.len());
+    out.push_str(bin);
+    out.push_str(&"*".repeat(stars));
+    out.push_str(last4);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A Luhn-valid number of `len` digits starting with `prefix` (zero padded).
+    fn make_pan(prefix: &str, len: usize) -> String {
+        let mut s = prefix.to_string();
+        while s.len() < len - 1 {
+            s.push('0');
+        }
+        let c = luhn_check_digit(s.as_bytes());
+        s.push(c as char);
+        s
+    }
+
+    #[test]
+    fn parses_plain_and_grouped() {
+        for input in [
+            "4111111111111111",
+            "4111 1111 1111 1111",
+            "4111-1111-1111-1111",
+            "4111-1111 1111-1111",
+            "4 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1",
+            "411111 1111111111",
+        ] {
+            let pan = Pan::parse(input).unwrap();
+            assert_eq!(pan.expose_digits(), "4111111111111111", "{input}");
+            assert_eq!(pan.len(), 16);
+            assert!(!pan.is_empty());
+        }
+        // Amex-style 4-6-5 grouping.
+        let pan = Pan::parse("3782 822463 10005").unwrap();
+        assert_eq!(pan.expose_digits(), "378282246310005");
+    }
+
+    #[test]
+    fn rejects_bad_input_with_right_error() {
+        use PanError::*;
+        let cases: &[(&str, PanError)] = &[
+            ("", Empty),
+            ("4111a11111111111", NotADigit(5)),
+            ("4111 1111 1111 111x", NotADigit(19)),
+            ("٤١١١١١١١١١١١١١١١", NotADigit(1)),
+            ("4111١١١١١١١١١١١١", NotADigit(5)),
+            ("４１１１１１１１１１１１１１１１", NotADigit(1)),
+            ("4111\u{0}111111111111", NotADigit(5)),
+            ("4111111111111111\u{0}", NotADigit(17)),
+            ("4111\t1111 1111 1111", NotADigit(5)),
+            ("4111111111111111\n", NotADigit(17)),
+            ("4111_1111_1111_1111", NotADigit(5)),
+            ("4111.1111.1111.1111", NotADigit(5)),
+            ("+4111111111111111", NotADigit(1)),
+            ("4111\u{a0}1111 1111 1111", NotADigit(5)),
+            (" 4111111111111111", MisplacedSeparator(1)),
+            ("4111111111111111 ", MisplacedSeparator(17)),
+            ("-4111111111111111", MisplacedSeparator(1)),
+            ("4111111111111111-", MisplacedSeparator(17)),
+            ("4111  1111 1111 1111", MisplacedSeparator(6)),
+            ("4111--1111-1111-1111", MisplacedSeparator(6)),
+            ("4111 -1111 1111 1111", MisplacedSeparator(6)),
+            (" ", MisplacedSeparator(1)),
+            ("-", MisplacedSeparator(1)),
+            ("1", TooShort(1)),
+            ("41111111111", TooShort(11)),
+            ("4111 1111 111", TooShort(11)),
+            ("41111111111111111111", TooLong(20)),
+            ("4111111111111112", LuhnFailed),
+            ("4111 1111 1111 1112", LuhnFailed),
+        ];
+        for (input, want) in cases {
+            match Pan::parse(input) {
+                Ok(_) => panic!("accepted bad input that should fail with {want:?}"),
+                Err(got) => assert_eq!(&got, want, "input {:?}", input.escape_debug()),
+            }
+        }
+    }
+
+    #[test]
+    fn length_bounds() {
+        for len in 1..=25 {
+            let s = if len == 1 {
+                "4".to_string()
+            } else {
+                make_pan("4", len)
+            };
+            let r = Pan::parse(&s);
+            match len {
+                1..=11 => assert_eq!(r.unwrap_err(), PanError::TooShort(len)),
+                12..=19 => assert_eq!(r.unwrap().len(), len),
+                _ => assert_eq!(r.unwrap_err(), PanError::TooLong(len)),
+            }
+        }
+    }
+
+    #[test]
+    fn huge_input_is_rejected_cheaply() {
+        let big = "4".repeat(1 << 20);
+        assert_eq!(Pan::parse(&big).unwrap_err(), PanError::TooLong(1 << 20));
+        // Characters are still checked before length, even past 19 digits.
+        let mut bad = big.clone();
+        bad.push('x');
+        assert_eq!(
+            Pan::parse(&bad).unwrap_err(),
+            PanError::NotADigit((1 << 20) + 1)
+        );
+        let grouped = "4111 ".repeat(200_000) + "4";
+        assert_eq!(
+            Pan::parse(&grouped).unwrap_err(),
+            PanError::TooLong(800_001)
+        );
+    }
+
+    #[test]
+    fn luhn() {
+        for good in [
+            "4111111111111111",
+            "5555555555554444",
+            "378282246310005",
+            "79927398713",
+            "0",
+            "00",
+        ] {
+            assert!(luhn_valid(good.as_bytes()), "{good}");
+        }
+        for bad in ["4111111111111112", "79927398710", "1", "", "4111a", "٤"] {
+            assert!(!luhn_valid(bad.as_bytes()), "{bad}");
+        }
+        assert_eq!(luhn_check_digit(b"7992739871"), b'3');
+        assert_eq!(luhn_check_digit(b"411111111111111"), b'1');
+        assert_eq!(luhn_check_digit(b""), b'0');
+        for p in ["", "1", "12", "123456789012345678"] {
+            let mut v = p.as_bytes().to_vec();
+            v.push(luhn_check_digit(p.as_bytes()));
+            assert!(luhn_valid(&v));
+        }
+    }
+
+    #[test]
+    fn brands_of_real_test_numbers() {
+        use Brand::*;
+        let cases: &[(&str, Brand)] = &[
+            ("4111111111111111", Visa),
+            ("4012888888881881", Visa),
+            ("4222222222222", Visa),
+            ("5555555555554444", Mastercard),
+            ("5105105105105100", Mastercard),
+            ("2223003122003222", Mastercard),
+            ("378282246310005", Amex),
+            ("371449635398431", Amex),
+            ("6011111111111117", Discover),
+            ("6011000990139424", Discover),
+            ("3530111333300000", Jcb),
+            ("3566002020360505", Jcb),
+            ("36227206271667", DinersClub),
+            ("30569309025904", DinersClub),
+            ("38520000023237", DinersClub),
+            ("6200000000000005", UnionPay),
+            ("6759649826438453", Maestro),
+            ("2200000000000004", Mir),
+        ];
+        for (digits, brand) in cases {
+            let pan = Pan::parse(digits).unwrap_or_else(|e| panic!("{digits}: {e}"));
+            assert_eq!(pan.brand(), *brand, "{digits}");
+        }
+    }
+
+    #[test]
+    fn brand_ranges_and_overlaps() {
+        use Brand::*;
+        let cases: &[(&str, Brand)] = &[
+            ("4", Visa),
+            ("2221", Mastercard),
+            ("2720", Mastercard),
+            ("2220", Unknown),
+            ("2721", Unknown),
+            ("51", Mastercard),
+            ("55", Mastercard),
+            ("34", Amex),
+            ("37", Amex),
+            ("35", Unknown),
+            ("3527", Unknown),
+            ("3528", Jcb),
+            ("3589", Jcb),
+            ("3590", Unknown),
+            ("300", DinersClub),
+            ("305", DinersClub),
+            ("306", Unknown),
+            ("3095", DinersClub),
+            ("3096", Unknown),
+            ("36", DinersClub),
+            ("38", DinersClub),
+            ("39", DinersClub),
+            ("6011", Discover),
+            ("6012", Unknown),
+            ("644", Discover),
+            ("649", Discover),
+            ("65", Discover),
+            ("62", UnionPay),
+            ("622125", UnionPay),
+            ("622126", Discover),
+            ("622925", Discover),
+            ("622926", UnionPay),
+            ("81", UnionPay),
+            ("50", Maestro),
+            ("56", Maestro),
+            ("58", Maestro),
+            ("6304", Maestro),
+            ("6759", Maestro),
+            ("6761", Maestro),
+            ("6763", Maestro),
+            ("6764", Unknown),
+            ("676770", Maestro),
+            ("676774", Maestro),
+            ("676771", Unknown),
+            ("2200", Mir),
+            ("2204", Mir),
+            ("2205", Unknown),
+            ("1", Unknown),
+            ("9", Unknown),
+            ("7", Unknown),
+        ];
+        for (prefix, brand) in cases {
+            let pan = Pan::parse(&make_pan(prefix, 16)).unwrap();
+            assert_eq!(pan.brand(), *brand, "prefix {prefix}");
+        }
+        // Detection on short or non-digit slices never panics.
+        assert_eq!(Brand::detect(b""), Unknown);
+        assert_eq!(Brand::detect(b"4"), Visa);
+        assert_eq!(Brand::detect(b"62212"), UnionPay);
+        assert_eq!(Brand::detect(b"x4"), Unknown);
+    }
+
+    #[test]
+    fn brand_names_and_codes_are_stable() {
+        let names: Vec<_> = Brand::ALL.iter().map(|b| b.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "visa",
+                "mastercard",
+                "amex",
+                "discover",
+                "jcb",
+                "diners_club",
+                "unionpay",
+                "maestro",
+                "mir",
+                "unknown"
+            ]
+        );
+        for b in Brand::ALL {
+            assert_eq!(Brand::from_code(b.code()), b);
+        }
+        assert_eq!(Brand::from_code(0), Brand::Unknown);
+        assert_eq!(Brand::from_code(99), Brand::Unknown);
+    }
+
+    #[test]
+    fn masking() {
+        // (pan, bin, masked, masked_last4)
+        let p12 = make_pan("411111", 12);
+        let p15 = "378282246310005".to_string();
+        let p16 = "4111111111111111".to_string();
+        let p19 = make_pan("6759649826", 19);
+        let pan = Pan::parse(&p12).unwrap();
+        assert_eq!(pan.bin(), "");
+        assert_eq!(pan.last4(), &p12[8..]);
+        assert_eq!(pan.masked(), format!("********{}", &p12[8..]));
+        assert_eq!(pan.masked_last4(), pan.masked());
+
+        let pan = Pan::parse(&p15).unwrap();
+        assert_eq!(pan.bin(), "378282");
+        assert_eq!(pan.last4(), "0005");
+        assert_eq!(pan.masked(), "378282*****0005");
+        assert_eq!(pan.masked_last4(), "***********0005");
+
+        let pan = Pan::parse(&p16).unwrap();
+        assert_eq!(pan.bin(), "411111");
+        assert_eq!(pan.last4(), "1111");
+        assert_eq!(pan.masked(), "411111******1111");
+        assert_eq!(pan.masked_last4(), "************1111");
+
+        let pan = Pan::parse(&p19).unwrap();
+        assert_eq!(pan.bin(), "675964");
+        assert_eq!(pan.masked(), format!("675964*********{}", &p19[15..]));
+        assert_eq!(
+            pan.masked_last4(),
+            format!("{}{}", "*".repeat(15), &p19[15..])
+        );
+
+        // Every length: same length as the PAN, at most 6+4 visible, >= 5 hidden, and
+        // mask_parts from the stored parts agrees.
+        for len in MIN_LEN..=MAX_LEN {
+            let pan = Pan::parse(&make_pan("4", len)).unwrap();
+            for m in [pan.masked(), pan.masked_last4()] {
+                assert_eq!(m.len(), len);
+                assert!(m.bytes().filter(|&b| b == b'*').count() >= 5);
+            }
+            assert_eq!(mask_parts(&pan.bin(), &pan.last4(), len), pan.masked());
+            assert_eq!(pan.bin().is_empty(), len < 15);
+        }
+    }
+
+    #[test]
+    fn mask_parts_is_defensive() {
+        assert_eq!(mask_parts("411111", "1111", 16), "411111******1111");
+        assert_eq!(mask_parts("", "1111", 16), "************1111");
+        // BIN never shown below 15 digits, even if it was stored.
+        assert_eq!(mask_parts("411111", "1111", 12), "********1111");
+        // Oversized or non-digit parts are never shown.
+        assert_eq!(mask_parts("4111111", "1111", 16), "************1111");
+        assert_eq!(mask_parts("411111", "11111", 16), "411111**********");
+        assert_eq!(mask_parts("41x111", "1111", 16), "************1111");
+        // Always exactly `len` characters.
+        assert_eq!(mask_parts("", "1111", 2), "11");
+        assert_eq!(mask_parts("", "1111", 0), "");
+    }
+
+    #[test]
+    fn errors_never_contain_input() {
+        let bad_luhn = "4111111111111112";
+        let inputs = [
+            bad_luhn.to_string(),
+            "4111 1111 1111 1112".to_string(),
+            "4111111111111112x".to_string(),
+            "x4111111111111112".to_string(),
+            "41111111111111120000".to_string(),
+            "41111111112".to_string(),
+            " 4111111111111112".to_string(),
+            "4111111111111112 ".to_string(),
+            "4111  1111 1111 1112".to_string(),
+            "53124\u{0}".to_string(),
+        ];
+        for input in &inputs {
+            let err = Pan::parse(input).unwrap_err();
+            let shown = format!("{err} {err:?}");
+            let digits: String = input.chars().filter(char::is_ascii_digit).collect();
+            for len in 5..=digits.len() {
+                for start in 0..=digits.len() - len {
+                    let sub = &digits[start..start + len];
+                    assert!(!shown.contains(sub), "{shown:?} leaks {sub}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn debug_is_redacted_and_clone_works() {
+        let pan = Pan::parse("4111 1111 1111 1111").unwrap();
+        let dbg = format!("{pan:?} {:?} {:#?}", Some(&pan), pan.clone());
+        assert!(!dbg.contains("1111"), "{dbg}");
+        assert!(!dbg.contains("4111"), "{dbg}");
+        let copy = pan.clone();
+        drop(pan);
+        assert_eq!(copy.expose_digits(), "4111111111111111");
+    }
+
+    /// A Luhn-valid PAN of 12..=19 digits.
+    fn valid_pan() -> impl Strategy<Value = String> {
+        (MIN_LEN..=MAX_LEN)
+            .prop_flat_map(|len| proptest::collection::vec(0u8..10, len - 1))
+            .prop_map(|payload| {
+                let mut v: Vec<u8> = payload.into_iter().map(|d| b'0' + d).collect();
+                v.push(luhn_check_digit(&v));
+                String::from_utf8(v).unwrap()
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn valid_pans_round_trip_with_grouping(
+            digits in valid_pan(),
+            seps in proptest::collection::vec(prop_oneof![
+                4 => Just(""), 1 => Just(" "), 1 => Just("-")
+            ], MAX_LEN),
+        ) {
+            let mut input = String::new();
+            for (i, c) in digits.chars().enumerate() {
+                if i > 0 {
+                    input.push_str(seps[i]);
+                }
+                input.push(c);
+            }
+            let pan = Pan::parse(&input).unwrap();
+            prop_assert_eq!(pan.expose_digits(), digits.as_str());
+            prop_assert_eq!(pan.masked().len(), digits.len());
+            let dbg = format!("{:?}", pan);
+            prop_assert!(!dbg.contains(&digits[..5]));
+        }
+
+        #[test]
+        fn single_digit_change_fails_luhn(digits in valid_pan(), pos in 0usize..19, delta in 1u8..10) {
+            let mut v = digits.into_bytes();
+            let pos = pos % v.len();
+            v[pos] = b'0' + (v[pos] - b'0' + delta) % 10;
+            prop_assert!(!luhn_valid(&v));
+            prop_assert_eq!(
+                Pan::parse(std::str::from_utf8(&v).unwrap()).unwrap_err(),
+                PanError::LuhnFailed
+            );
+        }
+
+        #[test]
+        fn parse_never_panics(s in any::<String>()) {
+            let _ = Pan::parse(&s);
+        }
+
+        #[test]
+        fn parse_never_panics_near_valid(s in "[0-9 \\-a٤４\t\u{0}]{0,40}") {
+            if let Err(e) = Pan::parse(&s) {
+                let shown = e.to_string();
+                let digits: String = s.chars().filter(char::is_ascii_digit).collect();
+                if digits.len() >= 5 {
+                    prop_assert!(!shown.contains(&digits));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! `tokenvault clients add|list|revoke`: principals and their API keys.
+
+use clap::Subcommand;
+
+use super::common::{format_time, print_table, CliError, VaultArgs};
+use crate::auth::Role;
+use crate::vault::Caller;
+
+#[derive(Subcommand, Debug)]
+pub enum ClientsCommand {
+    /// Create a principal and print its API key (shown only this once).
+    Add {
+        #[command(flatten)]
+        vault: VaultArgs,
+        /// Principal name.
+        name: String,
+        /// Comma-separated roles: tokenize, detokenize, info, delete.
+        #[arg(long, value_delimiter = ',', required = true, value_parser = parse_role)]
+        roles: Vec<Role>,
+        /// Certificate identity (URI or DNS SAN) bound to this principal for mutual TLS.
+        #[arg(long, value_name = "ID")]
+        cert_identity: Option<String>,
+    },
+    /// List principals.
+    List {
+        #[command(flatten)]
+        vault: VaultArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a principal; a running server refuses its key within about a second.
+    Revoke {
+        #[command(flatten)]
+        vault: VaultArgs,
+        /// Principal name.
+        name: String,
+    },
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    Role::parse(s).ok_or_else(|| {
+        let names: Vec<&str> = Role::ALL.iter().map(|r| r.name()).collect();
+        format!("unknown role; expected one of {}", names.join(", "))
+    })
+}
+
+fn role_names(roles: &[Role]) -> String {
+    roles.iter().map(|r| r.name()).collect::<Vec<_>>().join(",")
+}
+
+pub async fn run(cmd: ClientsCommand) -> Result<(), CliError> {
+    match cmd {
+        ClientsCommand::Add {
+            vault,
+            name,
+            mut roles,
+            cert_identity,
+        } => {
+            roles.sort();
+            roles.dedup();
+            let vault = vault.open()?;
+            let key = vault
+                .add_client(&Caller::cli(), &name, &roles, cert_identity.as_deref())
+                .await;
+            vault.close().await;
+            let key = key?;
+            // The key alone on stdout, so scripts can capture it; the advice on stderr.
+            println!("{key}");
+            eprintln!(
+                "API key for {name} ({}): store it now, it cannot be shown again",
+                role_names(&roles)
+            );
+            Ok(())
+        }
+        ClientsCommand::List { vault, json } => {
+            let vault = vault.open()?;
+            let clients = vault.list_clients().await;
+            vault.close().await;
+            let clients = clients?;
+            if json {
+                let out: Vec<serde_json::Value> = clients
+                    .iter()
+                    .map(|c| {
+                        serde_json::json!({
+                            "name": c.name,
+                            "roles": c.roles.iter().map(|r| r.name()).collect::<Vec<_>>(),
+                            "cert_identity": c.cert_identity,
+                            "created_at": format_time(c.created_at),
+                            "revoked_at": c.revoked_at.map(format_time),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(out));
+            } else {
+                let rows: Vec<Vec<String>> = clients
+                    .iter()
+                    .map(|c| {
+                        vec![
+                            c.name.clone(),
+                            role_names(&c.roles),
+                            c.cert_identity.clone().unwrap_or_else(|| "-".into()),
+                            format_time(c.created_at),
+                            c.revoked_at.map_or_else(|| "-".into(), format_time),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &["NAME", "ROLES", "CERT IDENTITY", "CREATED", "REVOKED"],
+                    &rows,
+                );
+            }
+            Ok(())
+        }
+        ClientsCommand::Revoke { vault, name } => {
+            let vault = vault.open()?;
+            let revoked = vault.revoke_client(&Caller::cli(), &name).await;
+            vault.close().await;
+            if revoked? {
+                println!("revoked {name}");
+                Ok(())
+            } else {
+                Err(CliError::Other(format!("no live client named {name}")))
+            }
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! What the commands share: the vault options (`--data-dir`, the master key), opening the
+//! vault, the CLI error type with its exit codes, and small output helpers.
+//!
+//! The master key comes from `--master-key-file` / `TOKENVAULT_MASTER_KEY_FILE` or from the
+//! `TOKENVAULT_MASTER_KEY` environment variable (base64). There is deliberately no flag that
+//! carries the key itself: command lines are visible to every local user.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use crate::crypto::{KeyError, MasterKey};
+use crate::error::Error;
+use crate::vault::{Micros, Vault, VaultConfig};
+
+/// Environment variable holding the base64 master key, as an alternative to a key file.
+pub const MASTER_KEY_ENV: &str = "TOKENVAULT_MASTER_KEY";
+pub const DEFAULT_DATA_DIR: &str = "./tokenvault-data";
+
+/// Process exit codes.
+pub mod exit {
+    pub const OK: u8 = 0;
+    /// Anything not covered below.
+    pub const OTHER: u8 = 1;
+    /// Bad command line or arguments (clap uses 2 as well).
+    pub const USAGE: u8 = 2;
+    /// Master key missing, unreadable, malformed, or not the key of this vault.
+    pub const MASTER_KEY: u8 = 3;
+    /// No vault where expected, or storage unreadable, unwritable or damaged.
+    pub const STORAGE: u8 = 4;
+    /// A call to the server failed: cannot connect, or the server returned an error.
+    pub const REMOTE: u8 = 5;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    MasterKey(String),
+    #[error("{0}")]
+    Storage(String),
+    #[error("{0}")]
+    Vault(#[from] Error),
+    #[error("cannot reach the server at {addr}: {detail}")]
+    Connect { addr: String, detail: String },
+    #[error("server answered {code}: {message}")]
+    Rpc { code: &'static str, message: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) => exit::USAGE,
+            CliError::MasterKey(_) => exit::MASTER_KEY,
+            CliError::Storage(_) => exit::STORAGE,
+            CliError::Vault(e) => match e {
+                Error::WrongMasterKey => exit::MASTER_KEY,
+                Error::Unavailable(_) | Error::DataLoss(_) => exit::STORAGE,
+                _ => exit::OTHER,
+            },
+            CliError::Connect { .. } | CliError::Rpc { .. } => exit::REMOTE,
+            CliError::Other(_) => exit::OTHER,
+        }
+    }
+}
+
+impl From<KeyError> for CliError {
+    fn from(e: KeyError) -> Self {
+        CliError::MasterKey(e.to_string())
+    }
+}
+
+impl From<tonic::Status> for CliError {
+    fn from(s: tonic::Status) -> Self {
+        CliError::Rpc {
+            code: code_name(s.code()),
+            message: s.message().to_owned(),
+        }
+    }
+}
+
+/// gRPC code names as the proto and the audit trail spell them.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code as C;
+    match code {
+        C::Ok => "OK",
+        C::Cancelled => "CANCELLED",
+        C::Unknown => "UNKNOWN",
+        C::InvalidArgument => "INVALID_ARGUMENT",
+        C::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        C::NotFound => "NOT_FOUND",
+        C::AlreadyExists => "ALREADY_EXISTS",
+        C::PermissionDenied => "PERMISSION_DENIED",
+        C::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        C::FailedPrecondition => "FAILED_PRECONDITION",
+        C::Aborted => "ABORTED",
+        C::OutOfRange => "OUT_OF_RANGE",
+        C::Unimplemented => "UNIMPLEMENTED",
+        C::Internal => "INTERNAL",
+        C::Unavailable => "UNAVAILABLE",
+        C::DataLoss => "DATA_LOSS",
+        C::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Where the vault lives and how to unlock it.
+#[derive(Args, Clone, Debug)]
+pub struct VaultArgs {
+    /// Directory holding the vault database.
+    #[arg(long, env = "TOKENVAULT_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// File holding the master key (base64 of 32 bytes, mode 0600). Alternatively put the
+    /// base64 key itself in the TOKENVAULT_MASTER_KEY environment variable.
+    #[arg(long, env = "TOKENVAULT_MASTER_KEY_FILE", value_name = "FILE")]
+    pub master_key_file: Option<PathBuf>,
+}
+
+impl VaultArgs {
+    /// True when a master key source was given (file option or environment).
+    pub fn has_master_key_source(&self) -> bool {
+        self.master_key_file.is_some() || std::env::var_os(MASTER_KEY_ENV).is_some()
+    }
+
+    pub fn master_key(&self) -> Result<MasterKey, CliError> {
+        if let Some(path) = &self.master_key_file {
+            return Ok(MasterKey::load_file(path)?);
+        }
+        match std::env::var(MASTER_KEY_ENV) {
+            Ok(text) => Ok(MasterKey::from_base64(&text)?),
+            Err(std::env::VarError::NotUnicode(_)) => Err(CliError::MasterKey(format!(
+                "{MASTER_KEY_ENV} is not valid base64"
+            ))),
+            Err(std::env::VarError::NotPresent) => Err(CliError::MasterKey(format!(
+                "no master key: pass --master-key-file FILE, or set TOKENVAULT_MASTER_KEY_FILE \
+                 or {MASTER_KEY_ENV}"
+            ))),
+        }
+    }
+
+    pub fn config(&self) -> VaultConfig {
+        VaultConfig::new(&self.data_dir)
+    }
+
+    /// Opens the existing vault, with a clear message when there is none.
+    pub fn open(&self) -> Result<Vault, CliError> {
+        require_vault(&self.data_dir)?;
+        let master = self.master_key()?;
+        Ok(Vault::open(self.config(), &master)?)
+    }
+}
+
+pub fn require_vault(data_dir: &Path) -> Result<(), CliError> {
+    if Vault::exists(data_dir) {
+        Ok(())
+    } else {
+        Err(CliError::Storage(format!(
+            "no vault in {}: run `tokenvault init` first (or pass --data-dir)",
+            data_dir.display()
+        )))
+    }
+}
+
+/// Creates `dir` (and parents) readable by the owner only.
+pub fn create_private_dir(dir: &Path) -> Result<(), CliError> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder
+        .create(dir)
+        .map_err(|e| CliError::Storage(format!("cannot create {}: {e}", dir.display())))
+}
+
+/// RFC 3339 UTC, seconds precision.
+pub fn format_time(micros: Micros) -> String {
+    chrono::DateTime::from_timestamp_micros(micros)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| micros.to_string())
+}
+
+/// Prints rows as left-aligned columns under `header`.
+pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_are_distinct_by_kind() {
+        assert_eq!(CliError::Usage(String::new()).exit_code(), exit::USAGE);
+        assert_eq!(
+            CliError::Vault(Error::WrongMasterKey).exit_code(),
+            exit::MASTER_KEY
+        );
+        assert_eq!(
+            CliError::Vault(Error::Unavailable("x".into())).exit_code(),
+            exit::STORAGE
+        );
+        assert_eq!(
+            CliError::from(tonic::Status::not_found("x")).exit_code(),
+            exit::REMOTE
+        );
+        assert_eq!(CliError::Vault(Error::NotFound).exit_code(), exit::OTHER);
+    }
+
+    #[test]
+    fn times() {
+        assert_eq!(format_time(0), "1970-01-01T00:00:00Z");
+    }
+}

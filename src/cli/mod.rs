@@ -1,0 +1,160 @@
+//! The `tokenvault` command line: argument parsing, logging setup, the runtime, and the
+//! mapping of failures to exit codes. One file per command group:
+//! [`init`], [`keys`], [`clients`], [`serve`] (with [`dev`] for `serve --dev`) and [`client`]
+//! (the commands that call a running server). Shared options live in [`common`].
+
+pub mod client;
+pub mod clients;
+pub mod common;
+pub mod dev;
+pub mod init;
+pub mod keys;
+pub mod serve;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use common::{exit, CliError};
+
+#[derive(Parser)]
+#[command(
+    name = "tokenvault",
+    version,
+    about = "Tokenization vault for payment card numbers"
+)]
+pub struct Cli {
+    /// Log filter, e.g. `info` or `tokenvault=debug` (default: RUST_LOG, else `info`).
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// Log line format (logs go to standard error).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Create a new vault.
+    Init(init::InitArgs),
+    /// Manage data-key versions.
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
+    /// Manage client principals and their API keys.
+    #[command(subcommand)]
+    Clients(clients::ClientsCommand),
+    /// Run the gRPC server.
+    Serve(serve::ServeArgs),
+    /// Tokenize a card number read from standard input.
+    Tokenize(client::TokenizeArgs),
+    /// Reveal the card number behind a token.
+    Detokenize(client::DetokenizeArgs),
+    /// Describe a token without revealing the card number.
+    Info(client::TokenArgs),
+    /// Delete a token.
+    Delete(client::TokenArgs),
+    /// Check that a server is serving.
+    Health(client::HealthArgs),
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = init_tracing(cli.log_level.as_deref(), cli.log_format) {
+        eprintln!("error: {e}");
+        return ExitCode::from(e.exit_code());
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::OTHER);
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+pub async fn run(command: Command) -> Result<(), CliError> {
+    match command {
+        Command::Init(args) => init::run(args).await,
+        Command::Keys(cmd) => keys::run(cmd).await,
+        Command::Clients(cmd) => clients::run(cmd).await,
+        Command::Serve(args) => serve::run(args).await,
+        Command::Tokenize(args) => client::tokenize(args).await,
+        Command::Detokenize(args) => client::detokenize(args).await,
+        Command::Info(args) => client::info(args).await,
+        Command::Delete(args) => client::delete(args).await,
+        Command::Health(args) => client::health(args).await,
+    }
+}
+
+fn init_tracing(level: Option<&str>, format: LogFormat) -> Result<(), CliError> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(l) => {
+            EnvFilter::try_new(l).map_err(|e| CliError::Usage(format!("--log-level: {e}")))?
+        }
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    result.map_err(|e| CliError::Other(format!("cannot set up logging: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_valid() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_common_commands() {
+        let cli = Cli::try_parse_from([
+            "tokenvault",
+            "clients",
+            "add",
+            "checkout",
+            "--roles",
+            "tokenize,info",
+            "--data-dir",
+            "/tmp/x",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command, Command::Clients(_)));
+        assert!(
+            Cli::try_parse_from(["tokenvault", "clients", "add", "x", "--roles", "nope"]).is_err()
+        );
+        let cli = Cli::try_parse_from(["tokenvault", "serve", "--dev", "--max-batch-items", "5"])
+            .unwrap();
+        match cli.command {
+            Command::Serve(s) => assert_eq!(s.max_batch_items, 5),
+            _ => panic!("not serve"),
+        }
+        assert!(Cli::try_parse_from(["tokenvault", "serve", "--max-batch-items", "0"]).is_err());
+    }
+}

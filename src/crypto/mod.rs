@@ -1,0 +1,712 @@
+//! The only module that touches raw key bytes or imports `aes-gcm`, `hkdf`, `hmac` and `sha2`.
+//!
+//! Envelope encryption: a [`MasterKey`] supplied from outside derives, through HKDF-SHA256 with
+//! the vault id as salt and fixed versioned labels, a [`KeyWrappingKey`] and a [`KeyCheck`].
+//! Random [`SecretKey`]s (data, fingerprint, audit) are stored only wrapped under the
+//! key-wrapping key. A [`DataKey`] seals each PAN with AES-256-GCM, a fresh 96-bit nonce and
+//! AAD binding the ciphertext to its token and key version. Every decryption failure is the
+//! same opaque [`DecryptError`].
+//!
+//! # Key hierarchy
+//!
+//! ```text
+//!  master key (32 bytes; key file or operator; never in the vault database)
+//!    │
+//!    │  HKDF-SHA256(salt = vault id, ikm = master key)
+//!    ├── info "tokenvault/v1/kwk" ─────────► KeyWrappingKey (AES-256-GCM, derived, never stored)
+//!    └── info "tokenvault/v1/key-check" ───► KeyCheck (stored; detects a wrong master key)
+//!
+//!  KeyWrappingKey wraps random SecretKeys; only the 60-byte wrapped forms are stored:
+//!    ├── data key v1, v2, … ──► DataKey         AES-256-GCM over each PAN
+//!    ├── fingerprint key ─────► FingerprintKey  HMAC-SHA256 PAN fingerprint (de-duplication)
+//!    └── audit key ───────────► AuditKey        HMAC-SHA256 chain over audit records
+//! ```
+//!
+//! No PAN is ever encrypted directly under a derived key, so changing the master key only
+//! needs the stored keys re-wrapped, and rotating a data key only adds a version.
+//!
+//! # Labels (domain separation)
+//!
+//! Every use of a key binds a distinct, versioned label, so no output of one construction can
+//! be replayed as an input or output of another.
+//!
+//! | Label                              | Used as            | Full input                                                   |
+//! |------------------------------------|--------------------|--------------------------------------------------------------|
+//! | `tokenvault/v1/kwk`                | HKDF info          | 32-byte key-wrapping key                                     |
+//! | `tokenvault/v1/key-check`          | HKDF info          | 32-byte [`KeyCheck`]                                          |
+//! | `tokenvault/v1/wrap/`              | AES-GCM AAD prefix | `…wrap/` ‖ `data` ‖ version u32 BE, or `fingerprint`, or `audit` |
+//! | `tokenvault/v1/pan`                | AES-GCM AAD prefix | `…pan` ‖ version u32 BE ‖ token bytes                        |
+//! | `tokenvault/v1/fingerprint\0`      | HMAC input prefix  | label ‖ data                                                 |
+//! | `tokenvault/v1/audit\0`            | HMAC input prefix  | label ‖ len(prev) u32 BE ‖ prev MAC ‖ record                 |
+//! | `tokenvault/v1/api-key\0`          | SHA-256 prefix     | label ‖ secret                                               |
+//!
+//! Each layout is unambiguous: fixed-length prefixes and fixed-width integers come before the
+//! single variable-length field, or the variable field is length-prefixed.
+//!
+//! # Wire formats
+//!
+//! * Wrapped key: `nonce (12) ‖ ciphertext (32) ‖ tag (16)` = [`WRAPPED_KEY_LEN`] bytes.
+//! * [`Sealed`] PAN: the 12-byte nonce, and `ciphertext ‖ tag (16)`.
+//!
+//! # Nonces
+//!
+//! Every nonce is 96 random bits from the OS CSPRNG. NIST SP 800-38D caps random-nonce GCM at
+//! 2^32 encryptions per key; rotate to a new data-key version long before one version has
+//! sealed that many PANs (wrapping uses the key-wrapping key a handful of times per rotation).
+//!
+//! # Memory hygiene
+//!
+//! Raw key bytes live only in `Box<Zeroizing<[u8; 32]>>`: wiped on drop, and boxed so that
+//! moving a key moves a pointer rather than leaving an unwiped copy of the bytes behind. The
+//! AES-GCM and HMAC states are boxed for the same reason. What is *not* wiped, and why:
+//!
+//! * The AES round keys are wiped on drop only if the `aes` crate's own `zeroize` feature is
+//!   on; `aes-gcm`'s `zeroize` feature alone does not forward it (it only wipes a temporary).
+//!   The GHASH subkey H (= AES_K(0); allows forgery, not decryption) is not wiped whatever
+//!   the features: `polyval` 0.6's x86-64/aarch64 backends never zeroize it.
+//! * `hmac` 0.12 and `sha2` 0.10 do not zeroize. [`FingerprintKey`] and [`AuditKey`] keep one
+//!   prepared HMAC state (the SHA-256 states after absorbing key⊕ipad and key⊕opad) and clone
+//!   it per call: that saves two compression-function calls per MAC on hot paths, and leaves
+//!   no more behind than `new_from_slice` per call would (which also builds the padded key
+//!   block on the stack). The prepared state lets its holder compute MACs but does not reveal
+//!   the key bytes.
+//! * HKDF's internal PRK state is not wiped; derivation runs once at start-up.
+//! * Stack temporaries made while building a cipher are not guaranteed to be wiped (a general
+//!   Rust limitation; see the `zeroize` crate docs).
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::Path;
+
+use aes_gcm::aead::{AeadInPlace, KeyInit};
+use aes_gcm::{Aes256Gcm, Key, Nonce, Tag};
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+use base64::engine::DecodePaddingMode;
+use base64::Engine as _;
+use hkdf::Hkdf;
+use hmac::{Hmac, Mac};
+use rand::rngs::OsRng;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+#[cfg(test)]
+mod tests;
+
+/// Length of every symmetric key here, in bytes.
+pub const KEY_LEN: usize = 32;
+/// AES-GCM nonce length in bytes.
+pub const NONCE_LEN: usize = 12;
+/// AES-GCM tag length in bytes (appended to every ciphertext).
+pub const TAG_LEN: usize = 16;
+/// Length of a wrapped key: nonce || encrypted key || tag.
+pub const WRAPPED_KEY_LEN: usize = NONCE_LEN + KEY_LEN + TAG_LEN;
+
+/// HKDF info for the key-wrapping key.
+pub const LABEL_KWK: &[u8] = b"tokenvault/v1/kwk";
+/// HKDF info for the stored key check value.
+pub const LABEL_KEY_CHECK: &[u8] = b"tokenvault/v1/key-check";
+/// AAD prefix for wrapped keys; the purpose encoding follows.
+pub const LABEL_WRAP: &[u8] = b"tokenvault/v1/wrap/";
+/// AAD prefix for sealed PANs; version (u32 BE) and token follow.
+pub const LABEL_PAN: &[u8] = b"tokenvault/v1/pan";
+/// HMAC input prefix for PAN fingerprints.
+pub const LABEL_FINGERPRINT: &[u8] = b"tokenvault/v1/fingerprint\0";
+/// HMAC input prefix for the audit chain.
+pub const LABEL_AUDIT: &[u8] = b"tokenvault/v1/audit\0";
+/// SHA-256 input prefix for API key hashes.
+pub const LABEL_API_KEY: &[u8] = b"tokenvault/v1/api-key\0";
+
+/// Largest master key file accepted; a real one is 32 raw or ~45 text bytes.
+const MAX_KEY_FILE_LEN: usize = 1024;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Raw key bytes: wiped on drop, and on the heap so moves copy only the pointer.
+type KeyBytes = Box<Zeroizing<[u8; KEY_LEN]>>;
+
+fn zeroed_key() -> KeyBytes {
+    Box::new(Zeroizing::new([0u8; KEY_LEN]))
+}
+
+/// Fills the key in place, so the random bytes never exist outside the box.
+fn random_key() -> KeyBytes {
+    let mut key = zeroed_key();
+    OsRng.fill_bytes(&mut key[..]);
+    key
+}
+
+/// Standard alphabet; accepts input with or without `=` padding (humans strip it).
+const BASE64_LENIENT_PAD: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// Why a master key could not be loaded. Never contains key material.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("master key file {0} does not exist")]
+    Missing(String),
+    #[error("master key file {path} is accessible by group or others (mode {mode:o}); run chmod 600 on it")]
+    PermissionsTooOpen { path: String, mode: u32 },
+    #[error("master key is empty")]
+    Empty,
+    #[error(
+        "master key has the wrong length: {0} bytes, expected 32 (raw, or base64 of 32 bytes)"
+    )]
+    WrongLength(usize),
+    #[error("master key is not valid base64")]
+    NotBase64,
+    #[error("master key file {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_error(path: &Path, source: std::io::Error) -> KeyError {
+    KeyError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Every failure to authenticate or decrypt: wrong key, altered bytes, swapped row, wrong AAD.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("ciphertext failed authentication")]
+pub struct DecryptError;
+
+/// The 256-bit root secret. Never stored in the database.
+pub struct MasterKey(KeyBytes);
+
+impl MasterKey {
+    pub fn generate() -> MasterKey {
+        MasterKey(random_key())
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<MasterKey, KeyError> {
+        match bytes.len() {
+            0 => Err(KeyError::Empty),
+            KEY_LEN => {
+                let mut key = zeroed_key();
+                key.copy_from_slice(bytes);
+                Ok(MasterKey(key))
+            }
+            n => Err(KeyError::WrongLength(n)),
+        }
+    }
+
+    /// Standard base64 (padding optional) of exactly 32 bytes, surrounding whitespace ignored.
+    pub fn from_base64(text: &str) -> Result<MasterKey, KeyError> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        // Reserve the full estimate up front: `decode_vec` then never reallocates, so no
+        // unwiped partial copy of the key is left in a freed buffer.
+        let estimate = base64::decoded_len_estimate(text.len());
+        let mut decoded = Zeroizing::new(Vec::with_capacity(estimate));
+        BASE64_LENIENT_PAD
+            .decode_vec(text, &mut decoded)
+            .map_err(|_| KeyError::NotBase64)?;
+        MasterKey::from_bytes(&decoded)
+    }
+
+    /// Reads a key file: base64 text of 32 bytes (what `write_new_file` writes) or 32 raw bytes.
+    /// Refuses a file readable or writable by group or others.
+    ///
+    /// A file made only of printable ASCII and whitespace is parsed as base64; anything else
+    /// must be exactly 32 raw bytes. (A random raw key is all-printable with probability about
+    /// 2^-44, so this never misreads a real raw key, and a 32-character passphrase is refused
+    /// rather than silently used as key bytes.)
+    pub fn load_file(path: &Path) -> Result<MasterKey, KeyError> {
+        let mut file = match File::open(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(KeyError::Missing(path.display().to_string()))
+            }
+            Err(e) => return Err(io_error(path, e)),
+        };
+        // Check the opened file (fstat), not the path, so a swap between check and read
+        // cannot slip a different file past the permission check.
+        let meta = file.metadata().map_err(|e| io_error(path, e))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.permissions().mode() & 0o7777;
+            if mode & 0o077 != 0 {
+                return Err(KeyError::PermissionsTooOpen {
+                    path: path.display().to_string(),
+                    mode,
+                });
+            }
+        }
+        // Only regular files have a meaningful size; pipes (e.g. `<(secret-tool …)`) are
+        // bounded by the read loop below instead.
+        if meta.is_file() && meta.len() > MAX_KEY_FILE_LEN as u64 {
+            return Err(KeyError::WrongLength(
+                usize::try_from(meta.len()).unwrap_or(usize::MAX),
+            ));
+        }
+
+        // Fixed-size zeroizing buffer and a manual read loop: `read_to_end` may grow (and so
+        // copy and free) its buffer, leaving key bytes behind in freed memory.
+        let mut buf = Zeroizing::new(vec![0u8; MAX_KEY_FILE_LEN + 1]);
+        let mut len = 0;
+        while len < buf.len() {
+            match file.read(&mut buf[len..]) {
+                Ok(0) => break,
+                Ok(n) => len += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_error(path, e)),
+            }
+        }
+        if len > MAX_KEY_FILE_LEN {
+            return Err(KeyError::WrongLength(len));
+        }
+        let content = &buf[..len];
+
+        let is_text = content
+            .iter()
+            .all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace());
+        if is_text {
+            // All ASCII, so this cannot fail.
+            let text = std::str::from_utf8(content).map_err(|_| KeyError::NotBase64)?;
+            MasterKey::from_base64(text)
+        } else {
+            MasterKey::from_bytes(content)
+        }
+    }
+
+    /// Creates `path` (which must not exist) with mode 0600 and writes the key as base64.
+    pub fn write_new_file(&self, path: &Path) -> Result<(), KeyError> {
+        let mut options = OpenOptions::new();
+        // create_new = O_CREAT|O_EXCL: never overwrites, never follows a planted symlink.
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            // Applied by open(2) itself, so the file is never visible with wider permissions.
+            options.mode(0o600);
+        }
+        let mut file = options.open(path).map_err(|e| io_error(path, e))?;
+
+        // 44 base64 characters + "\n", encoded into a wiped stack buffer.
+        let mut text = Zeroizing::new([0u8; 45]);
+        let n = base64::engine::general_purpose::STANDARD
+            .encode_slice(&self.0[..], &mut text[..])
+            .expect("base64 of 32 bytes is 44 bytes");
+        text[n] = b'\n';
+        if let Err(e) = file.write_all(&text[..=n]).and_then(|()| file.sync_all()) {
+            // Do not leave a truncated key file that a later load would reject or misread.
+            drop(file);
+            let _ = std::fs::remove_file(path);
+            return Err(io_error(path, e));
+        }
+        drop(file);
+
+        // Make the directory entry durable too, or a crash could lose the new file.
+        #[cfg(unix)]
+        {
+            let dir = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io_error(dir, e))?;
+        }
+        Ok(())
+    }
+
+    /// HKDF-SHA256(salt = vault id, ikm = master key) with the labels `tokenvault/v1/kwk`
+    /// and `tokenvault/v1/key-check`.
+    pub fn derive(&self, vault_id: &VaultId) -> (KeyWrappingKey, KeyCheck) {
+        let mut kwk = zeroed_key();
+        hkdf_sha256(&vault_id.0, &self.0[..], LABEL_KWK, &mut kwk[..]);
+        let mut check = [0u8; 32];
+        hkdf_sha256(&vault_id.0, &self.0[..], LABEL_KEY_CHECK, &mut check);
+        (KeyWrappingKey::from_key(&kwk), KeyCheck(check))
+    }
+}
+
+impl std::fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MasterKey(<redacted>)")
+    }
+}
+
+/// HKDF-SHA256 (RFC 5869) extract-then-expand. `derive` goes through this, and the RFC test
+/// vectors test it. Panics only if `out` exceeds 255 * 32 bytes (never: callers want 32).
+fn hkdf_sha256(salt: &[u8], ikm: &[u8], info: &[u8], out: &mut [u8]) {
+    Hkdf::<Sha256>::new(Some(salt), ikm)
+        .expand(info, out)
+        .expect("HKDF-SHA256 output of at most 8160 bytes");
+}
+
+/// The vault's random identifier, used as HKDF salt. Not secret.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VaultId(pub [u8; 16]);
+
+impl VaultId {
+    pub fn generate() -> VaultId {
+        VaultId(random_bytes())
+    }
+    pub fn from_slice(bytes: &[u8]) -> Option<VaultId> {
+        <[u8; 16]>::try_from(bytes).ok().map(VaultId)
+    }
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// A value derived from the master key and stored in the vault, so a wrong master key is
+/// detected before anything is read or written. Reveals nothing about the key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyCheck(pub [u8; 32]);
+
+impl KeyCheck {
+    /// Constant-time comparison with the stored value.
+    pub fn matches(&self, stored: &[u8]) -> bool {
+        ct_eq(&self.0, stored)
+    }
+}
+
+impl std::fmt::Debug for KeyCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyCheck(..)")
+    }
+}
+
+/// What a wrapped key is for; it becomes the wrapping AAD, so a wrapped key cannot be moved
+/// to another purpose or version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyPurpose {
+    Data(u32),
+    Fingerprint,
+    Audit,
+}
+
+/// Associated data, assembled on the stack when short (every wrap AAD; PAN AAD for tokens up
+/// to `AAD_INLINE - 21` bytes) so the hot path does not allocate; on the heap otherwise.
+const AAD_INLINE: usize = 128;
+
+enum Aad {
+    Inline { buf: [u8; AAD_INLINE], len: usize },
+    Heap(Vec<u8>),
+}
+
+impl Aad {
+    fn concat(parts: &[&[u8]]) -> Aad {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        if total > AAD_INLINE {
+            return Aad::Heap(parts.concat());
+        }
+        let mut buf = [0u8; AAD_INLINE];
+        let mut at = 0;
+        for part in parts {
+            buf[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        Aad::Inline { buf, len: total }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Aad::Inline { buf, len } => &buf[..*len],
+            Aad::Heap(v) => v,
+        }
+    }
+}
+
+/// `tokenvault/v1/wrap/` followed by `data` || version u32 BE, `fingerprint` or `audit`.
+/// The purpose names differ in their first byte and only `data` is followed by anything,
+/// always exactly 4 bytes, so no two purposes share an encoding.
+fn wrap_aad(purpose: KeyPurpose) -> Aad {
+    match purpose {
+        KeyPurpose::Data(version) => Aad::concat(&[LABEL_WRAP, b"data", &version.to_be_bytes()]),
+        KeyPurpose::Fingerprint => Aad::concat(&[LABEL_WRAP, b"fingerprint"]),
+        KeyPurpose::Audit => Aad::concat(&[LABEL_WRAP, b"audit"]),
+    }
+}
+
+/// `tokenvault/v1/pan` || version u32 BE || token. The label is fixed-length and the version
+/// is fixed-width, so the version always sits at bytes 17..21 and the token is everything
+/// after: no (version, token) pair can be re-split into another, e.g. token bytes cannot
+/// shift into the version field.
+fn pan_aad(version: u32, token: &str) -> Aad {
+    Aad::concat(&[LABEL_PAN, &version.to_be_bytes(), token.as_bytes()])
+}
+
+/// AES-256-GCM seal with an explicit nonce: returns ciphertext || tag. Encrypts in place in a
+/// buffer sized for the tag, so the plaintext copy is overwritten and never reallocated.
+/// The public API always passes a fresh random nonce; tests pass the published vectors' ones.
+fn gcm_seal(cipher: &Aes256Gcm, nonce: &[u8; NONCE_LEN], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(plaintext.len() + TAG_LEN);
+    out.extend_from_slice(plaintext);
+    match cipher.encrypt_in_place_detached(Nonce::from_slice(nonce), aad, &mut out) {
+        Ok(tag) => {
+            out.extend_from_slice(&tag);
+            out
+        }
+        Err(_) => {
+            // Only for plaintexts over GCM's 64 GiB limit; wipe the copy before panicking.
+            zeroize::Zeroize::zeroize(&mut out);
+            panic!("AES-GCM plaintext exceeds the GCM length limit");
+        }
+    }
+}
+
+/// AES-256-GCM open of ciphertext || tag. Any malformed input is a DecryptError. The output
+/// buffer zeroizes on drop, including on failure (aes-gcm 0.10.3 verifies before decrypting).
+fn gcm_open(
+    cipher: &Aes256Gcm,
+    nonce: &[u8],
+    aad: &[u8],
+    sealed: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, DecryptError> {
+    if nonce.len() != NONCE_LEN || sealed.len() < TAG_LEN {
+        return Err(DecryptError);
+    }
+    let (ciphertext, tag) = sealed.split_at(sealed.len() - TAG_LEN);
+    let mut out = Zeroizing::new(Vec::with_capacity(ciphertext.len()));
+    out.extend_from_slice(ciphertext);
+    cipher
+        .decrypt_in_place_detached(
+            Nonce::from_slice(nonce),
+            aad,
+            &mut out,
+            Tag::from_slice(tag),
+        )
+        .map_err(|_| DecryptError)?;
+    Ok(out)
+}
+
+/// Builds the cipher on the heap: the key schedule is computed once and never copied by moves.
+fn new_cipher(key: &KeyBytes) -> Box<Aes256Gcm> {
+    Box::new(Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&key[..])))
+}
+
+/// Random 256-bit key material (data, fingerprint or audit key) before it is put to use.
+pub struct SecretKey(KeyBytes);
+
+impl SecretKey {
+    pub fn generate() -> SecretKey {
+        SecretKey(random_key())
+    }
+}
+
+impl std::fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretKey(<redacted>)")
+    }
+}
+
+/// AES-256-GCM key that wraps the stored keys. Derived, never stored.
+pub struct KeyWrappingKey {
+    cipher: Box<Aes256Gcm>,
+}
+
+impl KeyWrappingKey {
+    fn from_key(key: &KeyBytes) -> KeyWrappingKey {
+        KeyWrappingKey {
+            cipher: new_cipher(key),
+        }
+    }
+
+    /// nonce (12 bytes) || ciphertext || tag, AAD = `tokenvault/v1/wrap` + purpose.
+    pub fn wrap(&self, key: &SecretKey, purpose: KeyPurpose) -> Vec<u8> {
+        let nonce: [u8; NONCE_LEN] = random_bytes();
+        let aad = wrap_aad(purpose);
+        // Exact capacity: the key bytes are encrypted in place and the buffer never moves.
+        let mut out = Vec::with_capacity(WRAPPED_KEY_LEN);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&key.0[..]);
+        let tag = self
+            .cipher
+            .encrypt_in_place_detached(
+                Nonce::from_slice(&nonce),
+                aad.as_bytes(),
+                &mut out[NONCE_LEN..],
+            )
+            .expect("a 32-byte plaintext is within GCM limits");
+        out.extend_from_slice(&tag);
+        out
+    }
+
+    pub fn unwrap(&self, wrapped: &[u8], purpose: KeyPurpose) -> Result<SecretKey, DecryptError> {
+        if wrapped.len() != WRAPPED_KEY_LEN {
+            return Err(DecryptError);
+        }
+        let (nonce, rest) = wrapped.split_at(NONCE_LEN);
+        let (ciphertext, tag) = rest.split_at(KEY_LEN);
+        let aad = wrap_aad(purpose);
+        // Decrypt straight into the key's final (boxed, zeroizing) home.
+        let mut key = zeroed_key();
+        key.copy_from_slice(ciphertext);
+        self.cipher
+            .decrypt_in_place_detached(
+                Nonce::from_slice(nonce),
+                aad.as_bytes(),
+                &mut key[..],
+                Tag::from_slice(tag),
+            )
+            .map_err(|_| DecryptError)?;
+        Ok(SecretKey(key))
+    }
+}
+
+impl std::fmt::Debug for KeyWrappingKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyWrappingKey(<redacted>)")
+    }
+}
+
+/// A sealed PAN: the nonce and the ciphertext with its tag.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sealed {
+    pub nonce: [u8; NONCE_LEN],
+    pub ciphertext: Vec<u8>,
+}
+
+/// One data-key version with its AES key schedule computed once.
+pub struct DataKey {
+    version: u32,
+    cipher: Box<Aes256Gcm>,
+}
+
+impl DataKey {
+    pub fn new(version: u32, key: SecretKey) -> DataKey {
+        // `key` is dropped (and wiped) at the end of this call; only the schedule remains.
+        DataKey {
+            version,
+            cipher: new_cipher(&key.0),
+        }
+    }
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+    /// Fresh random nonce; AAD = `tokenvault/v1/pan` || version (big endian) || token.
+    pub fn seal(&self, token: &str, plaintext: &[u8]) -> Sealed {
+        let nonce: [u8; NONCE_LEN] = random_bytes();
+        let aad = pan_aad(self.version, token);
+        let ciphertext = gcm_seal(&self.cipher, &nonce, aad.as_bytes(), plaintext);
+        Sealed { nonce, ciphertext }
+    }
+    pub fn open(
+        &self,
+        token: &str,
+        nonce: &[u8],
+        ciphertext: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, DecryptError> {
+        let aad = pan_aad(self.version, token);
+        gcm_open(&self.cipher, nonce, aad.as_bytes(), ciphertext)
+    }
+}
+
+impl std::fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DataKey(v{}, <redacted>)", self.version)
+    }
+}
+
+/// The keyed HMAC state, prepared once (see "Memory hygiene" in the module docs).
+fn prepared_hmac(key: &SecretKey) -> Box<HmacSha256> {
+    Box::new(
+        <HmacSha256 as Mac>::new_from_slice(&key.0[..]).expect("HMAC accepts keys of any length"),
+    )
+}
+
+/// HMAC-SHA256 key for the keyed PAN fingerprint behind `reuse_existing`.
+pub struct FingerprintKey {
+    mac: Box<HmacSha256>,
+}
+
+impl FingerprintKey {
+    pub fn new(key: SecretKey) -> FingerprintKey {
+        FingerprintKey {
+            mac: prepared_hmac(&key),
+        }
+    }
+    /// HMAC-SHA256(key, `tokenvault/v1/fingerprint\0` || data).
+    pub fn fingerprint(&self, data: &[u8]) -> [u8; 32] {
+        let mut mac = (*self.mac).clone();
+        mac.update(LABEL_FINGERPRINT);
+        mac.update(data);
+        mac.finalize().into_bytes().into()
+    }
+}
+
+impl std::fmt::Debug for FingerprintKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FingerprintKey(<redacted>)")
+    }
+}
+
+/// HMAC-SHA256 key that chains the audit records.
+pub struct AuditKey {
+    mac: Box<HmacSha256>,
+}
+
+impl AuditKey {
+    pub fn new(key: SecretKey) -> AuditKey {
+        AuditKey {
+            mac: prepared_hmac(&key),
+        }
+    }
+
+    /// label || len(prev) u32 BE || prev || record: the length prefix fixes where `prev` ends,
+    /// so bytes cannot be moved between the previous MAC and the record.
+    fn chain_state(&self, prev_mac: &[u8], record: &[u8]) -> HmacSha256 {
+        let prev_len = u32::try_from(prev_mac.len()).expect("previous MAC shorter than 4 GiB");
+        let mut mac = (*self.mac).clone();
+        mac.update(LABEL_AUDIT);
+        mac.update(&prev_len.to_be_bytes());
+        mac.update(prev_mac);
+        mac.update(record);
+        mac
+    }
+
+    /// MAC over the previous record's MAC and this record's canonical bytes.
+    pub fn chain_mac(&self, prev_mac: &[u8], record: &[u8]) -> [u8; 32] {
+        self.chain_state(prev_mac, record)
+            .finalize()
+            .into_bytes()
+            .into()
+    }
+    /// Constant-time check of a stored MAC.
+    pub fn verify(&self, prev_mac: &[u8], record: &[u8], mac: &[u8]) -> bool {
+        self.chain_state(prev_mac, record).verify_slice(mac).is_ok()
+    }
+}
+
+impl std::fmt::Debug for AuditKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuditKey(<redacted>)")
+    }
+}
+
+/// SHA-256 of an API key secret; API keys are high-entropy so a fast hash is right here.
+/// Input: `tokenvault/v1/api-key\0` || secret.
+pub fn api_key_hash(secret: &str) -> [u8; 32] {
+    Sha256::new()
+        .chain_update(LABEL_API_KEY)
+        .chain_update(secret.as_bytes())
+        .finalize()
+        .into()
+}
+
+/// Constant-time equality of two byte strings. Lengths are not secret: different lengths
+/// return false at once.
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && bool::from(a.ct_eq(b))
+}
+
+/// `N` bytes from the OS CSPRNG.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    OsRng.fill_bytes(&mut bytes);
+    bytes
+}

@@ -1,0 +1,217 @@
+//! Hosts [`TokenVaultService`] on a TCP listener together with `grpc.health.v1.Health` and
+//! gRPC reflection (v1 and v1alpha), and owns the server's lifecycle: start, health polling,
+//! graceful shutdown, closing the vault.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, Notify};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+use super::pb;
+use super::pb::token_vault_service_server::TokenVaultServiceServer;
+use super::service::{TokenVaultService, DEFAULT_MAX_BATCH_ITEMS};
+use super::SERVICE_NAME;
+use crate::error::{Error, Result};
+use crate::vault::{Caller, Vault};
+
+/// Message budget per batch item. The largest item is a detokenize request (token plus a
+/// reason of at most 512 bytes) or a detokenize result (PAN plus a full `TokenInfo`, about
+/// 250 bytes); 1 KiB covers either with room for protobuf framing.
+pub const BYTES_PER_BATCH_ITEM: usize = 1024;
+/// Room for everything in a message that is not a batch item, and for single-item RPCs.
+pub const MESSAGE_SLACK_BYTES: usize = 64 * 1024;
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Largest number of items in one batch request; more is INVALID_ARGUMENT.
+    pub max_batch_items: usize,
+    /// How often the health service re-reads [`Vault::healthy`].
+    pub health_poll_interval: Duration,
+    /// After the shutdown signal, how long in-flight requests may take before the server
+    /// stops waiting for them.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_batch_items: DEFAULT_MAX_BATCH_ITEMS,
+            health_poll_interval: Duration::from_millis(500),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Largest gRPC message received or sent: what the largest allowed batch needs
+    /// (10,000 items: 10,000 KiB + 64 KiB, about 10.3 MB).
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_batch_items
+            .saturating_mul(BYTES_PER_BATCH_ITEM)
+            .saturating_add(MESSAGE_SLACK_BYTES)
+    }
+}
+
+/// Serves until `shutdown` completes, then stops accepting connections, lets in-flight
+/// requests finish (up to `cfg.shutdown_grace`) and closes the vault.
+pub async fn serve(
+    listener: TcpListener,
+    vault: Vault,
+    cfg: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let local = listener
+        .local_addr()
+        .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
+    let server_caller = Caller::new("server", local.clone());
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let mut serving = vault.healthy();
+    set_health(&reporter, serving).await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("reflection service: {e}")))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| Error::Internal(format!("reflection service: {e}")))?;
+
+    let max_message = cfg.max_message_bytes();
+    let service =
+        TokenVaultServiceServer::new(TokenVaultService::new(vault.clone(), cfg.max_batch_items))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
+
+    // Health follows storage: NOT_SERVING while the vault cannot write.
+    let (stop_health, mut health_stopped) = oneshot::channel::<()>();
+    let health_task = {
+        let vault = vault.clone();
+        let reporter = reporter.clone();
+        let mut tick = tokio::time::interval(cfg.health_poll_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut health_stopped => break,
+                    _ = tick.tick() => {}
+                }
+                let v = vault.clone();
+                let healthy = tokio::task::spawn_blocking(move || v.healthy())
+                    .await
+                    .unwrap_or(false);
+                if healthy != serving {
+                    if healthy {
+                        tracing::info!("storage writable again; health is SERVING");
+                    } else {
+                        tracing::warn!("storage not writable; health is NOT_SERVING");
+                    }
+                    set_health(&reporter, healthy).await;
+                    serving = healthy;
+                }
+            }
+        })
+    };
+
+    // On the signal: report NOT_SERVING first so balancers drain, then let tonic stop
+    // accepting and drain connections; `signalled` starts the grace timer.
+    let signalled = Arc::new(Notify::new());
+    let shutdown = {
+        let signalled = signalled.clone();
+        let reporter = reporter.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutdown requested; finishing in-flight requests");
+            let _ = stop_health.send(());
+            set_health(&reporter, false).await;
+            signalled.notify_one();
+        }
+    };
+
+    // Nagle's algorithm delays small gRPC frames by up to 40 ms; disable it per connection.
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        conn.inspect(|stream| {
+            let _ = stream.set_nodelay(true);
+        })
+    });
+
+    audit_event(&vault, &server_caller, "server_start", &local).await;
+    tracing::info!(listen = %local, max_batch_items = cfg.max_batch_items, max_message, "serving");
+
+    let grace = cfg.shutdown_grace;
+    let served = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, shutdown);
+    let result = tokio::select! {
+        r = served => r.map_err(|e| Error::Unavailable(format!("gRPC server: {e}"))),
+        _ = async { signalled.notified().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(grace_s = grace.as_secs(), "in-flight requests did not finish in time; stopping anyway");
+            Ok(())
+        }
+    };
+
+    health_task.abort();
+    audit_event(&vault, &server_caller, "server_stop", &local).await;
+    vault.close().await;
+    tracing::info!("server stopped");
+    result
+}
+
+async fn set_health(reporter: &HealthReporter, serving: bool) {
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    reporter.set_service_status("", status).await;
+    reporter.set_service_status(SERVICE_NAME, status).await;
+}
+
+/// Server lifecycle events are audited best effort: failing to record one must not stop the
+/// server from starting or stopping.
+async fn audit_event(vault: &Vault, caller: &Caller, action: &str, subject: &str) {
+    if let Err(e) = vault.audit_event(caller, action, subject).await {
+        tracing::warn!(error = %e, action, "could not write audit event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_budget() {
+        let cfg = ServerConfig::default();
+        assert_eq!(cfg.max_message_bytes(), 10_000 * 1024 + 64 * 1024);
+        let huge = ServerConfig {
+            max_batch_items: usize::MAX,
+            ..ServerConfig::default()
+        };
+        assert_eq!(huge.max_message_bytes(), usize::MAX);
+    }
+
+    #[test]
+    fn descriptor_set_names_the_service() {
+        use prost::Message;
+        let fds = prost_types::FileDescriptorSet::decode(pb::FILE_DESCRIPTOR_SET).unwrap();
+        let file = fds
+            .file
+            .iter()
+            .find(|f| f.package() == "tokenvault.v1")
+            .unwrap();
+        assert_eq!(
+            format!("{}.{}", file.package(), file.service[0].name()),
+            SERVICE_NAME
+        );
+    }
+}

@@ -1,0 +1,190 @@
+//! Data-key versions and their states, unwrapped under the master key's key-wrapping key.
+//!
+//! The keyring is an in-memory snapshot of the `data_keys` rows: one [`DataKey`] (with its AES
+//! key schedule computed once) per usable version, the active version that new PANs are
+//! sealed under, and the fingerprint and audit keys. Storage owns the rows; the keyring owns
+//! the unwrapped keys. A snapshot is replaced whole (see [`Keyring::replace`]) when the
+//! store sees that another process changed the keys, so a reader never sees half a change.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use crate::crypto::{AuditKey, DataKey, FingerprintKey, KeyPurpose, KeyWrappingKey, SecretKey};
+use crate::error::{Error, Result};
+use crate::vault::{KeyPolicy, KeyState, Micros};
+
+/// A `data_keys` row as stored.
+#[derive(Clone, Debug)]
+pub struct KeyRow {
+    pub version: u32,
+    pub wrapped: Vec<u8>,
+    pub state: KeyState,
+    pub created_at: Micros,
+    pub encryptions: u64,
+}
+
+impl KeyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Active => "active",
+            KeyState::DecryptOnly => "decrypt_only",
+            KeyState::Retired => "retired",
+        }
+    }
+    pub fn parse(s: &str) -> Option<KeyState> {
+        match s {
+            "active" => Some(KeyState::Active),
+            "decrypt_only" => Some(KeyState::DecryptOnly),
+            "retired" => Some(KeyState::Retired),
+            _ => None,
+        }
+    }
+}
+
+/// The unwrapped data keys of one moment.
+pub struct Snapshot {
+    pub active: Arc<DataKey>,
+    pub active_created_at: Micros,
+    keys: HashMap<u32, Arc<DataKey>>,
+}
+
+impl Snapshot {
+    /// The key for `version`, unless it is retired or unknown.
+    pub fn get(&self, version: u32) -> Option<&Arc<DataKey>> {
+        self.keys.get(&version)
+    }
+}
+
+pub struct Keyring {
+    kwk: KeyWrappingKey,
+    fingerprint: FingerprintKey,
+    audit: AuditKey,
+    policy: KeyPolicy,
+    current: RwLock<Arc<Snapshot>>,
+}
+
+impl Keyring {
+    /// Unwraps every non-retired version. Fails with DataLoss if a wrapped key is altered.
+    pub fn new(
+        kwk: KeyWrappingKey,
+        wrapped_fingerprint: &[u8],
+        wrapped_audit: &[u8],
+        rows: &[KeyRow],
+        policy: KeyPolicy,
+    ) -> Result<Keyring> {
+        let fingerprint = FingerprintKey::new(
+            kwk.unwrap(wrapped_fingerprint, KeyPurpose::Fingerprint)
+                .map_err(|_| {
+                    Error::DataLoss("wrapped fingerprint key failed authentication".into())
+                })?,
+        );
+        let audit = AuditKey::new(
+            kwk.unwrap(wrapped_audit, KeyPurpose::Audit)
+                .map_err(|_| Error::DataLoss("wrapped audit key failed authentication".into()))?,
+        );
+        let snapshot = Self::build(&kwk, rows)?;
+        Ok(Keyring {
+            kwk,
+            fingerprint,
+            audit,
+            policy,
+            current: RwLock::new(Arc::new(snapshot)),
+        })
+    }
+
+    fn build(kwk: &KeyWrappingKey, rows: &[KeyRow]) -> Result<Snapshot> {
+        let mut keys = HashMap::new();
+        let mut active = None;
+        for row in rows.iter().filter(|r| r.state != KeyState::Retired) {
+            let secret = kwk
+                .unwrap(&row.wrapped, KeyPurpose::Data(row.version))
+                .map_err(|_| {
+                    Error::DataLoss(format!(
+                        "wrapped data key v{} failed authentication",
+                        row.version
+                    ))
+                })?;
+            let key = Arc::new(DataKey::new(row.version, secret));
+            if row.state == KeyState::Active {
+                if active.is_some() {
+                    return Err(Error::Internal("more than one active key version".into()));
+                }
+                active = Some((key.clone(), row.created_at));
+            }
+            keys.insert(row.version, key);
+        }
+        let (active, active_created_at) =
+            active.ok_or_else(|| Error::Internal("no active key version".into()))?;
+        Ok(Snapshot {
+            active,
+            active_created_at,
+            keys,
+        })
+    }
+
+    /// Replaces the snapshot after the key rows changed.
+    pub fn replace(&self, rows: &[KeyRow]) -> Result<()> {
+        let snapshot = Arc::new(Self::build(&self.kwk, rows)?);
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = snapshot;
+        Ok(())
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn fingerprint_key(&self) -> &FingerprintKey {
+        &self.fingerprint
+    }
+
+    pub fn audit_key(&self) -> &AuditKey {
+        &self.audit
+    }
+
+    pub fn policy(&self) -> &KeyPolicy {
+        &self.policy
+    }
+
+    /// A fresh random data key for `version`, wrapped for storage.
+    pub fn new_wrapped_data_key(&self, version: u32) -> Vec<u8> {
+        self.kwk
+            .wrap(&SecretKey::generate(), KeyPurpose::Data(version))
+    }
+
+    /// True when the active version must be replaced before sealing `extra` more PANs.
+    pub fn needs_rotation(
+        &self,
+        encryptions: u64,
+        extra: u64,
+        created_at: Micros,
+        now: Micros,
+    ) -> bool {
+        if encryptions.saturating_add(extra) > self.policy.max_encryptions {
+            return true;
+        }
+        match self.policy.max_age {
+            Some(age) => now.saturating_sub(created_at) >= age.as_micros() as i64,
+            None => false,
+        }
+    }
+}
+
+/// Material for a brand-new vault: the first data key, the fingerprint key, the audit key.
+pub struct Genesis {
+    pub data_key: Vec<u8>,
+    pub fingerprint_key: Vec<u8>,
+    pub audit_key: Vec<u8>,
+}
+
+impl Genesis {
+    pub fn generate(kwk: &KeyWrappingKey) -> Genesis {
+        Genesis {
+            data_key: kwk.wrap(&SecretKey::generate(), KeyPurpose::Data(1)),
+            fingerprint_key: kwk.wrap(&SecretKey::generate(), KeyPurpose::Fingerprint),
+            audit_key: kwk.wrap(&SecretKey::generate(), KeyPurpose::Audit),
+        }
+    }
+}

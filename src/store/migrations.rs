@@ -1,0 +1,104 @@
+//! Ordered schema migrations tracked by `PRAGMA user_version`, each applied in an exclusive
+//! transaction. A database from a newer tokenvault is refused rather than guessed at.
+
+use rusqlite::Connection;
+
+use crate::error::{Error, Result};
+
+/// Append only: never edit a migration that has shipped.
+const MIGRATIONS: &[&str] = &[
+    // 1: the initial schema.
+    r#"
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value ANY NOT NULL
+    ) STRICT;
+
+    CREATE TABLE data_keys (
+        version     INTEGER PRIMARY KEY,
+        wrapped     BLOB NOT NULL,
+        state       TEXT NOT NULL CHECK (state IN ('active', 'decrypt_only', 'retired')),
+        created_at  INTEGER NOT NULL,
+        encryptions INTEGER NOT NULL DEFAULT 0
+    ) STRICT;
+    CREATE UNIQUE INDEX data_keys_one_active ON data_keys(state) WHERE state = 'active';
+
+    -- Integer rowid as the table key gives inserts locality; the random token lives in a
+    -- unique index. PCI DSS allows the first six and last four beside the ciphertext.
+    CREATE TABLE tokens (
+        id          INTEGER PRIMARY KEY,
+        token       TEXT NOT NULL UNIQUE,
+        key_version INTEGER NOT NULL,
+        nonce       BLOB,
+        ciphertext  BLOB,
+        fingerprint BLOB,
+        format      INTEGER NOT NULL,
+        brand       INTEGER NOT NULL,
+        pan_length  INTEGER NOT NULL,
+        bin         TEXT NOT NULL,
+        last4       TEXT NOT NULL,
+        created_at  INTEGER NOT NULL,
+        expires_at  INTEGER,
+        deleted_at  INTEGER
+    ) STRICT;
+    CREATE INDEX tokens_fingerprint ON tokens(fingerprint, format) WHERE fingerprint IS NOT NULL;
+    CREATE INDEX tokens_key_version ON tokens(key_version);
+
+    CREATE TABLE clients (
+        name          TEXT PRIMARY KEY,
+        key_id        TEXT NOT NULL UNIQUE,
+        key_hash      BLOB NOT NULL,
+        roles         TEXT NOT NULL,
+        cert_identity TEXT UNIQUE,
+        created_at    INTEGER NOT NULL,
+        revoked_at    INTEGER
+    ) STRICT;
+
+    CREATE TABLE audit (
+        seq       INTEGER PRIMARY KEY,
+        at        INTEGER NOT NULL,
+        principal TEXT NOT NULL,
+        peer      TEXT NOT NULL,
+        action    TEXT NOT NULL,
+        subject   TEXT NOT NULL,
+        outcome   TEXT NOT NULL,
+        reason    TEXT NOT NULL,
+        mac       BLOB NOT NULL
+    ) STRICT;
+    "#,
+];
+
+/// The schema version this build writes.
+pub const LATEST: i64 = MIGRATIONS.len() as i64;
+
+pub fn user_version(conn: &Connection) -> Result<i64> {
+    conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(Error::from)
+}
+
+/// Refuses a database written by a newer tokenvault.
+pub fn check_not_newer(conn: &Connection) -> Result<i64> {
+    let v = user_version(conn)?;
+    if v > LATEST {
+        return Err(Error::FailedPrecondition(format!(
+            "the vault's schema version {v} is newer than this tokenvault supports ({LATEST}); \
+             upgrade tokenvault"
+        )));
+    }
+    Ok(v)
+}
+
+/// Applies every pending migration, each in its own exclusive transaction.
+pub fn migrate(conn: &mut Connection) -> Result<()> {
+    loop {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)?;
+        let current = check_not_newer(&tx)?;
+        if current == LATEST {
+            return Ok(());
+        }
+        tx.execute_batch(MIGRATIONS[current as usize])?;
+        tx.pragma_update(None, "user_version", current + 1)?;
+        tx.commit()?;
+        tracing::info!(version = current + 1, "applied schema migration");
+    }
+}

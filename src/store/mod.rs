@@ -1,0 +1,115 @@
+//! Storage: the narrow interface the vault talks to ([`Storage`]: operations, not SQL) and
+//! its embedded SQLite implementation ([`sqlite::SqliteStore`]).
+//!
+//! Every write goes through one writer that folds whatever is queued into one transaction
+//! (group commit) and answers callers only after `COMMIT` returned with `synchronous=FULL`.
+//! Audit records ride in the same transactions as the data they describe. Reads run on a
+//! small pool of read-only connections on their own threads, never on async workers.
+//! A PostgreSQL backend can implement the same trait later.
+
+pub mod migrations;
+pub mod sqlite;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::audit::{AuditEntry, AuditRecord};
+use crate::card::{Brand, Pan};
+use crate::crypto::Sealed;
+use crate::error::Result;
+use crate::keyring::KeyRow;
+use crate::token::TokenFormat;
+use crate::vault::{Caller, ClientInfo, KeyVersionInfo, Micros};
+
+pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'static>>;
+
+/// A PAN prepared for insertion: token drawn, PAN sealed and fingerprinted by the caller, so
+/// the writer only re-seals when the active key changed or the token collided.
+pub struct NewToken {
+    pub pan: Pan,
+    pub token: String,
+    pub sealed: Sealed,
+    pub key_version: u32,
+    pub fingerprint: [u8; 32],
+    pub reuse_existing: bool,
+    pub meta: TokenMeta,
+}
+
+/// What is stored beside the ciphertext: what PCI DSS allows to be shown.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenMeta {
+    pub format: TokenFormat,
+    pub brand: Brand,
+    pub pan_length: u32,
+    pub bin: String,
+    pub last4: String,
+    pub created_at: Micros,
+    pub expires_at: Option<Micros>,
+}
+
+/// A live token as the writer stored or found it.
+#[derive(Clone, Debug)]
+pub struct StoredToken {
+    pub token: String,
+    pub key_version: u32,
+    pub created: bool,
+    pub meta: TokenMeta,
+}
+
+/// A live token row with its ciphertext, for detokenize.
+#[derive(Clone, Debug)]
+pub struct TokenRow {
+    pub token: String,
+    pub key_version: u32,
+    pub nonce: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+    pub meta: TokenMeta,
+}
+
+/// A principal as stored, with its API key hash.
+#[derive(Clone, Debug)]
+pub struct ClientRow {
+    pub info: ClientInfo,
+    pub key_id: String,
+    pub key_hash: [u8; 32],
+}
+
+/// The vault's identity, read before anything else to check the master key.
+#[derive(Clone, Debug)]
+pub struct VaultHeader {
+    pub vault_id: Vec<u8>,
+    pub key_check: Vec<u8>,
+    pub wrapped_fingerprint_key: Vec<u8>,
+    pub wrapped_audit_key: Vec<u8>,
+}
+
+pub trait Storage: Send + Sync + 'static {
+    /// Inserts (or, with `reuse_existing`, finds) tokens and appends one audit record per
+    /// item, all in one group commit. One result per item, in order.
+    fn tokenize(
+        &self,
+        items: Vec<NewToken>,
+        caller: Caller,
+    ) -> StoreFuture<Vec<Result<StoredToken>>>;
+    /// Live rows (not deleted, not expired at `now`) for each token, in order.
+    fn lookup(&self, tokens: Vec<String>, now: Micros) -> StoreFuture<Vec<Option<TokenRow>>>;
+    /// Destroys the ciphertext of a live token and appends the audit record.
+    fn delete(&self, token: String, caller: Caller) -> StoreFuture<bool>;
+    /// Appends audit records; resolves once they are committed.
+    fn append_audit(&self, entries: Vec<AuditEntry>) -> StoreFuture<()>;
+    /// New active version; the previous one becomes decrypt-only.
+    fn rotate_key(&self, caller: Caller) -> StoreFuture<u32>;
+    fn key_rows(&self) -> StoreFuture<Vec<KeyRow>>;
+    fn key_usage(&self) -> StoreFuture<Vec<KeyVersionInfo>>;
+    fn add_client(&self, row: ClientRow, caller: Caller) -> StoreFuture<()>;
+    fn revoke_client(&self, name: String, caller: Caller) -> StoreFuture<bool>;
+    fn clients(&self) -> StoreFuture<Vec<ClientRow>>;
+    /// Audit records with `seq >= from`, at most `limit`, ascending.
+    fn audit_records(&self, from: u64, limit: usize) -> StoreFuture<Vec<AuditRecord>>;
+    /// Counter bumped by every change to keys or clients, from any process.
+    fn generation(&self) -> StoreFuture<u64>;
+    /// False after a write failed for lack of storage, until a later write succeeds.
+    fn healthy(&self) -> bool;
+    /// Lets queued writes commit, then stops the writer and the readers.
+    fn close(&self) -> StoreFuture<()>;
+}

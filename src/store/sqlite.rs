@@ -1,0 +1,1211 @@
+//! The embedded SQLite store: one database file, one writer thread that owns the write
+//! connection and commits in groups, and a pool of read-only connections on their own
+//! threads.
+//!
+//! Durability: `journal_mode=WAL` and `synchronous=FULL` are set and read back at open; a
+//! caller is answered only after the `COMMIT` of the group holding its write returned. A
+//! failed commit fails every request of its group and acknowledges none.
+//!
+//! Other processes (the admin CLI) may change keys and clients while a server runs. Such
+//! changes bump the `generation` counter in `meta`; the writer reads it at the start of each
+//! transaction and reloads the keyring when it moved, so it never seals under a version that
+//! is no longer active.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rusqlite::{
+    params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use super::migrations;
+use super::{
+    ClientRow, NewToken, Storage, StoreFuture, StoredToken, TokenMeta, TokenRow, VaultHeader,
+};
+use crate::audit::{canonical_bytes, AuditEntry, AuditRecord, GENESIS_MAC};
+use crate::auth::Role;
+use crate::card::Brand;
+use crate::error::{outcome_of, Error, Result};
+use crate::keyring::{KeyRow, Keyring};
+use crate::token::{self, TokenFormat};
+use crate::vault::{now_micros, Caller, ClientInfo, KeyState, KeyVersionInfo, Micros};
+
+/// File name of the database inside the data directory.
+pub const DB_FILE: &str = "vault.db";
+/// Draws of a new token before a shaped format's space is declared exhausted.
+const MAX_TOKEN_DRAWS: usize = 32;
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn db_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(DB_FILE)
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        use rusqlite::ErrorCode as C;
+        match e.sqlite_error_code() {
+            Some(C::DiskFull) => Error::ResourceExhausted("storage is full".into()),
+            Some(C::ReadOnly)
+            | Some(C::CannotOpen)
+            | Some(C::DatabaseBusy)
+            | Some(C::DatabaseLocked)
+            | Some(C::SystemIoFailure)
+            | Some(C::PermissionDenied) => Error::Unavailable(e.to_string()),
+            Some(C::NotADatabase) | Some(C::DatabaseCorrupt) => Error::Unavailable(format!(
+                "the vault database is damaged or not a tokenvault database ({e})"
+            )),
+            _ => Error::Internal(format!("sqlite: {e}")),
+        }
+    }
+}
+
+/// Re-creates an error for each caller of a failed group (errors are not `Clone`).
+fn duplicate(e: &Error) -> Error {
+    match e {
+        Error::ResourceExhausted(m) => Error::ResourceExhausted(m.clone()),
+        Error::Unavailable(m) => Error::Unavailable(m.clone()),
+        other => Error::Internal(other.to_string()),
+    }
+}
+
+fn set_pragmas(conn: &Connection, max_storage_bytes: Option<u64>) -> Result<()> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::Unavailable(format!(
+            "could not enable WAL journal mode (got {mode})"
+        )));
+    }
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+    if sync != 2 {
+        return Err(Error::Unavailable(format!(
+            "could not set synchronous=FULL (got {sync})"
+        )));
+    }
+    conn.pragma_update(None, "cache_size", -32_000)?;
+    if let Some(bytes) = max_storage_bytes {
+        let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let pages = (bytes as i64 / page_size).max(1);
+        conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))?;
+    }
+    Ok(())
+}
+
+/// Reads the vault header with a read-only connection, before anything is written.
+pub fn read_header(data_dir: &Path) -> Result<VaultHeader> {
+    let path = db_path(data_dir);
+    if !path.exists() {
+        return Err(Error::FailedPrecondition(format!(
+            "no vault at {} (run `tokenvault init` first)",
+            data_dir.display()
+        )));
+    }
+    let conn = Connection::open_with_flags(
+        &path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| Error::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let version = migrations::check_not_newer(&conn)?;
+    if version < 1 {
+        return Err(Error::FailedPrecondition(format!(
+            "{} is not an initialised vault",
+            path.display()
+        )));
+    }
+    let get = |key: &str| -> Result<Vec<u8>> {
+        conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| {
+            r.get::<_, Vec<u8>>(0)
+        })
+        .optional()?
+        .ok_or_else(|| Error::FailedPrecondition(format!("vault metadata `{key}` is missing")))
+    };
+    Ok(VaultHeader {
+        vault_id: get("vault_id")?,
+        key_check: get("key_check")?,
+        wrapped_fingerprint_key: get("wrapped_fingerprint_key")?,
+        wrapped_audit_key: get("wrapped_audit_key")?,
+    })
+}
+
+/// Creates the database of a new vault with its header and first data key.
+pub fn create_database(
+    data_dir: &Path,
+    header: &VaultHeader,
+    wrapped_data_key: &[u8],
+) -> Result<()> {
+    let path = db_path(data_dir);
+    if path.exists() {
+        return Err(Error::AlreadyExists(format!(
+            "a vault already exists at {}",
+            data_dir.display()
+        )));
+    }
+    let mut conn = Connection::open(&path)?;
+    set_pragmas(&conn, None)?;
+    migrations::migrate(&mut conn)?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
+    let now = now_micros();
+    for (k, v) in [
+        ("vault_id", &header.vault_id),
+        ("key_check", &header.key_check),
+        ("wrapped_fingerprint_key", &header.wrapped_fingerprint_key),
+        ("wrapped_audit_key", &header.wrapped_audit_key),
+    ] {
+        tx.execute(
+            "INSERT INTO meta(key, value) VALUES (?1, ?2)",
+            params![k, v],
+        )?;
+    }
+    tx.execute("INSERT INTO meta(key, value) VALUES ('generation', 1)", [])?;
+    tx.execute(
+        "INSERT INTO meta(key, value) VALUES ('created_at', ?1)",
+        [now],
+    )?;
+    tx.execute(
+        "INSERT INTO data_keys(version, wrapped, state, created_at) VALUES (1, ?1, 'active', ?2)",
+        params![wrapped_data_key, now],
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
+fn load_key_rows(conn: &Connection) -> Result<Vec<KeyRow>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT version, wrapped, state, created_at, encryptions FROM data_keys ORDER BY version",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, Vec<u8>>(1)?,
+            r.get::<_, String>(2)?,
+            r.get(3)?,
+            r.get::<_, i64>(4)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (version, wrapped, state, created_at, encryptions) = row?;
+        let state = KeyState::parse(&state)
+            .ok_or_else(|| Error::Internal(format!("unknown key state for v{version}")))?;
+        out.push(KeyRow {
+            version: version as u32,
+            wrapped,
+            state,
+            created_at,
+            encryptions: encryptions as u64,
+        });
+    }
+    Ok(out)
+}
+
+fn read_generation(conn: &Connection) -> Result<u64> {
+    let g: i64 = conn
+        .prepare_cached("SELECT value FROM meta WHERE key = 'generation'")?
+        .query_row([], |r| r.get(0))?;
+    Ok(g as u64)
+}
+
+fn bump_generation(tx: &Transaction<'_>) -> Result<()> {
+    tx.execute(
+        "UPDATE meta SET value = value + 1 WHERE key = 'generation'",
+        [],
+    )?;
+    Ok(())
+}
+
+fn meta_from_row(r: &rusqlite::Row<'_>, base: usize) -> rusqlite::Result<TokenMeta> {
+    let format: i64 = r.get(base)?;
+    Ok(TokenMeta {
+        format: TokenFormat::from_code(format).unwrap_or_default(),
+        brand: Brand::from_code(r.get(base + 1)?),
+        pan_length: r.get::<_, i64>(base + 2)? as u32,
+        bin: r.get(base + 3)?,
+        last4: r.get(base + 4)?,
+        created_at: r.get(base + 5)?,
+        expires_at: r.get(base + 6)?,
+    })
+}
+
+const META_COLS: &str = "format, brand, pan_length, bin, last4, created_at, expires_at";
+
+fn roles_to_text(roles: &[Role]) -> String {
+    roles.iter().map(|r| r.name()).collect::<Vec<_>>().join(",")
+}
+
+fn roles_from_text(text: &str) -> Vec<Role> {
+    text.split(',').filter_map(Role::parse).collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// The writer
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+type AdminFn = Box<dyn FnOnce(&mut Writer) + Send>;
+
+enum WriteOp {
+    Tokenize {
+        items: Vec<NewToken>,
+        caller: Caller,
+        reply: Reply<Vec<Result<StoredToken>>>,
+    },
+    Delete {
+        token: String,
+        caller: Caller,
+        reply: Reply<bool>,
+    },
+    Audit {
+        entries: Vec<AuditEntry>,
+        reply: Reply<()>,
+    },
+    /// Runs alone, in its own transaction, between groups.
+    Admin(AdminFn),
+}
+
+impl WriteOp {
+    fn weight(&self) -> usize {
+        match self {
+            WriteOp::Tokenize { items, .. } => items.len().max(1),
+            WriteOp::Audit { entries, .. } => entries.len().max(1),
+            _ => 1,
+        }
+    }
+}
+
+/// What a group's operations produced, sent only after the commit.
+enum Done {
+    Tokenize(Reply<Vec<Result<StoredToken>>>, Vec<Result<StoredToken>>),
+    Delete(Reply<bool>, bool),
+    Audit(Reply<()>),
+}
+
+pub struct Writer {
+    conn: Connection,
+    keyring: Arc<Keyring>,
+    generation: Option<u64>,
+    healthy: Arc<AtomicBool>,
+    max_group_items: usize,
+}
+
+/// Per-transaction state: the audit chain head and the active key's usage.
+struct TxState {
+    audit_seq: u64,
+    audit_mac: Vec<u8>,
+    active_version: u32,
+    active_count: u64,
+    active_created: Micros,
+    counts: HashMap<u32, u64>,
+    audit: Vec<AuditEntry>,
+    rotated: bool,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<WriteOp>) {
+        let mut pending: Option<WriteOp> = None;
+        loop {
+            let first = match pending.take() {
+                Some(op) => op,
+                None => match rx.blocking_recv() {
+                    Some(op) => op,
+                    None => break,
+                },
+            };
+            if let WriteOp::Admin(f) = first {
+                f(&mut self);
+                continue;
+            }
+            let mut group = vec![first];
+            let mut weight = group[0].weight();
+            while weight < self.max_group_items {
+                match rx.try_recv() {
+                    Ok(WriteOp::Admin(f)) => {
+                        pending = Some(WriteOp::Admin(f));
+                        break;
+                    }
+                    Ok(op) => {
+                        weight += op.weight();
+                        group.push(op);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit_group(group);
+        }
+        tracing::debug!("writer stopped");
+    }
+
+    fn commit_group(&mut self, group: Vec<WriteOp>) {
+        let mut done = Vec::with_capacity(group.len());
+        let result = self.apply_group(group, &mut done);
+        match result {
+            Ok(()) => {
+                self.healthy.store(true, Ordering::Relaxed);
+                for d in done {
+                    match d {
+                        Done::Tokenize(reply, results) => {
+                            let _ = reply.send(Ok(results));
+                        }
+                        Done::Delete(reply, deleted) => {
+                            let _ = reply.send(Ok(deleted));
+                        }
+                        Done::Audit(reply) => {
+                            let _ = reply.send(Ok(()));
+                        }
+                    }
+                }
+            }
+            Err((e, replies)) => {
+                tracing::error!(error = %e, "group commit failed; no request of the group is acknowledged");
+                if matches!(e, Error::Unavailable(_) | Error::ResourceExhausted(_)) {
+                    self.healthy.store(false, Ordering::Relaxed);
+                }
+                // The keyring may hold a version created in the rolled-back transaction.
+                self.generation = None;
+                for r in replies {
+                    r(duplicate(&e));
+                }
+            }
+        }
+    }
+
+    /// Applies and commits a group. On failure, returns the error and a way to fail each op.
+    #[allow(clippy::type_complexity)]
+    fn apply_group(
+        &mut self,
+        group: Vec<WriteOp>,
+        done: &mut Vec<Done>,
+    ) -> std::result::Result<(), (Error, Vec<Box<dyn FnOnce(Error)>>)> {
+        // Collect failure callbacks up front so every caller hears back on any error path.
+        let mut ops = Vec::with_capacity(group.len());
+        let mut fail: Vec<Box<dyn FnOnce(Error)>> = Vec::new();
+        let keyring = self.keyring.clone();
+        let tx = match self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+        {
+            Ok(tx) => tx,
+            Err(e) => {
+                for op in group {
+                    fail.push(fail_op(op));
+                }
+                return Err((e.into(), fail));
+            }
+        };
+        let outcome: Result<TxState> = (|| {
+            let mut st = begin_state(&tx, &keyring, &mut self.generation)?;
+            for op in group {
+                match op {
+                    WriteOp::Tokenize {
+                        mut items,
+                        caller,
+                        reply,
+                    } => {
+                        let mut results = Vec::with_capacity(items.len());
+                        for item in items.iter_mut() {
+                            let r = insert_token(&tx, &keyring, &mut st, item);
+                            let subject = r.as_ref().map(|s| s.token.clone()).unwrap_or_default();
+                            st.audit.push(AuditEntry::new(
+                                &caller,
+                                "tokenize",
+                                &subject,
+                                outcome_of(&r),
+                                "",
+                            ));
+                            results.push(r);
+                        }
+                        ops.push(Done::Tokenize(reply, results));
+                    }
+                    WriteOp::Delete {
+                        token,
+                        caller,
+                        reply,
+                    } => {
+                        let deleted = tx
+                            .prepare_cached(
+                                "UPDATE tokens SET nonce = NULL, ciphertext = NULL, fingerprint = NULL, \
+                                 deleted_at = ?2 WHERE token = ?1 AND deleted_at IS NULL",
+                            )?
+                            .execute(params![token, now_micros()])?
+                            > 0;
+                        let outcome = if deleted { "OK" } else { "NOT_FOUND" };
+                        st.audit
+                            .push(AuditEntry::new(&caller, "delete", &token, outcome, ""));
+                        ops.push(Done::Delete(reply, deleted));
+                    }
+                    WriteOp::Audit { entries, reply } => {
+                        st.audit.extend(entries);
+                        ops.push(Done::Audit(reply));
+                    }
+                    WriteOp::Admin(_) => unreachable!("admin operations run alone"),
+                }
+            }
+            finish_state(&tx, &keyring, &mut st)?;
+            Ok(st)
+        })();
+        let committed = outcome.and_then(|st| {
+            tx.commit()?;
+            Ok(st)
+        });
+        match committed {
+            Ok(st) => {
+                if st.rotated {
+                    self.generation = None;
+                }
+                done.extend(ops);
+                Ok(())
+            }
+            Err(e) => {
+                for d in ops {
+                    fail.push(match d {
+                        Done::Tokenize(r, _) => Box::new(move |e| {
+                            let _ = r.send(Err(e));
+                        }),
+                        Done::Delete(r, _) => Box::new(move |e| {
+                            let _ = r.send(Err(e));
+                        }),
+                        Done::Audit(r) => Box::new(move |e| {
+                            let _ = r.send(Err(e));
+                        }),
+                    });
+                }
+                Err((e, fail))
+            }
+        }
+    }
+
+    /// Runs `f` in its own immediate transaction with the writer's state synchronised.
+    fn admin_tx<T>(
+        &mut self,
+        f: impl FnOnce(&Transaction<'_>, &Keyring, &mut TxState) -> Result<T>,
+    ) -> Result<T> {
+        let keyring = self.keyring.clone();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let result = (|| {
+            let mut st = begin_state(&tx, &keyring, &mut self.generation)?;
+            let out = f(&tx, &keyring, &mut st)?;
+            finish_state(&tx, &keyring, &mut st)?;
+            Ok(out)
+        })();
+        let result = result.and_then(|out| {
+            tx.commit()?;
+            Ok(out)
+        });
+        // Admin operations change keys or clients: reload at the next transaction.
+        self.generation = None;
+        result
+    }
+
+    /// Proves the storage still takes writes (health), with no lasting change.
+    fn probe(&mut self) {
+        let r = (|| -> Result<()> {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute("UPDATE meta SET value = value WHERE key = 'generation'", [])?;
+            tx.commit()?;
+            Ok(())
+        })();
+        self.healthy.store(r.is_ok(), Ordering::Relaxed);
+    }
+}
+
+fn fail_op(op: WriteOp) -> Box<dyn FnOnce(Error)> {
+    match op {
+        WriteOp::Tokenize { reply, .. } => Box::new(move |e| {
+            let _ = reply.send(Err(e));
+        }),
+        WriteOp::Delete { reply, .. } => Box::new(move |e| {
+            let _ = reply.send(Err(e));
+        }),
+        WriteOp::Audit { reply, .. } => Box::new(move |e| {
+            let _ = reply.send(Err(e));
+        }),
+        WriteOp::Admin(_) => Box::new(|_| {}),
+    }
+}
+
+fn begin_state(
+    tx: &Transaction<'_>,
+    keyring: &Keyring,
+    _cached_generation: &mut Option<u64>,
+) -> Result<TxState> {
+    // The database, not the in-memory snapshot, says which version is active: another
+    // process may have rotated, and a rolled-back rotation may linger in the snapshot.
+    let (active_version, active_count, active_created): (i64, i64, i64) = tx
+        .prepare_cached(
+            "SELECT version, encryptions, created_at FROM data_keys WHERE state = 'active'",
+        )?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    let active_version = active_version as u32;
+    if keyring.snapshot().active.version() != active_version {
+        keyring.replace(&load_key_rows(tx)?)?;
+    }
+    let head: Option<(i64, Vec<u8>)> = tx
+        .prepare_cached("SELECT seq, mac FROM audit ORDER BY seq DESC LIMIT 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let (audit_seq, audit_mac) = head
+        .map(|(s, m)| (s as u64, m))
+        .unwrap_or((0, GENESIS_MAC.to_vec()));
+    let mut st = TxState {
+        audit_seq,
+        audit_mac,
+        active_version,
+        active_count: active_count as u64,
+        active_created,
+        counts: HashMap::new(),
+        audit: Vec::new(),
+        rotated: false,
+    };
+    // Age-based rotation happens before the first encryption under an expired version.
+    if keyring.needs_rotation(0, 0, st.active_created, now_micros()) {
+        rotate_in_tx(tx, keyring, &mut st)?;
+    }
+    Ok(st)
+}
+
+fn finish_state(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) -> Result<()> {
+    for (version, n) in st.counts.drain() {
+        tx.prepare_cached(
+            "UPDATE data_keys SET encryptions = encryptions + ?2 WHERE version = ?1",
+        )?
+        .execute(params![version, n as i64])?;
+    }
+    if st.audit.is_empty() {
+        return Ok(());
+    }
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO audit(seq, at, principal, peer, action, subject, outcome, reason, mac) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?;
+    for entry in st.audit.drain(..) {
+        let seq = st.audit_seq + 1;
+        let mac = keyring
+            .audit_key()
+            .chain_mac(&st.audit_mac, &canonical_bytes(seq, &entry));
+        stmt.execute(params![
+            seq as i64,
+            entry.at,
+            entry.principal,
+            entry.peer,
+            entry.action,
+            entry.subject,
+            entry.outcome,
+            entry.reason,
+            &mac[..]
+        ])?;
+        st.audit_seq = seq;
+        st.audit_mac = mac.to_vec();
+    }
+    Ok(())
+}
+
+/// Makes a new active version inside `tx`; the old one becomes decrypt-only. The keyring is
+/// updated at once so the rest of the transaction seals under the new version; if the
+/// transaction rolls back, the writer reloads the keyring from the database.
+fn rotate_in_tx(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) -> Result<u32> {
+    let max: i64 = tx.query_row("SELECT COALESCE(MAX(version), 0) FROM data_keys", [], |r| {
+        r.get(0)
+    })?;
+    let version = (max + 1) as u32;
+    let now = now_micros();
+    tx.execute(
+        "UPDATE data_keys SET state = 'decrypt_only' WHERE state = 'active'",
+        [],
+    )?;
+    tx.execute(
+        "INSERT INTO data_keys(version, wrapped, state, created_at) VALUES (?1, ?2, 'active', ?3)",
+        params![version, keyring.new_wrapped_data_key(version), now],
+    )?;
+    bump_generation(tx)?;
+    keyring.replace(&load_key_rows(tx)?)?;
+    st.active_version = version;
+    st.active_count = 0;
+    st.active_created = now;
+    st.rotated = true;
+    st.audit.push(AuditEntry::new(
+        &Caller::new("system", "local"),
+        "key_rotate",
+        &format!("key v{version}"),
+        "OK",
+        "",
+    ));
+    tracing::info!(version, "rotated data key");
+    Ok(version)
+}
+
+fn insert_token(
+    tx: &Transaction<'_>,
+    keyring: &Keyring,
+    st: &mut TxState,
+    item: &mut NewToken,
+) -> Result<StoredToken> {
+    if item.reuse_existing {
+        let existing = tx
+            .prepare_cached(&format!(
+                "SELECT token, key_version, {META_COLS} FROM tokens \
+                 WHERE fingerprint = ?1 AND format = ?2 AND deleted_at IS NULL \
+                 AND (expires_at IS NULL OR expires_at > ?3) ORDER BY id LIMIT 1"
+            ))?
+            .query_row(
+                params![&item.fingerprint[..], item.meta.format.code(), now_micros()],
+                |r| {
+                    Ok(StoredToken {
+                        token: r.get(0)?,
+                        key_version: r.get::<_, i64>(1)? as u32,
+                        created: false,
+                        meta: meta_from_row(r, 2)?,
+                    })
+                },
+            )
+            .optional()?;
+        if let Some(found) = existing {
+            return Ok(found);
+        }
+    }
+    for _ in 0..MAX_TOKEN_DRAWS {
+        if keyring.needs_rotation(st.active_count, 1, st.active_created, now_micros()) {
+            rotate_in_tx(tx, keyring, st)?;
+        }
+        if item.key_version != st.active_version {
+            let snapshot = keyring.snapshot();
+            item.sealed = snapshot
+                .active
+                .seal(&item.token, item.pan.expose_digits().as_bytes());
+            item.key_version = snapshot.active.version();
+        }
+        let m = &item.meta;
+        let inserted = tx
+            .prepare_cached(&format!(
+                "INSERT INTO tokens(token, key_version, nonce, ciphertext, fingerprint, {META_COLS}) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) ON CONFLICT(token) DO NOTHING"
+            ))?
+            .execute(params![
+                item.token,
+                item.key_version,
+                &item.sealed.nonce[..],
+                item.sealed.ciphertext,
+                &item.fingerprint[..],
+                m.format.code(),
+                m.brand.code(),
+                m.pan_length,
+                m.bin,
+                m.last4,
+                m.created_at,
+                m.expires_at,
+            ])?;
+        // A sealed PAN counts against its version even if the row lost a token collision:
+        // the nonce was drawn.
+        st.active_count += 1;
+        *st.counts.entry(item.key_version).or_insert(0) += 1;
+        if inserted == 1 {
+            return Ok(StoredToken {
+                token: item.token.clone(),
+                key_version: item.key_version,
+                created: true,
+                meta: item.meta.clone(),
+            });
+        }
+        // Collision: draw again; the AAD binds the token, so re-seal too.
+        item.token = token::generate(m.format, &item.pan).into_string();
+        let snapshot = keyring.snapshot();
+        item.sealed = snapshot
+            .active
+            .seal(&item.token, item.pan.expose_digits().as_bytes());
+        item.key_version = snapshot.active.version();
+    }
+    Err(Error::ResourceExhausted(format!(
+        "no free {} token left for this card number length; use another format",
+        item.meta.format.name()
+    )))
+}
+
+// ---------------------------------------------------------------------------------------
+// The read pool
+
+type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
+
+struct ReadPool {
+    tx: Mutex<Option<std_mpsc::SyncSender<ReadJob>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl ReadPool {
+    fn start(path: &Path, n: usize) -> Result<ReadPool> {
+        let (tx, rx) = std_mpsc::sync_channel::<ReadJob>(1024);
+        let rx = Arc::new(Mutex::new(rx));
+        let mut threads = Vec::new();
+        for i in 0..n.max(1) {
+            let conn = Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            conn.busy_timeout(BUSY_TIMEOUT)?;
+            conn.pragma_update(None, "query_only", true)?;
+            conn.pragma_update(None, "cache_size", -16_000)?;
+            let rx = rx.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("tokenvault-read-{i}"))
+                    .spawn(move || loop {
+                        let job = {
+                            let guard = rx.lock().unwrap_or_else(|e| e.into_inner());
+                            guard.recv()
+                        };
+                        match job {
+                            Ok(job) => job(&conn),
+                            Err(_) => break,
+                        }
+                    })
+                    .map_err(|e| Error::Internal(format!("spawn reader: {e}")))?,
+            );
+        }
+        Ok(ReadPool {
+            tx: Mutex::new(Some(tx)),
+            threads: Mutex::new(threads),
+        })
+    }
+
+    fn submit<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+    ) -> oneshot::Receiver<Result<T>> {
+        let (reply, rx) = oneshot::channel();
+        let sender = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match sender {
+            Some(s) => {
+                let job: ReadJob = Box::new(move |conn| {
+                    let _ = reply.send(f(conn));
+                });
+                if let Err(std_mpsc::SendError(job)) = s.send(job) {
+                    drop(job);
+                }
+            }
+            None => {
+                let _ = reply.send(Err(Error::Unavailable("the vault is closed".into())));
+            }
+        }
+        rx
+    }
+
+    fn stop(&self) {
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The store
+
+pub struct SqliteStore {
+    writer_tx: Mutex<Option<mpsc::Sender<WriteOp>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    reads: ReadPool,
+    healthy: Arc<AtomicBool>,
+    stop_probe: Arc<AtomicBool>,
+    prober: Mutex<Option<JoinHandle<()>>>,
+}
+
+pub struct OpenParams {
+    pub read_connections: usize,
+    pub max_group_items: usize,
+    pub writer_queue: usize,
+    pub max_storage_bytes: Option<u64>,
+}
+
+impl SqliteStore {
+    /// Opens the writer (running pending migrations) and the readers. The caller has checked
+    /// the master key against [`read_header`] and built the keyring from [`initial_key_rows`].
+    pub fn open(data_dir: &Path, keyring: Arc<Keyring>, p: &OpenParams) -> Result<SqliteStore> {
+        let path = db_path(data_dir);
+        let mut conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        set_pragmas(&conn, p.max_storage_bytes)?;
+        migrations::migrate(&mut conn)?;
+        let reads = ReadPool::start(&path, p.read_connections)?;
+        let healthy = Arc::new(AtomicBool::new(true));
+        let (tx, rx) = mpsc::channel(p.writer_queue.max(1));
+        let writer = Writer {
+            conn,
+            keyring,
+            generation: None,
+            healthy: healthy.clone(),
+            max_group_items: p.max_group_items.max(1),
+        };
+        let handle = std::thread::Builder::new()
+            .name("tokenvault-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| Error::Internal(format!("spawn writer: {e}")))?;
+        let store = SqliteStore {
+            writer_tx: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(handle)),
+            reads,
+            healthy,
+            stop_probe: Arc::new(AtomicBool::new(false)),
+            prober: Mutex::new(None),
+        };
+        store.start_prober();
+        Ok(store)
+    }
+
+    /// Every second without a successful commit, asks the writer to prove storage is
+    /// writable, so health reflects a read-only or vanished disk even when idle.
+    fn start_prober(&self) {
+        let Some(tx) = self.sender() else { return };
+        let stop = self.stop_probe.clone();
+        let handle = std::thread::Builder::new()
+            .name("tokenvault-probe".into())
+            .spawn(move || {
+                let mut last = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(100));
+                    if last.elapsed() >= Duration::from_secs(1) {
+                        last = Instant::now();
+                        let op = WriteOp::Admin(Box::new(|w: &mut Writer| w.probe()));
+                        if tx.try_send(op).is_err() && tx.is_closed() {
+                            break;
+                        }
+                    }
+                }
+            });
+        if let Ok(h) = handle {
+            *self.prober.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
+        }
+    }
+
+    fn sender(&self) -> Option<mpsc::Sender<WriteOp>> {
+        self.writer_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn write<T: Send + 'static>(&self, make: impl FnOnce(Reply<T>) -> WriteOp) -> StoreFuture<T> {
+        let sender = self.sender();
+        let (reply, rx) = oneshot::channel();
+        let op = make(reply);
+        Box::pin(async move {
+            let sender = sender.ok_or_else(|| Error::Unavailable("the vault is closed".into()))?;
+            sender
+                .send(op)
+                .await
+                .map_err(|_| Error::Unavailable("the vault is closed".into()))?;
+            rx.await
+                .map_err(|_| Error::Internal("the writer stopped before answering".into()))?
+        })
+    }
+
+    fn admin<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>, &Keyring, &mut TxState) -> Result<T> + Send + 'static,
+    ) -> StoreFuture<T> {
+        self.write(move |reply| {
+            WriteOp::Admin(Box::new(move |w: &mut Writer| {
+                let _ = reply.send(w.admin_tx(f));
+            }))
+        })
+    }
+
+    fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+    ) -> StoreFuture<T> {
+        let rx = self.reads.submit(f);
+        Box::pin(async move {
+            rx.await
+                .map_err(|_| Error::Unavailable("the vault is closed".into()))?
+        })
+    }
+}
+
+/// Every client row, revoked ones included.
+pub fn query_clients(conn: &Connection) -> Result<Vec<ClientRow>> {
+    let mut stmt = conn.prepare_cached(
+                "SELECT name, key_id, key_hash, roles, cert_identity, created_at, revoked_at FROM clients ORDER BY name",
+            )?;
+    let rows = stmt.query_map([], |r| {
+        let hash: Vec<u8> = r.get(2)?;
+        Ok(ClientRow {
+            info: ClientInfo {
+                name: r.get(0)?,
+                roles: roles_from_text(&r.get::<_, String>(3)?),
+                cert_identity: r.get(4)?,
+                created_at: r.get(5)?,
+                revoked_at: r.get(6)?,
+            },
+            key_id: r.get(1)?,
+            key_hash: <[u8; 32]>::try_from(hash.as_slice()).unwrap_or([0u8; 32]),
+        })
+    })?;
+    rows.collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(Error::from)
+}
+
+/// Client rows read once at open, before the readers exist.
+pub fn initial_clients(data_dir: &Path) -> Result<Vec<ClientRow>> {
+    let conn = Connection::open_with_flags(db_path(data_dir), OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    query_clients(&conn)
+}
+
+/// Key rows read once at open, before the writer exists.
+pub fn initial_key_rows(data_dir: &Path) -> Result<Vec<KeyRow>> {
+    let conn = Connection::open_with_flags(db_path(data_dir), OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    load_key_rows(&conn)
+}
+
+impl Storage for SqliteStore {
+    fn tokenize(
+        &self,
+        items: Vec<NewToken>,
+        caller: Caller,
+    ) -> StoreFuture<Vec<Result<StoredToken>>> {
+        self.write(move |reply| WriteOp::Tokenize {
+            items,
+            caller,
+            reply,
+        })
+    }
+
+    fn lookup(&self, tokens: Vec<String>, now: Micros) -> StoreFuture<Vec<Option<TokenRow>>> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT token, key_version, nonce, ciphertext, {META_COLS} FROM tokens \
+                 WHERE token = ?1 AND deleted_at IS NULL AND ciphertext IS NOT NULL \
+                 AND (expires_at IS NULL OR expires_at > ?2)"
+            ))?;
+            let mut out = Vec::with_capacity(tokens.len());
+            for t in &tokens {
+                let row = stmt
+                    .query_row(params![t, now], |r| {
+                        Ok(TokenRow {
+                            token: r.get(0)?,
+                            key_version: r.get::<_, i64>(1)? as u32,
+                            nonce: r.get(2)?,
+                            ciphertext: r.get(3)?,
+                            meta: meta_from_row(r, 4)?,
+                        })
+                    })
+                    .optional()?;
+                out.push(row);
+            }
+            Ok(out)
+        })
+    }
+
+    fn delete(&self, token: String, caller: Caller) -> StoreFuture<bool> {
+        self.write(move |reply| WriteOp::Delete {
+            token,
+            caller,
+            reply,
+        })
+    }
+
+    fn append_audit(&self, entries: Vec<AuditEntry>) -> StoreFuture<()> {
+        self.write(move |reply| WriteOp::Audit { entries, reply })
+    }
+
+    fn rotate_key(&self, caller: Caller) -> StoreFuture<u32> {
+        self.admin(move |tx, keyring, st| {
+            let v = rotate_in_tx(tx, keyring, st)?;
+            // Attribute the rotation to whoever asked for it.
+            if let Some(last) = st.audit.last_mut() {
+                *last = AuditEntry::new(&caller, "key_rotate", &format!("key v{v}"), "OK", "");
+            }
+            Ok(v)
+        })
+    }
+
+    fn key_rows(&self) -> StoreFuture<Vec<KeyRow>> {
+        self.read(load_key_rows)
+    }
+
+    fn key_usage(&self) -> StoreFuture<Vec<KeyVersionInfo>> {
+        self.read(|conn| {
+            let rows = load_key_rows(conn)?;
+            let mut counts = HashMap::new();
+            let mut stmt = conn.prepare_cached(
+                "SELECT key_version, COUNT(*) FROM tokens WHERE ciphertext IS NOT NULL GROUP BY key_version",
+            )?;
+            for r in stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))? {
+                let (v, n) = r?;
+                counts.insert(v as u32, n as u64);
+            }
+            Ok(rows
+                .into_iter()
+                .map(|k| KeyVersionInfo {
+                    version: k.version,
+                    state: k.state,
+                    created_at: k.created_at,
+                    encryptions: k.encryptions,
+                    max_encryptions: 0,
+                    rows: counts.get(&k.version).copied().unwrap_or(0),
+                })
+                .collect())
+        })
+    }
+
+    fn add_client(&self, row: ClientRow, caller: Caller) -> StoreFuture<()> {
+        self.admin(move |tx, _keyring, st| {
+            let exists: bool = tx
+                .query_row(
+                    "SELECT 1 FROM clients WHERE name = ?1",
+                    [&row.info.name],
+                    |_| Ok(true),
+                )
+                .optional()?
+                .unwrap_or(false);
+            if exists {
+                return Err(Error::AlreadyExists(format!(
+                    "a client named {} already exists",
+                    row.info.name
+                )));
+            }
+            if let Some(id) = &row.info.cert_identity {
+                let taken: bool = tx
+                    .query_row(
+                        "SELECT 1 FROM clients WHERE cert_identity = ?1",
+                        [id],
+                        |_| Ok(true),
+                    )
+                    .optional()?
+                    .unwrap_or(false);
+                if taken {
+                    return Err(Error::AlreadyExists(
+                        "that certificate identity is bound to another client".into(),
+                    ));
+                }
+            }
+            tx.execute(
+                "INSERT INTO clients(name, key_id, key_hash, roles, cert_identity, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    row.info.name,
+                    row.key_id,
+                    &row.key_hash[..],
+                    roles_to_text(&row.info.roles),
+                    row.info.cert_identity,
+                    row.info.created_at
+                ],
+            )?;
+            bump_generation(tx)?;
+            st.audit.push(AuditEntry::new(
+                &caller,
+                "client_add",
+                &row.info.name,
+                "OK",
+                &roles_to_text(&row.info.roles),
+            ));
+            Ok(())
+        })
+    }
+
+    fn revoke_client(&self, name: String, caller: Caller) -> StoreFuture<bool> {
+        self.admin(move |tx, _keyring, st| {
+            let n = tx.execute(
+                "UPDATE clients SET revoked_at = ?2 WHERE name = ?1 AND revoked_at IS NULL",
+                params![name, now_micros()],
+            )?;
+            if n > 0 {
+                bump_generation(tx)?;
+            }
+            let outcome = if n > 0 { "OK" } else { "NOT_FOUND" };
+            st.audit.push(AuditEntry::new(
+                &caller,
+                "client_revoke",
+                &name,
+                outcome,
+                "",
+            ));
+            Ok(n > 0)
+        })
+    }
+
+    fn clients(&self) -> StoreFuture<Vec<ClientRow>> {
+        self.read(query_clients)
+    }
+
+    fn audit_records(&self, from: u64, limit: usize) -> StoreFuture<Vec<AuditRecord>> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, at, principal, peer, action, subject, outcome, reason, mac FROM audit \
+                 WHERE seq >= ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![from as i64, limit as i64], |r| {
+                Ok(AuditRecord {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    at: r.get(1)?,
+                    principal: r.get(2)?,
+                    peer: r.get(3)?,
+                    action: r.get(4)?,
+                    subject: r.get(5)?,
+                    outcome: r.get(6)?,
+                    reason: r.get(7)?,
+                    mac: r.get(8)?,
+                })
+            })?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(Error::from)
+        })
+    }
+
+    fn generation(&self) -> StoreFuture<u64> {
+        self.read(read_generation)
+    }
+
+    fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    fn close(&self) -> StoreFuture<()> {
+        self.stop_probe.store(true, Ordering::Relaxed);
+        let prober = self.prober.lock().unwrap_or_else(|e| e.into_inner()).take();
+        // Dropping the last sender lets the writer drain its queue and stop.
+        self.writer_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.reads.stop();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                if let Some(p) = prober {
+                    let _ = p.join();
+                }
+                if let Some(w) = writer {
+                    let _ = w.join();
+                }
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("join writer: {e}")))
+        })
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.stop_probe.store(true, Ordering::Relaxed);
+        self.writer_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(w) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = w.join();
+        }
+        self.reads.stop();
+    }
+}
