@@ -2,6 +2,7 @@
 pub mod audit;
 pub mod auth;
 pub mod card;
+pub mod cli;
 pub mod crypto;
 pub mod error;
 pub mod grpc;
@@ -9,4 +10,3 @@ pub mod keyring;
 pub mod store;
 pub mod token;
 pub mod vault;
-pub mod cli;

@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use crate::audit::{AuditEntry, AuditRecord, ChainVerifier, Verification};
 use crate::auth::Role;
 use crate::card::{Brand, Pan};
-use crate::audit::AuditEntry;
 use crate::crypto::{self, MasterKey, VaultId};
 use crate::error::{outcome_of, Error, Result};
 use crate::keyring::{Genesis, Keyring};
@@ -202,11 +202,16 @@ impl ClientCache {
     fn build(rows: Vec<ClientRow>) -> ClientCache {
         let mut cache = ClientCache::default();
         for row in rows.into_iter().filter(|r| r.info.revoked_at.is_none()) {
-            let principal = Principal { name: row.info.name.clone(), roles: row.info.roles.clone() };
+            let principal = Principal {
+                name: row.info.name.clone(),
+                roles: row.info.roles.clone(),
+            };
             if let Some(id) = &row.info.cert_identity {
                 cache.by_cert.insert(id.clone(), principal.clone());
             }
-            cache.by_key_id.insert(row.key_id, (row.key_hash, principal));
+            cache
+                .by_key_id
+                .insert(row.key_id, (row.key_hash, principal));
         }
         cache
     }
@@ -306,7 +311,11 @@ impl Vault {
         let rows = self.inner.store.key_rows().await?;
         self.inner.keyring.replace(&rows)?;
         let clients = self.inner.store.clients().await?;
-        *self.inner.clients.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ClientCache::build(clients));
+        *self
+            .inner
+            .clients
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(ClientCache::build(clients));
         Ok(())
     }
 
@@ -347,7 +356,9 @@ impl Vault {
 
     pub async fn tokenize(&self, caller: &Caller, req: TokenizeRequest) -> Result<Tokenized> {
         let mut results = self.tokenize_batch(caller, vec![req]).await?;
-        results.pop().unwrap_or_else(|| Err(Error::Internal("empty tokenize result".into())))
+        results
+            .pop()
+            .unwrap_or_else(|| Err(Error::Internal("empty tokenize result".into())))
     }
 
     /// One result per request, in order; a failing item does not fail the others.
@@ -387,9 +398,16 @@ impl Vault {
     }
 
     /// Reveals the PAN; returns only after the audit record of the reveal is committed.
-    pub async fn detokenize(&self, caller: &Caller, token: Token, reason: String) -> Result<Revealed> {
+    pub async fn detokenize(
+        &self,
+        caller: &Caller,
+        token: Token,
+        reason: String,
+    ) -> Result<Revealed> {
         let mut results = self.detokenize_batch(caller, vec![(token, reason)]).await?;
-        results.pop().unwrap_or_else(|| Err(Error::Internal("empty detokenize result".into())))
+        results
+            .pop()
+            .unwrap_or_else(|| Err(Error::Internal("empty detokenize result".into())))
     }
 
     pub async fn detokenize_batch(
@@ -406,7 +424,13 @@ impl Vault {
                 Some(row) => self.reveal(row).await,
                 None => Err(Error::NotFound),
             };
-            audit.push(AuditEntry::new(caller, "detokenize", token.as_str(), outcome_of(&r), reason));
+            audit.push(AuditEntry::new(
+                caller,
+                "detokenize",
+                token.as_str(),
+                outcome_of(&r),
+                reason,
+            ));
             results.push(r);
         }
         // Fail closed: no PAN leaves unless the record of its reveal is committed.
@@ -422,7 +446,10 @@ impl Vault {
             snapshot = self.inner.keyring.snapshot();
         }
         let key = snapshot.get(row.key_version).ok_or_else(|| {
-            Error::DataLoss(format!("key version {} of this token is not available", row.key_version))
+            Error::DataLoss(format!(
+                "key version {} of this token is not available",
+                row.key_version
+            ))
         })?;
         let digits = key.open(&row.token, &row.nonce, &row.ciphertext)?;
         let text = std::str::from_utf8(&digits)
@@ -434,32 +461,51 @@ impl Vault {
     }
 
     pub async fn info(&self, caller: &Caller, token: Token) -> Result<TokenInfo> {
-        let mut rows = self.inner.store.lookup(vec![token.as_str().to_owned()], now_micros()).await?;
+        let mut rows = self
+            .inner
+            .store
+            .lookup(vec![token.as_str().to_owned()], now_micros())
+            .await?;
         let r = match rows.pop().flatten() {
             Some(row) => Ok(token_info(&row.token, row.key_version, &row.meta)),
             None => Err(Error::NotFound),
         };
         self.inner
             .store
-            .append_audit(vec![AuditEntry::new(caller, "info", token.as_str(), outcome_of(&r), "")])
+            .append_audit(vec![AuditEntry::new(
+                caller,
+                "info",
+                token.as_str(),
+                outcome_of(&r),
+                "",
+            )])
             .await?;
         r
     }
 
     /// Destroys the ciphertext; idempotent (false when there was nothing live to delete).
     pub async fn delete(&self, caller: &Caller, token: Token) -> Result<bool> {
-        self.inner.store.delete(token.into_string(), caller.clone()).await
+        self.inner
+            .store
+            .delete(token.into_string(), caller.clone())
+            .await
     }
 
     /// Records a request that was refused before reaching the vault (authentication,
     /// authorisation, rate limit). `outcome` is the gRPC code name, e.g. "UNAUTHENTICATED".
     pub async fn audit_refusal(&self, caller: &Caller, action: &str, outcome: &str) -> Result<()> {
-        self.inner.store.append_audit(vec![AuditEntry::new(caller, action, "", outcome, "")]).await
+        self.inner
+            .store
+            .append_audit(vec![AuditEntry::new(caller, action, "", outcome, "")])
+            .await
     }
 
     /// Audit record for an event such as server start/stop.
     pub async fn audit_event(&self, caller: &Caller, action: &str, subject: &str) -> Result<()> {
-        self.inner.store.append_audit(vec![AuditEntry::new(caller, action, subject, "OK", "")]).await
+        self.inner
+            .store
+            .append_audit(vec![AuditEntry::new(caller, action, subject, "OK", "")])
+            .await
     }
 
     pub async fn rotate_key(&self, caller: &Caller) -> Result<u32> {
@@ -487,7 +533,9 @@ impl Vault {
     ) -> Result<String> {
         validate_client_name(name)?;
         if roles.is_empty() {
-            return Err(Error::InvalidArgument("a client needs at least one role".into()));
+            return Err(Error::InvalidArgument(
+                "a client needs at least one role".into(),
+            ));
         }
         let key_id = base64url(&crypto::random_bytes::<9>());
         let secret = zeroize::Zeroizing::new(base64url(&crypto::random_bytes::<24>()));
@@ -511,12 +559,23 @@ impl Vault {
     }
 
     pub async fn list_clients(&self) -> Result<Vec<ClientInfo>> {
-        Ok(self.inner.store.clients().await?.into_iter().map(|r| r.info).collect())
+        Ok(self
+            .inner
+            .store
+            .clients()
+            .await?
+            .into_iter()
+            .map(|r| r.info)
+            .collect())
     }
 
     /// False when there was no such live client.
     pub async fn revoke_client(&self, caller: &Caller, name: &str) -> Result<bool> {
-        let revoked = self.inner.store.revoke_client(name.to_owned(), caller.clone()).await?;
+        let revoked = self
+            .inner
+            .store
+            .revoke_client(name.to_owned(), caller.clone())
+            .await?;
         self.refresh().await?;
         Ok(revoked)
     }
@@ -525,10 +584,22 @@ impl Vault {
     /// time per candidate, from a snapshot refreshed within a second of any change.
     pub fn authenticate_api_key(&self, key: &str) -> Result<Principal> {
         const UNKNOWN: &str = "missing or unknown API key";
-        let rest = key.strip_prefix(API_KEY_PREFIX).ok_or(Error::Unauthenticated(UNKNOWN))?;
-        let (key_id, secret) = rest.split_once('_').ok_or(Error::Unauthenticated(UNKNOWN))?;
-        let cache = self.inner.clients.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let (hash, principal) = cache.by_key_id.get(key_id).ok_or(Error::Unauthenticated(UNKNOWN))?;
+        let rest = key
+            .strip_prefix(API_KEY_PREFIX)
+            .ok_or(Error::Unauthenticated(UNKNOWN))?;
+        let (key_id, secret) = rest
+            .split_once('_')
+            .ok_or(Error::Unauthenticated(UNKNOWN))?;
+        let cache = self
+            .inner
+            .clients
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let (hash, principal) = cache
+            .by_key_id
+            .get(key_id)
+            .ok_or(Error::Unauthenticated(UNKNOWN))?;
         if crypto::ct_eq(hash, &crypto::api_key_hash(secret)) {
             Ok(principal.clone())
         } else {
@@ -538,12 +609,77 @@ impl Vault {
 
     /// Resolves a verified certificate identity (URI or DNS SAN) to a live principal.
     pub fn authenticate_cert_identity(&self, identity: &str) -> Result<Principal> {
-        let cache = self.inner.clients.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let cache = self
+            .inner
+            .clients
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         cache
             .by_cert
             .get(identity)
             .cloned()
-            .ok_or(Error::Unauthenticated("certificate identity is not bound to any client"))
+            .ok_or(Error::Unauthenticated(
+                "certificate identity is not bound to any client",
+            ))
+    }
+
+    /// A page of the audit trail: records with `seq >= from`, ascending.
+    pub async fn audit_records(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>> {
+        self.inner.store.audit_records(from, limit).await
+    }
+
+    /// Sequence number of the newest audit record (0 when the trail is empty).
+    pub async fn audit_head_seq(&self) -> Result<u64> {
+        Ok(self
+            .inner
+            .store
+            .audit_head()
+            .await?
+            .map(|(s, _)| s)
+            .unwrap_or(0))
+    }
+
+    /// Walks the whole audit chain and checks that it ends at the recorded head.
+    pub async fn verify_audit(&self) -> Result<Verification> {
+        const PAGE: usize = 10_000;
+        let key = self.inner.keyring.audit_key();
+        let mut verifier = ChainVerifier::new(key);
+        let mut from = 1;
+        let mut last: Option<AuditRecord> = None;
+        loop {
+            let page = self.inner.store.audit_records(from, PAGE).await?;
+            let n = page.len();
+            for rec in page {
+                if let Err(broken) = verifier.feed(&rec) {
+                    return Ok(broken);
+                }
+                from = rec.seq + 1;
+                last = Some(rec);
+            }
+            if n < PAGE {
+                break;
+            }
+        }
+        let head = self.inner.store.audit_head().await?;
+        match (head, last) {
+            (None, None) => {}
+            (Some((seq, mac)), Some(rec)) if seq == rec.seq && crypto::ct_eq(&mac, &rec.mac) => {}
+            (Some((seq, _)), Some(rec)) if seq > rec.seq => {
+                return Ok(Verification::Broken {
+                    seq: rec.seq + 1,
+                    why: "records missing at the end of the trail",
+                })
+            }
+            (_, last) => {
+                let seq = last.map(|r| r.seq).unwrap_or(1);
+                return Ok(Verification::Broken {
+                    seq,
+                    why: "the trail does not end at its recorded head",
+                });
+            }
+        }
+        Ok(verifier.finish())
     }
 
     /// True while storage accepts writes.
@@ -562,7 +698,11 @@ impl Vault {
 
 fn tokenized(s: StoredToken) -> Tokenized {
     let info = token_info(&s.token, s.key_version, &s.meta);
-    Tokenized { token: info.token.clone(), created: s.created, info }
+    Tokenized {
+        token: info.token.clone(),
+        created: s.created,
+        info,
+    }
 }
 
 fn token_info(token: &str, key_version: u32, m: &TokenMeta) -> TokenInfo {
@@ -583,18 +723,23 @@ fn token_info(token: &str, key_version: u32, m: &TokenMeta) -> TokenInfo {
 
 fn base64url(bytes: &[u8]) -> String {
     use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes).replace('_', "-")
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(bytes)
+        .replace('_', "-")
 }
 
 fn validate_client_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@' | ':'));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@' | ':'));
     if ok {
         Ok(())
     } else {
         Err(Error::InvalidArgument(
-            "client name must be 1-64 characters of letters, digits, '-', '_', '.', '@', ':'".into(),
+            "client name must be 1-64 characters of letters, digits, '-', '_', '.', '@', ':'"
+                .into(),
         ))
     }
 }

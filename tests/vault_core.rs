@@ -10,10 +10,20 @@ use tokenvault::error::Error;
 use tokenvault::token::{Token, TokenFormat};
 use tokenvault::vault::{now_micros, Caller, KeyState, TokenizeRequest, Vault, VaultConfig};
 
-const PANS: [&str; 4] = ["4111111111111111", "5555555555554444", "378282246310005", "6011111111111117"];
+const PANS: [&str; 4] = [
+    "4111111111111111",
+    "5555555555554444",
+    "378282246310005",
+    "6011111111111117",
+];
 
 fn req(pan: &str, format: TokenFormat, reuse: bool) -> TokenizeRequest {
-    TokenizeRequest { pan: Pan::parse(pan).unwrap(), format, reuse_existing: reuse, expires_at: None }
+    TokenizeRequest {
+        pan: Pan::parse(pan).unwrap(),
+        format,
+        reuse_existing: reuse,
+        expires_at: None,
+    }
 }
 
 fn caller() -> Caller {
@@ -39,13 +49,23 @@ async fn tokenize_detokenize_round_trip_all_formats() {
     let dir = tempfile::tempdir().unwrap();
     let (vault, _) = new_vault(dir.path());
     for pan in PANS {
-        for format in [TokenFormat::Opaque, TokenFormat::PanShaped, TokenFormat::PanShapedKeepBin] {
-            let t = vault.tokenize(&caller(), req(pan, format, false)).await.unwrap();
+        for format in [
+            TokenFormat::Opaque,
+            TokenFormat::PanShaped,
+            TokenFormat::PanShapedKeepBin,
+        ] {
+            let t = vault
+                .tokenize(&caller(), req(pan, format, false))
+                .await
+                .unwrap();
             assert!(t.created);
             assert_eq!(t.info.format, format);
             assert_eq!(t.info.last4, &pan[pan.len() - 4..]);
             assert_ne!(t.token.as_str(), pan);
-            let r = vault.detokenize(&caller(), t.token.clone(), "test".into()).await.unwrap();
+            let r = vault
+                .detokenize(&caller(), t.token.clone(), "test".into())
+                .await
+                .unwrap();
             assert_eq!(r.pan.expose_digits(), pan);
             assert_eq!(r.info, t.info);
         }
@@ -57,19 +77,31 @@ async fn tokenize_detokenize_round_trip_all_formats() {
 async fn reopen_keeps_tokens_and_wrong_master_key_is_refused_without_touching_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let (vault, key) = new_vault(dir.path());
-    let t = vault.tokenize(&caller(), req(PANS[0], TokenFormat::Opaque, false)).await.unwrap();
+    let t = vault
+        .tokenize(&caller(), req(PANS[0], TokenFormat::Opaque, false))
+        .await
+        .unwrap();
     vault.close().await;
     drop(vault);
 
     let db = dir.path().join("vault.db");
     let before = std::fs::read(&db).unwrap();
-    let err = Vault::open(VaultConfig::new(dir.path()), &MasterKey::generate()).err().unwrap();
+    let err = Vault::open(VaultConfig::new(dir.path()), &MasterKey::generate())
+        .err()
+        .unwrap();
     assert!(matches!(err, Error::WrongMasterKey), "{err}");
     assert_eq!(err.to_string(), "master key does not match this vault");
-    assert_eq!(std::fs::read(&db).unwrap(), before, "database bytes changed");
+    assert_eq!(
+        std::fs::read(&db).unwrap(),
+        before,
+        "database bytes changed"
+    );
 
     let vault = Vault::open(VaultConfig::new(dir.path()), &key).unwrap();
-    let r = vault.detokenize(&caller(), t.token, String::new()).await.unwrap();
+    let r = vault
+        .detokenize(&caller(), t.token, String::new())
+        .await
+        .unwrap();
     assert_eq!(r.pan.expose_digits(), PANS[0]);
     vault.close().await;
 }
@@ -85,7 +117,9 @@ async fn open_twice_runs_no_migration_again_and_create_refuses_existing() {
         v.close().await;
     }
     let conn = rusqlite::Connection::open(dir.path().join("vault.db")).unwrap();
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(version, tokenvault::store::migrations::LATEST);
     assert!(Vault::create(VaultConfig::new(dir.path()), &key).is_err());
 }
@@ -99,7 +133,9 @@ async fn newer_schema_is_refused() {
     let conn = rusqlite::Connection::open(dir.path().join("vault.db")).unwrap();
     conn.pragma_update(None, "user_version", 999).unwrap();
     drop(conn);
-    let err = Vault::open(VaultConfig::new(dir.path()), &key).err().unwrap();
+    let err = Vault::open(VaultConfig::new(dir.path()), &key)
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("newer"), "{err}");
 }
 
@@ -107,10 +143,16 @@ async fn newer_schema_is_refused() {
 async fn rotate_then_old_and_new_tokens_detokenize() {
     let dir = tempfile::tempdir().unwrap();
     let (vault, _) = new_vault(dir.path());
-    let old = vault.tokenize(&caller(), req(PANS[0], TokenFormat::Opaque, false)).await.unwrap();
+    let old = vault
+        .tokenize(&caller(), req(PANS[0], TokenFormat::Opaque, false))
+        .await
+        .unwrap();
     assert_eq!(old.info.key_version, 1);
     assert_eq!(vault.rotate_key(&caller()).await.unwrap(), 2);
-    let new = vault.tokenize(&caller(), req(PANS[1], TokenFormat::Opaque, false)).await.unwrap();
+    let new = vault
+        .tokenize(&caller(), req(PANS[1], TokenFormat::Opaque, false))
+        .await
+        .unwrap();
     assert_eq!(new.info.key_version, 2);
     let keys = vault.list_keys().await.unwrap();
     assert_eq!(keys.len(), 2);
@@ -119,7 +161,10 @@ async fn rotate_then_old_and_new_tokens_detokenize() {
     assert_eq!((keys[0].encryptions, keys[0].rows), (1, 1));
     assert_eq!((keys[1].encryptions, keys[1].rows), (1, 1));
     for (t, pan) in [(old, PANS[0]), (new, PANS[1])] {
-        let r = vault.detokenize(&caller(), t.token, String::new()).await.unwrap();
+        let r = vault
+            .detokenize(&caller(), t.token, String::new())
+            .await
+            .unwrap();
         assert_eq!(r.pan.expose_digits(), pan);
     }
 }
@@ -131,19 +176,38 @@ async fn encryption_limit_rotates_before_it_is_exceeded() {
     let mut cfg = VaultConfig::new(dir.path());
     cfg.key_policy.max_encryptions = 3;
     let vault = Vault::create(cfg, &key).unwrap();
-    let reqs = (0..10).map(|_| req(PANS[2], TokenFormat::Opaque, false)).collect();
+    let reqs = (0..10)
+        .map(|_| req(PANS[2], TokenFormat::Opaque, false))
+        .collect();
     let results = vault.tokenize_batch(&caller(), reqs).await.unwrap();
     let mut tokens = Vec::new();
     for r in results {
         tokens.push(r.unwrap());
     }
     let keys = vault.list_keys().await.unwrap();
-    assert!(keys.len() >= 4, "expected rotations, got {} versions", keys.len());
+    assert!(
+        keys.len() >= 4,
+        "expected rotations, got {} versions",
+        keys.len()
+    );
     for k in &keys {
-        assert!(k.encryptions <= 3, "v{} sealed {} PANs", k.version, k.encryptions);
+        assert!(
+            k.encryptions <= 3,
+            "v{} sealed {} PANs",
+            k.version,
+            k.encryptions
+        );
     }
     for t in tokens {
-        assert_eq!(vault.detokenize(&caller(), t.token, String::new()).await.unwrap().pan.expose_digits(), PANS[2]);
+        assert_eq!(
+            vault
+                .detokenize(&caller(), t.token, String::new())
+                .await
+                .unwrap()
+                .pan
+                .expose_digits(),
+            PANS[2]
+        );
     }
 }
 
@@ -155,7 +219,9 @@ async fn reuse_existing_under_concurrency_yields_one_token() {
     for _ in 0..32 {
         let v = vault.clone();
         tasks.push(tokio::spawn(async move {
-            v.tokenize(&caller(), req(PANS[1], TokenFormat::Opaque, true)).await.unwrap()
+            v.tokenize(&caller(), req(PANS[1], TokenFormat::Opaque, true))
+                .await
+                .unwrap()
         }));
     }
     let mut tokens = std::collections::HashSet::new();
@@ -168,9 +234,15 @@ async fn reuse_existing_under_concurrency_yields_one_token() {
     assert_eq!(tokens.len(), 1);
     assert_eq!(created, 1);
     // Another format is another token; without reuse, always a new one.
-    let shaped = vault.tokenize(&caller(), req(PANS[1], TokenFormat::PanShaped, true)).await.unwrap();
+    let shaped = vault
+        .tokenize(&caller(), req(PANS[1], TokenFormat::PanShaped, true))
+        .await
+        .unwrap();
     assert!(!tokens.contains(shaped.token.as_str()));
-    let fresh = vault.tokenize(&caller(), req(PANS[1], TokenFormat::Opaque, false)).await.unwrap();
+    let fresh = vault
+        .tokenize(&caller(), req(PANS[1], TokenFormat::Opaque, false))
+        .await
+        .unwrap();
     assert!(fresh.created && !tokens.contains(fresh.token.as_str()));
 }
 
@@ -178,20 +250,36 @@ async fn reuse_existing_under_concurrency_yields_one_token() {
 async fn delete_destroys_the_ciphertext_and_is_idempotent() {
     let dir = tempfile::tempdir().unwrap();
     let (vault, _) = new_vault(dir.path());
-    let t = vault.tokenize(&caller(), req(PANS[0], TokenFormat::Opaque, true)).await.unwrap();
+    let t = vault
+        .tokenize(&caller(), req(PANS[0], TokenFormat::Opaque, true))
+        .await
+        .unwrap();
     assert!(vault.delete(&caller(), t.token.clone()).await.unwrap());
     assert!(!vault.delete(&caller(), t.token.clone()).await.unwrap());
-    assert!(matches!(vault.detokenize(&caller(), t.token.clone(), String::new()).await, Err(Error::NotFound)));
-    assert!(matches!(vault.info(&caller(), t.token.clone()).await, Err(Error::NotFound)));
+    assert!(matches!(
+        vault
+            .detokenize(&caller(), t.token.clone(), String::new())
+            .await,
+        Err(Error::NotFound)
+    ));
+    assert!(matches!(
+        vault.info(&caller(), t.token.clone()).await,
+        Err(Error::NotFound)
+    ));
     let conn = rusqlite::Connection::open(dir.path().join("vault.db")).unwrap();
     let (ct, fp): (Option<Vec<u8>>, Option<Vec<u8>>) = conn
-        .query_row("SELECT ciphertext, fingerprint FROM tokens WHERE token = ?1", [t.token.as_str()], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
+        .query_row(
+            "SELECT ciphertext, fingerprint FROM tokens WHERE token = ?1",
+            [t.token.as_str()],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .unwrap();
     assert!(ct.is_none() && fp.is_none());
     // reuse_existing does not resurrect a deleted token.
-    let again = vault.tokenize(&caller(), req(PANS[0], TokenFormat::Opaque, true)).await.unwrap();
+    let again = vault
+        .tokenize(&caller(), req(PANS[0], TokenFormat::Opaque, true))
+        .await
+        .unwrap();
     assert!(again.created);
     assert_ne!(again.token, t.token);
 }
@@ -203,21 +291,41 @@ async fn expired_tokens_are_not_found_and_past_expiry_is_refused() {
     let mut r = req(PANS[3], TokenFormat::Opaque, false);
     r.expires_at = Some(now_micros() + 300_000);
     let t = vault.tokenize(&caller(), r).await.unwrap();
-    assert!(vault.detokenize(&caller(), t.token.clone(), String::new()).await.is_ok());
+    assert!(vault
+        .detokenize(&caller(), t.token.clone(), String::new())
+        .await
+        .is_ok());
     tokio::time::sleep(Duration::from_millis(350)).await;
-    assert!(matches!(vault.detokenize(&caller(), t.token.clone(), String::new()).await, Err(Error::NotFound)));
+    assert!(matches!(
+        vault
+            .detokenize(&caller(), t.token.clone(), String::new())
+            .await,
+        Err(Error::NotFound)
+    ));
     let mut past = req(PANS[3], TokenFormat::Opaque, false);
     past.expires_at = Some(now_micros() - 1);
-    assert!(matches!(vault.tokenize(&caller(), past).await, Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        vault.tokenize(&caller(), past).await,
+        Err(Error::InvalidArgument(_))
+    ));
 }
 
 #[tokio::test]
 async fn swapped_or_altered_ciphertext_is_data_loss_never_another_card() {
     let dir = tempfile::tempdir().unwrap();
     let (vault, _) = new_vault(dir.path());
-    let a = vault.tokenize(&caller(), req(PANS[0], TokenFormat::Opaque, false)).await.unwrap();
-    let b = vault.tokenize(&caller(), req(PANS[1], TokenFormat::Opaque, false)).await.unwrap();
-    let c = vault.tokenize(&caller(), req(PANS[2], TokenFormat::Opaque, false)).await.unwrap();
+    let a = vault
+        .tokenize(&caller(), req(PANS[0], TokenFormat::Opaque, false))
+        .await
+        .unwrap();
+    let b = vault
+        .tokenize(&caller(), req(PANS[1], TokenFormat::Opaque, false))
+        .await
+        .unwrap();
+    let c = vault
+        .tokenize(&caller(), req(PANS[2], TokenFormat::Opaque, false))
+        .await
+        .unwrap();
     let conn = rusqlite::Connection::open(dir.path().join("vault.db")).unwrap();
     // Move b's nonce and ciphertext onto a's row.
     conn.execute(
@@ -227,23 +335,51 @@ async fn swapped_or_altered_ciphertext_is_data_loss_never_another_card() {
     )
     .unwrap();
     // Flip one byte of c's ciphertext.
-    let mut ct: Vec<u8> =
-        conn.query_row("SELECT ciphertext FROM tokens WHERE token = ?1", [c.token.as_str()], |r| r.get(0)).unwrap();
-    ct[0] ^= 1;
-    conn.execute("UPDATE tokens SET ciphertext = ?2 WHERE token = ?1", rusqlite::params![c.token.as_str(), ct])
+    let mut ct: Vec<u8> = conn
+        .query_row(
+            "SELECT ciphertext FROM tokens WHERE token = ?1",
+            [c.token.as_str()],
+            |r| r.get(0),
+        )
         .unwrap();
+    ct[0] ^= 1;
+    conn.execute(
+        "UPDATE tokens SET ciphertext = ?2 WHERE token = ?1",
+        rusqlite::params![c.token.as_str(), ct],
+    )
+    .unwrap();
     for t in [a.token, c.token] {
-        let err = vault.detokenize(&caller(), t, String::new()).await.err().unwrap();
+        let err = vault
+            .detokenize(&caller(), t, String::new())
+            .await
+            .err()
+            .unwrap();
         assert!(matches!(err, Error::DataLoss(_)), "{err}");
     }
-    assert_eq!(vault.detokenize(&caller(), b.token, String::new()).await.unwrap().pan.expose_digits(), PANS[1]);
+    assert_eq!(
+        vault
+            .detokenize(&caller(), b.token, String::new())
+            .await
+            .unwrap()
+            .pan
+            .expose_digits(),
+        PANS[1]
+    );
 }
 
 #[tokio::test]
 async fn api_keys_authenticate_and_revocation_applies() {
     let dir = tempfile::tempdir().unwrap();
     let (vault, _) = new_vault(dir.path());
-    let key = vault.add_client(&caller(), "checkout", &[tokenvault::auth::Role::Tokenize], None).await.unwrap();
+    let key = vault
+        .add_client(
+            &caller(),
+            "checkout",
+            &[tokenvault::auth::Role::Tokenize],
+            None,
+        )
+        .await
+        .unwrap();
     assert!(key.starts_with("tvk_"));
     let p = vault.authenticate_api_key(&key).unwrap();
     assert_eq!(p.name, "checkout");
@@ -258,7 +394,9 @@ async fn api_keys_authenticate_and_revocation_applies() {
     assert!(clients[0].revoked_at.is_some());
     // The database holds only a hash of the secret.
     let conn = rusqlite::Connection::open(dir.path().join("vault.db")).unwrap();
-    let dump: Vec<u8> = conn.query_row("SELECT key_hash FROM clients", [], |r| r.get(0)).unwrap();
+    let dump: Vec<u8> = conn
+        .query_row("SELECT key_hash FROM clients", [], |r| r.get(0))
+        .unwrap();
     assert!(!String::from_utf8_lossy(&dump).contains(key.rsplit('_').next().unwrap()));
 }
 
@@ -285,15 +423,25 @@ fn no_pan_in_trace_output_of_a_full_cycle() {
         .with_writer(move || sink.clone())
         .finish();
     tracing::subscriber::with_default(subscriber, || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             let dir = tempfile::tempdir().unwrap();
             let (vault, _) = new_vault(dir.path());
             vault.rotate_key(&caller()).await.unwrap();
             for pan in PANS {
-                for f in [TokenFormat::Opaque, TokenFormat::PanShaped, TokenFormat::PanShapedKeepBin] {
+                for f in [
+                    TokenFormat::Opaque,
+                    TokenFormat::PanShaped,
+                    TokenFormat::PanShapedKeepBin,
+                ] {
                     let t = vault.tokenize(&caller(), req(pan, f, true)).await.unwrap();
-                    vault.detokenize(&caller(), t.token.clone(), "r".into()).await.unwrap();
+                    vault
+                        .detokenize(&caller(), t.token.clone(), "r".into())
+                        .await
+                        .unwrap();
                     vault.info(&caller(), t.token.clone()).await.unwrap();
                     vault.delete(&caller(), t.token).await.unwrap();
                 }
@@ -303,9 +451,15 @@ fn no_pan_in_trace_output_of_a_full_cycle() {
         });
     });
     let out = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
-    assert!(!out.is_empty(), "the subscriber captured nothing; the test would prove nothing");
+    assert!(
+        !out.is_empty(),
+        "the subscriber captured nothing; the test would prove nothing"
+    );
     for pan in PANS {
         assert!(!out.contains(pan), "a PAN reached the trace output");
-        assert!(!out.contains(&pan[..pan.len() - 4]), "a PAN prefix reached the trace output");
+        assert!(
+            !out.contains(&pan[..pan.len() - 4]),
+            "a PAN prefix reached the trace output"
+        );
     }
 }

@@ -3,6 +3,7 @@
 //! [`init`], [`keys`], [`clients`], [`serve`] (with [`dev`] for `serve --dev`) and [`client`]
 //! (the commands that call a running server). Shared options live in [`common`].
 
+pub mod audit;
 pub mod client;
 pub mod clients;
 pub mod common;
@@ -50,6 +51,9 @@ pub enum Command {
     /// Manage client principals and their API keys.
     #[command(subcommand)]
     Clients(clients::ClientsCommand),
+    /// Verify, export and read the tamper-evident audit trail.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Run the gRPC server.
     Serve(serve::ServeArgs),
     /// Tokenize a card number read from standard input.
@@ -95,6 +99,7 @@ pub async fn run(command: Command) -> Result<(), CliError> {
         Command::Init(args) => init::run(args).await,
         Command::Keys(cmd) => keys::run(cmd).await,
         Command::Clients(cmd) => clients::run(cmd).await,
+        Command::Audit(cmd) => audit::run(cmd).await,
         Command::Serve(args) => serve::run(args).await,
         Command::Tokenize(args) => client::tokenize(args).await,
         Command::Detokenize(args) => client::detokenize(args).await,

@@ -558,6 +558,20 @@ impl KeyWrappingKey {
     }
 }
 
+impl KeyWrappingKey {
+    /// Re-wraps a stored key under `new` without the key bytes leaving this module: unwraps
+    /// into a zeroizing buffer, wraps again with a fresh nonce and the same purpose (AAD).
+    pub fn rewrap(
+        &self,
+        new: &KeyWrappingKey,
+        wrapped: &[u8],
+        purpose: KeyPurpose,
+    ) -> Result<Vec<u8>, DecryptError> {
+        let key = self.unwrap(wrapped, purpose)?;
+        Ok(new.wrap(&key, purpose))
+    }
+}
+
 impl std::fmt::Debug for KeyWrappingKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("KeyWrappingKey(<redacted>)")

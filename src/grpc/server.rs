@@ -103,10 +103,8 @@ pub async fn serve(
                     _ = &mut health_stopped => break,
                     _ = tick.tick() => {}
                 }
-                let v = vault.clone();
-                let healthy = tokio::task::spawn_blocking(move || v.healthy())
-                    .await
-                    .unwrap_or(false);
+                // `healthy` reads a flag the store's prober maintains; it does not block.
+                let healthy = vault.healthy();
                 if healthy != serving {
                     if healthy {
                         tracing::info!("storage writable again; health is SERVING");

@@ -108,6 +108,8 @@ pub trait Storage: Send + Sync + 'static {
     fn audit_records(&self, from: u64, limit: usize) -> StoreFuture<Vec<AuditRecord>>;
     /// Counter bumped by every change to keys or clients, from any process.
     fn generation(&self) -> StoreFuture<u64>;
+    /// Sequence number and MAC of the newest audit record, as recorded beside the chain.
+    fn audit_head(&self) -> StoreFuture<Option<(u64, Vec<u8>)>>;
     /// False after a write failed for lack of storage, until a later write succeeds.
     fn healthy(&self) -> bool;
     /// Lets queued writes commit, then stops the writer and the readers.

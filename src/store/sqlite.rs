@@ -605,6 +605,17 @@ fn finish_state(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) -> Re
         st.audit_seq = seq;
         st.audit_mac = mac.to_vec();
     }
+    // The head anchors the end of the chain, so removing the newest records shows too.
+    tx.prepare_cached(
+        "INSERT INTO meta(key, value) VALUES ('audit_head_seq', ?1) \
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute([st.audit_seq as i64])?;
+    tx.prepare_cached(
+        "INSERT INTO meta(key, value) VALUES ('audit_head_mac', ?1) \
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute([&st.audit_mac])?;
     Ok(())
 }
 
@@ -1165,6 +1176,26 @@ impl Storage for SqliteStore {
 
     fn generation(&self) -> StoreFuture<u64> {
         self.read(read_generation)
+    }
+
+    fn audit_head(&self) -> StoreFuture<Option<(u64, Vec<u8>)>> {
+        self.read(|conn| {
+            let seq: Option<i64> = conn
+                .query_row(
+                    "SELECT value FROM meta WHERE key = 'audit_head_seq'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let mac: Option<Vec<u8>> = conn
+                .query_row(
+                    "SELECT value FROM meta WHERE key = 'audit_head_mac'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(seq.zip(mac).map(|(s, m)| (s as u64, m)))
+        })
     }
 
     fn healthy(&self) -> bool {
