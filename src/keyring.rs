@@ -82,7 +82,7 @@ impl Keyring {
             kwk.unwrap(wrapped_audit, KeyPurpose::Audit)
                 .map_err(|_| Error::DataLoss("wrapped audit key failed authentication".into()))?,
         );
-        let snapshot = Self::build(&kwk, rows)?;
+        let snapshot = Self::build(&kwk, rows, None)?;
         Ok(Keyring {
             kwk,
             fingerprint,
@@ -92,10 +92,27 @@ impl Keyring {
         })
     }
 
-    fn build(kwk: &KeyWrappingKey, rows: &[KeyRow]) -> Result<Snapshot> {
+    /// `known`: keys already unwrapped. A version's key never changes, so they are reused; this
+    /// also keeps a running process serving known versions after the master key was rotated
+    /// by another process (it can no longer unwrap, but it need not).
+    fn build(
+        kwk: &KeyWrappingKey,
+        rows: &[KeyRow],
+        known: Option<&HashMap<u32, Arc<DataKey>>>,
+    ) -> Result<Snapshot> {
         let mut keys = HashMap::new();
         let mut active = None;
         for row in rows.iter().filter(|r| r.state != KeyState::Retired) {
+            if let Some(key) = known.and_then(|k| k.get(&row.version)) {
+                if row.state == KeyState::Active {
+                    if active.is_some() {
+                        return Err(Error::Internal("more than one active key version".into()));
+                    }
+                    active = Some((key.clone(), row.created_at));
+                }
+                keys.insert(row.version, key.clone());
+                continue;
+            }
             let secret = kwk
                 .unwrap(&row.wrapped, KeyPurpose::Data(row.version))
                 .map_err(|_| {
@@ -124,7 +141,8 @@ impl Keyring {
 
     /// Replaces the snapshot after the key rows changed.
     pub fn replace(&self, rows: &[KeyRow]) -> Result<()> {
-        let snapshot = Arc::new(Self::build(&self.kwk, rows)?);
+        let current = self.snapshot();
+        let snapshot = Arc::new(Self::build(&self.kwk, rows, Some(&current.keys))?);
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = snapshot;
         Ok(())
     }
@@ -146,6 +164,26 @@ impl Keyring {
 
     pub fn policy(&self) -> &KeyPolicy {
         &self.policy
+    }
+
+    /// True when this keyring's key-wrapping key opens `wrapped_fingerprint` (the stored
+    /// fingerprint key): false once another process rotated the master key.
+    pub fn kwk_opens(&self, wrapped_fingerprint: &[u8]) -> bool {
+        self.kwk
+            .unwrap(wrapped_fingerprint, KeyPurpose::Fingerprint)
+            .is_ok()
+    }
+
+    /// Re-wraps a stored key (wrapped under this keyring's master) under `new`.
+    pub fn rewrap_under(
+        &self,
+        new: &KeyWrappingKey,
+        wrapped: &[u8],
+        purpose: KeyPurpose,
+    ) -> Result<Vec<u8>> {
+        self.kwk.rewrap(new, wrapped, purpose).map_err(|_| {
+            Error::DataLoss(format!("wrapped key ({purpose:?}) failed authentication"))
+        })
     }
 
     /// A fresh random data key for `version`, wrapped for storage.

@@ -18,6 +18,12 @@ use crate::store::sqlite::{self, OpenParams, SqliteStore};
 use crate::store::{ClientRow, NewToken, Storage, StoredToken, TokenMeta, TokenRow, VaultHeader};
 use crate::token::{self, Token, TokenFormat};
 
+pub mod lifecycle;
+pub use lifecycle::{
+    CheckReport, PurgeOptions, PurgeReport, RevokeReport, RewrapOptions, RewrapProgress,
+    RewrapReport,
+};
+
 /// Microseconds since the Unix epoch, UTC. The one time representation of the domain.
 pub type Micros = i64;
 
@@ -156,15 +162,19 @@ pub struct ClientInfo {
     pub name: String,
     pub roles: Vec<Role>,
     pub cert_identity: Option<String>,
+    /// Own detokenize limit in reveals per second; None = the server-wide default.
+    pub detokenize_rate: Option<f64>,
     pub created_at: Micros,
     pub revoked_at: Option<Micros>,
 }
 
 /// A principal as the server sees it after authentication.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Principal {
     pub name: String,
     pub roles: Vec<Role>,
+    /// Own detokenize limit in reveals per second; None = the server-wide default.
+    pub detokenize_rate: Option<f64>,
 }
 
 impl Principal {
@@ -205,6 +215,7 @@ impl ClientCache {
             let principal = Principal {
                 name: row.info.name.clone(),
                 roles: row.info.roles.clone(),
+                detokenize_rate: row.info.detokenize_rate,
             };
             if let Some(id) = &row.info.cert_identity {
                 cache.by_cert.insert(id.clone(), principal.clone());
@@ -531,6 +542,19 @@ impl Vault {
         roles: &[Role],
         cert_identity: Option<&str>,
     ) -> Result<String> {
+        self.add_client_limited(caller, name, roles, cert_identity, None)
+            .await
+    }
+
+    /// [`Vault::add_client`] with the client's own detokenize limit (reveals per second).
+    pub async fn add_client_limited(
+        &self,
+        caller: &Caller,
+        name: &str,
+        roles: &[Role],
+        cert_identity: Option<&str>,
+        detokenize_rate: Option<f64>,
+    ) -> Result<String> {
         validate_client_name(name)?;
         if roles.is_empty() {
             return Err(Error::InvalidArgument(
@@ -547,6 +571,7 @@ impl Vault {
                 name: name.to_owned(),
                 roles,
                 cert_identity: cert_identity.map(str::to_owned),
+                detokenize_rate,
                 created_at: now_micros(),
                 revoked_at: None,
             },

@@ -121,8 +121,7 @@ async fn a_reveal_whose_audit_record_cannot_be_written_returns_no_pan() {
     let err = vault
         .detokenize(&c, t.token.clone(), String::new())
         .await
-        .err()
-        .expect("a PAN left without its audit record");
+        .expect_err("a PAN left without its audit record");
     assert!(!err.to_string().contains(PANS[0]));
     conn(dir.path())
         .execute_batch("DROP TRIGGER audit_down")

@@ -793,6 +793,9 @@ async fn graceful_shutdown_loses_no_acknowledged_token() {
         }
     }
     assert!(acknowledged.len() >= (N / 4) as usize);
+    // The server no longer accepts work.
+    let mut late = client.clone();
+    assert!(late.tokenize(tokenize_req(VISA)).await.is_err());
 
     let vault = srv.reopen();
     for (pan, token) in &acknowledged {
@@ -813,4 +816,51 @@ async fn graceful_shutdown_loses_no_acknowledged_token() {
         .unwrap();
     assert_eq!(stops, 1);
     vault.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn largest_allowed_batches_fit_the_message_limits() {
+    let mut srv = TestServer::start().await;
+    let mut checkout = srv.client(CHECKOUT).await;
+    let mut payments = srv.client(PAYMENTS).await;
+    let n = ServerConfig::default().max_batch_items as u64;
+
+    let requests: Vec<_> = (0..n).map(|i| tokenize_req(&test_pan(i))).collect();
+    let results = checkout
+        .tokenize_batch(pb::TokenizeBatchRequest { requests })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(results.len() as u64, n);
+    let tokens: Vec<String> = results
+        .into_iter()
+        .map(|r| match r.outcome {
+            Some(TokenizeOutcome::Success(t)) => t.token,
+            other => panic!("item failed: {other:?}"),
+        })
+        .collect();
+
+    // Longest reasons: above tonic's default 4 MiB limit, within the computed one.
+    let requests: Vec<_> = tokens
+        .iter()
+        .map(|t| pb::DetokenizeRequest {
+            token: t.clone(),
+            reason: "r".repeat(512),
+        })
+        .collect();
+    let results = payments
+        .detokenize_batch(pb::DetokenizeBatchRequest { requests })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(results.len() as u64, n);
+    for (i, r) in results.into_iter().enumerate() {
+        match r.outcome {
+            Some(DetokenizeOutcome::Success(d)) => assert_eq!(d.pan, test_pan(i as u64)),
+            other => panic!("item {i} failed: {other:?}"),
+        }
+    }
+    srv.shutdown().await;
 }

@@ -19,25 +19,73 @@ struct Profile {
 /// Roughly the mix of a card-present acquirer, with every supported shape represented.
 const PROFILES: &[Profile] = &[
     // Visa 16 (and the rarer 19).
-    Profile { weight: 40, prefixes: &["4"], len: 16 },
-    Profile { weight: 2, prefixes: &["4"], len: 19 },
+    Profile {
+        weight: 40,
+        prefixes: &["4"],
+        len: 16,
+    },
+    Profile {
+        weight: 2,
+        prefixes: &["4"],
+        len: 19,
+    },
     // Mastercard 16: the 51-55 range and the 2-series (2221-2720).
-    Profile { weight: 18, prefixes: &["51", "52", "53", "54", "55"], len: 16 },
-    Profile { weight: 7, prefixes: &["2221", "2300", "2500", "2720"], len: 16 },
+    Profile {
+        weight: 18,
+        prefixes: &["51", "52", "53", "54", "55"],
+        len: 16,
+    },
+    Profile {
+        weight: 7,
+        prefixes: &["2221", "2300", "2500", "2720"],
+        len: 16,
+    },
     // American Express 15.
-    Profile { weight: 10, prefixes: &["34", "37"], len: 15 },
+    Profile {
+        weight: 10,
+        prefixes: &["34", "37"],
+        len: 15,
+    },
     // Discover 16.
-    Profile { weight: 6, prefixes: &["6011", "644", "649", "65"], len: 16 },
+    Profile {
+        weight: 6,
+        prefixes: &["6011", "644", "649", "65"],
+        len: 16,
+    },
     // JCB 16.
-    Profile { weight: 4, prefixes: &["3528", "3550", "3589"], len: 16 },
+    Profile {
+        weight: 4,
+        prefixes: &["3528", "3550", "3589"],
+        len: 16,
+    },
     // Diners Club 14.
-    Profile { weight: 3, prefixes: &["300", "305", "36", "38"], len: 14 },
+    Profile {
+        weight: 3,
+        prefixes: &["300", "305", "36", "38"],
+        len: 14,
+    },
     // UnionPay 16 and 19 (62, outside Discover's co-branded 622126-622925).
-    Profile { weight: 4, prefixes: &["620", "624", "625"], len: 16 },
-    Profile { weight: 3, prefixes: &["620", "624", "625"], len: 19 },
+    Profile {
+        weight: 4,
+        prefixes: &["620", "624", "625"],
+        len: 16,
+    },
+    Profile {
+        weight: 3,
+        prefixes: &["620", "624", "625"],
+        len: 19,
+    },
     // Maestro 12..19 and Mir 16.
-    Profile { weight: 2, prefixes: &["6759", "6304"], len: 18 },
-    Profile { weight: 1, prefixes: &["2200", "2204"], len: 16 },
+    Profile {
+        weight: 2,
+        prefixes: &["6759", "6304"],
+        len: 18,
+    },
+    Profile {
+        weight: 1,
+        prefixes: &["2200", "2204"],
+        len: 16,
+    },
 ];
 
 /// Generates Luhn-valid card numbers of several brands from a seed.

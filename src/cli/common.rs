@@ -113,7 +113,8 @@ pub struct VaultArgs {
     #[arg(long, env = "TOKENVAULT_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
     /// File holding the master key (base64 of 32 bytes, mode 0600). Alternatively put the
-    /// base64 key itself in the TOKENVAULT_MASTER_KEY environment variable.
+    /// base64 key itself in the TOKENVAULT_MASTER_KEY environment variable. A vault created
+    /// by `serve --dev` uses its own generated key when neither is given.
     #[arg(long, env = "TOKENVAULT_MASTER_KEY_FILE", value_name = "FILE")]
     pub master_key_file: Option<PathBuf>,
 }
@@ -133,10 +134,18 @@ impl VaultArgs {
             Err(std::env::VarError::NotUnicode(_)) => Err(CliError::MasterKey(format!(
                 "{MASTER_KEY_ENV} is not valid base64"
             ))),
-            Err(std::env::VarError::NotPresent) => Err(CliError::MasterKey(format!(
+            Err(std::env::VarError::NotPresent) => {
+                if let Some(path) = super::dev::dev_master_key(&self.data_dir) {
+                    // Only a vault made by `serve --dev` has this; production vaults never
+                    // fall back to a key stored beside the data.
+                    tracing::warn!(path = %path.display(), "using the development master key");
+                    return Ok(MasterKey::load_file(&path)?);
+                }
+                Err(CliError::MasterKey(format!(
                 "no master key: pass --master-key-file FILE, or set TOKENVAULT_MASTER_KEY_FILE \
                  or {MASTER_KEY_ENV}"
-            ))),
+                )))
+            }
         }
     }
 

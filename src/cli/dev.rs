@@ -34,6 +34,13 @@ pub struct DevSetup {
     pub keys: Vec<(&'static str, Option<String>)>,
 }
 
+/// The generated key of a vault made by `serve --dev`: only when the dev credentials file
+/// beside it marks the directory as a development vault.
+pub fn dev_master_key(data_dir: &Path) -> Option<PathBuf> {
+    let key = data_dir.join(MASTER_KEY_FILE);
+    (key.is_file() && data_dir.join(CREDENTIALS_FILE).is_file()).then_some(key)
+}
+
 pub async fn prepare(args: &VaultArgs) -> Result<(Vault, DevSetup), CliError> {
     let data_dir = args.data_dir.clone();
     create_private_dir(&data_dir)?;
@@ -206,11 +213,12 @@ pub fn print_banner(setup: &DevSetup, bound: SocketAddr, args: &VaultArgs) {
     out.push_str(&format!(
         "    grpcurl -plaintext -H 'authorization: Bearer {payments}' \\\n      -d '{{\"token\": \"<token>\", \"reason\": \"demo\"}}' {target} tokenvault.v1.TokenVaultService/Detokenize\n"
     ));
-    if let Some(key) = &setup.master_key_file {
+    if setup.master_key_file.is_some() {
+        // Admin commands find the dev key on their own (see `common::VaultArgs::master_key`).
         let dir = args.data_dir.display();
         out.push_str(&format!(
-            "\n  Admin commands on this vault:\n    tokenvault clients list --data-dir {dir} --master-key-file {}\n",
-            key.display()
+            "\n  Admin commands on this vault:\n    tokenvault clients list --data-dir {dir}\n    \
+             tokenvault audit tail -n 10 --data-dir {dir}\n"
         ));
     }
     out.push_str(&format!("{rule}\n"));

@@ -43,12 +43,16 @@ pub async fn run(args: InitArgs) -> Result<(), CliError> {
     };
 
     create_private_dir(data_dir)?;
-    if let Err(e) = Vault::create(args.vault.config(), &master) {
-        // A key generated for a vault that does not exist protects nothing: remove it.
-        if let Some(path) = generated {
-            let _ = std::fs::remove_file(path);
+    match Vault::create(args.vault.config(), &master) {
+        // Let the store's threads finish before the process exits.
+        Ok(vault) => vault.close().await,
+        Err(e) => {
+            // A key generated for a vault that does not exist protects nothing: remove it.
+            if let Some(path) = generated {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e.into());
         }
-        return Err(e.into());
     }
     println!("created vault in {}", data_dir.display());
     if let Some(path) = generated {

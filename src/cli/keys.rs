@@ -1,13 +1,20 @@
-//! `tokenvault keys list|rotate`: data-key versions.
+//! `tokenvault keys list|rotate|rewrap|retire|revoke|rotate-master`: data-key versions and
+//! the master key's lifecycle.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use clap::Subcommand;
 
 use super::common::{format_time, print_table, CliError, VaultArgs};
-use crate::vault::{Caller, KeyState};
+use crate::crypto::MasterKey;
+use crate::vault::lifecycle::DEFAULT_BATCH;
+use crate::vault::{now_micros, Caller, KeyState, RewrapOptions, RewrapProgress};
 
 #[derive(Subcommand, Debug)]
 pub enum KeysCommand {
-    /// List data-key versions with their state and usage.
+    /// List data-key versions with their state and usage against the rotation limits.
     List {
         #[command(flatten)]
         vault: VaultArgs,
@@ -20,6 +27,51 @@ pub enum KeysCommand {
         #[command(flatten)]
         vault: VaultArgs,
     },
+    /// Re-encrypt rows sealed under older versions with the active version, online and in
+    /// batches; safe to interrupt and run again.
+    Rewrap {
+        #[command(flatten)]
+        vault: VaultArgs,
+        /// Rows per transaction.
+        #[arg(long, default_value_t = DEFAULT_BATCH as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        batch: u32,
+        /// Only rows sealed under this version (default: every version older than the active one).
+        #[arg(long, value_name = "V")]
+        from_version: Option<u32>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Retire a version no row uses any more: its key is destroyed and can no longer decrypt.
+    Retire {
+        #[command(flatten)]
+        vault: VaultArgs,
+        version: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// For a compromised version: rotate if it is active, re-encrypt its rows, retire it.
+    /// Safe to run again if interrupted.
+    Revoke {
+        #[command(flatten)]
+        vault: VaultArgs,
+        version: u32,
+        #[arg(long, default_value_t = DEFAULT_BATCH as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        batch: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-wrap every stored key under a new master key, in one transaction. Afterwards only
+    /// the new master key opens the vault: restart servers with it.
+    RotateMaster {
+        #[command(flatten)]
+        vault: VaultArgs,
+        /// File holding the new master key (mode 0600), e.g. from `tokenvault init`'s key
+        /// generation or `openssl rand -base64 32`.
+        #[arg(long, value_name = "FILE")]
+        new_master_key_file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn state_name(state: KeyState) -> &'static str {
@@ -30,13 +82,76 @@ pub fn state_name(state: KeyState) -> &'static str {
     }
 }
 
+/// Progress on standard error: a rewritten line on a terminal, a line per ~second otherwise.
+pub struct ProgressPrinter {
+    tty: bool,
+    quiet: bool,
+    last: Option<Instant>,
+}
+
+impl ProgressPrinter {
+    pub fn new(quiet: bool) -> ProgressPrinter {
+        ProgressPrinter {
+            tty: std::io::stderr().is_terminal(),
+            quiet,
+            last: None,
+        }
+    }
+
+    pub fn update(&mut self, p: &RewrapProgress) {
+        if self.quiet {
+            return;
+        }
+        let due = self
+            .last
+            .map_or(true, |t| t.elapsed() >= Duration::from_secs(1));
+        if !self.tty && !due && p.done < p.total {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let rate = p.rate();
+        let eta = if rate > 0.0 && p.total > p.done {
+            format!("{:.0}s", (p.total - p.done) as f64 / rate)
+        } else {
+            "-".into()
+        };
+        let pct = if p.total > 0 {
+            p.done as f64 * 100.0 / p.total as f64
+        } else {
+            100.0
+        };
+        let line = format!(
+            "rewrap: {}/{} rows ({pct:.1}%), {rate:.0} rows/s, ETA {eta}, {} failed",
+            p.done, p.total, p.failed
+        );
+        if self.tty {
+            eprint!("\r{line}\x1b[K");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+
+    pub fn finish(&self) {
+        if self.tty && !self.quiet && self.last.is_some() {
+            eprintln!();
+        }
+    }
+}
+
+fn age_text(created_at: i64) -> String {
+    let days = (now_micros() - created_at).max(0) as f64 / 86_400e6;
+    format!("{days:.1}d")
+}
+
 pub async fn run(cmd: KeysCommand) -> Result<(), CliError> {
     match cmd {
         KeysCommand::List { vault, json } => {
             let vault = vault.open()?;
             let keys = vault.list_keys().await;
+            let max_age = vault.key_policy().max_age;
             vault.close().await;
             let keys = keys?;
+            let max_age_days = max_age.map(|a| a.as_secs_f64() / 86_400.0);
             if json {
                 let out: Vec<serde_json::Value> = keys
                     .iter()
@@ -45,6 +160,8 @@ pub async fn run(cmd: KeysCommand) -> Result<(), CliError> {
                             "version": k.version,
                             "state": state_name(k.state),
                             "created_at": format_time(k.created_at),
+                            "age_seconds": (now_micros() - k.created_at).max(0) / 1_000_000,
+                            "max_age_seconds": max_age.map(|a| a.as_secs()),
                             "encryptions": k.encryptions,
                             "max_encryptions": k.max_encryptions,
                             "rows": k.rows,
@@ -56,17 +173,29 @@ pub async fn run(cmd: KeysCommand) -> Result<(), CliError> {
                 let rows: Vec<Vec<String>> = keys
                     .iter()
                     .map(|k| {
+                        let pct = k.encryptions as f64 * 100.0 / k.max_encryptions.max(1) as f64;
                         vec![
                             k.version.to_string(),
                             state_name(k.state).to_owned(),
                             format_time(k.created_at),
-                            format!("{} / {}", k.encryptions, k.max_encryptions),
+                            match max_age_days {
+                                Some(d) => format!("{} / {d:.0}d", age_text(k.created_at)),
+                                None => age_text(k.created_at),
+                            },
+                            format!("{} / {} ({pct:.2}%)", k.encryptions, k.max_encryptions),
                             k.rows.to_string(),
                         ]
                     })
                     .collect();
                 print_table(
-                    &["VERSION", "STATE", "CREATED", "ENCRYPTIONS / LIMIT", "ROWS"],
+                    &[
+                        "VERSION",
+                        "STATE",
+                        "CREATED",
+                        "AGE / MAX",
+                        "ENCRYPTIONS / LIMIT",
+                        "ROWS",
+                    ],
                     &rows,
                 );
             }
@@ -77,6 +206,146 @@ pub async fn run(cmd: KeysCommand) -> Result<(), CliError> {
             let rotated = vault.rotate_key(&Caller::cli()).await;
             vault.close().await;
             println!("active data key is now version {}", rotated?);
+            Ok(())
+        }
+        KeysCommand::Rewrap {
+            vault,
+            batch,
+            from_version,
+            json,
+        } => {
+            let vault = vault.open()?;
+            let opts = RewrapOptions {
+                batch: batch as usize,
+                only_version: from_version,
+            };
+            let mut printer = ProgressPrinter::new(json);
+            let r = vault
+                .rewrap(&Caller::cli(), &opts, |p| printer.update(p))
+                .await;
+            printer.finish();
+            vault.close().await;
+            let r = r?;
+            let rate = r.rewrapped as f64 / r.elapsed.as_secs_f64().max(1e-9);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "rewrapped": r.rewrapped,
+                        "failed_tokens": r.failed,
+                        "active_version": r.active_version,
+                        "batches": r.batches,
+                        "seconds": r.elapsed.as_secs_f64(),
+                        "rows_per_second": rate,
+                    })
+                );
+            } else {
+                println!(
+                    "re-encrypted {} rows under v{} in {:.2}s ({rate:.0} rows/s)",
+                    r.rewrapped,
+                    r.active_version,
+                    r.elapsed.as_secs_f64()
+                );
+                if !r.failed.is_empty() {
+                    println!(
+                        "{} tokens failed authentication and were left as they were:",
+                        r.failed.len()
+                    );
+                    for t in &r.failed {
+                        println!("  {t}");
+                    }
+                }
+            }
+            if r.failed.is_empty() {
+                Ok(())
+            } else {
+                Err(CliError::Other(format!(
+                    "{} tokens could not be re-encrypted",
+                    r.failed.len()
+                )))
+            }
+        }
+        KeysCommand::Retire {
+            vault,
+            version,
+            json,
+        } => {
+            let vault = vault.open()?;
+            let r = vault.retire_key(&Caller::cli(), version).await;
+            vault.close().await;
+            let retired = r?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"version": version, "retired": true, "already_retired": !retired})
+                );
+            } else if retired {
+                println!("key version {version} is retired; its key is destroyed");
+            } else {
+                println!("key version {version} was already retired");
+            }
+            Ok(())
+        }
+        KeysCommand::Revoke {
+            vault,
+            version,
+            batch,
+            json,
+        } => {
+            let vault = vault.open()?;
+            let mut printer = ProgressPrinter::new(json);
+            let r = vault
+                .revoke_key(&Caller::cli(), version, batch as usize, |p| {
+                    printer.update(p)
+                })
+                .await;
+            printer.finish();
+            vault.close().await;
+            let r = r?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "version": r.version,
+                        "rotated_to": r.rotated_to,
+                        "rewrapped": r.rewrapped,
+                        "already_retired": r.already_retired,
+                    })
+                );
+            } else if r.already_retired {
+                println!("key version {version} was already revoked (retired)");
+            } else {
+                if let Some(v) = r.rotated_to {
+                    println!("rotated: active data key is now version {v}");
+                }
+                println!(
+                    "re-encrypted {} rows; key version {version} is retired",
+                    r.rewrapped
+                );
+            }
+            Ok(())
+        }
+        KeysCommand::RotateMaster {
+            vault,
+            new_master_key_file,
+            json,
+        } => {
+            let new = MasterKey::load_file(&new_master_key_file)?;
+            let vault = vault.open()?;
+            let r = vault.rotate_master(&Caller::cli(), &new).await;
+            vault.close().await;
+            let n = r?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"rotated": true, "data_keys_rewrapped": n})
+                );
+            } else {
+                println!(
+                    "master key rotated: {n} data keys and the fingerprint and audit keys are \
+                     re-wrapped; only the new master key opens this vault now, restart servers with it"
+                );
+            }
             Ok(())
         }
     }

@@ -4,12 +4,16 @@
 //! (the commands that call a running server). Shared options live in [`common`].
 
 pub mod audit;
+pub mod backup;
+pub mod bench;
+pub mod check;
 pub mod client;
 pub mod clients;
 pub mod common;
 pub mod dev;
 pub mod init;
 pub mod keys;
+pub mod purge;
 pub mod serve;
 
 use std::process::ExitCode;
@@ -66,6 +70,16 @@ pub enum Command {
     Delete(client::TokenArgs),
     /// Check that a server is serving.
     Health(client::HealthArgs),
+    /// Check database integrity, keyring consistency and that ciphertexts decrypt.
+    Check(check::CheckArgs),
+    /// Write a consistent online snapshot of the vault to a file.
+    Backup(backup::BackupArgs),
+    /// Restore a vault from a backup file after verifying it.
+    Restore(backup::RestoreArgs),
+    /// Remove deleted and expired tokens (data retention).
+    Purge(purge::PurgeArgs),
+    /// Load-test a server (or one started in-process) and report throughput and latency.
+    Bench(bench::BenchArgs),
 }
 
 /// Entry point of the binary.
@@ -106,6 +120,11 @@ pub async fn run(command: Command) -> Result<(), CliError> {
         Command::Info(args) => client::info(args).await,
         Command::Delete(args) => client::delete(args).await,
         Command::Health(args) => client::health(args).await,
+        Command::Bench(args) => bench::run(args).await,
+        Command::Check(args) => check::run(args).await,
+        Command::Backup(args) => backup::backup(args).await,
+        Command::Restore(args) => backup::restore(args).await,
+        Command::Purge(args) => purge::run(args).await,
     }
 }
 

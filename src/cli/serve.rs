@@ -55,6 +55,13 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
         (args.vault.open()?, None)
     };
 
+    let shutdown = match shutdown_signal() {
+        Ok(s) => s,
+        Err(e) => {
+            vault.close().await;
+            return Err(e);
+        }
+    };
     let listener = match TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(e) => {
@@ -71,7 +78,7 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
         max_batch_items: args.max_batch_items,
         ..ServerConfig::default()
     };
-    serve(listener, vault, cfg, shutdown_signal()).await?;
+    serve(listener, vault, cfg, shutdown).await?;
     Ok(())
 }
 
@@ -110,28 +117,31 @@ async fn resolve_listen(listen: &str) -> Result<SocketAddr, CliError> {
     Ok(first)
 }
 
-/// Completes on ctrl-c or, on Unix, SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
+/// A future that completes on ctrl-c or, on Unix, SIGTERM. The handlers are installed
+/// here, before the server announces itself, so a signal sent right after the banner is
+/// not lost to the default action (termination without a clean shutdown).
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, CliError> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let install = |kind| {
+            signal(kind).map_err(|e| CliError::Other(format!("cannot install signal handler: {e}")))
+        };
+        let mut interrupt = install(SignalKind::interrupt())?;
+        let mut terminate = install(SignalKind::terminate())?;
+        Ok(async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+        })
+    }
+    #[cfg(not(unix))]
+    Ok(async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
-    }
+    })
 }
 
 #[cfg(test)]

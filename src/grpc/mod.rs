@@ -21,5 +21,59 @@ pub mod pb {
         tonic::include_file_descriptor_set!("tokenvault_descriptor");
 }
 
+// The generated `Debug` of these would print the card number; build.rs skips it.
+impl std::fmt::Debug for pb::TokenizeRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenizeRequest")
+            .field("pan", &"<redacted>")
+            .field("format", &self.format)
+            .field("reuse_existing", &self.reuse_existing)
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for pb::DetokenizeResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DetokenizeResponse")
+            .field("pan", &"<redacted>")
+            .field("info", &self.info)
+            .finish()
+    }
+}
+
 /// Fully qualified name of the service, as health checks and reflection know it.
 pub const SERVICE_NAME: &str = "tokenvault.v1.TokenVaultService";
+
+#[cfg(test)]
+mod tests {
+    use super::pb;
+
+    #[test]
+    fn debug_never_shows_the_pan() {
+        let pan = "4111111111111111";
+        let req = pb::TokenizeRequest {
+            pan: pan.into(),
+            ..Default::default()
+        };
+        let batch = pb::TokenizeBatchRequest {
+            requests: vec![req.clone()],
+        };
+        let resp = pb::DetokenizeResponse {
+            pan: pan.into(),
+            info: None,
+        };
+        let result = pb::DetokenizeBatchResult {
+            outcome: Some(pb::detokenize_batch_result::Outcome::Success(resp.clone())),
+        };
+        for text in [
+            format!("{req:?}"),
+            format!("{batch:?}"),
+            format!("{resp:?}"),
+            format!("{result:#?}"),
+        ] {
+            assert!(!text.contains(pan), "{text}");
+            assert!(text.contains("<redacted>"));
+        }
+    }
+}

@@ -66,6 +66,10 @@ const MIGRATIONS: &[&str] = &[
         mac       BLOB NOT NULL
     ) STRICT;
     "#,
+    // 2: per-client detokenize rate limit (reveals per second; NULL = the server default).
+    r#"
+    ALTER TABLE clients ADD COLUMN detokenize_rate REAL;
+    "#,
 ];
 
 /// The schema version this build writes.

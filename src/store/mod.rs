@@ -7,19 +7,23 @@
 //! small pool of read-only connections on their own threads, never on async workers.
 //! A PostgreSQL backend can implement the same trait later.
 
+pub mod lifecycle;
 pub mod migrations;
 pub mod sqlite;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
 
 use crate::audit::{AuditEntry, AuditRecord};
 use crate::card::{Brand, Pan};
-use crate::crypto::Sealed;
+use crate::crypto::{KeyWrappingKey, Sealed};
 use crate::error::Result;
 use crate::keyring::KeyRow;
 use crate::token::TokenFormat;
 use crate::vault::{Caller, ClientInfo, KeyVersionInfo, Micros};
+
+pub use lifecycle::{PurgeBatch, PurgeOutcome, RewrapBatch, RewrapOutcome, SealedRow};
 
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'static>>;
 
@@ -110,6 +114,33 @@ pub trait Storage: Send + Sync + 'static {
     fn generation(&self) -> StoreFuture<u64>;
     /// Sequence number and MAC of the newest audit record, as recorded beside the chain.
     fn audit_head(&self) -> StoreFuture<Option<(u64, Vec<u8>)>>;
+    /// Re-seals one batch of rows under the active version, counting each against it, with
+    /// one audit record, in one transaction between serving groups.
+    fn rewrap_batch(&self, batch: RewrapBatch, caller: Caller) -> StoreFuture<RewrapOutcome>;
+    /// Retires a decrypt-only version no row uses and destroys its wrapped key. False when
+    /// it was already retired; FailedPrecondition (with the row count) while rows use it.
+    fn retire_key(&self, version: u32, caller: Caller) -> StoreFuture<bool>;
+    /// Re-wraps every stored key under `new_kwk` and stores `new_check`, in one transaction.
+    /// Returns the number of data keys re-wrapped.
+    fn rotate_master(
+        &self,
+        new_kwk: KeyWrappingKey,
+        new_check: Vec<u8>,
+        caller: Caller,
+    ) -> StoreFuture<u32>;
+    fn vault_id(&self) -> StoreFuture<Vec<u8>>;
+    /// Rows holding a ciphertext, per key version referenced.
+    fn rows_by_version(&self) -> StoreFuture<Vec<(u32, u64)>>;
+    /// Rows holding a ciphertext with `id > after_id`, ascending, at most `limit`.
+    fn sealed_rows(&self, after_id: i64, limit: usize) -> StoreFuture<Vec<SealedRow>>;
+    /// A random sample of rows holding a ciphertext.
+    fn sample_sealed_rows(&self, n: usize) -> StoreFuture<Vec<SealedRow>>;
+    /// Problems reported by the database's integrity check; empty when sound.
+    fn integrity_check(&self) -> StoreFuture<Vec<String>>;
+    /// Writes a consistent snapshot of the database to a new file; returns its size.
+    fn backup_to(&self, out: PathBuf) -> StoreFuture<u64>;
+    /// Removes one batch of tombstoned and/or expired rows, with one audit record.
+    fn purge_batch(&self, batch: PurgeBatch, caller: Caller) -> StoreFuture<PurgeOutcome>;
     /// False after a write failed for lack of storage, until a later write succeeds.
     fn healthy(&self) -> bool;
     /// Lets queued writes commit, then stops the writer and the readers.

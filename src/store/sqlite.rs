@@ -23,6 +23,7 @@ use rusqlite::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+use super::lifecycle::{self, PurgeBatch, PurgeOutcome, RewrapBatch, RewrapOutcome, SealedRow};
 use super::migrations;
 use super::{
     ClientRow, NewToken, Storage, StoreFuture, StoredToken, TokenMeta, TokenRow, VaultHeader,
@@ -30,6 +31,7 @@ use super::{
 use crate::audit::{canonical_bytes, AuditEntry, AuditRecord, GENESIS_MAC};
 use crate::auth::Role;
 use crate::card::Brand;
+use crate::crypto::KeyWrappingKey;
 use crate::error::{outcome_of, Error, Result};
 use crate::keyring::{KeyRow, Keyring};
 use crate::token::{self, TokenFormat};
@@ -39,7 +41,7 @@ use crate::vault::{now_micros, Caller, ClientInfo, KeyState, KeyVersionInfo, Mic
 pub const DB_FILE: &str = "vault.db";
 /// Draws of a new token before a shaped format's space is declared exhausted.
 const MAX_TOKEN_DRAWS: usize = 32;
-const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn db_path(data_dir: &Path) -> PathBuf {
     data_dir.join(DB_FILE)
@@ -73,7 +75,7 @@ fn duplicate(e: &Error) -> Error {
     }
 }
 
-fn set_pragmas(conn: &Connection, max_storage_bytes: Option<u64>) -> Result<()> {
+pub(super) fn set_pragmas(conn: &Connection, max_storage_bytes: Option<u64>) -> Result<()> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
     let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
@@ -176,7 +178,7 @@ pub fn create_database(
     Ok(())
 }
 
-fn load_key_rows(conn: &Connection) -> Result<Vec<KeyRow>> {
+pub(super) fn load_key_rows(conn: &Connection) -> Result<Vec<KeyRow>> {
     let mut stmt = conn.prepare_cached(
         "SELECT version, wrapped, state, created_at, encryptions FROM data_keys ORDER BY version",
     )?;
@@ -212,7 +214,7 @@ fn read_generation(conn: &Connection) -> Result<u64> {
     Ok(g as u64)
 }
 
-fn bump_generation(tx: &Transaction<'_>) -> Result<()> {
+pub(super) fn bump_generation(tx: &Transaction<'_>) -> Result<()> {
     tx.execute(
         "UPDATE meta SET value = value + 1 WHERE key = 'generation'",
         [],
@@ -294,14 +296,14 @@ pub struct Writer {
 }
 
 /// Per-transaction state: the audit chain head and the active key's usage.
-struct TxState {
+pub(super) struct TxState {
     audit_seq: u64,
     audit_mac: Vec<u8>,
-    active_version: u32,
-    active_count: u64,
-    active_created: Micros,
-    counts: HashMap<u32, u64>,
-    audit: Vec<AuditEntry>,
+    pub(super) active_version: u32,
+    pub(super) active_count: u64,
+    pub(super) active_created: Micros,
+    pub(super) counts: HashMap<u32, u64>,
+    pub(super) audit: Vec<AuditEntry>,
     rotated: bool,
 }
 
@@ -622,7 +624,20 @@ fn finish_state(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) -> Re
 /// Makes a new active version inside `tx`; the old one becomes decrypt-only. The keyring is
 /// updated at once so the rest of the transaction seals under the new version; if the
 /// transaction rolls back, the writer reloads the keyring from the database.
-fn rotate_in_tx(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) -> Result<u32> {
+pub(super) fn rotate_in_tx(
+    tx: &Transaction<'_>,
+    keyring: &Keyring,
+    st: &mut TxState,
+) -> Result<u32> {
+    // A process still holding the previous master must not add a key the vault cannot open.
+    let wrapped_fp: Vec<u8> = tx
+        .prepare_cached("SELECT value FROM meta WHERE key = 'wrapped_fingerprint_key'")?
+        .query_row([], |r| r.get(0))?;
+    if !keyring.kwk_opens(&wrapped_fp) {
+        return Err(Error::FailedPrecondition(
+            "the vault's master key was rotated; restart with the new master key".into(),
+        ));
+    }
     let max: i64 = tx.query_row("SELECT COALESCE(MAX(version), 0) FROM data_keys", [], |r| {
         r.get(0)
     })?;
@@ -919,7 +934,7 @@ impl SqliteStore {
         })
     }
 
-    fn admin<T: Send + 'static>(
+    pub(super) fn admin<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Transaction<'_>, &Keyring, &mut TxState) -> Result<T> + Send + 'static,
     ) -> StoreFuture<T> {
@@ -930,7 +945,7 @@ impl SqliteStore {
         })
     }
 
-    fn read<T: Send + 'static>(
+    pub(super) fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
     ) -> StoreFuture<T> {
@@ -945,7 +960,8 @@ impl SqliteStore {
 /// Every client row, revoked ones included.
 pub fn query_clients(conn: &Connection) -> Result<Vec<ClientRow>> {
     let mut stmt = conn.prepare_cached(
-                "SELECT name, key_id, key_hash, roles, cert_identity, created_at, revoked_at FROM clients ORDER BY name",
+                "SELECT name, key_id, key_hash, roles, cert_identity, created_at, revoked_at, detokenize_rate \
+                 FROM clients ORDER BY name",
             )?;
     let rows = stmt.query_map([], |r| {
         let hash: Vec<u8> = r.get(2)?;
@@ -954,6 +970,7 @@ pub fn query_clients(conn: &Connection) -> Result<Vec<ClientRow>> {
                 name: r.get(0)?,
                 roles: roles_from_text(&r.get::<_, String>(3)?),
                 cert_identity: r.get(4)?,
+                detokenize_rate: r.get(7)?,
                 created_at: r.get(5)?,
                 revoked_at: r.get(6)?,
             },
@@ -1102,15 +1119,16 @@ impl Storage for SqliteStore {
                 }
             }
             tx.execute(
-                "INSERT INTO clients(name, key_id, key_hash, roles, cert_identity, created_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO clients(name, key_id, key_hash, roles, cert_identity, created_at, detokenize_rate) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
                     row.info.name,
                     row.key_id,
                     &row.key_hash[..],
                     roles_to_text(&row.info.roles),
                     row.info.cert_identity,
-                    row.info.created_at
+                    row.info.created_at,
+                    row.info.detokenize_rate
                 ],
             )?;
             bump_generation(tx)?;
@@ -1196,6 +1214,51 @@ impl Storage for SqliteStore {
                 .optional()?;
             Ok(seq.zip(mac).map(|(s, m)| (s as u64, m)))
         })
+    }
+
+    fn rewrap_batch(&self, batch: RewrapBatch, caller: Caller) -> StoreFuture<RewrapOutcome> {
+        lifecycle::rewrap_batch(self, batch, caller)
+    }
+
+    fn retire_key(&self, version: u32, caller: Caller) -> StoreFuture<bool> {
+        lifecycle::retire_key(self, version, caller)
+    }
+
+    fn rotate_master(
+        &self,
+        new_kwk: KeyWrappingKey,
+        new_check: Vec<u8>,
+        caller: Caller,
+    ) -> StoreFuture<u32> {
+        lifecycle::rotate_master(self, new_kwk, new_check, caller)
+    }
+
+    fn vault_id(&self) -> StoreFuture<Vec<u8>> {
+        lifecycle::vault_id(self)
+    }
+
+    fn rows_by_version(&self) -> StoreFuture<Vec<(u32, u64)>> {
+        lifecycle::rows_by_version(self)
+    }
+
+    fn sealed_rows(&self, after_id: i64, limit: usize) -> StoreFuture<Vec<SealedRow>> {
+        lifecycle::sealed_rows(self, after_id, limit)
+    }
+
+    fn sample_sealed_rows(&self, n: usize) -> StoreFuture<Vec<SealedRow>> {
+        lifecycle::sample_sealed_rows(self, n)
+    }
+
+    fn integrity_check(&self) -> StoreFuture<Vec<String>> {
+        lifecycle::integrity_check(self)
+    }
+
+    fn backup_to(&self, out: PathBuf) -> StoreFuture<u64> {
+        lifecycle::backup_to(self, out)
+    }
+
+    fn purge_batch(&self, batch: PurgeBatch, caller: Caller) -> StoreFuture<PurgeOutcome> {
+        lifecycle::purge_batch(self, batch, caller)
     }
 
     fn healthy(&self) -> bool {

@@ -1,0 +1,249 @@
+//! `tokenvault bench`: a load generator that speaks real gRPC to any tokenvault server, or
+//! to one it starts in-process over a throw-away vault (`--in-process`). The work is done by
+//! [`crate::bench`]; this file maps the command line onto it and prints the report.
+//!
+//! The generated card numbers are never printed, nor the card numbers a server reveals.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use super::common::CliError;
+use crate::bench::{self, BenchConfig, BenchError, InProcessServer, Op, Stop};
+use crate::grpc::pb;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum OpArg {
+    Tokenize,
+    TokenizeBatch,
+    Detokenize,
+    DetokenizeBatch,
+    Mixed,
+}
+
+impl From<OpArg> for Op {
+    fn from(o: OpArg) -> Op {
+        match o {
+            OpArg::Tokenize => Op::Tokenize,
+            OpArg::TokenizeBatch => Op::TokenizeBatch,
+            OpArg::Detokenize => Op::Detokenize,
+            OpArg::DetokenizeBatch => Op::DetokenizeBatch,
+            OpArg::Mixed => Op::Mixed,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum BenchFormat {
+    Opaque,
+    PanShaped,
+    PanShapedKeepBin,
+}
+
+/// Drive a server with synthetic card numbers and report throughput, latency and errors.
+/// (No `Debug`: it holds API keys.)
+#[derive(Args, Clone)]
+pub struct BenchArgs {
+    /// Server address (http:// or https://). Ignored with --in-process.
+    #[arg(
+        long,
+        env = "TOKENVAULT_ADDR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub addr: String,
+    /// API key used for every call. For detokenize and mixed runs it needs the tokenize role
+    /// too (prefill), or give --tokenize-key and --detokenize-key.
+    #[arg(
+        long,
+        env = "TOKENVAULT_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub api_key: Option<String>,
+    /// API key for tokenize calls and prefill (default: --api-key).
+    #[arg(
+        long,
+        env = "TOKENVAULT_TOKENIZE_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub tokenize_key: Option<String>,
+    /// API key for detokenize calls (default: --api-key).
+    #[arg(
+        long,
+        env = "TOKENVAULT_DETOKENIZE_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub detokenize_key: Option<String>,
+    /// PEM file of the CA that signed the server's certificate (use an https:// address).
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Start a server in this process on 127.0.0.1:0 over a temporary vault, and bench it.
+    #[arg(long, alias = "self-serve")]
+    pub in_process: bool,
+    /// What each request does.
+    #[arg(long, value_enum, default_value_t = OpArg::Tokenize)]
+    pub op: OpArg,
+    /// Percent of tokenize calls in a mixed run (the rest detokenize).
+    #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub mix: u8,
+    /// Items per batch call.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub batch_size: u64,
+    /// Requests in flight.
+    #[arg(short = 'c', long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub concurrency: u64,
+    /// HTTP/2 connections the requests are spread over.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub connections: u64,
+    /// How long to measure, e.g. 10s, 500ms, 2m.
+    #[arg(short = 'd', long, default_value = "10s", value_parser = parse_duration, conflicts_with = "requests")]
+    pub duration: Duration,
+    /// Measure this many requests instead of a duration.
+    #[arg(short = 'n', long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub requests: Option<u64>,
+    /// Load before measuring starts.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub warmup: Duration,
+    /// Tokens to create (in batches) before a detokenize or mixed run
+    /// (default for those: 10000).
+    #[arg(long, default_value_t = 0)]
+    pub prefill: usize,
+    /// Open-loop pacing: send this many requests per second in total, latency counted from
+    /// each request's scheduled time. Default: closed loop (as fast as answers come).
+    #[arg(long, value_name = "REQ_PER_S")]
+    pub rate: Option<f64>,
+    /// Seed of the synthetic card numbers.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Distinct card numbers generated before the run.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub pan_pool: u64,
+    /// Token format requested.
+    #[arg(long, value_enum, default_value_t = BenchFormat::Opaque)]
+    pub format: BenchFormat,
+    /// Print the report as JSON on standard output.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress lines on standard error.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+/// `10s`, `500ms`, `2m`, `1.5s`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => (&s[..i], s[i..].trim()),
+        None => (s, "s"),
+    };
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}`: expected a duration such as 10s, 500ms or 2m"))?;
+    let secs = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}`: out of range"))
+}
+
+impl BenchArgs {
+    /// The library configuration for these arguments, against `addr` with `key` as the
+    /// fallback for both roles.
+    pub fn config(&self, addr: String, key: Option<String>) -> BenchConfig {
+        let pick = |k: &Option<String>| {
+            k.clone()
+                .or_else(|| key.clone())
+                .filter(|k| !k.trim().is_empty())
+        };
+        let mut cfg = BenchConfig::new(addr, None, self.op.into());
+        cfg.tokenize_key = pick(&self.tokenize_key);
+        cfg.detokenize_key = pick(&self.detokenize_key);
+        cfg.tls_ca = self.tls_ca.clone();
+        cfg.mix = self.mix;
+        cfg.batch_size = self.batch_size as usize;
+        cfg.concurrency = self.concurrency as usize;
+        cfg.connections = self.connections as usize;
+        cfg.stop = match self.requests {
+            Some(n) => Stop::Requests(n),
+            None => Stop::Duration(self.duration),
+        };
+        cfg.warmup = self.warmup;
+        cfg.prefill = self.prefill;
+        cfg.seed = self.seed;
+        cfg.rate = self.rate;
+        cfg.pan_pool = self.pan_pool as usize;
+        cfg.format = match self.format {
+            BenchFormat::Opaque => pb::TokenFormat::Opaque,
+            BenchFormat::PanShaped => pb::TokenFormat::PanShaped,
+            BenchFormat::PanShapedKeepBin => pb::TokenFormat::PanShapedKeepBin,
+        };
+        cfg.progress = !self.quiet;
+        cfg
+    }
+}
+
+impl From<BenchError> for CliError {
+    fn from(e: BenchError) -> Self {
+        match e {
+            BenchError::Usage(m) => CliError::Usage(m),
+            BenchError::Connect { addr, detail } => CliError::Connect { addr, detail },
+            BenchError::Failed(m) => CliError::Other(m),
+        }
+    }
+}
+
+pub async fn run(args: BenchArgs) -> Result<(), CliError> {
+    let (server, cfg) = if args.in_process {
+        let server = InProcessServer::start().await?;
+        let cfg = args.config(server.url(), Some(server.api_key.clone()));
+        if !args.quiet {
+            eprintln!(
+                "bench: in-process server on {} over a temporary vault",
+                server.addr
+            );
+        }
+        (Some(server), cfg)
+    } else {
+        (None, args.config(args.addr.clone(), args.api_key.clone()))
+    };
+    let result = bench::run(cfg).await;
+    if let Some(server) = server {
+        server.stop().await?;
+    }
+    let report = result?;
+    if args.json {
+        let text = serde_json::to_string_pretty(&report)
+            .map_err(|e| CliError::Other(format!("cannot encode the report: {e}")))?;
+        println!("{text}");
+    } else {
+        print!("{}", report.render());
+    }
+    if report.errors > 0 {
+        return Err(CliError::Other(format!(
+            "{} requests failed",
+            report.errors
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("3d").is_err());
+    }
+}

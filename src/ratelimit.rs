@@ -1,0 +1,121 @@
+//! Per-principal token buckets for detokenize: a stolen API key can reveal only so many cards
+//! per second. Items of a batch count individually; a request that does not fit is refused
+//! whole (RESOURCE_EXHAUSTED, audited by the caller) and takes nothing from the bucket.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// A rate in reveals per second; parsed from `100/s`, `6000/m`, `100`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rate {
+    pub per_second: f64,
+}
+
+impl Rate {
+    pub fn parse(text: &str) -> Result<Rate, String> {
+        let t = text.trim();
+        let (num, per) = match t.split_once('/') {
+            Some((n, unit)) => {
+                let per = match unit.trim() {
+                    "s" | "sec" | "second" => 1.0,
+                    "m" | "min" | "minute" => 60.0,
+                    "h" | "hour" => 3600.0,
+                    _ => return Err("rate unit must be /s, /m or /h".into()),
+                };
+                (n.trim(), per)
+            }
+            None => (t, 1.0),
+        };
+        let n: f64 = num
+            .parse()
+            .map_err(|_| "rate must look like 100/s".to_string())?;
+        if !(n.is_finite() && n > 0.0) {
+            return Err("rate must be positive".into());
+        }
+        Ok(Rate {
+            per_second: n / per,
+        })
+    }
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/s", self.per_second)
+    }
+}
+
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+/// Buckets by principal; capacity is one second's worth (at least one request).
+pub struct RateLimiter {
+    default: Option<Rate>,
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+impl RateLimiter {
+    pub fn new(default: Option<Rate>) -> RateLimiter {
+        RateLimiter {
+            default,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes `n` reveals for `principal` at `rate` (its own, else the server default).
+    /// True when allowed.
+    pub fn try_take(&self, principal: &str, rate: Option<Rate>, n: u32) -> bool {
+        let Some(rate) = rate.or(self.default) else {
+            return true;
+        };
+        let capacity = rate.per_second.max(1.0);
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let b = buckets.entry(principal.to_owned()).or_insert(Bucket {
+            tokens: capacity,
+            last: now,
+        });
+        let elapsed = now.duration_since(b.last).as_secs_f64();
+        b.tokens = (b.tokens + elapsed * rate.per_second).min(capacity);
+        b.last = now;
+        let need = n as f64;
+        // A batch larger than the capacity can never fit: let it through only on a full bucket.
+        if b.tokens >= need || (need > capacity && b.tokens >= capacity) {
+            b.tokens -= need.min(b.tokens);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_rates() {
+        assert_eq!(Rate::parse("100/s").unwrap().per_second, 100.0);
+        assert_eq!(Rate::parse("60/m").unwrap().per_second, 1.0);
+        assert_eq!(Rate::parse("5").unwrap().per_second, 5.0);
+        assert!(Rate::parse("0/s").is_err());
+        assert!(Rate::parse("x/s").is_err());
+        assert!(Rate::parse("5/d").is_err());
+    }
+
+    #[test]
+    fn bucket_refuses_beyond_the_rate_and_refills() {
+        let rl = RateLimiter::new(Some(Rate { per_second: 10.0 }));
+        let allowed = (0..20).filter(|_| rl.try_take("p", None, 1)).count();
+        assert_eq!(allowed, 10);
+        // Another principal has its own bucket.
+        assert!(rl.try_take("q", None, 1));
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        assert!(rl.try_take("p", None, 1));
+        // No default and no own rate: unlimited.
+        let open = RateLimiter::new(None);
+        assert!((0..1000).all(|_| open.try_take("p", None, 1)));
+    }
+}

@@ -1,0 +1,611 @@
+//! Key lifecycle and data-safety operations of the SQLite store: rewrap in bounded batches,
+//! retire, master-key rotation, the integrity queries behind `check`, online backup and
+//! restore, and purge.
+//!
+//! Writes run through the writer's admin path ([`SqliteStore::admin`]): each batch is one
+//! immediate transaction that the writer runs between two groups of serving traffic, with its
+//! audit record in the same transaction. Batches select by `id > cursor ... ORDER BY id`, so a
+//! run is one pass over the table and an interrupted run simply starts again.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+
+use super::sqlite::{
+    bump_generation, db_path, load_key_rows, rotate_in_tx, SqliteStore, BUSY_TIMEOUT, DB_FILE,
+};
+use super::{migrations, StoreFuture};
+use crate::audit::AuditEntry;
+use crate::crypto::{KeyPurpose, KeyWrappingKey, MasterKey, VaultId};
+use crate::error::{Error, Result};
+use crate::keyring::Keyring;
+use crate::vault::{now_micros, Caller, KeyPolicy, KeyState, Micros};
+
+/// One rewrap batch: rows sealed under a version below `below` (and equal to
+/// `only_version` when given), after row id `after_id`, at most `limit`.
+#[derive(Clone, Debug)]
+pub struct RewrapBatch {
+    pub below: u32,
+    pub only_version: Option<u32>,
+    pub after_id: i64,
+    pub limit: usize,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RewrapOutcome {
+    /// Rows re-sealed under the active version.
+    pub rewrapped: u64,
+    /// Tokens whose ciphertext failed authentication or whose key is unavailable; left as is.
+    pub failed: Vec<String>,
+    /// Id of the last row looked at; None when the batch found nothing (the run is done).
+    pub last_id: Option<i64>,
+    /// The active version the rows were sealed under (the last one, if it rotated).
+    pub active_version: u32,
+}
+
+/// One purge batch. A cut-off of None leaves that kind of row alone.
+#[derive(Clone, Debug)]
+pub struct PurgeBatch {
+    /// Remove tombstoned rows deleted before this time.
+    pub deleted_before: Option<Micros>,
+    /// Remove rows that expired before this time.
+    pub expired_before: Option<Micros>,
+    pub after_id: i64,
+    pub limit: usize,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct PurgeOutcome {
+    pub deleted: u64,
+    pub expired: u64,
+    pub last_id: Option<i64>,
+}
+
+/// A row holding a ciphertext, for `check`.
+#[derive(Clone, Debug)]
+pub struct SealedRow {
+    pub id: i64,
+    pub token: String,
+    pub key_version: u32,
+    pub nonce: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+}
+
+fn store_err<T>(r: rusqlite::Result<T>) -> Result<T> {
+    r.map_err(Error::from)
+}
+
+pub(super) fn rewrap_batch(
+    store: &SqliteStore,
+    b: RewrapBatch,
+    caller: Caller,
+) -> StoreFuture<RewrapOutcome> {
+    store.admin(move |tx, keyring, st| {
+        // NOT INDEXED: walk the rowid range; the key_version index would sort every batch.
+        let mut select = tx.prepare_cached(
+            "SELECT id, token, key_version, nonce, ciphertext FROM tokens NOT INDEXED \
+             WHERE id > ?1 AND key_version < ?2 AND (?3 IS NULL OR key_version = ?3) \
+             AND ciphertext IS NOT NULL ORDER BY id LIMIT ?4",
+        )?;
+        let rows = select
+            .query_map(
+                params![b.after_id, b.below, b.only_version, b.limit as i64],
+                |r| {
+                    Ok(SealedRow {
+                        id: r.get(0)?,
+                        token: r.get(1)?,
+                        key_version: r.get::<_, i64>(2)? as u32,
+                        nonce: r.get(3)?,
+                        ciphertext: r.get(4)?,
+                    })
+                },
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut out = RewrapOutcome {
+            last_id: rows.last().map(|r| r.id),
+            active_version: st.active_version,
+            ..Default::default()
+        };
+        let mut update = tx.prepare_cached(
+            "UPDATE tokens SET key_version = ?2, nonce = ?3, ciphertext = ?4 WHERE id = ?1",
+        )?;
+        let mut snapshot = keyring.snapshot();
+        for row in &rows {
+            // Each re-seal draws a nonce under the active key: it counts like a tokenize.
+            if keyring.needs_rotation(st.active_count, 1, st.active_created, now_micros()) {
+                rotate_in_tx(tx, keyring, st)?;
+                snapshot = keyring.snapshot();
+            }
+            let Some(old) = snapshot.get(row.key_version) else {
+                out.failed.push(row.token.clone());
+                continue;
+            };
+            let Ok(plain) = old.open(&row.token, &row.nonce, &row.ciphertext) else {
+                out.failed.push(row.token.clone());
+                continue;
+            };
+            // AAD = version || token: the new seal is bound to the same token, new version.
+            let sealed = snapshot.active.seal(&row.token, &plain);
+            let version = snapshot.active.version();
+            update.execute(params![
+                row.id,
+                version,
+                &sealed.nonce[..],
+                sealed.ciphertext
+            ])?;
+            st.active_count += 1;
+            *st.counts.entry(version).or_insert(0) += 1;
+            out.rewrapped += 1;
+            out.active_version = version;
+        }
+        if out.rewrapped > 0 || !out.failed.is_empty() {
+            st.audit.push(AuditEntry::new(
+                &caller,
+                "key_rewrap",
+                &format!("key v{}", out.active_version),
+                if out.failed.is_empty() {
+                    "OK"
+                } else {
+                    "DATA_LOSS"
+                },
+                &format!(
+                    "{} rows re-sealed, {} failed",
+                    out.rewrapped,
+                    out.failed.len()
+                ),
+            ));
+        }
+        Ok(out)
+    })
+}
+
+/// False when `version` was already retired.
+pub(super) fn retire_key(store: &SqliteStore, version: u32, caller: Caller) -> StoreFuture<bool> {
+    store.admin(move |tx, _keyring, st| {
+        let state: Option<String> = tx
+            .query_row(
+                "SELECT state FROM data_keys WHERE version = ?1",
+                [version],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match state.as_deref().and_then(KeyState::parse) {
+            None => {
+                return Err(Error::FailedPrecondition(format!(
+                    "there is no key version {version}"
+                )))
+            }
+            Some(KeyState::Active) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "v{version} is the active version: rotate first, or use `keys revoke {version}`"
+                )))
+            }
+            Some(KeyState::Retired) => return Ok(false),
+            Some(KeyState::DecryptOnly) => {}
+        }
+        let rows: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM tokens WHERE key_version = ?1 AND ciphertext IS NOT NULL",
+            [version],
+            |r| r.get(0),
+        )?;
+        if rows > 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "{rows} tokens are still sealed under v{version}; run `tokenvault keys rewrap` first"
+            )));
+        }
+        // Crypto-shred: with no row left under it, the wrapped key has no reason to exist.
+        tx.execute(
+            "UPDATE data_keys SET state = 'retired', wrapped = x'' WHERE version = ?1",
+            [version],
+        )?;
+        bump_generation(tx)?;
+        st.audit.push(AuditEntry::new(
+            &caller,
+            "key_retire",
+            &format!("key v{version}"),
+            "OK",
+            "",
+        ));
+        Ok(true)
+    })
+}
+
+/// Re-wraps every stored key under `new_kwk` and stores `new_check`, in one transaction.
+pub(super) fn rotate_master(
+    store: &SqliteStore,
+    new_kwk: KeyWrappingKey,
+    new_check: Vec<u8>,
+    caller: Caller,
+) -> StoreFuture<u32> {
+    store.admin(move |tx, keyring, st| {
+        let meta = |key: &str| -> Result<Vec<u8>> {
+            store_err(tx.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)))
+        };
+        let old_check = meta("key_check")?;
+        if crate::crypto::ct_eq(&old_check, &new_check) {
+            return Err(Error::InvalidArgument(
+                "the new master key is the vault's current master key".into(),
+            ));
+        }
+        let fingerprint = meta("wrapped_fingerprint_key")?;
+        if !keyring.kwk_opens(&fingerprint) {
+            return Err(Error::FailedPrecondition(
+                "the master key was rotated by another process meanwhile".into(),
+            ));
+        }
+        let audit = meta("wrapped_audit_key")?;
+        let mut rewrapped = 0u32;
+        for row in load_key_rows(tx)? {
+            if row.state == KeyState::Retired {
+                continue;
+            }
+            let w = keyring.rewrap_under(&new_kwk, &row.wrapped, KeyPurpose::Data(row.version))?;
+            tx.execute(
+                "UPDATE data_keys SET wrapped = ?2 WHERE version = ?1",
+                params![row.version, w],
+            )?;
+            rewrapped += 1;
+        }
+        let fingerprint = keyring.rewrap_under(&new_kwk, &fingerprint, KeyPurpose::Fingerprint)?;
+        let audit = keyring.rewrap_under(&new_kwk, &audit, KeyPurpose::Audit)?;
+        for (k, v) in [
+            ("wrapped_fingerprint_key", &fingerprint),
+            ("wrapped_audit_key", &audit),
+            ("key_check", &new_check),
+        ] {
+            tx.execute("UPDATE meta SET value = ?2 WHERE key = ?1", params![k, v])?;
+        }
+        bump_generation(tx)?;
+        st.audit.push(AuditEntry::new(
+            &caller,
+            "master_rotate",
+            "master key",
+            "OK",
+            &format!(
+                "{} data keys, fingerprint and audit key re-wrapped",
+                rewrapped
+            ),
+        ));
+        Ok(rewrapped)
+    })
+}
+
+pub(super) fn vault_id(store: &SqliteStore) -> StoreFuture<Vec<u8>> {
+    store.read(|conn| {
+        store_err(
+            conn.query_row("SELECT value FROM meta WHERE key = 'vault_id'", [], |r| {
+                r.get(0)
+            }),
+        )
+    })
+}
+
+pub(super) fn rows_by_version(store: &SqliteStore) -> StoreFuture<Vec<(u32, u64)>> {
+    store.read(|conn| {
+        let mut stmt = conn.prepare_cached(
+            "SELECT key_version, COUNT(*) FROM tokens WHERE ciphertext IS NOT NULL \
+             GROUP BY key_version ORDER BY key_version",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, i64>(0)? as u32, r.get::<_, i64>(1)? as u64))
+        })?;
+        store_err(rows.collect())
+    })
+}
+
+fn sealed_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SealedRow> {
+    Ok(SealedRow {
+        id: r.get(0)?,
+        token: r.get(1)?,
+        key_version: r.get::<_, i64>(2)? as u32,
+        nonce: r.get(3)?,
+        ciphertext: r.get(4)?,
+    })
+}
+
+pub(super) fn sealed_rows(
+    store: &SqliteStore,
+    after_id: i64,
+    limit: usize,
+) -> StoreFuture<Vec<SealedRow>> {
+    store.read(move |conn| {
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, token, key_version, nonce, ciphertext FROM tokens NOT INDEXED \
+             WHERE id > ?1 AND ciphertext IS NOT NULL ORDER BY id LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![after_id, limit as i64], sealed_row)?;
+        store_err(rows.collect())
+    })
+}
+
+pub(super) fn sample_sealed_rows(store: &SqliteStore, n: usize) -> StoreFuture<Vec<SealedRow>> {
+    store.read(move |conn| {
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, token, key_version, nonce, ciphertext FROM tokens WHERE id IN \
+             (SELECT id FROM tokens WHERE ciphertext IS NOT NULL ORDER BY random() LIMIT ?1) \
+             ORDER BY id",
+        )?;
+        let rows = stmt.query_map([n as i64], sealed_row)?;
+        store_err(rows.collect())
+    })
+}
+
+fn integrity_messages(conn: &Connection) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare("PRAGMA integrity_check")?;
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    let msgs: Vec<String> = rows.collect::<rusqlite::Result<_>>()?;
+    Ok(msgs.into_iter().filter(|m| m != "ok").collect())
+}
+
+/// `PRAGMA integrity_check` messages; empty when the database is sound.
+pub(super) fn integrity_check(store: &SqliteStore) -> StoreFuture<Vec<String>> {
+    store.read(integrity_messages)
+}
+
+pub(super) fn purge_batch(
+    store: &SqliteStore,
+    b: PurgeBatch,
+    caller: Caller,
+) -> StoreFuture<PurgeOutcome> {
+    store.admin(move |tx, _keyring, st| {
+        let mut select = tx.prepare_cached(
+            "SELECT id, deleted_at IS NOT NULL FROM tokens NOT INDEXED WHERE id > ?1 AND ( \
+             (?2 IS NOT NULL AND deleted_at IS NOT NULL AND deleted_at < ?2) OR \
+             (?3 IS NOT NULL AND deleted_at IS NULL AND expires_at IS NOT NULL AND expires_at < ?3)) \
+             ORDER BY id LIMIT ?4",
+        )?;
+        let rows = select
+            .query_map(
+                params![b.after_id, b.deleted_before, b.expired_before, b.limit as i64],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, bool>(1)?)),
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut delete = tx.prepare_cached("DELETE FROM tokens WHERE id = ?1")?;
+        let mut out = PurgeOutcome {
+            last_id: rows.last().map(|r| r.0),
+            ..Default::default()
+        };
+        for (id, tombstone) in &rows {
+            delete.execute([id])?;
+            if *tombstone {
+                out.deleted += 1;
+            } else {
+                out.expired += 1;
+            }
+        }
+        if !rows.is_empty() {
+            st.audit.push(AuditEntry::new(
+                &caller,
+                "purge",
+                "tokens",
+                "OK",
+                &format!("{} deleted, {} expired rows removed", out.deleted, out.expired),
+            ));
+        }
+        Ok(out)
+    })
+}
+
+/// Creates `path` empty with owner-only permissions; refuses to overwrite.
+fn create_private_file(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::Unavailable(format!("cannot create {}: {e}", path.display())))
+}
+
+fn fsync_file(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::Unavailable(format!("cannot sync {}: {e}", path.display())))
+}
+
+fn fsync_dir(path: &Path) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fsync_file(dir)
+}
+
+fn temp_beside(path: &Path, what: &str) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.{what}-{}", now_micros()))
+}
+
+/// Copies the database behind `src` into a new file at `dest` (owner-only, single file in
+/// rollback-journal mode, fsynced), through the online backup API in one step, so the copy is
+/// one consistent snapshot. Returns its size.
+fn backup_into(src: &Connection, dest: &Path) -> Result<u64> {
+    create_private_file(dest)?;
+    let result = (|| -> Result<u64> {
+        let mut dst = Connection::open(dest)?;
+        {
+            let backup = rusqlite::backup::Backup::new(src, &mut dst)?;
+            // -1: all pages in one step, under one read transaction of the source, so the
+            // copy is one snapshot however much the server writes meanwhile.
+            let mut tries = 0;
+            loop {
+                match backup.step(-1)? {
+                    rusqlite::backup::StepResult::Done => break,
+                    rusqlite::backup::StepResult::More => {}
+                    _ if tries < 500 => {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    _ => return Err(Error::Unavailable("the vault stayed locked".into())),
+                }
+            }
+        }
+        let _: String = dst.query_row("PRAGMA journal_mode=DELETE", [], |r| r.get(0))?;
+        let problems = integrity_messages(&dst)?;
+        if !problems.is_empty() {
+            return Err(Error::DataLoss(format!(
+                "the backup copy failed its integrity check: {}",
+                problems.join("; ")
+            )));
+        }
+        drop(dst);
+        fsync_file(dest)?;
+        Ok(std::fs::metadata(dest).map(|m| m.len()).unwrap_or(0))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(dest);
+    }
+    result
+}
+
+/// Writes a snapshot of the live database to `out` (temp file + fsync + rename).
+pub(super) fn backup_to(store: &SqliteStore, out: PathBuf) -> StoreFuture<u64> {
+    store.read(move |conn| {
+        if out.exists() {
+            return Err(Error::AlreadyExists(format!(
+                "{} already exists",
+                out.display()
+            )));
+        }
+        let tmp = temp_beside(&out, "partial");
+        let size = backup_into(conn, &tmp)?;
+        std::fs::rename(&tmp, &out).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::Unavailable(format!("cannot move the backup to {}: {e}", out.display()))
+        })?;
+        fsync_dir(&out)?;
+        Ok(size)
+    })
+}
+
+/// What [`restore`] found in the backup and did.
+#[derive(Clone, Debug)]
+pub struct RestoreReport {
+    pub vault_id: String,
+    pub key_versions: usize,
+    pub tokens: u64,
+    pub replaced_existing: bool,
+    pub bytes: u64,
+}
+
+/// Fails with Unavailable when another connection (a server, a CLI) has the database open.
+fn ensure_not_in_use(db: &Path) -> Result<()> {
+    let conn = Connection::open_with_flags(
+        db,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_millis(200))?;
+    let in_use = || {
+        Error::Unavailable(format!(
+            "the vault at {} is in use (stop the server and other tokenvault commands first)",
+            db.display()
+        ))
+    };
+    // Exclusive locking mode takes the database file's exclusive lock and keeps it; any
+    // other open WAL connection holds a shared lock, so this fails while one exists.
+    let _: String = conn
+        .query_row("PRAGMA locking_mode=EXCLUSIVE", [], |r| r.get(0))
+        .map_err(|_| in_use())?;
+    conn.execute_batch("BEGIN EXCLUSIVE; COMMIT;")
+        .map_err(|_| in_use())?;
+    Ok(())
+}
+
+/// Verifies the backup at `from` (integrity, schema, master key, every wrapped key) and only
+/// then installs it as the vault of `data_dir`: copy to a temp file, fsync, rename. An
+/// existing vault is replaced only with `force` and only when nothing has it open.
+pub fn restore(
+    from: &Path,
+    data_dir: &Path,
+    master: &MasterKey,
+    force: bool,
+) -> Result<RestoreReport> {
+    let src = Connection::open_with_flags(
+        from,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| Error::Unavailable(format!("cannot open {}: {e}", from.display())))?;
+    src.busy_timeout(BUSY_TIMEOUT)?;
+    let problems = integrity_messages(&src)?;
+    if !problems.is_empty() {
+        return Err(Error::DataLoss(format!(
+            "the backup failed its integrity check: {}",
+            problems.join("; ")
+        )));
+    }
+    if migrations::check_not_newer(&src)? < 1 {
+        return Err(Error::FailedPrecondition(format!(
+            "{} is not a tokenvault backup",
+            from.display()
+        )));
+    }
+    let meta = |key: &str| -> Result<Vec<u8>> {
+        src.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?
+            .ok_or_else(|| Error::FailedPrecondition(format!("backup metadata `{key}` is missing")))
+    };
+    let vault_id = VaultId::from_slice(&meta("vault_id")?)
+        .ok_or_else(|| Error::DataLoss("vault id has the wrong length".into()))?;
+    let (kwk, check) = master.derive(&vault_id);
+    if !check.matches(&meta("key_check")?) {
+        return Err(Error::WrongMasterKey);
+    }
+    let key_rows = load_key_rows(&src)?;
+    // Unwraps every usable key: an altered wrapped key fails here, before anything changes.
+    Keyring::new(
+        kwk,
+        &meta("wrapped_fingerprint_key")?,
+        &meta("wrapped_audit_key")?,
+        &key_rows,
+        KeyPolicy::default(),
+    )?;
+    let tokens: i64 = src.query_row("SELECT COUNT(*) FROM tokens", [], |r| r.get(0))?;
+
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .map_err(|e| Error::Unavailable(format!("cannot create {}: {e}", data_dir.display())))?;
+    let target = db_path(data_dir);
+    let replaced_existing = target.exists();
+    if replaced_existing {
+        if !force {
+            return Err(Error::AlreadyExists(format!(
+                "a vault already exists at {}; pass --force to replace it",
+                data_dir.display()
+            )));
+        }
+        ensure_not_in_use(&target)?;
+    }
+    let tmp = temp_beside(&target, "restore");
+    let bytes = backup_into(&src, &tmp)?;
+    drop(src);
+    if replaced_existing {
+        // The old database's WAL and index must not be replayed onto the restored file.
+        for suffix in ["-wal", "-shm"] {
+            let p = data_dir.join(format!("{DB_FILE}{suffix}"));
+            if p.exists() {
+                std::fs::remove_file(&p).map_err(|e| {
+                    Error::Unavailable(format!("cannot remove {}: {e}", p.display()))
+                })?;
+            }
+        }
+    }
+    std::fs::rename(&tmp, &target).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::Unavailable(format!("cannot move the restored vault into place: {e}"))
+    })?;
+    fsync_dir(&target)?;
+    Ok(RestoreReport {
+        vault_id: vault_id.to_hex(),
+        key_versions: key_rows.len(),
+        tokens: tokens as u64,
+        replaced_existing,
+        bytes,
+    })
+}
