@@ -293,6 +293,21 @@ pub struct Writer {
     generation: Option<u64>,
     healthy: Arc<AtomicBool>,
     max_group_items: usize,
+    /// Pages in use beyond which tokenize is refused, leaving headroom so the audit records
+    /// of reveals (and so detokenize) keep working when storage is nearly full.
+    tokenize_page_limit: Option<i64>,
+}
+
+/// Share of the storage limit that tokenize may use; the rest is kept for audit records.
+const TOKENIZE_SHARE: f64 = 0.9;
+
+fn pages_in_use(tx: &Transaction<'_>) -> Result<i64> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT (SELECT page_count FROM pragma_page_count()) \
+             - (SELECT freelist_count FROM pragma_freelist_count())",
+        )?
+        .query_row([], |r| r.get(0))?)
 }
 
 /// Per-transaction state: the audit chain head and the active key's usage.
@@ -399,6 +414,7 @@ impl Writer {
                 return Err((e.into(), fail));
             }
         };
+        let tokenize_page_limit = self.tokenize_page_limit;
         let outcome: Result<TxState> = (|| {
             let mut st = begin_state(&tx, &keyring, &mut self.generation)?;
             for op in group {
@@ -408,6 +424,22 @@ impl Writer {
                         caller,
                         reply,
                     } => {
+                        if let Some(limit) = tokenize_page_limit {
+                            if pages_in_use(&tx)? >= limit {
+                                let mut results = Vec::with_capacity(items.len());
+                                for _ in &items {
+                                    let r: Result<StoredToken> = Err(Error::ResourceExhausted(
+                                        "storage limit reached: tokenize is refused until space \
+                                         is freed (purge) or the limit is raised"
+                                            .into(),
+                                    ));
+                                    st.audit.push(AuditEntry::new(&caller, "tokenize", "", outcome_of(&r), ""));
+                                    results.push(r);
+                                }
+                                ops.push(Done::Tokenize(reply, results));
+                                continue;
+                            }
+                        }
                         let mut results = Vec::with_capacity(items.len());
                         for item in items.iter_mut() {
                             let r = insert_token(&tx, &keyring, &mut st, item);
@@ -848,6 +880,8 @@ pub struct OpenParams {
     pub max_group_items: usize,
     pub writer_queue: usize,
     pub max_storage_bytes: Option<u64>,
+    /// How long a write waits for a lock held by another process before UNAVAILABLE.
+    pub busy_timeout: Duration,
 }
 
 impl SqliteStore {
@@ -860,6 +894,14 @@ impl SqliteStore {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         set_pragmas(&conn, p.max_storage_bytes)?;
+        conn.busy_timeout(p.busy_timeout)?;
+        let tokenize_page_limit = match p.max_storage_bytes {
+            Some(bytes) => {
+                let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+                Some(((bytes as f64 * TOKENIZE_SHARE) as i64 / page_size).max(1))
+            }
+            None => None,
+        };
         migrations::migrate(&mut conn)?;
         let reads = ReadPool::start(&path, p.read_connections)?;
         let healthy = Arc::new(AtomicBool::new(true));
@@ -870,6 +912,7 @@ impl SqliteStore {
             generation: None,
             healthy: healthy.clone(),
             max_group_items: p.max_group_items.max(1),
+            tokenize_page_limit,
         };
         let handle = std::thread::Builder::new()
             .name("tokenvault-writer".into())

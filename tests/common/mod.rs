@@ -51,10 +51,19 @@ impl TestServer {
     }
 
     pub async fn start_with(cfg: ServerConfig) -> TestServer {
+        TestServer::start_with_vault(cfg, |_| {}).await
+    }
+
+    /// A server whose vault configuration `tune` adjusts (storage limits, timeouts).
+    pub async fn start_with_vault(
+        cfg: ServerConfig,
+        tune: impl FnOnce(&mut VaultConfig),
+    ) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let master = MasterKey::generate();
-        let vault = Vault::create(VaultConfig::new(dir.path().join("data")), &master)
-            .expect("create vault");
+        let mut vcfg = VaultConfig::new(dir.path().join("data"));
+        tune(&mut vcfg);
+        let vault = Vault::create(vcfg, &master).expect("create vault");
         let mut keys = Vec::new();
         for (name, roles) in PRINCIPALS {
             let key = vault
@@ -127,6 +136,11 @@ impl TestServer {
     /// Opens the vault again (after `shutdown`), as a restarted server would.
     pub fn reopen(&self) -> Vault {
         Vault::open(VaultConfig::new(self.data_dir()), &self.master).expect("reopen vault")
+    }
+
+    /// A second handle on the live vault, as an admin CLI process would open it.
+    pub fn reopen_second(&self) -> Vault {
+        Vault::open(VaultConfig::new(self.data_dir()), &self.master).expect("open second handle")
     }
 
     pub fn db(&self) -> rusqlite::Connection {
