@@ -10,7 +10,7 @@ use clap::{Args, ValueEnum};
 use zeroize::Zeroizing;
 
 use super::common::{format_time, CliError};
-use crate::grpc::client::{endpoint, with_auth, BearerAuth, Client};
+use crate::grpc::client::{tls_endpoint, with_auth, BearerAuth, Client, ClientTlsFiles};
 use crate::grpc::convert::{micros_to_timestamp, timestamp_to_micros};
 use crate::grpc::pb;
 
@@ -33,6 +33,46 @@ pub struct ConnectArgs {
         value_name = "KEY"
     )]
     pub api_key: Option<String>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// TLS options of the client commands (an `https://` address needs `--tls-ca`).
+#[derive(Args, Clone, Debug, Default)]
+pub struct TlsArgs {
+    /// PEM CA certificate that signed the server's certificate.
+    #[arg(long, env = "TOKENVAULT_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate for mutual TLS.
+    #[arg(
+        long,
+        env = "TOKENVAULT_CLIENT_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(
+        long,
+        env = "TOKENVAULT_CLIENT_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Server name to verify the certificate against (default: the address's host).
+    #[arg(long, value_name = "NAME")]
+    pub tls_domain: Option<String>,
+}
+
+impl TlsArgs {
+    fn files(&self) -> ClientTlsFiles {
+        ClientTlsFiles {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            domain: self.tls_domain.clone(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -109,6 +149,8 @@ pub struct HealthArgs {
     /// Service to ask about; empty means the whole server.
     #[arg(long, default_value = "")]
     pub service: String,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 pub async fn tokenize(args: TokenizeArgs) -> Result<(), CliError> {
@@ -208,7 +250,7 @@ pub async fn delete(args: TokenArgs) -> Result<(), CliError> {
 
 pub async fn health(args: HealthArgs) -> Result<(), CliError> {
     use tonic_health::pb::health_check_response::ServingStatus;
-    let channel = channel(&args.addr).await?;
+    let channel = channel(&args.addr, &args.tls).await?;
     let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
     let request = tonic_health::pb::HealthCheckRequest {
         service: args.service,
@@ -225,13 +267,16 @@ pub async fn health(args: HealthArgs) -> Result<(), CliError> {
     }
 }
 
-async fn channel(addr: &str) -> Result<tonic::transport::Channel, CliError> {
+async fn channel(addr: &str, tls: &TlsArgs) -> Result<tonic::transport::Channel, CliError> {
     let addr = if addr.contains("://") {
         addr.to_owned()
+    } else if tls.tls_ca.is_some() {
+        format!("https://{addr}")
     } else {
         format!("http://{addr}")
     };
-    let ep = endpoint(&addr).map_err(|e| CliError::Usage(format!("--addr {addr}: {e}")))?;
+    let ep =
+        tls_endpoint(&addr, &tls.files()).map_err(|e| CliError::Usage(format!("--addr {e}")))?;
     ep.connect().await.map_err(|e| CliError::Connect {
         addr,
         detail: error_chain(&e),
@@ -239,15 +284,17 @@ async fn channel(addr: &str) -> Result<tonic::transport::Channel, CliError> {
 }
 
 async fn connect(args: &ConnectArgs) -> Result<Client, CliError> {
-    let key = args
-        .api_key
-        .as_deref()
-        .filter(|k| !k.trim().is_empty())
-        .ok_or_else(|| {
-            CliError::Usage("no API key: set TOKENVAULT_API_KEY (or pass --api-key)".into())
-        })?;
-    let auth = BearerAuth::new(Some(key)).map_err(|e| CliError::Usage(e.into()))?;
-    Ok(with_auth(channel(&args.addr).await?, auth))
+    let key = args.api_key.as_deref().filter(|k| !k.trim().is_empty());
+    // A client certificate can identify the caller on its own (mutual TLS).
+    if key.is_none() && args.tls.tls_cert.is_none() {
+        return Err(CliError::Usage(
+            "no API key: set TOKENVAULT_API_KEY (or pass --api-key), or use a client \
+             certificate (--tls-cert/--tls-key)"
+                .into(),
+        ));
+    }
+    let auth = BearerAuth::new(key).map_err(|e| CliError::Usage(e.into()))?;
+    Ok(with_auth(channel(&args.addr, &args.tls).await?, auth))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -4,6 +4,7 @@ use clap::Subcommand;
 
 use super::common::{format_time, print_table, CliError, VaultArgs};
 use crate::auth::Role;
+use crate::ratelimit::Rate;
 use crate::vault::Caller;
 
 #[derive(Subcommand, Debug)]
@@ -20,6 +21,10 @@ pub enum ClientsCommand {
         /// Certificate identity (URI or DNS SAN) bound to this principal for mutual TLS.
         #[arg(long, value_name = "ID")]
         cert_identity: Option<String>,
+        /// This client's own detokenize limit, e.g. 100/s or 6000/m (default: the server's
+        /// --detokenize-rate). Items of a batch count one by one.
+        #[arg(long, value_name = "RATE", value_parser = Rate::parse)]
+        detokenize_rate: Option<Rate>,
     },
     /// List principals.
     List {
@@ -56,12 +61,19 @@ pub async fn run(cmd: ClientsCommand) -> Result<(), CliError> {
             name,
             mut roles,
             cert_identity,
+            detokenize_rate,
         } => {
             roles.sort();
             roles.dedup();
             let vault = vault.open()?;
             let key = vault
-                .add_client(&Caller::cli(), &name, &roles, cert_identity.as_deref())
+                .add_client_limited(
+                    &Caller::cli(),
+                    &name,
+                    &roles,
+                    cert_identity.as_deref(),
+                    detokenize_rate.map(|r| r.per_second),
+                )
                 .await;
             vault.close().await;
             let key = key?;
@@ -86,6 +98,7 @@ pub async fn run(cmd: ClientsCommand) -> Result<(), CliError> {
                             "name": c.name,
                             "roles": c.roles.iter().map(|r| r.name()).collect::<Vec<_>>(),
                             "cert_identity": c.cert_identity,
+                            "detokenize_rate": c.detokenize_rate,
                             "created_at": format_time(c.created_at),
                             "revoked_at": c.revoked_at.map(format_time),
                         })
@@ -100,13 +113,22 @@ pub async fn run(cmd: ClientsCommand) -> Result<(), CliError> {
                             c.name.clone(),
                             role_names(&c.roles),
                             c.cert_identity.clone().unwrap_or_else(|| "-".into()),
+                            c.detokenize_rate
+                                .map_or_else(|| "-".into(), |r| Rate { per_second: r }.to_string()),
                             format_time(c.created_at),
                             c.revoked_at.map_or_else(|| "-".into(), format_time),
                         ]
                     })
                     .collect();
                 print_table(
-                    &["NAME", "ROLES", "CERT IDENTITY", "CREATED", "REVOKED"],
+                    &[
+                        "NAME",
+                        "ROLES",
+                        "CERT IDENTITY",
+                        "DETOKENIZE RATE",
+                        "CREATED",
+                        "REVOKED",
+                    ],
                     &rows,
                 );
             }

@@ -163,7 +163,7 @@ fn write_credentials(path: &Path, creds: &BTreeMap<String, String>) -> Result<()
     std::fs::rename(&tmp, path).map_err(io)
 }
 
-pub fn print_banner(setup: &DevSetup, bound: SocketAddr, args: &VaultArgs) {
+pub fn print_banner(setup: &DevSetup, bound: SocketAddr, args: &VaultArgs, tls: bool) {
     // Examples connect over loopback even when listening on all interfaces.
     let target = if bound.ip().is_unspecified() {
         SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), bound.port())
@@ -181,7 +181,8 @@ pub fn print_banner(setup: &DevSetup, bound: SocketAddr, args: &VaultArgs) {
     if let Some(key) = &setup.master_key_file {
         out.push_str(&format!("  master key:  {}\n", key.display()));
     }
-    out.push_str(&format!("  listening:   {bound} (plaintext gRPC)\n\n"));
+    let transport = if tls { "TLS" } else { "plaintext gRPC" };
+    out.push_str(&format!("  listening:   {bound} ({transport})\n\n"));
     for (name, key) in &setup.keys {
         match key {
             Some(k) => out.push_str(&format!("  {name:<9} API key: {k}\n")),

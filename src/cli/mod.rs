@@ -10,6 +10,7 @@ pub mod check;
 pub mod client;
 pub mod clients;
 pub mod common;
+pub mod config;
 pub mod dev;
 pub mod init;
 pub mod keys;
@@ -70,6 +71,9 @@ pub enum Command {
     Delete(client::TokenArgs),
     /// Check that a server is serving.
     Health(client::HealthArgs),
+    /// Validate a configuration file and print the effective settings.
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
     /// Check database integrity, keyring consistency and that ciphertexts decrypt.
     Check(check::CheckArgs),
     /// Write a consistent online snapshot of the vault to a file.
@@ -120,6 +124,7 @@ pub async fn run(command: Command) -> Result<(), CliError> {
         Command::Info(args) => client::info(args).await,
         Command::Delete(args) => client::delete(args).await,
         Command::Health(args) => client::health(args).await,
+        Command::Config(cmd) => config::run(cmd).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Check(args) => check::run(args).await,
         Command::Backup(args) => backup::backup(args).await,

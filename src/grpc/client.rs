@@ -1,12 +1,13 @@
-//! Client-side helpers shared by the CLI and the tests: connecting to a server and attaching
-//! the API key to every call.
+//! Client-side helpers shared by the CLI and the tests: connecting to a server (plaintext
+//! or TLS, optionally with a client certificate) and attaching the API key to every call.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Status};
 
 use super::pb::token_vault_service_client::TokenVaultServiceClient;
@@ -52,12 +53,73 @@ impl Interceptor for BearerAuth {
     }
 }
 
-/// An endpoint for `addr` (`http://host:port`) with the CLI's timeouts.
+/// An endpoint for `addr` (`http://host:port`) with the CLI's timeouts; see [`tls_endpoint`]
+/// for TLS.
 pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
     Ok(Endpoint::from_shared(addr.to_owned())?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(60))
         .tcp_nodelay(true))
+}
+
+/// Files for a TLS connection: the CA that signed the server's certificate and, for mutual
+/// TLS, this client's certificate and key.
+#[derive(Clone, Debug, Default)]
+pub struct ClientTlsFiles {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Name to verify the server certificate against; default: the host of the address.
+    pub domain: Option<String>,
+}
+
+impl ClientTlsFiles {
+    /// True when any TLS option was given.
+    pub fn any(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some() || self.key.is_some()
+    }
+
+    /// The tonic TLS configuration. Errors name files, never their contents.
+    pub fn config(&self) -> Result<ClientTlsConfig, String> {
+        let read = |flag: &str, path: &PathBuf| {
+            std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
+        };
+        let ca = self
+            .ca
+            .as_ref()
+            .ok_or("https:// needs --tls-ca FILE (the CA that signed the server certificate)")?;
+        let mut cfg =
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("--tls-ca", ca)?));
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                cfg = cfg.identity(Identity::from_pem(
+                    read("--tls-cert", cert)?,
+                    read("--tls-key", key)?,
+                ));
+            }
+            (None, None) => {}
+            _ => return Err("--tls-cert and --tls-key go together".into()),
+        }
+        if let Some(d) = &self.domain {
+            cfg = cfg.domain_name(d.clone());
+        }
+        Ok(cfg)
+    }
+}
+
+/// An endpoint for `addr` (`http://` or `https://host:port`); TLS options need `https://`.
+pub fn tls_endpoint(addr: &str, tls: &ClientTlsFiles) -> Result<Endpoint, String> {
+    let ep = endpoint(addr).map_err(|e| format!("{addr}: {e}"))?;
+    let https = addr.starts_with("https://");
+    match (https, tls.any()) {
+        (false, false) => Ok(ep),
+        (false, true) => Err(format!(
+            "{addr}: TLS options given for a plaintext address; use https://"
+        )),
+        (true, _) => ep
+            .tls_config(tls.config()?)
+            .map_err(|e| format!("{addr}: {e}")),
+    }
 }
 
 pub fn with_auth(channel: Channel, auth: BearerAuth) -> Client {

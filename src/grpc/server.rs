@@ -1,6 +1,12 @@
 //! Hosts [`TokenVaultService`] on a TCP listener together with `grpc.health.v1.Health` and
 //! gRPC reflection (v1 and v1alpha), and owns the server's lifecycle: start, health polling,
 //! graceful shutdown, closing the vault.
+//!
+//! Transport is plaintext HTTP/2 or, with [`ServerConfig::tls`], TLS terminated by
+//! [`super::tls`] (reloadable on SIGHUP). Abuse limits applied here: at most
+//! [`ServerConfig::concurrency_limit_per_connection`] requests in flight per connection and
+//! a server-side [`ServerConfig::request_timeout`]; the per-principal detokenize rate is
+//! enforced by the service.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -15,9 +21,11 @@ use tonic_health::ServingStatus;
 
 use super::pb;
 use super::pb::token_vault_service_server::TokenVaultServiceServer;
-use super::service::{TokenVaultService, DEFAULT_MAX_BATCH_ITEMS};
+use super::service::{AuthPolicy, TokenVaultService, DEFAULT_MAX_BATCH_ITEMS};
+use super::tls::TlsReloader;
 use super::SERVICE_NAME;
 use crate::error::{Error, Result};
+use crate::ratelimit::Rate;
 use crate::vault::{Caller, Vault};
 
 /// Message budget per batch item. The largest item is a detokenize request (token plus a
@@ -36,7 +44,27 @@ pub struct ServerConfig {
     /// After the shutdown signal, how long in-flight requests may take before the server
     /// stops waiting for them.
     pub shutdown_grace: Duration,
+    /// Terminate TLS with this (reloadable) configuration; `None` serves plaintext.
+    pub tls: Option<Arc<TlsReloader>>,
+    /// Require a bound client certificate and the API key of the same principal.
+    pub require_client_cert_and_key: bool,
+    /// Detokenize limit for principals without their own; `None` = unlimited.
+    pub detokenize_rate: Option<Rate>,
+    /// Audit records written for unauthenticated requests, server-wide; refusals beyond it
+    /// are still refused, only counted in the log, so an anonymous flood cannot fill the trail.
+    pub anonymous_audit_rate: Rate,
+    /// Requests in flight on one connection; more wait (HTTP/2 streams queue behind it).
+    pub concurrency_limit_per_connection: Option<usize>,
+    /// Longest a request may run on the server before it is cancelled.
+    pub request_timeout: Option<Duration>,
 }
+
+/// Default of [`ServerConfig::concurrency_limit_per_connection`].
+pub const DEFAULT_CONCURRENCY_PER_CONNECTION: usize = 64;
+/// Default of [`ServerConfig::request_timeout`].
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default of [`ServerConfig::anonymous_audit_rate`].
+pub const DEFAULT_ANONYMOUS_AUDIT_PER_SECOND: f64 = 20.0;
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -44,6 +72,14 @@ impl Default for ServerConfig {
             max_batch_items: DEFAULT_MAX_BATCH_ITEMS,
             health_poll_interval: Duration::from_millis(500),
             shutdown_grace: Duration::from_secs(30),
+            tls: None,
+            require_client_cert_and_key: false,
+            detokenize_rate: None,
+            anonymous_audit_rate: Rate {
+                per_second: DEFAULT_ANONYMOUS_AUDIT_PER_SECOND,
+            },
+            concurrency_limit_per_connection: Some(DEFAULT_CONCURRENCY_PER_CONNECTION),
+            request_timeout: Some(DEFAULT_REQUEST_TIMEOUT),
         }
     }
 }
@@ -85,10 +121,16 @@ pub async fn serve(
         .map_err(|e| Error::Internal(format!("reflection service: {e}")))?;
 
     let max_message = cfg.max_message_bytes();
-    let service =
-        TokenVaultServiceServer::new(TokenVaultService::new(vault.clone(), cfg.max_batch_items))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message);
+    let policy = AuthPolicy {
+        require_client_cert_and_key: cfg.require_client_cert_and_key,
+        detokenize_rate: cfg.detokenize_rate,
+        anonymous_audit_rate: cfg.anonymous_audit_rate,
+    };
+    let service = TokenVaultServiceServer::new(
+        TokenVaultService::new(vault.clone(), cfg.max_batch_items).with_policy(policy),
+    )
+    .max_decoding_message_size(max_message)
+    .max_encoding_message_size(max_message);
 
     // Health follows storage: NOT_SERVING while the vault cannot write.
     let (stop_health, mut health_stopped) = oneshot::channel::<()>();
@@ -133,23 +175,58 @@ pub async fn serve(
         }
     };
 
-    // Nagle's algorithm delays small gRPC frames by up to 40 ms; disable it per connection.
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|stream| {
-            let _ = stream.set_nodelay(true);
-        })
-    });
-
     audit_event(&vault, &server_caller, "server_start", &local).await;
-    tracing::info!(listen = %local, max_batch_items = cfg.max_batch_items, max_message, "serving");
+    tracing::info!(
+        listen = %local,
+        tls = cfg.tls.is_some(),
+        mutual_tls = cfg.tls.as_ref().is_some_and(|t| t.mutual()),
+        max_batch_items = cfg.max_batch_items,
+        max_message,
+        "serving"
+    );
 
-    let grace = cfg.shutdown_grace;
-    let served = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(limit) = cfg.concurrency_limit_per_connection {
+        builder = builder.concurrency_limit_per_connection(limit);
+    }
+    if let Some(timeout) = cfg.request_timeout {
+        builder = builder.timeout(timeout);
+    }
+    let router = builder
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, shutdown);
+        .add_service(service);
+
+    // The TLS accept loop runs beside tonic and is stopped with it.
+    let (tls_incoming, accept_task) = match &cfg.tls {
+        Some(tls) => {
+            let (incoming, task) = super::tls::incoming(listener, tls.clone());
+            (Ok(incoming), Some(task))
+        }
+        None => (Err(listener), None),
+    };
+    let served = async move {
+        match tls_incoming {
+            Ok(incoming) => {
+                router
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await
+            }
+            Err(listener) => {
+                // Nagle's algorithm delays small gRPC frames by up to 40 ms; disable it.
+                let incoming = TcpListenerStream::new(listener).map(|conn| {
+                    conn.inspect(|stream| {
+                        let _ = stream.set_nodelay(true);
+                    })
+                });
+                router
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await
+            }
+        }
+    };
+    let grace = cfg.shutdown_grace;
     let result = tokio::select! {
         r = served => r.map_err(|e| Error::Unavailable(format!("gRPC server: {e}"))),
         _ = async { signalled.notified().await; tokio::time::sleep(grace).await } => {
@@ -159,6 +236,9 @@ pub async fn serve(
     };
 
     health_task.abort();
+    if let Some(task) = accept_task {
+        task.abort();
+    }
     audit_event(&vault, &server_caller, "server_stop", &local).await;
     vault.close().await;
     tracing::info!("server stopped");

@@ -5,8 +5,16 @@
 //! RPCs validate each item on its own and merge per-item errors, in order, with the vault's
 //! results. Nothing here logs request content: spans carry the method, the principal and
 //! counts; outcomes are status codes.
+//!
+//! Authentication: over mutual TLS a verified client certificate's identity (URI SAN, then
+//! DNS SAN) names the principal; otherwise, or in addition, the `authorization: Bearer` API
+//! key does (see [`TokenVaultService::authenticate`]). Detokenize is rate limited per
+//! principal (items of a batch count one by one); refusals are audited, those of anonymous
+//! callers only up to a server-wide rate so a flood cannot fill the trail.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use tonic::{Request, Response, Status};
@@ -17,6 +25,7 @@ use super::pb;
 use super::pb::token_vault_service_server::TokenVaultService as TokenVaultRpc;
 use crate::auth::Role;
 use crate::error::{Code, Error, Result};
+use crate::ratelimit::{Rate, RateLimiter};
 use crate::vault::{self, Caller, Principal, Vault};
 
 /// Default largest number of items in one batch request.
@@ -76,43 +85,130 @@ impl Rpc {
     }
 }
 
+/// How callers are authenticated and limited.
+#[derive(Clone, Copy, Debug)]
+pub struct AuthPolicy {
+    /// Require both a client certificate bound to a principal and that principal's API key.
+    pub require_client_cert_and_key: bool,
+    /// Detokenize limit of principals without their own; `None` = unlimited.
+    pub detokenize_rate: Option<Rate>,
+    /// Server-wide rate of audit records for unauthenticated requests.
+    pub anonymous_audit_rate: Rate,
+}
+
+impl Default for AuthPolicy {
+    fn default() -> Self {
+        AuthPolicy {
+            require_client_cert_and_key: false,
+            detokenize_rate: None,
+            anonymous_audit_rate: Rate {
+                per_second: crate::grpc::server::DEFAULT_ANONYMOUS_AUDIT_PER_SECOND,
+            },
+        }
+    }
+}
+
+/// Key of the single bucket all anonymous refusal records share.
+const ANONYMOUS_BUCKET: &str = "";
+
 /// The service implementation handed to the generated tonic server.
 #[derive(Clone)]
 pub struct TokenVaultService {
     vault: Vault,
     max_batch_items: usize,
+    policy: AuthPolicy,
+    detokenize_limiter: Arc<RateLimiter>,
+    anonymous_audit: Arc<RateLimiter>,
+    /// Anonymous refusals not audited because of `anonymous_audit`, since the last log line.
+    unaudited: Arc<AtomicU64>,
 }
 
 impl TokenVaultService {
     pub fn new(vault: Vault, max_batch_items: usize) -> TokenVaultService {
+        let policy = AuthPolicy::default();
         TokenVaultService {
             vault,
             max_batch_items,
+            detokenize_limiter: Arc::new(RateLimiter::new(policy.detokenize_rate)),
+            anonymous_audit: Arc::new(RateLimiter::new(Some(policy.anonymous_audit_rate))),
+            unaudited: Arc::new(AtomicU64::new(0)),
+            policy,
         }
     }
 
-    /// Resolves the caller to a principal: a verified client-certificate identity bound to a
-    /// principal wins; otherwise the `authorization: Bearer <api key>` metadata decides.
+    /// Replaces the authentication and limit policy (and resets the limiters).
+    pub fn with_policy(mut self, policy: AuthPolicy) -> TokenVaultService {
+        self.detokenize_limiter = Arc::new(RateLimiter::new(policy.detokenize_rate));
+        self.anonymous_audit = Arc::new(RateLimiter::new(Some(policy.anonymous_audit_rate)));
+        self.policy = policy;
+        self
+    }
+
+    /// Resolves the caller to a principal.
+    ///
+    /// - A verified client certificate with URI or DNS SANs must name a principal (the first
+    ///   SAN bound to one wins), else UNAUTHENTICATED. An API key sent alongside must belong
+    ///   to the same principal.
+    /// - Without such a certificate the API key decides.
+    /// - With [`AuthPolicy::require_client_cert_and_key`], both are required.
     pub fn authenticate<T>(&self, request: &Request<T>) -> Result<Principal> {
-        if let Some(identity) = peer_cert_identity(request) {
-            if let Ok(principal) = self.vault.authenticate_cert_identity(&identity) {
-                return Ok(principal);
+        let identities = peer_cert_identities(request);
+        let by_cert = if identities.is_empty() {
+            None
+        } else {
+            let principal = identities
+                .iter()
+                .find_map(|id| self.vault.authenticate_cert_identity(id).ok())
+                .ok_or(Error::Unauthenticated(
+                    "client certificate identity is not bound to any client",
+                ))?;
+            Some(principal)
+        };
+        let has_key = request.metadata().get("authorization").is_some();
+        match (by_cert, has_key) {
+            (Some(p), false) if !self.policy.require_client_cert_and_key => Ok(p),
+            (Some(_), false) => Err(Error::Unauthenticated(
+                "this server requires an API key as well as a client certificate",
+            )),
+            (Some(p), true) => {
+                let by_key = self
+                    .vault
+                    .authenticate_api_key(bearer_token(request.metadata())?)?;
+                if by_key.name == p.name {
+                    Ok(p)
+                } else {
+                    Err(Error::Unauthenticated(
+                        "API key and client certificate belong to different clients",
+                    ))
+                }
             }
-            // A certificate may secure the transport without naming a principal: fall back
-            // to the API key.
+            (None, _) if self.policy.require_client_cert_and_key => Err(Error::Unauthenticated(
+                "this server requires a client certificate bound to a client",
+            )),
+            (None, _) => self
+                .vault
+                .authenticate_api_key(bearer_token(request.metadata())?),
         }
-        let key = bearer_token(request.metadata())?;
-        self.vault.authenticate_api_key(key)
     }
 
     /// Authenticates and authorises `rpc`, auditing any refusal; returns the caller to pass
     /// to the vault.
     async fn admit<T>(&self, request: &Request<T>, rpc: Rpc) -> Result<Caller, Status> {
+        Ok(self.admit_principal(request, rpc).await?.0)
+    }
+
+    /// [`Self::admit`], also returning the authenticated principal.
+    async fn admit_principal<T>(
+        &self,
+        request: &Request<T>,
+        rpc: Rpc,
+    ) -> Result<(Caller, Principal), Status> {
         let peer = peer_addr(request);
         let principal = match self.authenticate(request) {
             Ok(p) => p,
             Err(err) => {
-                self.refuse(&Caller::new(ANONYMOUS, peer), rpc, &err).await;
+                self.refuse_anonymous(&Caller::new(ANONYMOUS, peer), rpc, &err)
+                    .await;
                 return Err(err.into());
             }
         };
@@ -128,7 +224,54 @@ impl TokenVaultService {
             self.refuse(&caller, rpc, &err).await;
             return Err(err.into());
         }
-        Ok(caller)
+        Ok((caller, principal))
+    }
+
+    /// Takes `items` reveals from the principal's detokenize bucket (its own rate, else the
+    /// server default). A request that does not fit is refused whole with
+    /// RESOURCE_EXHAUSTED, audited.
+    async fn take_reveals(
+        &self,
+        caller: &Caller,
+        principal: &Principal,
+        rpc: Rpc,
+        items: usize,
+    ) -> Result<(), Status> {
+        let own = principal
+            .detokenize_rate
+            .map(|per_second| Rate { per_second });
+        let n = u32::try_from(items).unwrap_or(u32::MAX);
+        if self.detokenize_limiter.try_take(&principal.name, own, n) {
+            return Ok(());
+        }
+        let err = Error::ResourceExhausted(
+            "detokenize rate limit exceeded for this client; retry later".into(),
+        );
+        self.refuse(caller, rpc, &err).await;
+        Err(err.into())
+    }
+
+    /// Audits a refusal of an unauthenticated caller while the server-wide anonymous budget
+    /// lasts; beyond it the refusal is only counted, and the count logged now and then.
+    async fn refuse_anonymous(&self, caller: &Caller, rpc: Rpc, err: &Error) {
+        if self.anonymous_audit.try_take(ANONYMOUS_BUCKET, None, 1) {
+            let skipped = self.unaudited.swap(0, Ordering::Relaxed);
+            if skipped > 0 {
+                tracing::warn!(
+                    skipped,
+                    "unauthenticated requests refused without an audit record (rate limited)"
+                );
+            }
+            self.refuse(caller, rpc, err).await;
+        } else {
+            let skipped = self.unaudited.fetch_add(1, Ordering::Relaxed) + 1;
+            if skipped.is_power_of_two() {
+                tracing::warn!(
+                    skipped,
+                    "unauthenticated request flood: refusals beyond the audit rate are not audited"
+                );
+            }
+        }
     }
 
     /// Best-effort audit of a refused request: a failed audit write is logged, and the
@@ -156,14 +299,17 @@ impl TokenVaultService {
     }
 }
 
-/// Identity of a verified client certificate. Always `None` until the server terminates
-/// mutual TLS; then this reads the leaf certificate's URI or DNS SAN and [`authenticate`]
-/// resolves it with [`Vault::authenticate_cert_identity`].
-///
-/// [`authenticate`]: TokenVaultService::authenticate
-fn peer_cert_identity<T>(request: &Request<T>) -> Option<String> {
-    request.peer_certs()?;
-    None
+/// Identities (URI SANs, then DNS SANs) of the client's leaf certificate. Only a server
+/// with a client CA requests certificates, and rustls has verified the chain before the
+/// request gets here; empty without one.
+fn peer_cert_identities<T>(request: &Request<T>) -> Vec<String> {
+    match request.peer_certs() {
+        Some(chain) => chain
+            .first()
+            .map(|leaf| super::tls::cert_identities(leaf.as_ref()))
+            .unwrap_or_default(),
+        None => Vec::new(),
+    }
 }
 
 fn peer_addr<T>(request: &Request<T>) -> String {
@@ -302,7 +448,8 @@ impl TokenVaultRpc for TokenVaultService {
     ) -> Result<Response<pb::DetokenizeResponse>, Status> {
         let rpc = Rpc::Detokenize;
         observe(rpc, async move {
-            let caller = self.admit(&request, rpc).await?;
+            let (caller, principal) = self.admit_principal(&request, rpc).await?;
+            self.take_reveals(&caller, &principal, rpc, 1).await?;
             let (token, reason) = convert::detokenize_request(request.into_inner())?;
             let out = self.vault.detokenize(&caller, token, reason).await?;
             Ok(Response::new(out.into()))
@@ -316,9 +463,11 @@ impl TokenVaultRpc for TokenVaultService {
     ) -> Result<Response<pb::DetokenizeBatchResponse>, Status> {
         let rpc = Rpc::DetokenizeBatch;
         observe(rpc, async move {
-            let caller = self.admit(&request, rpc).await?;
+            let (caller, principal) = self.admit_principal(&request, rpc).await?;
             let items = request.into_inner().requests;
             self.check_batch_size(items.len())?;
+            self.take_reveals(&caller, &principal, rpc, items.len())
+                .await?;
             let items = items.into_iter().map(convert::detokenize_request).collect();
             let results =
                 run_batch(items, |valid| self.vault.detokenize_batch(&caller, valid)).await?;

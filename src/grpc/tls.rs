@@ -1,0 +1,277 @@
+//! TLS termination for the gRPC server, with optional mutual TLS and reload on SIGHUP.
+//!
+//! The server does the TLS handshake itself (tokio-rustls) instead of through tonic's
+//! `tls_config`, so that the certificate can be swapped while serving: the current
+//! [`rustls::ServerConfig`] sits in a [`TlsReloader`] slot that [`TlsReloader::reload`]
+//! replaces; connections accepted afterwards use the new one, established connections keep
+//! theirs. A failed reload leaves the old configuration in place.
+//!
+//! Protocols are TLS 1.2 and 1.3 with rustls' default cipher suites (ring provider). With a
+//! client CA, a client must present a certificate chaining to it or the handshake fails.
+//! [`cert_identities`] reads the identity (URI SANs, e.g. SPIFFE IDs, then DNS SANs) of a
+//! verified client certificate for the service to map to a principal.
+//!
+//! Nothing here logs key material: errors name files and what was wrong, never contents.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// How long a client may take to complete the TLS handshake before it is dropped, so idle
+/// connections cannot pin handshake tasks.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once; connections beyond it are closed at once.
+pub const MAX_PENDING_HANDSHAKES: usize = 1024;
+
+/// Why a TLS configuration could not be built. Messages name files, never their contents.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TlsError(String);
+
+/// Where the server's certificate chain, private key and (for mutual TLS) client CA live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM CA certificate(s) client certificates must chain to; `None` = no client
+    /// certificates requested.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// Reads the files and builds a server configuration.
+    pub fn load(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let certs = read_certs(&self.cert, "--tls-cert")?;
+        let key = PrivateKeyDer::from_pem_file(&self.key).map_err(|e| {
+            // The error describes the file (missing, no key section), not key bytes.
+            TlsError(format!(
+                "--tls-key {}: cannot read a PEM private key: {e}",
+                self.key.display()
+            ))
+        })?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| TlsError(format!("TLS protocol versions: {e}")))?;
+        let builder = match &self.client_ca {
+            None => builder.with_no_client_auth(),
+            Some(path) => {
+                let mut roots = RootCertStore::empty();
+                for ca in read_certs(path, "--client-ca")? {
+                    roots.add(ca).map_err(|e| {
+                        TlsError(format!(
+                            "--client-ca {}: not a usable CA certificate: {e}",
+                            path.display()
+                        ))
+                    })?;
+                }
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .build()
+                        .map_err(|e| TlsError(format!("--client-ca {}: {e}", path.display())))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder.with_single_cert(certs, key).map_err(|e| {
+            TlsError(format!(
+                "--tls-cert {} / --tls-key {}: {e}",
+                self.cert.display(),
+                self.key.display()
+            ))
+        })?;
+        // gRPC is HTTP/2 only.
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+fn read_certs(path: &Path, flag: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError(format!("{flag} {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(TlsError(format!(
+            "{flag} {}: no PEM certificate found",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+/// The server's current TLS configuration, replaceable while serving.
+pub struct TlsReloader {
+    files: TlsFiles,
+    current: RwLock<Arc<rustls::ServerConfig>>,
+}
+
+impl std::fmt::Debug for TlsReloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Only the paths: the configuration holds the private key.
+        f.debug_struct("TlsReloader")
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsReloader {
+    /// Loads the files once; fails when they do not make a valid configuration.
+    pub fn new(files: TlsFiles) -> Result<Arc<TlsReloader>, TlsError> {
+        let config = files.load()?;
+        Ok(Arc::new(TlsReloader {
+            files,
+            current: RwLock::new(config),
+        }))
+    }
+
+    pub fn files(&self) -> &TlsFiles {
+        &self.files
+    }
+
+    /// True when clients must present a certificate from the client CA.
+    pub fn mutual(&self) -> bool {
+        self.files.client_ca.is_some()
+    }
+
+    /// The configuration new connections use.
+    pub fn current(&self) -> Arc<rustls::ServerConfig> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Re-reads the files. On success new connections use them; on failure the previous
+    /// configuration stays and the error is returned (and logged).
+    pub fn reload(&self) -> Result<(), TlsError> {
+        match self.files.load() {
+            Ok(config) => {
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
+                tracing::info!(cert = %self.files.cert.display(), "TLS certificate and key reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "TLS reload failed; keeping the previous certificate");
+                Err(e)
+            }
+        }
+    }
+
+    /// Reloads on every SIGHUP until the returned task is aborted.
+    #[cfg(unix)]
+    pub fn reload_on_sighup(self: &Arc<Self>) -> std::io::Result<JoinHandle<()>> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup())?;
+        let me = self.clone();
+        Ok(tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading TLS files");
+                let _ = me.reload();
+            }
+        }))
+    }
+}
+
+/// Connections on `listener` after a successful TLS handshake under the configuration of
+/// `tls` current at accept time. The stream ends when the accept task (returned) is
+/// aborted or the receiver is dropped.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Arc<TlsReloader>,
+) -> (
+    ReceiverStream<std::io::Result<TlsStream<TcpStream>>>,
+    JoinHandle<()>,
+) {
+    let (tx, rx) = mpsc::channel(64);
+    let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let task = tokio::spawn(async move {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // E.g. out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if tx.is_closed() {
+                break;
+            }
+            let Ok(permit) = pending.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, "too many TLS handshakes in progress; closing connection");
+                continue;
+            };
+            // Nagle's algorithm delays small gRPC frames by up to 40 ms.
+            let _ = stream.set_nodelay(true);
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls_stream)) => {
+                        let _ = tx.send(Ok(tls_stream)).await;
+                    }
+                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    (ReceiverStream::new(rx), task)
+}
+
+/// Identities of a certificate, in the order they are tried against the principals: URI
+/// SANs (e.g. `spiffe://example.org/checkout`), then DNS SANs. Empty when the certificate
+/// cannot be parsed or has neither.
+pub fn cert_identities(der: &[u8]) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    let names = &san.value.general_names;
+    let uris = names.iter().filter_map(|n| match n {
+        GeneralName::URI(u) => Some(u.to_string()),
+        _ => None,
+    });
+    let dns = names.iter().filter_map(|n| match n {
+        GeneralName::DNSName(d) => Some(d.to_string()),
+        _ => None,
+    });
+    uris.chain(dns).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_files_are_named_without_contents() {
+        let files = TlsFiles {
+            cert: "/nonexistent/cert.pem".into(),
+            key: "/nonexistent/key.pem".into(),
+            client_ca: None,
+        };
+        let err = files.load().unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/cert.pem"), "{err}");
+    }
+
+    #[test]
+    fn garbage_has_no_identities() {
+        assert!(cert_identities(b"not a certificate").is_empty());
+    }
+}

@@ -1,0 +1,411 @@
+//! Prometheus metrics through the `metrics` facade and `metrics-exporter-prometheus`.
+//!
+//! [`install`] starts an HTTP listener (any path answers with the exposition, `/metrics` by
+//! convention) on its own address, separate from gRPC and off unless `--metrics-listen` is
+//! given. The recording functions below are cheap no-ops until then, so the gRPC layer and
+//! the store can call them unconditionally.
+//!
+//! **No PAN, token, API key, principal or reason ever becomes a label.** Labels come only from
+//! fixed sets: [`Method`] (the RPC names), the gRPC code names, the commit outcome, and key
+//! version numbers. The recording functions take those types, not strings, so a caller cannot
+//! pass request data by mistake.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ::metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const REQUESTS_TOTAL: &str = "tokenvault_grpc_requests_total";
+pub const REQUEST_DURATION: &str = "tokenvault_grpc_request_duration_seconds";
+pub const GROUP_COMMIT_ITEMS: &str = "tokenvault_store_group_commit_items";
+pub const COMMIT_DURATION: &str = "tokenvault_store_commit_duration_seconds";
+pub const COMMITS_TOTAL: &str = "tokenvault_store_commits_total";
+pub const TOKENS_STORED: &str = "tokenvault_tokens_stored";
+pub const KEY_ENCRYPTIONS: &str = "tokenvault_key_encryptions";
+pub const KEY_ENCRYPTION_LIMIT: &str = "tokenvault_key_encryption_limit";
+pub const KEY_ACTIVE_VERSION: &str = "tokenvault_key_active_version";
+pub const AUDIT_SEQUENCE_HEAD: &str = "tokenvault_audit_sequence_head";
+pub const RATE_LIMIT_REJECTIONS: &str = "tokenvault_rate_limit_rejections_total";
+
+/// Request latency buckets, seconds: 0.5 ms to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Commit latency buckets, seconds: 0.1 ms to 5 s (an fsync dominates).
+const COMMIT_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+/// Items per group commit: powers of two up to the writer's default group size.
+const GROUP_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
+];
+
+/// The RPCs of `tokenvault.v1.TokenVaultService`, the only values of the `method` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Method {
+    Tokenize,
+    TokenizeBatch,
+    Detokenize,
+    DetokenizeBatch,
+    GetTokenInfo,
+    DeleteToken,
+    /// Any other path (health, reflection, unknown methods).
+    Other,
+}
+
+impl Method {
+    pub const ALL: [Method; 7] = [
+        Method::Tokenize,
+        Method::TokenizeBatch,
+        Method::Detokenize,
+        Method::DetokenizeBatch,
+        Method::GetTokenInfo,
+        Method::DeleteToken,
+        Method::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Tokenize => "Tokenize",
+            Method::TokenizeBatch => "TokenizeBatch",
+            Method::Detokenize => "Detokenize",
+            Method::DetokenizeBatch => "DetokenizeBatch",
+            Method::GetTokenInfo => "GetTokenInfo",
+            Method::DeleteToken => "DeleteToken",
+            Method::Other => "other",
+        }
+    }
+
+    /// From an HTTP/2 request path such as `/tokenvault.v1.TokenVaultService/Tokenize`.
+    pub fn from_path(path: &str) -> Method {
+        let Some(name) = path
+            .strip_prefix('/')
+            .and_then(|p| p.strip_prefix(crate::grpc::SERVICE_NAME))
+            .and_then(|p| p.strip_prefix('/'))
+        else {
+            return Method::Other;
+        };
+        Method::ALL
+            .into_iter()
+            .find(|m| *m != Method::Other && m.as_str() == name)
+            .unwrap_or(Method::Other)
+    }
+}
+
+/// Outcome of a group commit, the only values of the `outcome` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommitOutcome {
+    Ok,
+    Error,
+}
+
+impl CommitOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            CommitOutcome::Ok => "ok",
+            CommitOutcome::Error => "error",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("cannot start the metrics listener on {addr}: {detail}")]
+    Listen { addr: SocketAddr, detail: String },
+    #[error("metrics are already installed: {0}")]
+    AlreadyInstalled(String),
+}
+
+/// The exporter configuration shared by [`install`] and the tests: bucket boundaries turn
+/// the duration and size distributions into Prometheus histograms.
+pub fn builder() -> PrometheusBuilder {
+    let set = |b: PrometheusBuilder, name: &str, buckets: &[f64]| {
+        b.set_buckets_for_metric(Matcher::Full(name.to_owned()), buckets)
+            .expect("bucket lists are not empty")
+    };
+    let b = PrometheusBuilder::new();
+    let b = set(b, REQUEST_DURATION, LATENCY_BUCKETS);
+    let b = set(b, COMMIT_DURATION, COMMIT_BUCKETS);
+    set(b, GROUP_COMMIT_ITEMS, GROUP_BUCKETS)
+}
+
+/// Starts the Prometheus listener on `listen` (plain HTTP; it carries no card data) and
+/// installs the global recorder. Call once, from inside the Tokio runtime (e.g. at the top
+/// of `serve`), before the server starts. Fails when the address cannot be bound or when a
+/// recorder is already installed.
+pub fn install(listen: SocketAddr) -> Result<PrometheusHandle, MetricsError> {
+    let (recorder, exporter) =
+        builder()
+            .with_http_listener(listen)
+            .build()
+            .map_err(|e| match e {
+                BuildError::FailedToSetGlobalRecorder(e) => {
+                    MetricsError::AlreadyInstalled(e.to_string())
+                }
+                e => MetricsError::Listen {
+                    addr: listen,
+                    detail: e.to_string(),
+                },
+            })?;
+    let handle = recorder.handle();
+    ::metrics::set_global_recorder(recorder)
+        .map_err(|e| MetricsError::AlreadyInstalled(e.to_string()))?;
+    tokio::spawn(async move {
+        if let Err(e) = exporter.await {
+            tracing::error!(error = ?e, "metrics listener stopped");
+        }
+    });
+    describe();
+    tracing::info!(listen = %listen, "serving Prometheus metrics");
+    Ok(handle)
+}
+
+/// Help texts and units of every metric (shown as `# HELP` lines).
+pub fn describe() {
+    use ::metrics::Unit;
+    describe_counter!(
+        REQUESTS_TOTAL,
+        "gRPC requests answered, by method and gRPC status code"
+    );
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "gRPC request latency by method"
+    );
+    describe_histogram!(
+        GROUP_COMMIT_ITEMS,
+        Unit::Count,
+        "write requests folded into one SQLite transaction (group commit)"
+    );
+    describe_histogram!(
+        COMMIT_DURATION,
+        Unit::Seconds,
+        "time of one group commit, BEGIN to COMMIT returned"
+    );
+    describe_counter!(COMMITS_TOTAL, "group commits by outcome");
+    describe_gauge!(TOKENS_STORED, "live tokens in the vault");
+    describe_gauge!(
+        KEY_ENCRYPTIONS,
+        "encryptions made under each data-key version"
+    );
+    describe_gauge!(
+        KEY_ENCRYPTION_LIMIT,
+        "encryptions allowed per data-key version before rotation"
+    );
+    describe_gauge!(
+        KEY_ACTIVE_VERSION,
+        "the data-key version used for new tokens"
+    );
+    describe_gauge!(
+        AUDIT_SEQUENCE_HEAD,
+        "sequence number of the newest audit record"
+    );
+    describe_counter!(
+        RATE_LIMIT_REJECTIONS,
+        "requests refused by a rate limit, by method"
+    );
+}
+
+/// One answered gRPC request: counts it by method and code and records its latency.
+pub fn record_request(method: Method, code: tonic::Code, latency: Duration) {
+    let method = method.as_str();
+    counter!(REQUESTS_TOTAL, "method" => method, "code" => crate::cli::common::code_name(code))
+        .increment(1);
+    histogram!(REQUEST_DURATION, "method" => method).record(latency.as_secs_f64());
+}
+
+/// [`record_request`] for a handler's result: `OK` for `Ok`, the status code otherwise.
+pub fn record_result<T>(
+    method: Method,
+    started: std::time::Instant,
+    result: &Result<T, tonic::Status>,
+) {
+    let code = match result {
+        Ok(_) => tonic::Code::Ok,
+        Err(s) => s.code(),
+    };
+    record_request(method, code, started.elapsed());
+}
+
+/// One group commit of the store's writer: how many requests it carried, how long the
+/// transaction took, and whether it committed.
+pub fn record_group_commit(items: usize, latency: Duration, outcome: CommitOutcome) {
+    histogram!(GROUP_COMMIT_ITEMS).record(items as f64);
+    histogram!(COMMIT_DURATION).record(latency.as_secs_f64());
+    counter!(COMMITS_TOTAL, "outcome" => outcome.as_str()).increment(1);
+}
+
+/// Live tokens in the vault (set after a commit or from a periodic count).
+pub fn set_tokens_stored(count: u64) {
+    gauge!(TOKENS_STORED).set(count as f64);
+}
+
+/// Usage of one data-key version: encryptions so far and the limit that triggers rotation.
+pub fn set_key_usage(version: u32, encryptions: u64, limit: u64) {
+    let version = version.to_string();
+    gauge!(KEY_ENCRYPTIONS, "version" => version.clone()).set(encryptions as f64);
+    gauge!(KEY_ENCRYPTION_LIMIT, "version" => version).set(limit as f64);
+}
+
+/// The active data-key version.
+pub fn set_active_key_version(version: u32) {
+    gauge!(KEY_ACTIVE_VERSION).set(f64::from(version));
+}
+
+/// Sequence number of the newest committed audit record.
+pub fn set_audit_head(sequence: u64) {
+    gauge!(AUDIT_SEQUENCE_HEAD).set(sequence as f64);
+}
+
+/// A request refused by a rate limit (counted per request, not per batch item).
+pub fn record_rate_limited(method: Method) {
+    counter!(RATE_LIMIT_REJECTIONS, "method" => method.as_str()).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(f: impl FnOnce()) -> String {
+        let recorder = builder().build_recorder();
+        let handle = recorder.handle();
+        ::metrics::with_local_recorder(&recorder, || {
+            describe();
+            f();
+        });
+        handle.render()
+    }
+
+    #[test]
+    fn exposition_has_names_labels_and_buckets() {
+        let text = render(|| {
+            record_request(Method::Tokenize, tonic::Code::Ok, Duration::from_millis(3));
+            record_request(
+                Method::Detokenize,
+                tonic::Code::PermissionDenied,
+                Duration::from_micros(800),
+            );
+            record_group_commit(17, Duration::from_millis(2), CommitOutcome::Ok);
+            record_group_commit(1, Duration::from_millis(1), CommitOutcome::Error);
+            set_tokens_stored(42);
+            set_key_usage(3, 1000, 1 << 30);
+            set_active_key_version(3);
+            set_audit_head(99);
+            record_rate_limited(Method::DetokenizeBatch);
+        });
+        for needle in [
+            "# TYPE tokenvault_grpc_requests_total counter",
+            r#"tokenvault_grpc_requests_total{method="Tokenize",code="OK"} 1"#,
+            r#"tokenvault_grpc_requests_total{method="Detokenize",code="PERMISSION_DENIED"} 1"#,
+            "# TYPE tokenvault_grpc_request_duration_seconds histogram",
+            r#"tokenvault_grpc_request_duration_seconds_bucket{method="Tokenize",le="0.005"} 1"#,
+            r#"tokenvault_grpc_request_duration_seconds_count{method="Detokenize"} 1"#,
+            r#"tokenvault_store_group_commit_items_bucket{le="32"} 2"#,
+            "tokenvault_store_group_commit_items_sum 18",
+            "tokenvault_store_commit_duration_seconds_count 2",
+            r#"tokenvault_store_commits_total{outcome="ok"} 1"#,
+            r#"tokenvault_store_commits_total{outcome="error"} 1"#,
+            "tokenvault_tokens_stored 42",
+            r#"tokenvault_key_encryptions{version="3"} 1000"#,
+            r#"tokenvault_key_encryption_limit{version="3"} 1073741824"#,
+            "tokenvault_key_active_version 3",
+            "tokenvault_audit_sequence_head 99",
+            r#"tokenvault_rate_limit_rejections_total{method="DetokenizeBatch"} 1"#,
+            "# HELP tokenvault_grpc_requests_total",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn labels_come_only_from_fixed_sets() {
+        let text = render(|| {
+            for m in Method::ALL {
+                record_request(m, tonic::Code::InvalidArgument, Duration::ZERO);
+            }
+            set_key_usage(1, 1, 2);
+        });
+        let allowed_keys = ["method", "code", "outcome", "version", "le", "quantile"];
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.contains('{'))
+        {
+            let labels = &line[line.find('{').unwrap() + 1..line.find('}').unwrap()];
+            for pair in labels.split(',') {
+                let (k, v) = pair.split_once('=').unwrap();
+                assert!(allowed_keys.contains(&k), "label {k} in {line}");
+                let v = v.trim_matches('"');
+                assert!(
+                    v.len() <= 20
+                        && v.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "_.+".contains(c)),
+                    "label value {v:?} in {line}"
+                );
+                // Nothing that looks like a card number or a token.
+                assert!(!v.starts_with("tok_"), "{line}");
+                assert!(
+                    v.chars().filter(char::is_ascii_digit).count() < 12,
+                    "{line}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn method_from_path() {
+        for m in Method::ALL.into_iter().filter(|m| *m != Method::Other) {
+            let path = format!("/{}/{}", crate::grpc::SERVICE_NAME, m.as_str());
+            assert_eq!(Method::from_path(&path), m);
+        }
+        for other in [
+            "/grpc.health.v1.Health/Check",
+            "/tokenvault.v1.TokenVaultService/4111111111111111",
+            "/tokenvault.v1.TokenVaultService",
+            "",
+        ] {
+            assert_eq!(Method::from_path(other), Method::Other, "{other}");
+        }
+    }
+
+    #[tokio::test]
+    async fn install_serves_the_exposition_over_http() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // A free port: bind, read it, release it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let _handle = install(addr).unwrap();
+        record_request(
+            Method::GetTokenInfo,
+            tonic::Code::NotFound,
+            Duration::from_millis(1),
+        );
+        assert!(matches!(
+            install(addr),
+            Err(MetricsError::Listen { .. } | MetricsError::AlreadyInstalled(_))
+        ));
+
+        let mut body = String::new();
+        for _ in 0..50 {
+            if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    .await
+                    .unwrap();
+                s.read_to_string(&mut body).await.unwrap();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+        assert!(
+            body.contains(
+                r#"tokenvault_grpc_requests_total{method="GetTokenInfo",code="NOT_FOUND"} 1"#
+            ),
+            "{body}"
+        );
+    }
+}
