@@ -207,7 +207,8 @@ fn wrong_or_missing_master_keys_are_refused_each_with_its_own_message() {
     write_mode(&short, b"AAAAAAAAAAAAAAAAAAAAAA==\n", 0o600);
     let missing = dir.path().join("missing.key");
 
-    let cases: Vec<(&str, Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    type Case<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         ("wrong key", vec!["--master-key-file", other.to_str().unwrap()], vec![], "master key does not match"),
         ("readable by others", vec!["--master-key-file", open.to_str().unwrap()], vec![], "chmod 600"),
         ("missing file", vec!["--master-key-file", missing.to_str().unwrap()], vec![], "does not exist"),

@@ -225,9 +225,9 @@ async fn concurrency_limit_per_connection_still_serves_parallel_calls() {
     assert!(results.iter().all(Result::is_ok));
 }
 
-async fn join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
+async fn join_all<F>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
 where
-    F: Send + 'static,
+    F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let handles: Vec<_> = futs.map(tokio::spawn).collect();

@@ -611,5 +611,34 @@ async fn sighup_reloads_a_serving_process() {
     assert!(probe(&url, &trust1, &api_key).await.is_err());
     // The process survived the signal and the old connection still works.
     tokenize(&mut before, &common::test_pan(61)).await.unwrap();
+
+    // The CLI's client commands speak TLS too.
+    let ca2_file = write(dir.path(), "ca2.pem", &ca2.pem);
+    let health = std::process::Command::new(env!("CARGO_BIN_EXE_tokenvault"))
+        .args(["health", "--addr", &url, "--tls-ca"])
+        .arg(&ca2_file)
+        .output()
+        .unwrap();
+    assert!(health.status.success(), "{health:?}");
+    assert_eq!(String::from_utf8_lossy(&health.stdout).trim(), "SERVING");
+    let tokenized = std::process::Command::new(env!("CARGO_BIN_EXE_tokenvault"))
+        .args(["tokenize", "--addr", &url, "--tls-ca"])
+        .arg(&ca2_file)
+        .env("TOKENVAULT_API_KEY", &api_key)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin
+                .take()
+                .unwrap()
+                .write_all(common::test_pan(62).as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(tokenized.status.success(), "{tokenized:?}");
+    assert!(String::from_utf8_lossy(&tokenized.stdout).starts_with("tok_"));
     drop(child);
 }

@@ -201,18 +201,23 @@ pub fn print_banner(setup: &DevSetup, bound: SocketAddr, args: &VaultArgs, tls: 
             .unwrap_or_else(|| "<api key>".into())
     };
     let (checkout, payments) = (key_of("checkout"), key_of("payments"));
+    let (scheme, ca, grpcurl_tls) = if tls {
+        ("https", " --tls-ca <ca.pem>", "-cacert <ca.pem>")
+    } else {
+        ("http", "", "-plaintext")
+    };
     out.push_str("\n  Try it (4111 1111 1111 1111 is a test card number):\n\n");
     out.push_str(&format!(
-        "    echo 4111111111111111 | TOKENVAULT_API_KEY={checkout} \\\n      tokenvault tokenize --addr http://{target}\n"
+        "    echo 4111111111111111 | TOKENVAULT_API_KEY={checkout} \\\n      tokenvault tokenize --addr {scheme}://{target}{ca}\n"
     ));
     out.push_str(&format!(
-        "    TOKENVAULT_API_KEY={payments} tokenvault detokenize <token> --reason demo --addr http://{target}\n\n"
+        "    TOKENVAULT_API_KEY={payments} tokenvault detokenize <token> --reason demo --addr {scheme}://{target}{ca}\n\n"
     ));
     out.push_str(&format!(
-        "    grpcurl -plaintext -H 'authorization: Bearer {checkout}' \\\n      -d '{{\"pan\": \"4111111111111111\"}}' {target} tokenvault.v1.TokenVaultService/Tokenize\n"
+        "    grpcurl {grpcurl_tls} -H 'authorization: Bearer {checkout}' \\\n      -d '{{\"pan\": \"4111111111111111\"}}' {target} tokenvault.v1.TokenVaultService/Tokenize\n"
     ));
     out.push_str(&format!(
-        "    grpcurl -plaintext -H 'authorization: Bearer {payments}' \\\n      -d '{{\"token\": \"<token>\", \"reason\": \"demo\"}}' {target} tokenvault.v1.TokenVaultService/Detokenize\n"
+        "    grpcurl {grpcurl_tls} -H 'authorization: Bearer {payments}' \\\n      -d '{{\"token\": \"<token>\", \"reason\": \"demo\"}}' {target} tokenvault.v1.TokenVaultService/Detokenize\n"
     ));
     if setup.master_key_file.is_some() {
         // Admin commands find the dev key on their own (see `common::VaultArgs::master_key`).

@@ -55,11 +55,13 @@ impl TlsFiles {
     pub fn load(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
         let certs = read_certs(&self.cert, "--tls-cert")?;
         let key = PrivateKeyDer::from_pem_file(&self.key).map_err(|e| {
-            // The error describes the file (missing, no key section), not key bytes.
-            TlsError(format!(
-                "--tls-key {}: cannot read a PEM private key: {e}",
-                self.key.display()
-            ))
+            // Only the I/O error or a fixed text: a PEM parse error can quote a line of the
+            // file, and this file is the private key.
+            let why = match e {
+                rustls_pki_types::pem::Error::Io(io) => io.to_string(),
+                _ => "no valid PEM private key (PKCS#8, PKCS#1 or SEC1) in it".to_owned(),
+            };
+            TlsError(format!("--tls-key {}: {why}", self.key.display()))
         })?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -268,6 +270,20 @@ mod tests {
         };
         let err = files.load().unwrap_err().to_string();
         assert!(err.contains("/nonexistent/cert.pem"), "{err}");
+    }
+
+    #[test]
+    fn uri_sans_come_before_dns_sans() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["svc.example.org".to_owned()]).unwrap();
+        params.subject_alt_names.push(rcgen::SanType::URI(
+            "spiffe://example.org/svc".try_into().unwrap(),
+        ));
+        let cert = params.self_signed(&key).unwrap();
+        assert_eq!(
+            cert_identities(cert.der()),
+            vec!["spiffe://example.org/svc", "svc.example.org"]
+        );
     }
 
     #[test]
