@@ -339,7 +339,9 @@ impl Vault {
         let token = token::generate(req.format, &req.pan).into_string();
         let digits = req.pan.expose_digits().as_bytes();
         let sealed = snapshot.active.seal(&token, digits);
-        let fingerprint = self.inner.keyring.fingerprint_key().fingerprint(digits);
+        let fingerprint = req
+            .reuse_existing
+            .then(|| self.inner.keyring.fingerprint_key().fingerprint(digits));
         let meta = TokenMeta {
             format: req.format,
             brand: req.pan.brand(),

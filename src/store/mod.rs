@@ -34,7 +34,9 @@ pub struct NewToken {
     pub token: String,
     pub sealed: Sealed,
     pub key_version: u32,
-    pub fingerprint: [u8; 32],
+    /// Keyed fingerprint of the PAN, only when `reuse_existing` asked for one: a vault keeps
+    /// no more PAN-derived values than its callers need, and an index entry fewer per row.
+    pub fingerprint: Option<[u8; 32]>,
     pub reuse_existing: bool,
     pub meta: TokenMeta,
 }

@@ -384,8 +384,14 @@ impl Writer {
     }
 
     fn commit_group(&mut self, group: Vec<WriteOp>) {
-        let mut done = Vec::with_capacity(group.len());
+        let (items, started) = (group.len(), Instant::now());
+        let mut done = Vec::with_capacity(items);
         let result = self.apply_group(group, &mut done);
+        let outcome = match result {
+            Ok(()) => crate::metrics::CommitOutcome::Ok,
+            Err(_) => crate::metrics::CommitOutcome::Error,
+        };
+        crate::metrics::record_group_commit(items, started.elapsed(), outcome);
         match result {
             Ok(()) => {
                 self.healthy.store(true, Ordering::Relaxed);
@@ -732,11 +738,11 @@ fn insert_token(
     st: &mut TxState,
     item: &mut NewToken,
 ) -> Result<StoredToken> {
-    if item.reuse_existing {
+    if let (true, Some(fingerprint)) = (item.reuse_existing, &item.fingerprint) {
         let existing = tx
             .prepare_cached(SQL_REUSE)?
             .query_row(
-                params![&item.fingerprint[..], item.meta.format.code(), now_micros()],
+                params![&fingerprint[..], item.meta.format.code(), now_micros()],
                 |r| {
                     Ok(StoredToken {
                         token: r.get(0)?,
@@ -770,7 +776,7 @@ fn insert_token(
                 item.key_version,
                 &item.sealed.nonce[..],
                 item.sealed.ciphertext,
-                &item.fingerprint[..],
+                item.fingerprint.as_ref().map(|f| &f[..]),
                 m.format.code(),
                 m.brand.code(),
                 m.pan_length,
