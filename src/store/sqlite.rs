@@ -7,7 +7,8 @@
 //! failed commit fails every request of its group and acknowledges none.
 //!
 //! Other processes (the admin CLI) may change keys and clients while a server runs. Such
-//! changes bump the `generation` counter in `meta`; the writer reads it at the start of each
+//! changes bump the `generation` counter in `meta`, which a running vault polls to reload
+//! clients and keys. The writer itself reads the active key version at the start of each
 //! transaction and reloads the keyring when it moved, so it never seals under a version that
 //! is no longer active.
 
@@ -316,7 +317,6 @@ enum Done {
 pub struct Writer {
     conn: Connection,
     keyring: Arc<Keyring>,
-    generation: Option<u64>,
     healthy: Arc<AtomicBool>,
     max_group_items: usize,
     /// Pages in use beyond which tokenize is refused, leaving headroom so the audit records
@@ -345,7 +345,6 @@ pub(super) struct TxState {
     pub(super) active_created: Micros,
     pub(super) counts: HashMap<u32, u64>,
     pub(super) audit: Vec<AuditEntry>,
-    rotated: bool,
 }
 
 impl Writer {
@@ -415,7 +414,6 @@ impl Writer {
                     self.healthy.store(false, Ordering::Relaxed);
                 }
                 // The keyring may hold a version created in the rolled-back transaction.
-                self.generation = None;
                 for r in replies {
                     r(duplicate(&e));
                 }
@@ -447,8 +445,8 @@ impl Writer {
             }
         };
         let tokenize_page_limit = self.tokenize_page_limit;
-        let outcome: Result<TxState> = (|| {
-            let mut st = begin_state(&tx, &keyring, &mut self.generation)?;
+        let outcome: Result<()> = (|| {
+            let mut st = begin_state(&tx, &keyring)?;
             for op in group {
                 match op {
                     WriteOp::Tokenize {
@@ -511,18 +509,11 @@ impl Writer {
                     WriteOp::Admin(_) => unreachable!("admin operations run alone"),
                 }
             }
-            finish_state(&tx, &keyring, &mut st)?;
-            Ok(st)
+            finish_state(&tx, &keyring, &mut st)
         })();
-        let committed = outcome.and_then(|st| {
-            tx.commit()?;
-            Ok(st)
-        });
+        let committed = outcome.and_then(|()| Ok(tx.commit()?));
         match committed {
-            Ok(st) => {
-                if st.rotated {
-                    self.generation = None;
-                }
+            Ok(()) => {
                 done.extend(ops);
                 Ok(())
             }
@@ -555,7 +546,7 @@ impl Writer {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let result = (|| {
-            let mut st = begin_state(&tx, &keyring, &mut self.generation)?;
+            let mut st = begin_state(&tx, &keyring)?;
             let out = f(&tx, &keyring, &mut st)?;
             finish_state(&tx, &keyring, &mut st)?;
             Ok(out)
@@ -564,8 +555,6 @@ impl Writer {
             tx.commit()?;
             Ok(out)
         });
-        // Admin operations change keys or clients: reload at the next transaction.
-        self.generation = None;
         result
     }
 
@@ -601,7 +590,6 @@ fn fail_op(op: WriteOp) -> Box<dyn FnOnce(Error)> {
 fn begin_state(
     tx: &Transaction<'_>,
     keyring: &Keyring,
-    _cached_generation: &mut Option<u64>,
 ) -> Result<TxState> {
     // The database, not the in-memory snapshot, says which version is active: another
     // process may have rotated, and a rolled-back rotation may linger in the snapshot.
@@ -629,7 +617,6 @@ fn begin_state(
         active_created,
         counts: HashMap::new(),
         audit: Vec::new(),
-        rotated: false,
     };
     // Age-based rotation happens before the first encryption under an expired version.
     if keyring.needs_rotation(0, 0, st.active_created, now_micros()) {
@@ -720,7 +707,6 @@ pub(super) fn rotate_in_tx(
     st.active_version = version;
     st.active_count = 0;
     st.active_created = now;
-    st.rotated = true;
     st.audit.push(AuditEntry::new(
         &Caller::new("system", "local"),
         "key_rotate",
@@ -939,7 +925,6 @@ impl SqliteStore {
         let writer = Writer {
             conn,
             keyring,
-            generation: None,
             healthy: healthy.clone(),
             max_group_items: p.max_group_items.max(1),
             tokenize_page_limit,
