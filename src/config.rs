@@ -193,7 +193,7 @@ impl KeyRotationSection {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -204,7 +204,8 @@ pub enum LogFormat {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LoggingSection {
-    /// Log filter such as `info` or `tokenvault=debug`; unset means `RUST_LOG`, else `info`.
+    /// Log filter such as `info` or `tokenvault=debug`. `--log-level` (env
+    /// `TOKENVAULT_LOG_LEVEL`) and then `RUST_LOG` take precedence; unset means `info`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub level: Option<String>,
     pub format: LogFormat,
@@ -309,6 +310,17 @@ impl Config {
     /// Checks the values against each other, without touching the filesystem. Returns
     /// warnings (things that work but deserve a look); errors are [`ConfigError::Invalid`].
     pub fn validate(&self) -> Result<Vec<String>, ConfigError> {
+        self.check(true)
+    }
+
+    /// [`Config::validate`] without the rule that a non-loopback `server.listen` needs TLS:
+    /// for `serve`, which applies it to the resolved address itself (and lets `--dev` listen
+    /// in plaintext anywhere, with a warning); see `cli::serve::check_transport`.
+    pub fn validate_except_transport(&self) -> Result<Vec<String>, ConfigError> {
+        self.check(false)
+    }
+
+    fn check(&self, transport: bool) -> Result<Vec<String>, ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         let mut warnings = Vec::new();
 
@@ -329,7 +341,7 @@ impl Config {
         if self.tls.client_ca.is_some() && !self.tls.enabled() {
             return bad("tls.client_ca (mutual TLS) needs tls.cert and tls.key".into());
         }
-        if !self.tls.enabled() {
+        if transport && !self.tls.enabled() {
             match listen_ip {
                 Some(ip) if !ip.is_loopback() => {
                     return bad(format!(
@@ -602,9 +614,30 @@ pub struct ConfigArgs {
     /// CA certificates for client certificates (mutual TLS), PEM [file: tls.client_ca].
     #[arg(long, env = "TOKENVAULT_CLIENT_CA", value_name = "FILE")]
     pub client_ca: Option<PathBuf>,
-    /// Largest number of items in one batch request [file: limits.max_batch_items].
-    #[arg(long, env = "TOKENVAULT_MAX_BATCH_ITEMS", value_name = "N")]
+    /// Require both a client certificate bound to a client and that client's API key
+    /// (`--require-cert-and-key` or `=false`) [file: tls.require_cert_and_key].
+    #[arg(
+        long,
+        env = "TOKENVAULT_REQUIRE_CERT_AND_KEY",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub require_cert_and_key: Option<bool>,
+    /// Largest number of items in one batch request, 1 to 1000000
+    /// [file: limits.max_batch_items].
+    #[arg(long, env = "TOKENVAULT_MAX_BATCH_ITEMS", value_name = "N", value_parser = parse_batch_items)]
     pub max_batch_items: Option<usize>,
+    /// Requests in flight on one connection; 0 = no limit
+    /// [file: limits.max_concurrent_per_connection].
+    #[arg(
+        long,
+        env = "TOKENVAULT_MAX_CONCURRENT_PER_CONNECTION",
+        value_name = "N"
+    )]
+    pub max_concurrent_per_connection: Option<usize>,
     /// Default detokenize rate per principal, e.g. 100/s [file: limits.detokenize_rate].
     #[arg(long, env = "TOKENVAULT_DETOKENIZE_RATE", value_name = "RATE")]
     pub detokenize_rate: Option<String>,
@@ -621,9 +654,33 @@ pub struct ConfigArgs {
     /// Age of a data key before rotation, e.g. 90d, or `never` [file: key_rotation.max_age].
     #[arg(long, env = "TOKENVAULT_KEY_MAX_AGE", value_name = "DURATION", value_parser = MaxAge::parse)]
     pub key_max_age: Option<MaxAge>,
-    /// Prometheus metrics listen address; off unless set [file: metrics.listen].
+    /// Prometheus metrics listen address (plain HTTP, `/metrics`); off unless set
+    /// [file: metrics.listen].
     #[arg(long, env = "TOKENVAULT_METRICS_LISTEN", value_name = "HOST:PORT")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Lock the process memory so keys and card numbers are never swapped out (needs
+    /// CAP_IPC_LOCK or a large enough RLIMIT_MEMLOCK; warns when it cannot); `--mlock` or
+    /// `--mlock=false` [file: server.mlock].
+    #[arg(
+        long,
+        env = "TOKENVAULT_MLOCK",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub mlock: Option<bool>,
+}
+
+/// `--max-batch-items`: 1 to [`MAX_BATCH_ITEMS_LIMIT`].
+pub fn parse_batch_items(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_BATCH_ITEMS_LIMIT).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "expected a number from 1 to {MAX_BATCH_ITEMS_LIMIT}"
+        )),
+    }
 }
 
 impl ConfigArgs {
@@ -638,9 +695,9 @@ impl ConfigArgs {
             tls_key: self.tls_key.clone(),
             client_ca: self.client_ca.clone(),
             max_batch_items: self.max_batch_items,
-            max_concurrent_per_connection: None,
-            mlock: None,
-            require_cert_and_key: None,
+            max_concurrent_per_connection: self.max_concurrent_per_connection,
+            mlock: self.mlock,
+            require_cert_and_key: self.require_cert_and_key,
             detokenize_rate: self.detokenize_rate.clone(),
             request_timeout: self.request_timeout,
             max_storage_bytes: self.max_storage_bytes,

@@ -157,7 +157,7 @@ pub fn install(listen: SocketAddr) -> Result<PrometheusHandle, MetricsError> {
         }
     });
     describe();
-    tracing::info!(listen = %listen, "serving Prometheus metrics");
+    tracing::info!(metrics_addr = %listen, "Prometheus metrics on http://{listen}/metrics");
     Ok(handle)
 }
 
@@ -256,6 +256,50 @@ pub fn set_active_key_version(version: u32) {
 /// Sequence number of the newest committed audit record.
 pub fn set_audit_head(sequence: u64) {
     gauge!(AUDIT_SEQUENCE_HEAD).set(sequence as f64);
+}
+
+/// How often [`spawn_gauge_refresher`] refreshes the gauges that need store queries.
+pub const GAUGE_REFRESH: Duration = Duration::from_secs(10);
+
+/// Refreshes, off the request path, the gauges that need store queries: tokens stored, key
+/// usage per version, the active key version and the audit head. Runs at once, then every
+/// `every`; when a refresh takes long (the per-version token count scans the token table)
+/// the next one waits at least 20 times as long, so it never takes more than about 5% of
+/// one reader connection. Start it only when metrics are installed; abort it at shutdown.
+pub fn spawn_gauge_refresher(
+    vault: crate::vault::Vault,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let started = std::time::Instant::now();
+            refresh_gauges(&vault).await;
+            let pause = every.max(started.elapsed() * 20);
+            tokio::time::sleep(pause).await;
+        }
+    })
+}
+
+/// One refresh of the store gauges; failures are logged at debug level and the gauges keep
+/// their last values (storage health has its own signal).
+pub async fn refresh_gauges(vault: &crate::vault::Vault) {
+    match vault.list_keys().await {
+        Ok(keys) => {
+            // Rows holding a ciphertext: live tokens (deleted and purged ones have none).
+            set_tokens_stored(keys.iter().map(|k| k.rows).sum());
+            for k in &keys {
+                set_key_usage(k.version, k.encryptions, k.max_encryptions);
+                if k.state == crate::vault::KeyState::Active {
+                    set_active_key_version(k.version);
+                }
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "metrics: cannot read key usage"),
+    }
+    match vault.audit_head_seq().await {
+        Ok(seq) => set_audit_head(seq),
+        Err(e) => tracing::debug!(error = %e, "metrics: cannot read the audit head"),
+    }
 }
 
 /// A request refused by a rate limit (counted per request, not per batch item).

@@ -33,7 +33,8 @@ pub const OPAQUE_PREFIX: &str = "tok_";
 /// milliseconds since the Unix epoch: enough until the year 2109).
 const OPAQUE_TIME_CHARS: usize = 7;
 /// The URL-safe alphabet in ASCII order, so a time prefix sorts like the time it encodes.
-const SORTED_URL_SAFE: &[u8; 64] = b"-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz";
+const SORTED_URL_SAFE: &[u8; 64] =
+    b"-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz";
 /// Random bytes in a generated opaque token (144 bits, a multiple of 3 so no padding).
 const OPAQUE_RANDOM_BYTES: usize = 18;
 /// Characters after the prefix in a generated opaque token.
@@ -173,7 +174,9 @@ fn generate_opaque() -> Token {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     for i in (0..OPAQUE_TIME_CHARS).rev() {
-        s.push(char::from(SORTED_URL_SAFE[(millis >> (6 * i) & 0x3f) as usize]));
+        s.push(char::from(
+            SORTED_URL_SAFE[(millis >> (6 * i) & 0x3f) as usize],
+        ));
     }
     for chunk in bytes.chunks_exact(3) {
         let n = u32::from(chunk[0]) << 16 | u32::from(chunk[1]) << 8 | u32::from(chunk[2]);
@@ -275,7 +278,10 @@ mod tests {
         let first = generate(TokenFormat::Opaque, &pan);
         std::thread::sleep(std::time::Duration::from_millis(2));
         let second = generate(TokenFormat::Opaque, &pan);
-        assert!(first.as_str()[..4 + 7] < second.as_str()[..4 + 7], "{first} then {second}");
+        assert!(
+            first.as_str()[..4 + 7] < second.as_str()[..4 + 7],
+            "{first} then {second}"
+        );
     }
 
     #[test]

@@ -23,14 +23,23 @@ const CLIENTS: usize = 6;
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tokenvault"));
-    c.env_remove("TOKENVAULT_MASTER_KEY").env_remove("RUST_LOG").env_remove("TOKENVAULT_DATA_DIR");
+    c.env_remove("TOKENVAULT_MASTER_KEY")
+        .env_remove("RUST_LOG")
+        .env_remove("TOKENVAULT_DATA_DIR");
     c
 }
 
 /// Starts `serve` on an ephemeral port and returns it with the address it bound.
 fn start(data: &Path, key: &Path) -> (Child, String) {
     let mut child = bin()
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-level", "info", "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-level",
+            "info",
+            "--data-dir",
+        ])
         .arg(data)
         .arg("--master-key-file")
         .arg(key)
@@ -45,7 +54,10 @@ fn start(data: &Path, key: &Path) -> (Child, String) {
     std::thread::spawn(move || {
         let mut tx = Some(tx);
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = line.split_whitespace().find_map(|w| w.strip_prefix("listen=")) {
+            if let Some(addr) = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("listen="))
+            {
                 if line.contains("serving") {
                     if let Some(tx) = tx.take() {
                         let _ = tx.send(addr.trim_matches('"').to_owned());
@@ -54,7 +66,9 @@ fn start(data: &Path, key: &Path) -> (Child, String) {
             }
         }
     });
-    let addr = rx.recv_timeout(Duration::from_secs(20)).expect("server did not report its address");
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("server did not report its address");
     (child, addr)
 }
 
@@ -69,8 +83,19 @@ async fn client(addr: &str, key: &str) -> Client {
 }
 
 fn run_ok(args: &[&str], data: &Path, key: &Path) -> String {
-    let out = bin().args(args).arg("--data-dir").arg(data).arg("--master-key-file").arg(key).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = bin()
+        .args(args)
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--master-key-file")
+        .arg(key)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "tokenvault {args:?} failed: {text}");
     text
 }
@@ -79,13 +104,28 @@ fn run_ok(args: &[&str], data: &Path, key: &Path) -> String {
 async fn verify_all(c: &mut Client, acked: &[(String, String)]) {
     for chunk in acked.chunks(1000) {
         let req = pb::DetokenizeBatchRequest {
-            requests: chunk.iter().map(|(t, _)| pb::DetokenizeRequest { token: t.clone(), reason: "crash check".into() }).collect(),
+            requests: chunk
+                .iter()
+                .map(|(t, _)| pb::DetokenizeRequest {
+                    token: t.clone(),
+                    reason: "crash check".into(),
+                })
+                .collect(),
         };
-        let results = c.detokenize_batch(req).await.expect("detokenize batch").into_inner().results;
+        let results = c
+            .detokenize_batch(req)
+            .await
+            .expect("detokenize batch")
+            .into_inner()
+            .results;
         for ((token, pan), r) in chunk.iter().zip(results) {
             match r.outcome.unwrap() {
-                pb::detokenize_batch_result::Outcome::Success(ok) => assert_eq!(&ok.pan, pan, "token {token} revealed another card"),
-                pb::detokenize_batch_result::Outcome::Error(e) => panic!("acknowledged token {token} lost: {}", e.message),
+                pb::detokenize_batch_result::Outcome::Success(ok) => {
+                    assert_eq!(&ok.pan, pan, "token {token} revealed another card")
+                }
+                pb::detokenize_batch_result::Outcome::Error(e) => {
+                    panic!("acknowledged token {token} lost: {}", e.message)
+                }
             }
         }
     }
@@ -100,7 +140,15 @@ async fn acknowledged_tokens_survive_repeated_sigkill() {
     master.write_new_file(&key_file).unwrap();
     let api_key = {
         let vault = Vault::create(VaultConfig::new(&data), &master).unwrap();
-        let k = vault.add_client(&Caller::cli(), "worker", &[Role::Tokenize, Role::Detokenize], None).await.unwrap();
+        let k = vault
+            .add_client(
+                &Caller::cli(),
+                "worker",
+                &[Role::Tokenize, Role::Detokenize],
+                None,
+            )
+            .await
+            .unwrap();
         vault.close().await;
         k
     };
@@ -126,13 +174,26 @@ async fn acknowledged_tokens_survive_repeated_sigkill() {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let pan = test_pan(((round * CLIENTS + c) as u64) * 1_000_000 + i);
                     i += 1;
-                    match cl.tokenize(pb::TokenizeRequest { pan: pan.clone(), ..Default::default() }).await {
+                    match cl
+                        .tokenize(pb::TokenizeRequest {
+                            pan: pan.clone(),
+                            ..Default::default()
+                        })
+                        .await
+                    {
                         Ok(resp) => acked.lock().unwrap().push((resp.into_inner().token, pan)),
                         Err(_) => break, // the server died under us: unacknowledged, not counted
                     }
                     let earlier = { acked.lock().unwrap().last().cloned() };
                     if let Some((t, _)) = earlier {
-                        if cl.detokenize(pb::DetokenizeRequest { token: t, reason: "load".into() }).await.is_err() {
+                        if cl
+                            .detokenize(pb::DetokenizeRequest {
+                                token: t,
+                                reason: "load".into(),
+                            })
+                            .await
+                            .is_err()
+                        {
                             break;
                         }
                     }
@@ -154,7 +215,10 @@ async fn acknowledged_tokens_survive_repeated_sigkill() {
         let check = run_ok(&["check"], &data, &key_file);
         assert!(!check.contains("FAIL"), "{check}");
         run_ok(&["audit", "verify"], &data, &key_file);
-        assert!(started.elapsed() < Duration::from_secs(240), "crash loop ran too long");
+        assert!(
+            started.elapsed() < Duration::from_secs(240),
+            "crash loop ran too long"
+        );
     }
     // One last restart checks the writes of the final round.
     let (mut child, addr) = start(&data, &key_file);
@@ -163,6 +227,13 @@ async fn acknowledged_tokens_survive_repeated_sigkill() {
     verify_all(&mut checker, &all).await;
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(all.len() > KILLS, "too little load to prove anything: {} acknowledged writes", all.len());
-    println!("crash loop: {KILLS} SIGKILLs, {} acknowledged writes checked after each restart", all.len());
+    assert!(
+        all.len() > KILLS,
+        "too little load to prove anything: {} acknowledged writes",
+        all.len()
+    );
+    println!(
+        "crash loop: {KILLS} SIGKILLs, {} acknowledged writes checked after each restart",
+        all.len()
+    );
 }

@@ -24,10 +24,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_tokenvault");
 /// Flags and variables the deploy files use that are still being wired into the binary.
 /// Each is reported (not failed) while missing; once it exists the test fails until it is
 /// removed from this list, so the list cannot go stale.
-const PENDING: &[(&str, &str)] = &[
-    ("serve", "--metrics-listen"),
-    ("serve", "TOKENVAULT_METRICS_LISTEN"),
-];
+const PENDING: &[(&str, &str)] = &[];
 
 /// Variables the binary reads directly rather than through a clap `env` attribute.
 const EXTRA_ENV: &[&str] = &["TOKENVAULT_MASTER_KEY"];
@@ -247,17 +244,11 @@ fn scan_text(model: &CliModel, text: &str, origin: &str, report: &mut Report) {
                 })
                 .collect();
             for (i, w) in words.iter().enumerate() {
-                let start = if is_program(w) {
-                    Some(i + 1)
-                } else if w == "--"
+                let cargo_run = w == "--"
                     && words[..i]
                         .windows(2)
-                        .any(|p| p[0] == "cargo" && p[1] == "run")
-                {
-                    Some(i + 1)
-                } else {
-                    None
-                };
+                        .any(|p| p[0] == "cargo" && p[1] == "run");
+                let start = (is_program(w) || cargo_run).then_some(i + 1);
                 if let Some(start) = start {
                     check_argv(model, &words[start..], origin, false, report);
                 }

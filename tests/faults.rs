@@ -17,12 +17,20 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 fn tokenize_req(pan: &str) -> pb::TokenizeRequest {
-    pb::TokenizeRequest { pan: pan.into(), ..Default::default() }
+    pb::TokenizeRequest {
+        pan: pan.into(),
+        ..Default::default()
+    }
 }
 
 async fn health(server: &TestServer) -> ServingStatus {
     let mut h = HealthClient::new(server.channel().await);
-    let resp = h.check(HealthCheckRequest { service: String::new() }).await.unwrap();
+    let resp = h
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
     resp.into_inner().status()
 }
 
@@ -39,7 +47,10 @@ async fn eventually(limit: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
 }
 
 fn token_rows(server: &TestServer) -> i64 {
-    server.db().query_row("SELECT COUNT(*) FROM tokens", [], |r| r.get(0)).unwrap()
+    server
+        .db()
+        .query_row("SELECT COUNT(*) FROM tokens", [], |r| r.get(0))
+        .unwrap()
 }
 
 #[tokio::test]
@@ -68,11 +79,18 @@ async fn full_storage_refuses_tokenize_keeps_detokenize_and_recovers_after_purge
                 .collect(),
         };
         n += 500;
-        let results = checkout.tokenize_batch(batch).await.unwrap().into_inner().results;
+        let results = checkout
+            .tokenize_batch(batch)
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
         let mut full = None;
         for r in results {
             match r.outcome.unwrap() {
-                pb::tokenize_batch_result::Outcome::Success(ok) if !short_lived => tokens.push(ok.token),
+                pb::tokenize_batch_result::Outcome::Success(ok) if !short_lived => {
+                    tokens.push(ok.token)
+                }
                 pb::tokenize_batch_result::Outcome::Success(_) => {}
                 pb::tokenize_batch_result::Outcome::Error(e) => full = Some(e),
             }
@@ -82,36 +100,64 @@ async fn full_storage_refuses_tokenize_keeps_detokenize_and_recovers_after_purge
         }
         assert!(n < 100_000, "the storage limit never took effect");
     };
-    assert_eq!(exhausted.code, Code::ResourceExhausted as i32, "{}", exhausted.message);
+    assert_eq!(
+        exhausted.code,
+        Code::ResourceExhausted as i32,
+        "{}",
+        exhausted.message
+    );
 
     // Single tokenize: RESOURCE_EXHAUSTED, not INTERNAL, not a hang; nothing partial stored.
     let rows = token_rows(&server);
-    let err = tokio::time::timeout(Duration::from_secs(10), checkout.tokenize(tokenize_req(&test_pan(999_999))))
-        .await
-        .expect("tokenize hung on a full store")
-        .unwrap_err();
+    let err = tokio::time::timeout(
+        Duration::from_secs(10),
+        checkout.tokenize(tokenize_req(&test_pan(999_999))),
+    )
+    .await
+    .expect("tokenize hung on a full store")
+    .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
     assert!(!has_digit_run(err.message(), 12));
     assert_eq!(token_rows(&server), rows);
 
     // Reveals still work: their audit records use the headroom kept for them.
     for t in tokens.iter().take(20) {
-        let r = payments.detokenize(pb::DetokenizeRequest { token: t.clone(), reason: "charge".into() }).await;
-        assert!(r.is_ok(), "detokenize failed on a full store: {:?}", r.err());
+        let r = payments
+            .detokenize(pb::DetokenizeRequest {
+                token: t.clone(),
+                reason: "charge".into(),
+            })
+            .await;
+        assert!(
+            r.is_ok(),
+            "detokenize failed on a full store: {:?}",
+            r.err()
+        );
     }
 
     // Free space as an operator would: once the short-lived tokens expired, purge them with
     // a second handle on the live vault (what the CLI does).
-    let wait = expiry.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+    let wait = expiry
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
     tokio::time::sleep(wait + Duration::from_millis(100)).await;
     let admin = server.reopen_second();
-    let opts = PurgeOptions { deleted: false, expired: true, older_than: None, batch: 1000 };
+    let opts = PurgeOptions {
+        deleted: false,
+        expired: true,
+        older_than: None,
+        batch: 1000,
+    };
     let report = admin.purge(&Caller::cli(), &opts).await.unwrap();
     assert_eq!(report.expired, 4000);
     admin.close().await;
     // Without a restart, tokenize works again.
     let ok = checkout.tokenize(tokenize_req(&test_pan(1_000_001))).await;
-    assert!(ok.is_ok(), "tokenize did not recover after purge: {:?}", ok.err());
+    assert!(
+        ok.is_ok(),
+        "tokenize did not recover after purge: {:?}",
+        ok.err()
+    );
     server.shutdown().await;
 }
 
@@ -128,17 +174,24 @@ async fn locked_database_is_unavailable_not_serving_and_recovers() {
     // Another process takes the write lock and keeps it.
     let locker = server.db();
     locker.execute_batch("BEGIN EXCLUSIVE").unwrap();
-    let err = checkout.tokenize(tokenize_req(&test_pan(2))).await.unwrap_err();
+    let err = checkout
+        .tokenize(tokenize_req(&test_pan(2)))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
     assert!(!has_digit_run(err.message(), 12));
     assert!(
-        eventually(Duration::from_secs(5), async || health(&server).await == ServingStatus::NotServing).await,
+        eventually(Duration::from_secs(5), async || health(&server).await
+            == ServingStatus::NotServing)
+        .await,
         "health stayed SERVING while storage was locked"
     );
 
     locker.execute_batch("ROLLBACK").unwrap();
     assert!(
-        eventually(Duration::from_secs(5), async || health(&server).await == ServingStatus::Serving).await,
+        eventually(Duration::from_secs(5), async || health(&server).await
+            == ServingStatus::Serving)
+        .await,
         "health did not recover"
     );
     checkout.tokenize(tokenize_req(&test_pan(3))).await.unwrap();
@@ -157,9 +210,18 @@ fn bin() -> Command {
 }
 
 /// Runs `serve` on an ephemeral loopback port and expects it to refuse to start.
-fn serve_refuses(data: &std::path::Path, key_args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
+fn serve_refuses(
+    data: &std::path::Path,
+    key_args: &[&str],
+    envs: &[(&str, &str)],
+) -> (i32, String) {
     let mut cmd = bin();
-    cmd.arg("serve").arg("--data-dir").arg(data).arg("--listen").arg("127.0.0.1:0").args(key_args);
+    cmd.arg("serve")
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .args(key_args);
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -180,7 +242,11 @@ fn init_vault(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf)
         .arg(&key)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     (data, key)
 }
 
@@ -198,7 +264,9 @@ fn wrong_or_missing_master_keys_are_refused_each_with_its_own_message() {
     let before = std::fs::read(&db).unwrap();
 
     let other = dir.path().join("other.key");
-    tokenvault::crypto::MasterKey::generate().write_new_file(&other).unwrap();
+    tokenvault::crypto::MasterKey::generate()
+        .write_new_file(&other)
+        .unwrap();
     let open = dir.path().join("open.key");
     write_mode(&open, &std::fs::read(&other).unwrap(), 0o644);
     let empty = dir.path().join("empty.key");
@@ -209,12 +277,42 @@ fn wrong_or_missing_master_keys_are_refused_each_with_its_own_message() {
 
     type Case<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
     let cases: Vec<Case> = vec![
-        ("wrong key", vec!["--master-key-file", other.to_str().unwrap()], vec![], "master key does not match"),
-        ("readable by others", vec!["--master-key-file", open.to_str().unwrap()], vec![], "chmod 600"),
-        ("missing file", vec!["--master-key-file", missing.to_str().unwrap()], vec![], "does not exist"),
-        ("empty file", vec!["--master-key-file", empty.to_str().unwrap()], vec![], "empty"),
-        ("wrong length", vec!["--master-key-file", short.to_str().unwrap()], vec![], "wrong length"),
-        ("wrong length (env)", vec![], vec![("TOKENVAULT_MASTER_KEY", "AAAA")], "wrong length"),
+        (
+            "wrong key",
+            vec!["--master-key-file", other.to_str().unwrap()],
+            vec![],
+            "master key does not match",
+        ),
+        (
+            "readable by others",
+            vec!["--master-key-file", open.to_str().unwrap()],
+            vec![],
+            "chmod 600",
+        ),
+        (
+            "missing file",
+            vec!["--master-key-file", missing.to_str().unwrap()],
+            vec![],
+            "does not exist",
+        ),
+        (
+            "empty file",
+            vec!["--master-key-file", empty.to_str().unwrap()],
+            vec![],
+            "empty",
+        ),
+        (
+            "wrong length",
+            vec!["--master-key-file", short.to_str().unwrap()],
+            vec![],
+            "wrong length",
+        ),
+        (
+            "wrong length (env)",
+            vec![],
+            vec![("TOKENVAULT_MASTER_KEY", "AAAA")],
+            "wrong length",
+        ),
     ];
     let mut messages = std::collections::HashSet::new();
     for (name, args, envs, expect) in cases {
@@ -222,9 +320,16 @@ fn wrong_or_missing_master_keys_are_refused_each_with_its_own_message() {
         assert_eq!(code, 3, "{name}: exit code {code}: {stderr}");
         assert!(stderr.contains(expect), "{name}: {stderr}");
         messages.insert(stderr.lines().last().unwrap_or_default().to_owned());
-        assert_eq!(std::fs::read(&db).unwrap(), before, "{name}: database bytes changed");
+        assert_eq!(
+            std::fs::read(&db).unwrap(),
+            before,
+            "{name}: database bytes changed"
+        );
     }
-    assert!(messages.len() >= 5, "messages are not distinct: {messages:?}");
+    assert!(
+        messages.len() >= 5,
+        "messages are not distinct: {messages:?}"
+    );
 }
 
 #[test]
@@ -236,7 +341,10 @@ fn garbage_or_truncated_database_is_refused_and_left_alone() {
     let original = std::fs::read(&db).unwrap();
 
     for (name, bytes) in [
-        ("garbage", b"this is not a database, just bytes that happen to be here".repeat(100)),
+        (
+            "garbage",
+            b"this is not a database, just bytes that happen to be here".repeat(100),
+        ),
         ("truncated", original[..original.len().min(1000)].to_vec()),
     ] {
         std::fs::write(&db, &bytes).unwrap();
@@ -245,9 +353,15 @@ fn garbage_or_truncated_database_is_refused_and_left_alone() {
         let (code, stderr) = serve_refuses(&data, &["--master-key-file", &key], &[]);
         assert_ne!(code, 0, "{name}");
         assert!(
-            stderr.contains("damaged") || stderr.contains("not a tokenvault database") || stderr.contains("not a database"),
+            stderr.contains("damaged")
+                || stderr.contains("not a tokenvault database")
+                || stderr.contains("not a database"),
             "{name}: unclear message: {stderr}"
         );
-        assert_eq!(std::fs::read(&db).unwrap(), bytes, "{name}: the damaged file was modified");
+        assert_eq!(
+            std::fs::read(&db).unwrap(),
+            bytes,
+            "{name}: the damaged file was modified"
+        );
     }
 }

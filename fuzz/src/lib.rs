@@ -132,3 +132,28 @@ pub fn check_conversion_error(err: &Error, inputs: &[&str]) {
         other => panic!("conversion failed with {other:?}, not InvalidArgument"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vocabulary_accepts_real_messages_and_rejects_echoes() {
+        check_message("pan: card number has 11 digits, fewer than the minimum of 12", &[], 20);
+        check_message("token: token is not well-formed", &["garbage"], 64);
+        let echo = std::panic::catch_unwind(|| {
+            check_message("pan: card number 4111111111111111 fails", &["4111111111111111"], 64)
+        });
+        assert!(echo.is_err(), "an echoing message must be refused");
+        let big = std::panic::catch_unwind(|| {
+            check_message("pan: card number has a misplaced separator at position 99", &[], 20)
+        });
+        assert!(big.is_err(), "a number beyond the input must be refused");
+    }
+
+    #[test]
+    fn helpers() {
+        assert_eq!(normalise("a 12 b 3"), "a # b #");
+        assert_eq!(digit_runs("x 1234 56 7890123", 4), vec!["1234", "7890123"]);
+    }
+}

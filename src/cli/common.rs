@@ -155,9 +155,15 @@ impl VaultArgs {
 
     /// Opens the existing vault, with a clear message when there is none.
     pub fn open(&self) -> Result<Vault, CliError> {
+        self.open_with(self.config())
+    }
+
+    /// [`Self::open`] with vault settings beyond the directory (key policy, storage limit);
+    /// `config.data_dir` should be this `data_dir`.
+    pub fn open_with(&self, config: VaultConfig) -> Result<Vault, CliError> {
         require_vault(&self.data_dir)?;
         let master = self.master_key()?;
-        Ok(Vault::open(self.config(), &master)?)
+        Ok(Vault::open(config, &master)?)
     }
 }
 

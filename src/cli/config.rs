@@ -25,16 +25,25 @@ pub struct CheckArgs {
     pub no_files: bool,
 }
 
-pub async fn run(cmd: ConfigCommand) -> Result<(), CliError> {
+/// `log_level`/`log_format` are the CLI's global options (`None` when not given).
+pub async fn run(
+    cmd: ConfigCommand,
+    log_level: Option<String>,
+    log_format: Option<LogFormat>,
+) -> Result<(), CliError> {
     match cmd {
-        ConfigCommand::Check(args) => check(args),
+        ConfigCommand::Check(args) => check(args, log_level, log_format),
     }
 }
 
-fn check(args: CheckArgs) -> Result<(), CliError> {
+fn check(
+    args: CheckArgs,
+    log_level: Option<String>,
+    log_format: Option<LogFormat>,
+) -> Result<(), CliError> {
     let cfg = args
         .settings
-        .resolve(None, None::<LogFormat>)
+        .resolve(log_level, log_format)
         .map_err(|e| CliError::Usage(e.to_string()))?;
     let mut warnings = cfg.validate().map_err(|e| CliError::Usage(e.to_string()))?;
     if !args.no_files {

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use super::common::{create_private_dir, CliError, VaultArgs};
 use crate::auth::Role;
 use crate::crypto::MasterKey;
-use crate::vault::{Caller, Vault};
+use crate::vault::{Caller, Vault, VaultConfig};
 
 pub const MASTER_KEY_FILE: &str = "master.key";
 pub const CREDENTIALS_FILE: &str = "dev-credentials";
@@ -41,7 +41,8 @@ pub fn dev_master_key(data_dir: &Path) -> Option<PathBuf> {
     (key.is_file() && data_dir.join(CREDENTIALS_FILE).is_file()).then_some(key)
 }
 
-pub async fn prepare(args: &VaultArgs) -> Result<(Vault, DevSetup), CliError> {
+/// `config` holds the vault settings (key policy, storage limit) for `args.data_dir`.
+pub async fn prepare(args: &VaultArgs, config: VaultConfig) -> Result<(Vault, DevSetup), CliError> {
     let data_dir = args.data_dir.clone();
     create_private_dir(&data_dir)?;
     let exists = Vault::exists(&data_dir);
@@ -65,9 +66,9 @@ pub async fn prepare(args: &VaultArgs) -> Result<(Vault, DevSetup), CliError> {
     };
 
     let vault = if exists {
-        Vault::open(args.config(), &master)?
+        Vault::open(config, &master)?
     } else {
-        Vault::create(args.config(), &master)?
+        Vault::create(config, &master)?
     };
     match ensure_clients(&vault, &data_dir).await {
         Ok(keys) => Ok((

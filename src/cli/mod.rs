@@ -19,7 +19,7 @@ pub mod serve;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
 use common::{exit, CliError};
 
@@ -30,21 +30,24 @@ use common::{exit, CliError};
     about = "Tokenization vault for payment card numbers"
 )]
 pub struct Cli {
-    /// Log filter, e.g. `info` or `tokenvault=debug` (default: RUST_LOG, else `info`).
-    #[arg(long, global = true, value_name = "FILTER")]
+    /// Log filter, e.g. `info` or `tokenvault=debug` (default: RUST_LOG, then `serve`'s
+    /// configuration file [logging] level, else `info`).
+    #[arg(
+        long,
+        global = true,
+        env = "TOKENVAULT_LOG_LEVEL",
+        value_name = "FILTER"
+    )]
     pub log_level: Option<String>,
-    /// Log line format (logs go to standard error).
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    /// Log line format; logs go to standard error (default: `serve`'s configuration file
+    /// [logging] format, else text).
+    #[arg(long, global = true, env = "TOKENVAULT_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
     #[command(subcommand)]
     pub command: Command,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use crate::config::LogFormat;
 
 #[derive(Subcommand)]
 pub enum Command {
@@ -89,7 +92,15 @@ pub enum Command {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = init_tracing(cli.log_level.as_deref(), cli.log_format) {
+    // `serve` reads its configuration file before logging starts, for its [logging] section.
+    let (level, format) = match logging_settings(&cli) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(e.exit_code());
+        }
+    };
+    if let Err(e) = init_tracing(level, format) {
         eprintln!("error: {e}");
         return ExitCode::from(e.exit_code());
     }
@@ -103,13 +114,41 @@ pub fn main() -> ExitCode {
             return ExitCode::from(exit::OTHER);
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    let result = match cli.command {
+        // `config check` shows the effective logging settings too.
+        Command::Config(cmd) => runtime.block_on(config::run(cmd, cli.log_level, cli.log_format)),
+        command => runtime.block_on(run(command)),
+    };
+    match result {
         Ok(()) => ExitCode::from(exit::OK),
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// A log filter and where it came from (`--log-level`, `logging.level`), for messages.
+type LogFilter = (String, &'static str);
+
+/// The log filter (with where it came from, for error messages) and format: `--log-level`
+/// (or `TOKENVAULT_LOG_LEVEL`) > `RUST_LOG` > the configuration file of `serve` > `info`;
+/// `--log-format` (or `TOKENVAULT_LOG_FORMAT`) > the file > text.
+fn logging_settings(cli: &Cli) -> Result<(Option<LogFilter>, LogFormat), CliError> {
+    let file = match &cli.command {
+        Command::Serve(args) => {
+            crate::config::Config::load(args.settings.config.as_deref())
+                .map_err(|e| CliError::Usage(e.to_string()))?
+                .logging
+        }
+        _ => crate::config::LoggingSection::default(),
+    };
+    let level = match &cli.log_level {
+        Some(l) => Some((l.clone(), "--log-level")),
+        None if std::env::var_os("RUST_LOG").is_some() => None,
+        None => file.level.map(|l| (l, "logging.level")),
+    };
+    Ok((level, cli.log_format.unwrap_or(file.format)))
 }
 
 pub async fn run(command: Command) -> Result<(), CliError> {
@@ -124,7 +163,7 @@ pub async fn run(command: Command) -> Result<(), CliError> {
         Command::Info(args) => client::info(args).await,
         Command::Delete(args) => client::delete(args).await,
         Command::Health(args) => client::health(args).await,
-        Command::Config(cmd) => config::run(cmd).await,
+        Command::Config(cmd) => config::run(cmd, None, None).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Check(args) => check::run(args).await,
         Command::Backup(args) => backup::backup(args).await,
@@ -133,11 +172,11 @@ pub async fn run(command: Command) -> Result<(), CliError> {
     }
 }
 
-fn init_tracing(level: Option<&str>, format: LogFormat) -> Result<(), CliError> {
+fn init_tracing(level: Option<LogFilter>, format: LogFormat) -> Result<(), CliError> {
     use tracing_subscriber::EnvFilter;
     let filter = match level {
-        Some(l) => {
-            EnvFilter::try_new(l).map_err(|e| CliError::Usage(format!("--log-level: {e}")))?
+        Some((l, origin)) => {
+            EnvFilter::try_new(&l).map_err(|e| CliError::Usage(format!("{origin}: {e}")))?
         }
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
@@ -184,7 +223,7 @@ mod tests {
         let cli = Cli::try_parse_from(["tokenvault", "serve", "--dev", "--max-batch-items", "5"])
             .unwrap();
         match cli.command {
-            Command::Serve(s) => assert_eq!(s.max_batch_items, 5),
+            Command::Serve(s) => assert_eq!(s.settings.max_batch_items, Some(5)),
             _ => panic!("not serve"),
         }
         assert!(Cli::try_parse_from(["tokenvault", "serve", "--max-batch-items", "0"]).is_err());

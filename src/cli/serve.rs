@@ -5,95 +5,61 @@
 //! Without `--dev`, a non-loopback listen address requires TLS ([`check_transport`]): card
 //! data may cross a network only encrypted. With TLS, SIGHUP re-reads the certificate, key
 //! and client CA; a failed reload keeps the old ones.
+//!
+//! Settings: flag > `TOKENVAULT_…` environment variable > configuration file (`--config`,
+//! `TOKENVAULT_CONFIG`) > default, resolved and validated by [`crate::config`]. With
+//! `--metrics-listen` (or `[metrics] listen`) Prometheus metrics are served on their own
+//! plain-HTTP listener, installed before the vault opens, and the gauges that need store
+//! queries are refreshed by a background task ([`crate::metrics::spawn_gauge_refresher`]).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::Args;
 use tokio::net::TcpListener;
 
 use super::common::{CliError, VaultArgs};
 use super::dev;
-use crate::grpc::server::{
-    serve, ServerConfig, DEFAULT_CONCURRENCY_PER_CONNECTION, DEFAULT_REQUEST_TIMEOUT,
-};
-use crate::grpc::service::DEFAULT_MAX_BATCH_ITEMS;
+use crate::config::{Config, ConfigArgs};
+use crate::grpc::server::{serve, ServerConfig};
 use crate::grpc::tls::{TlsFiles, TlsReloader};
 use crate::ratelimit::Rate;
 
+/// Every setting comes from a flag, its `TOKENVAULT_…` environment variable, the
+/// configuration file (`--config`, `TOKENVAULT_CONFIG`) or the built-in default, in that
+/// order; `tokenvault config check` with the same options shows the result.
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     #[command(flatten)]
-    pub vault: VaultArgs,
-    /// Address to listen on, HOST:PORT.
-    #[arg(long, env = "TOKENVAULT_LISTEN", default_value = "127.0.0.1:50051")]
-    pub listen: String,
+    pub settings: ConfigArgs,
     /// DEVELOPMENT ONLY: create the data directory, master key, vault and two demo clients
     /// as needed, and print their API keys.
     #[arg(long)]
     pub dev: bool,
-    /// Largest number of items accepted in one batch request.
-    #[arg(
-        long,
-        env = "TOKENVAULT_MAX_BATCH_ITEMS",
-        default_value_t = DEFAULT_MAX_BATCH_ITEMS,
-        value_parser = parse_batch_items
-    )]
-    pub max_batch_items: usize,
-    /// PEM certificate chain of the server (leaf first); enables TLS (1.2 and 1.3).
-    #[arg(
-        long,
-        env = "TOKENVAULT_TLS_CERT",
-        value_name = "FILE",
-        requires = "tls_key"
-    )]
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key of --tls-cert (keep it mode 0600).
-    #[arg(
-        long,
-        env = "TOKENVAULT_TLS_KEY",
-        value_name = "FILE",
-        requires = "tls_cert"
-    )]
-    pub tls_key: Option<PathBuf>,
-    /// PEM CA certificate(s) for mutual TLS: clients must present a certificate chaining to
-    /// it, and its URI or DNS SAN identifies the client (`clients add --cert-identity`).
-    #[arg(
-        long,
-        env = "TOKENVAULT_CLIENT_CA",
-        value_name = "FILE",
-        requires = "tls_cert"
-    )]
-    pub client_ca: Option<PathBuf>,
-    /// Require both a client certificate bound to a client and that client's API key.
-    #[arg(long, requires = "client_ca")]
-    pub require_cert_and_key: bool,
-    /// Detokenize limit of clients without their own (`clients add --detokenize-rate`),
-    /// e.g. 100/s or 6000/m; items of a batch count one by one. Default: unlimited.
-    #[arg(long, env = "TOKENVAULT_DETOKENIZE_RATE", value_name = "RATE", value_parser = Rate::parse)]
-    pub detokenize_rate: Option<Rate>,
-    /// Requests in flight on one connection; 0 = no limit.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_CONCURRENCY_PER_CONNECTION)]
-    pub max_concurrent_per_connection: usize,
-    /// Longest a request may run on the server, in seconds; 0 = no limit.
-    #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_REQUEST_TIMEOUT.as_secs())]
-    pub request_timeout: u64,
-    /// Lock the process memory so keys and card numbers are never swapped out (needs
-    /// CAP_IPC_LOCK or a large enough RLIMIT_MEMLOCK; warns when it cannot).
-    #[arg(long)]
-    pub mlock: bool,
 }
 
 impl ServeArgs {
-    fn tls_files(&self) -> Option<TlsFiles> {
-        Some(TlsFiles {
-            cert: self.tls_cert.clone()?,
-            key: self.tls_key.clone()?,
-            client_ca: self.client_ca.clone(),
-        })
+    /// Defaults, the file, then environment and flags; validated (warnings are logged).
+    pub fn resolve(&self) -> Result<Config, CliError> {
+        let usage = |e: crate::config::ConfigError| CliError::Usage(e.to_string());
+        // Logging was set up from the same sources before this runs (see `cli::main`).
+        let cfg = self.settings.resolve(None, None).map_err(usage)?;
+        // The transport rule (TLS off loopback, not with --dev) is checked by `run` on the
+        // resolved address, see [`check_transport`].
+        let warnings = cfg.validate_except_transport().map_err(usage)?;
+        for w in warnings {
+            tracing::warn!("configuration: {w}");
+        }
+        Ok(cfg)
     }
+}
+
+fn tls_files(cfg: &Config) -> Option<TlsFiles> {
+    Some(TlsFiles {
+        cert: cfg.tls.cert.clone()?,
+        key: cfg.tls.key.clone()?,
+        client_ca: cfg.tls.client_ca.clone(),
+    })
 }
 
 /// Refuses plaintext on an address other machines can reach, unless `dev` (which warns).
@@ -126,22 +92,43 @@ fn harden(mlock: bool) {
 }
 
 pub async fn run(args: ServeArgs) -> Result<(), CliError> {
+    let cfg = args.resolve()?;
     // Before any secret is in memory.
-    harden(args.mlock);
+    harden(cfg.server.mlock);
 
-    let addr = resolve_listen(&args.listen).await?;
-    let tls_files = args.tls_files();
+    let addr = resolve_listen(&cfg.server.listen).await?;
+    let tls_files = tls_files(&cfg);
     check_transport(addr, tls_files.is_some(), args.dev)?;
     let tls = match tls_files {
         Some(files) => Some(TlsReloader::new(files).map_err(|e| CliError::Usage(e.to_string()))?),
         None => None,
     };
+    let detokenize_rate = cfg
+        .limits
+        .detokenize_rate
+        .as_deref()
+        .map(Rate::parse)
+        .transpose()
+        .map_err(|e| CliError::Usage(format!("limits.detokenize_rate: {e}")))?;
 
+    // Metrics before the vault opens, so a taken port fails fast and no commit goes uncounted.
+    let metrics_on = match cfg.metrics.listen {
+        Some(listen) => {
+            crate::metrics::install(listen).map_err(|e| CliError::Other(e.to_string()))?;
+            true
+        }
+        None => false,
+    };
+
+    let vault_args = VaultArgs {
+        data_dir: cfg.storage.data_dir.clone(),
+        master_key_file: cfg.storage.master_key_file.clone(),
+    };
     let (vault, dev_setup) = if args.dev {
-        let (vault, setup) = dev::prepare(&args.vault).await?;
+        let (vault, setup) = dev::prepare(&vault_args, cfg.vault_config()).await?;
         (vault, Some(setup))
     } else {
-        (args.vault.open()?, None)
+        (vault_args.open_with(cfg.vault_config())?, None)
     };
 
     let shutdown = match shutdown_signal() {
@@ -167,22 +154,28 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     };
     if let Some(setup) = dev_setup {
         let bound = listener.local_addr().unwrap_or(addr);
-        dev::print_banner(&setup, bound, &args.vault, tls.is_some());
+        dev::print_banner(&setup, bound, &vault_args, tls.is_some());
     }
 
-    let cfg = ServerConfig {
-        max_batch_items: args.max_batch_items,
-        require_client_cert_and_key: args.require_cert_and_key,
-        detokenize_rate: args.detokenize_rate,
-        concurrency_limit_per_connection: (args.max_concurrent_per_connection > 0)
-            .then_some(args.max_concurrent_per_connection),
-        request_timeout: (args.request_timeout > 0)
-            .then(|| Duration::from_secs(args.request_timeout)),
+    let limits = &cfg.limits;
+    let server_cfg = ServerConfig {
+        max_batch_items: limits.max_batch_items,
+        require_client_cert_and_key: cfg.tls.require_cert_and_key,
+        detokenize_rate,
+        concurrency_limit_per_connection: (limits.max_concurrent_per_connection > 0)
+            .then_some(limits.max_concurrent_per_connection),
+        request_timeout: (!limits.request_timeout.is_zero()).then_some(limits.request_timeout),
         tls,
         ..ServerConfig::default()
     };
-    let result = serve(listener, vault, cfg, shutdown).await;
+    let gauges = metrics_on.then(|| {
+        crate::metrics::spawn_gauge_refresher(vault.clone(), crate::metrics::GAUGE_REFRESH)
+    });
+    let result = serve(listener, vault, server_cfg, shutdown).await;
     if let Some(task) = reloader {
+        task.abort();
+    }
+    if let Some(task) = gauges {
         task.abort();
     }
     result?;
@@ -218,22 +211,10 @@ fn reload_on_sighup(
     }
 }
 
-/// Largest `--max-batch-items`: beyond it the message size limit passes a gigabyte.
-pub const MAX_BATCH_ITEMS_LIMIT: usize = 1_000_000;
-
-fn parse_batch_items(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(n) if (1..=MAX_BATCH_ITEMS_LIMIT).contains(&n) => Ok(n),
-        _ => Err(format!(
-            "expected a number from 1 to {MAX_BATCH_ITEMS_LIMIT}"
-        )),
-    }
-}
-
 /// HOST:PORT to one socket address (the first the name resolves to; all must agree on
 /// being loopback or not, so `localhost` works and a mixed name is refused).
 async fn resolve_listen(listen: &str) -> Result<SocketAddr, CliError> {
-    let usage = || CliError::Usage(format!("--listen {listen}: expected HOST:PORT"));
+    let usage = || CliError::Usage(format!("listen address {listen}: expected HOST:PORT"));
     if let Ok(addr) = listen.parse::<SocketAddr>() {
         return Ok(addr);
     }
@@ -247,7 +228,8 @@ async fn resolve_listen(listen: &str) -> Result<SocketAddr, CliError> {
         .any(|a| a.ip().is_loopback() != first.ip().is_loopback())
     {
         return Err(CliError::Usage(format!(
-            "--listen {listen} resolves to both loopback and other addresses; give an IP address"
+            "listen address {listen} resolves to both loopback and other addresses; give an IP \
+             address"
         )));
     }
     Ok(first)

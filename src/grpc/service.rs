@@ -25,6 +25,7 @@ use super::pb;
 use super::pb::token_vault_service_server::TokenVaultService as TokenVaultRpc;
 use crate::auth::Role;
 use crate::error::{Code, Error, Result};
+use crate::metrics::{self, Method};
 use crate::ratelimit::{Rate, RateLimiter};
 use crate::vault::{self, Caller, Principal, Vault};
 
@@ -82,6 +83,18 @@ impl Rpc {
 
     pub fn permits(self, principal: &Principal) -> bool {
         self.permitted_roles().iter().any(|r| principal.has(*r))
+    }
+
+    /// The `method` label of the metrics.
+    pub fn metric(self) -> Method {
+        match self {
+            Rpc::Tokenize => Method::Tokenize,
+            Rpc::TokenizeBatch => Method::TokenizeBatch,
+            Rpc::Detokenize => Method::Detokenize,
+            Rpc::DetokenizeBatch => Method::DetokenizeBatch,
+            Rpc::GetTokenInfo => Method::GetTokenInfo,
+            Rpc::DeleteToken => Method::DeleteToken,
+        }
     }
 }
 
@@ -244,6 +257,7 @@ impl TokenVaultService {
         if self.detokenize_limiter.try_take(&principal.name, own, n) {
             return Ok(());
         }
+        metrics::record_rate_limited(rpc.metric());
         let err = Error::ResourceExhausted(
             "detokenize rate limit exceeded for this client; retry later".into(),
         );
@@ -338,7 +352,28 @@ fn bearer_token(metadata: &tonic::metadata::MetadataMap) -> Result<&str> {
     Ok(key.trim())
 }
 
-/// Runs a handler inside its span and logs its outcome (code and duration only).
+/// Counts a request that never finished (its future dropped: the server's request timeout
+/// or the client went away) as CANCELLED in the metrics.
+struct Unfinished {
+    rpc: Rpc,
+    started: Instant,
+    armed: bool,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if self.armed {
+            metrics::record_request(
+                self.rpc.metric(),
+                tonic::Code::Cancelled,
+                self.started.elapsed(),
+            );
+        }
+    }
+}
+
+/// Runs a handler inside its span, logs its outcome (code and duration only) and records
+/// it in the metrics (method, code and latency only).
 async fn observe<T>(
     rpc: Rpc,
     handler: impl Future<Output = Result<Response<T>, Status>>,
@@ -350,7 +385,14 @@ async fn observe<T>(
         items = field::Empty
     );
     let started = Instant::now();
+    let mut unfinished = Unfinished {
+        rpc,
+        started,
+        armed: true,
+    };
     let result = handler.instrument(span.clone()).await;
+    unfinished.armed = false;
+    metrics::record_result(rpc.metric(), started, &result);
     let _entered = span.enter();
     let elapsed_us = started.elapsed().as_micros() as u64;
     match &result {

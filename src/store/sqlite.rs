@@ -463,7 +463,13 @@ impl Writer {
                                          is freed (purge) or the limit is raised"
                                             .into(),
                                     ));
-                                    st.audit.push(AuditEntry::new(&caller, "tokenize", "", outcome_of(&r), ""));
+                                    st.audit.push(AuditEntry::new(
+                                        &caller,
+                                        "tokenize",
+                                        "",
+                                        outcome_of(&r),
+                                        "",
+                                    ));
                                     results.push(r);
                                 }
                                 ops.push(Done::Tokenize(reply, results));
@@ -551,11 +557,10 @@ impl Writer {
             finish_state(&tx, &keyring, &mut st)?;
             Ok(out)
         })();
-        let result = result.and_then(|out| {
+        result.and_then(|out| {
             tx.commit()?;
             Ok(out)
-        });
-        result
+        })
     }
 
     /// Proves the storage still takes writes (health), with no lasting change.
@@ -587,10 +592,7 @@ fn fail_op(op: WriteOp) -> Box<dyn FnOnce(Error)> {
     }
 }
 
-fn begin_state(
-    tx: &Transaction<'_>,
-    keyring: &Keyring,
-) -> Result<TxState> {
+fn begin_state(tx: &Transaction<'_>, keyring: &Keyring) -> Result<TxState> {
     // The database, not the in-memory snapshot, says which version is active: another
     // process may have rotated, and a rolled-back rotation may linger in the snapshot.
     let (active_version, active_count, active_created): (i64, i64, i64) = tx
@@ -755,22 +757,20 @@ fn insert_token(
             item.key_version = snapshot.active.version();
         }
         let m = &item.meta;
-        let inserted = tx
-            .prepare_cached(SQL_INSERT_TOKEN)?
-            .execute(params![
-                item.token,
-                item.key_version,
-                &item.sealed.nonce[..],
-                item.sealed.ciphertext,
-                item.fingerprint.as_ref().map(|f| &f[..]),
-                m.format.code(),
-                m.brand.code(),
-                m.pan_length,
-                m.bin,
-                m.last4,
-                m.created_at,
-                m.expires_at,
-            ])?;
+        let inserted = tx.prepare_cached(SQL_INSERT_TOKEN)?.execute(params![
+            item.token,
+            item.key_version,
+            &item.sealed.nonce[..],
+            item.sealed.ciphertext,
+            item.fingerprint.as_ref().map(|f| &f[..]),
+            m.format.code(),
+            m.brand.code(),
+            m.pan_length,
+            m.bin,
+            m.last4,
+            m.created_at,
+            m.expires_at,
+        ])?;
         // A sealed PAN counts against its version even if the row lost a token collision:
         // the nonce was drawn.
         st.active_count += 1;
@@ -971,7 +971,9 @@ impl SqliteStore {
                     if let Ok(c) = &checkpointer {
                         // PASSIVE never blocks the writer or readers; the writer restarts the
                         // WAL from its start once everything in it has been copied back.
-                        if let Err(e) = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                        if let Err(e) =
+                            c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                        {
                             tracing::debug!(error = %e, "checkpoint");
                         }
                     }

@@ -5,6 +5,7 @@ Nothing here prints a card number: output that could carry one goes through `red
 """
 
 import atexit
+import ctypes
 import os
 import queue
 import re
@@ -71,6 +72,15 @@ def generate_stubs(out_dir):
     return pb2, pb2_grpc
 
 
+def _die_with_parent():
+    """In the child before exec: SIGTERM it if this Python process dies, even by SIGKILL
+    (Linux PR_SET_PDEATHSIG), so no server outlives its test."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - not Linux: atexit and the signal handlers remain
+        pass
+
+
 class DevServer:
     """`tokenvault serve --dev` on 127.0.0.1:0 in a temporary data directory.
 
@@ -101,7 +111,7 @@ class DevServer:
         ] + self.extra_args
         self.proc = subprocess.Popen(
             cmd, cwd=self.tmp.name, env=clean_env(), stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=log, start_new_session=True,
+            stdout=subprocess.PIPE, stderr=log, preexec_fn=_die_with_parent,
         )
         log.close()
         atexit.register(self.stop)
@@ -191,11 +201,18 @@ class DevServer:
 
 
 def install_watchdog(seconds, what):
-    """Ends the process (running atexit handlers, so children are stopped) after `seconds`."""
+    """Ends the process after `seconds`, or on SIGTERM/SIGHUP, by SystemExit, so `finally`
+    blocks and atexit handlers run and the server child is stopped."""
 
     def expire(_signum, _frame):
         sys.stderr.write(f"{what}: timed out after {seconds} s\n")
         raise SystemExit(3)
 
+    def terminated(signum, _frame):
+        sys.stderr.write(f"{what}: stopped by signal {signum}\n")
+        raise SystemExit(3)
+
     signal.signal(signal.SIGALRM, expire)
+    signal.signal(signal.SIGTERM, terminated)
+    signal.signal(signal.SIGHUP, terminated)
     signal.alarm(seconds)
