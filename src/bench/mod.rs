@@ -410,21 +410,10 @@ async fn connect_channels(cfg: &BenchConfig) -> Result<Vec<Channel>, BenchError>
         let ch = endpoint
             .connect()
             .await
-            .map_err(|e| connect_err(error_chain(&e)))?;
+            .map_err(|e| connect_err(crate::grpc::client::error_chain(&e)))?;
         channels.push(ch);
     }
     Ok(channels)
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 fn client(channel: &Channel, key: Option<&str>) -> Result<Client, BenchError> {

@@ -279,7 +279,7 @@ async fn channel(addr: &str, tls: &TlsArgs) -> Result<tonic::transport::Channel,
         tls_endpoint(&addr, &tls.files()).map_err(|e| CliError::Usage(format!("--addr {e}")))?;
     ep.connect().await.map_err(|e| CliError::Connect {
         addr,
-        detail: error_chain(&e),
+        detail: crate::grpc::client::error_chain(&e),
     })
 }
 
@@ -295,17 +295,6 @@ async fn connect(args: &ConnectArgs) -> Result<Client, CliError> {
     }
     let auth = BearerAuth::new(key).map_err(|e| CliError::Usage(e.into()))?;
     Ok(with_auth(channel(&args.addr, &args.tls).await?, auth))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// One card number from standard input, in a buffer that is wiped on drop. Refuses more

@@ -128,3 +128,16 @@ pub fn with_auth(channel: Channel, auth: BearerAuth) -> Client {
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX)
 }
+
+/// An error with its sources, e.g. "transport error: connection refused", for messages that
+/// tell an operator why a connection failed (never request content).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
