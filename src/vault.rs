@@ -98,7 +98,12 @@ impl Caller {
     }
     /// An admin command run from the CLI by the local OS user.
     pub fn cli() -> Caller {
-        let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+        // Attribute admin actions to the OS account that ran them, even without $USER
+        // (cron, containers): fall back to the numeric uid.
+        let user = std::env::var("USER")
+            .or_else(|_| std::env::var("LOGNAME"))
+            // SAFETY: getuid has no preconditions and cannot fail.
+            .unwrap_or_else(|_| format!("uid-{}", unsafe { libc::getuid() }));
         Caller {
             principal: format!("cli:{user}"),
             peer: "local".into(),
