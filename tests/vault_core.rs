@@ -125,6 +125,26 @@ async fn open_twice_runs_no_migration_again_and_create_refuses_existing() {
 }
 
 #[tokio::test]
+async fn database_files_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (vault, _) = new_vault(dir.path());
+    vault
+        .tokenize(&caller(), req(PANS[0], TokenFormat::Opaque, false))
+        .await
+        .unwrap();
+    for name in ["vault.db", "vault.db-wal", "vault.db-shm"] {
+        let mode = std::fs::metadata(dir.path().join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{name} has mode {mode:o}");
+    }
+    vault.close().await;
+}
+
+#[tokio::test]
 async fn newer_schema_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (vault, key) = new_vault(dir.path());

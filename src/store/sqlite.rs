@@ -153,6 +153,17 @@ pub fn create_database(
             data_dir.display()
         )));
     }
+    // Owner-only from the first byte, whatever the umask or the directory's mode: SQLite
+    // gives the -wal and -shm files the database file's permissions.
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| Error::Unavailable(format!("cannot create {}: {e}", path.display())))?;
+    }
     let mut conn = Connection::open(&path)?;
     set_pragmas(&conn, None)?;
     migrations::migrate(&mut conn)?;
