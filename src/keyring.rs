@@ -56,7 +56,8 @@ impl Snapshot {
 }
 
 pub struct Keyring {
-    kwk: KeyWrappingKey,
+    /// Replaced whole when the server is handed a rotated master key (SIGHUP).
+    kwk: RwLock<Arc<KeyWrappingKey>>,
     fingerprint: FingerprintKey,
     audit: AuditKey,
     policy: KeyPolicy,
@@ -84,7 +85,7 @@ impl Keyring {
         );
         let snapshot = Self::build(&kwk, rows, None)?;
         Ok(Keyring {
-            kwk,
+            kwk: RwLock::new(Arc::new(kwk)),
             fingerprint,
             audit,
             policy,
@@ -142,7 +143,7 @@ impl Keyring {
     /// Replaces the snapshot after the key rows changed.
     pub fn replace(&self, rows: &[KeyRow]) -> Result<()> {
         let current = self.snapshot();
-        let snapshot = Arc::new(Self::build(&self.kwk, rows, Some(&current.keys))?);
+        let snapshot = Arc::new(Self::build(&self.kwk(), rows, Some(&current.keys))?);
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = snapshot;
         Ok(())
     }
@@ -166,10 +167,31 @@ impl Keyring {
         &self.policy
     }
 
+    fn kwk(&self) -> Arc<KeyWrappingKey> {
+        self.kwk.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Adopts the key-wrapping key of a rotated master key, once it is known to open the
+    /// stored fingerprint key. The data keys themselves never change, so nothing else moves.
+    pub fn set_key_wrapping_key(
+        &self,
+        kwk: KeyWrappingKey,
+        wrapped_fingerprint: &[u8],
+    ) -> Result<()> {
+        if kwk
+            .unwrap(wrapped_fingerprint, KeyPurpose::Fingerprint)
+            .is_err()
+        {
+            return Err(Error::WrongMasterKey);
+        }
+        *self.kwk.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(kwk);
+        Ok(())
+    }
+
     /// True when this keyring's key-wrapping key opens `wrapped_fingerprint` (the stored
     /// fingerprint key): false once another process rotated the master key.
     pub fn kwk_opens(&self, wrapped_fingerprint: &[u8]) -> bool {
-        self.kwk
+        self.kwk()
             .unwrap(wrapped_fingerprint, KeyPurpose::Fingerprint)
             .is_ok()
     }
@@ -181,14 +203,14 @@ impl Keyring {
         wrapped: &[u8],
         purpose: KeyPurpose,
     ) -> Result<Vec<u8>> {
-        self.kwk.rewrap(new, wrapped, purpose).map_err(|_| {
+        self.kwk().rewrap(new, wrapped, purpose).map_err(|_| {
             Error::DataLoss(format!("wrapped key ({purpose:?}) failed authentication"))
         })
     }
 
     /// A fresh random data key for `version`, wrapped for storage.
     pub fn new_wrapped_data_key(&self, version: u32) -> Vec<u8> {
-        self.kwk
+        self.kwk()
             .wrap(&SecretKey::generate(), KeyPurpose::Data(version))
     }
 

@@ -207,6 +207,7 @@ struct Inner {
     keyring: Arc<Keyring>,
     clients: RwLock<Arc<ClientCache>>,
     closed: AtomicBool,
+    data_dir: PathBuf,
 }
 
 /// Live principals by API key id and by certificate identity.
@@ -289,6 +290,7 @@ impl Vault {
                 keyring,
                 clients: RwLock::new(Arc::new(ClientCache::build(clients))),
                 closed: AtomicBool::new(false),
+                data_dir: cfg.data_dir.clone(),
             }),
         };
         vault.start_watcher();
@@ -716,6 +718,26 @@ impl Vault {
             }
         }
         Ok(verifier.finish())
+    }
+
+    /// Adopts a master key that `keys rotate-master` installed while this vault was open
+    /// (serve calls it on SIGHUP). Refused, changing nothing, unless the key matches the
+    /// vault's stored key check; afterwards key versions created under the new master load.
+    pub async fn reload_master_key(&self, master: &MasterKey) -> Result<()> {
+        let dir = self.inner.data_dir.clone();
+        let header = tokio::task::spawn_blocking(move || sqlite::read_header(&dir))
+            .await
+            .map_err(|e| Error::Internal(format!("read header: {e}")))??;
+        let vault_id = VaultId::from_slice(&header.vault_id)
+            .ok_or_else(|| Error::Internal("vault id has the wrong length".into()))?;
+        let (kwk, check) = master.derive(&vault_id);
+        if !check.matches(&header.key_check) {
+            return Err(Error::WrongMasterKey);
+        }
+        self.inner
+            .keyring
+            .set_key_wrapping_key(kwk, &header.wrapped_fingerprint_key)?;
+        self.refresh().await
     }
 
     /// True while storage accepts writes.

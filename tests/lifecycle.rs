@@ -547,3 +547,62 @@ async fn purge_removes_what_it_says() {
     assert_all_detokenize(&vault, &tokens[3..]).await;
     vault.close().await;
 }
+
+#[tokio::test]
+async fn a_running_vault_adopts_a_rotated_master_key_without_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("vault");
+    let (server, old_key) = new_vault(&data);
+    let old = tokenize_n(&server, 4).await;
+
+    // The CLI rotates the master key, then a data key under the new master.
+    let new_key = dir.path().join("new.key");
+    MasterKey::generate().write_new_file(&new_key).unwrap();
+    let cli = open(&data, &old_key);
+    cli.rotate_master(&caller(), &MasterKey::load_file(&new_key).unwrap())
+        .await
+        .unwrap();
+    cli.close().await;
+    let cli = open(&data, &new_key);
+    cli.rotate_key(&caller()).await.unwrap();
+    let fresh = tokenize_n(&cli, 4).await;
+    cli.close().await;
+
+    // The server still holds the old master: versions it knew keep working, the new one
+    // cannot be unwrapped yet.
+    assert_all_detokenize(&server, &old).await;
+    let err = server
+        .detokenize(&caller(), fresh[0].0.clone(), String::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::DataLoss(_)), "{err}");
+    // ...and tokenize is refused rather than sealed under a version that is no longer active.
+    let refused = server.tokenize(&caller(), req(PANS[0])).await.unwrap_err();
+    assert!(matches!(refused, Error::Unavailable(_)), "{refused}");
+
+    // A wrong key is refused and changes nothing; the rotated one is adopted.
+    let wrong = server
+        .reload_master_key(&MasterKey::generate())
+        .await
+        .unwrap_err();
+    assert!(matches!(wrong, Error::WrongMasterKey), "{wrong}");
+    let stale = server
+        .reload_master_key(&MasterKey::load_file(&old_key).unwrap())
+        .await
+        .unwrap_err();
+    assert!(matches!(stale, Error::WrongMasterKey), "{stale}");
+    server
+        .reload_master_key(&MasterKey::load_file(&new_key).unwrap())
+        .await
+        .unwrap();
+
+    assert_all_detokenize(&server, &old).await;
+    assert_all_detokenize(&server, &fresh).await;
+    // New versions the server itself creates are wrapped under the new master.
+    server.rotate_key(&caller()).await.unwrap();
+    let newest = tokenize_n(&server, 4).await;
+    server.close().await;
+    let reopened = open(&data, &new_key);
+    assert_all_detokenize(&reopened, &newest).await;
+    reopened.close().await;
+}

@@ -152,6 +152,16 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
             return Err(e);
         }
     };
+    let master_reloader = match master_key_path(&vault_args, args.dev) {
+        Some(path) => match reload_master_on_sighup(vault.clone(), path) {
+            Ok(task) => Some(task),
+            Err(e) => {
+                vault.close().await;
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     if let Some(setup) = dev_setup {
         let bound = listener.local_addr().unwrap_or(addr);
         dev::print_banner(&setup, bound, &vault_args, tls.is_some());
@@ -172,7 +182,7 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
         crate::metrics::spawn_gauge_refresher(vault.clone(), crate::metrics::GAUGE_REFRESH)
     });
     let result = serve(listener, vault, server_cfg, shutdown).await;
-    if let Some(task) = reloader {
+    for task in [reloader, master_reloader].into_iter().flatten() {
         task.abort();
     }
     if let Some(task) = gauges {
@@ -180,6 +190,44 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     }
     result?;
     Ok(())
+}
+
+/// The file the master key was read from, if it came from a file (a key in the environment
+/// cannot change under a running process).
+fn master_key_path(args: &VaultArgs, dev: bool) -> Option<std::path::PathBuf> {
+    match &args.master_key_file {
+        Some(path) => Some(path.clone()),
+        None if dev && std::env::var_os(crate::cli::common::MASTER_KEY_ENV).is_none() => {
+            Some(args.data_dir.join(dev::MASTER_KEY_FILE))
+        }
+        None => None,
+    }
+}
+
+/// SIGHUP also re-reads the master key file, so a server keeps working after
+/// `keys rotate-master` once the file holds the new key. A key that does not match the vault
+/// is refused and the current one stays in use.
+fn reload_master_on_sighup(
+    vault: crate::vault::Vault,
+    path: std::path::PathBuf,
+) -> Result<tokio::task::JoinHandle<()>, CliError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())
+        .map_err(|e| CliError::Other(format!("cannot install SIGHUP handler: {e}")))?;
+    Ok(tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let result = match crate::crypto::MasterKey::load_file(&path) {
+                Ok(key) => vault.reload_master_key(&key).await,
+                Err(e) => Err(e.into()),
+            };
+            match result {
+                Ok(()) => tracing::info!(path = %path.display(), "SIGHUP: master key reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: master key not reloaded; keeping the current one")
+                }
+            }
+        }
+    }))
 }
 
 /// SIGHUP reloads the TLS files; without TLS it is logged and ignored (rather than

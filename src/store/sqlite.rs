@@ -318,11 +318,84 @@ impl WriteOp {
     }
 }
 
-/// What a group's operations produced, sent only after the commit.
-enum Done {
-    Tokenize(Reply<Vec<Result<StoredToken>>>, Vec<Result<StoredToken>>),
-    Delete(Reply<bool>, bool),
+/// An operation of a group without its reply channel: what the transaction works on.
+enum Work {
+    Tokenize {
+        items: Vec<NewToken>,
+        caller: Caller,
+    },
+    Delete {
+        token: String,
+        caller: Caller,
+    },
+    Audit {
+        entries: Vec<AuditEntry>,
+    },
+}
+
+/// What an operation produced, sent only after the group's commit.
+enum Outcome {
+    Tokenize(Vec<Result<StoredToken>>),
+    Delete(bool),
+    Audit,
+}
+
+/// Where an operation is answered. Kept apart from its [`Work`] so that every caller hears
+/// back on every path: the outcome after a commit, the group's error otherwise.
+enum Pending {
+    Tokenize(Reply<Vec<Result<StoredToken>>>),
+    Delete(Reply<bool>),
     Audit(Reply<()>),
+}
+
+impl WriteOp {
+    fn split(self) -> (Work, Pending) {
+        match self {
+            WriteOp::Tokenize {
+                items,
+                caller,
+                reply,
+            } => (Work::Tokenize { items, caller }, Pending::Tokenize(reply)),
+            WriteOp::Delete {
+                token,
+                caller,
+                reply,
+            } => (Work::Delete { token, caller }, Pending::Delete(reply)),
+            WriteOp::Audit { entries, reply } => (Work::Audit { entries }, Pending::Audit(reply)),
+            WriteOp::Admin(_) => unreachable!("admin operations run alone, never in a group"),
+        }
+    }
+}
+
+impl Pending {
+    fn answer(self, outcome: Outcome) {
+        match (self, outcome) {
+            (Pending::Tokenize(r), Outcome::Tokenize(results)) => {
+                let _ = r.send(Ok(results));
+            }
+            (Pending::Delete(r), Outcome::Delete(deleted)) => {
+                let _ = r.send(Ok(deleted));
+            }
+            (Pending::Audit(r), Outcome::Audit) => {
+                let _ = r.send(Ok(()));
+            }
+            (p, _) => p.fail(Error::Internal("writer outcome of the wrong kind".into())),
+        }
+    }
+
+    fn fail(self, e: Error) {
+        match self {
+            Pending::Tokenize(r) => {
+                let _ = r.send(Err(e));
+            }
+            Pending::Delete(r) => {
+                let _ = r.send(Err(e));
+            }
+            Pending::Audit(r) => {
+                let _ = r.send(Err(e));
+            }
+        }
+    }
 }
 
 pub struct Writer {
@@ -394,163 +467,89 @@ impl Writer {
     }
 
     fn commit_group(&mut self, group: Vec<WriteOp>) {
-        let (items, started) = (group.len(), Instant::now());
-        let mut done = Vec::with_capacity(items);
-        let result = self.apply_group(group, &mut done);
+        let (n, started) = (group.len(), Instant::now());
+        let (work, pending): (Vec<Work>, Vec<Pending>) =
+            group.into_iter().map(WriteOp::split).unzip();
+        let result = self.apply_group(work);
         let outcome = match result {
-            Ok(()) => crate::metrics::CommitOutcome::Ok,
+            Ok(_) => crate::metrics::CommitOutcome::Ok,
             Err(_) => crate::metrics::CommitOutcome::Error,
         };
-        crate::metrics::record_group_commit(items, started.elapsed(), outcome);
+        crate::metrics::record_group_commit(n, started.elapsed(), outcome);
         match result {
-            Ok(()) => {
+            Ok(outcomes) => {
                 self.healthy.store(true, Ordering::Relaxed);
-                for d in done {
-                    match d {
-                        Done::Tokenize(reply, results) => {
-                            let _ = reply.send(Ok(results));
-                        }
-                        Done::Delete(reply, deleted) => {
-                            let _ = reply.send(Ok(deleted));
-                        }
-                        Done::Audit(reply) => {
-                            let _ = reply.send(Ok(()));
-                        }
-                    }
+                for (p, o) in pending.into_iter().zip(outcomes) {
+                    p.answer(o);
                 }
             }
-            Err((e, replies)) => {
+            Err(e) => {
                 tracing::error!(error = %e, "group commit failed; no request of the group is acknowledged");
                 if matches!(e, Error::Unavailable(_) | Error::ResourceExhausted(_)) {
                     self.healthy.store(false, Ordering::Relaxed);
                 }
-                // The keyring may hold a version created in the rolled-back transaction.
-                for r in replies {
-                    r(duplicate(&e));
+                for p in pending {
+                    p.fail(duplicate(&e));
                 }
             }
         }
     }
 
-    /// Applies and commits a group. On failure, returns the error and a way to fail each op.
-    #[allow(clippy::type_complexity)]
-    fn apply_group(
-        &mut self,
-        group: Vec<WriteOp>,
-        done: &mut Vec<Done>,
-    ) -> std::result::Result<(), (Error, Vec<Box<dyn FnOnce(Error)>>)> {
-        // Collect failure callbacks up front so every caller hears back on any error path.
-        let mut ops = Vec::with_capacity(group.len());
-        let mut fail: Vec<Box<dyn FnOnce(Error)>> = Vec::new();
+    /// Applies a group in one transaction and commits it; any error rolls the whole group
+    /// back (the transaction is dropped uncommitted).
+    fn apply_group(&mut self, work: Vec<Work>) -> Result<Vec<Outcome>> {
         let keyring = self.keyring.clone();
-        let tx = match self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-        {
-            Ok(tx) => tx,
-            Err(e) => {
-                for op in group {
-                    fail.push(fail_op(op));
-                }
-                return Err((e.into(), fail));
-            }
-        };
         let tokenize_page_limit = self.tokenize_page_limit;
-        let outcome: Result<()> = (|| {
-            let mut st = begin_state(&tx, &keyring)?;
-            for op in group {
-                match op {
-                    WriteOp::Tokenize {
-                        mut items,
-                        caller,
-                        reply,
-                    } => {
-                        if let Some(limit) = tokenize_page_limit {
-                            if pages_in_use(&tx)? >= limit {
-                                let mut results = Vec::with_capacity(items.len());
-                                for _ in &items {
-                                    let r: Result<StoredToken> = Err(Error::ResourceExhausted(
-                                        "storage limit reached: tokenize is refused until space \
-                                         is freed (purge) or the limit is raised"
-                                            .into(),
-                                    ));
-                                    st.audit.push(AuditEntry::new(
-                                        &caller,
-                                        "tokenize",
-                                        "",
-                                        outcome_of(&r),
-                                        "",
-                                    ));
-                                    results.push(r);
-                                }
-                                ops.push(Done::Tokenize(reply, results));
-                                continue;
-                            }
-                        }
-                        let mut results = Vec::with_capacity(items.len());
-                        for item in items.iter_mut() {
-                            let r = insert_token(&tx, &keyring, &mut st, item);
-                            let subject = r.as_ref().map(|s| s.token.clone()).unwrap_or_default();
-                            st.audit.push(AuditEntry::new(
-                                &caller,
-                                "tokenize",
-                                &subject,
-                                outcome_of(&r),
-                                "",
-                            ));
-                            results.push(r);
-                        }
-                        ops.push(Done::Tokenize(reply, results));
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut st = begin_state(&tx, &keyring)?;
+        let mut outcomes = Vec::with_capacity(work.len());
+        for w in work {
+            outcomes.push(match w {
+                Work::Tokenize { mut items, caller } => {
+                    let full = match tokenize_page_limit {
+                        Some(limit) => pages_in_use(&tx)? >= limit,
+                        None => false,
+                    };
+                    let mut results = Vec::with_capacity(items.len());
+                    for item in items.iter_mut() {
+                        let r = if full {
+                            Err(Error::ResourceExhausted(
+                                "storage limit reached: tokenize is refused until space is \
+                                 freed (purge) or the limit is raised"
+                                    .into(),
+                            ))
+                        } else {
+                            insert_token(&tx, &keyring, &mut st, item)?
+                        };
+                        let subject = r.as_ref().map(|s| s.token.as_str()).unwrap_or_default();
+                        st.audit.push(AuditEntry::new(&caller, "tokenize", subject, outcome_of(&r), ""));
+                        results.push(r);
                     }
-                    WriteOp::Delete {
-                        token,
-                        caller,
-                        reply,
-                    } => {
-                        let deleted = tx
-                            .prepare_cached(
-                                "UPDATE tokens SET nonce = NULL, ciphertext = NULL, fingerprint = NULL, \
-                                 deleted_at = ?2 WHERE token = ?1 AND deleted_at IS NULL",
-                            )?
-                            .execute(params![token, now_micros()])?
-                            > 0;
-                        let outcome = if deleted { "OK" } else { "NOT_FOUND" };
-                        st.audit
-                            .push(AuditEntry::new(&caller, "delete", &token, outcome, ""));
-                        ops.push(Done::Delete(reply, deleted));
-                    }
-                    WriteOp::Audit { entries, reply } => {
-                        st.audit.extend(entries);
-                        ops.push(Done::Audit(reply));
-                    }
-                    WriteOp::Admin(_) => unreachable!("admin operations run alone"),
+                    Outcome::Tokenize(results)
                 }
-            }
-            finish_state(&tx, &keyring, &mut st)
-        })();
-        let committed = outcome.and_then(|()| Ok(tx.commit()?));
-        match committed {
-            Ok(()) => {
-                done.extend(ops);
-                Ok(())
-            }
-            Err(e) => {
-                for d in ops {
-                    fail.push(match d {
-                        Done::Tokenize(r, _) => Box::new(move |e| {
-                            let _ = r.send(Err(e));
-                        }),
-                        Done::Delete(r, _) => Box::new(move |e| {
-                            let _ = r.send(Err(e));
-                        }),
-                        Done::Audit(r) => Box::new(move |e| {
-                            let _ = r.send(Err(e));
-                        }),
-                    });
+                Work::Delete { token, caller } => {
+                    let deleted = tx
+                        .prepare_cached(
+                            "UPDATE tokens SET nonce = NULL, ciphertext = NULL, fingerprint = NULL, \
+                             deleted_at = ?2 WHERE token = ?1 AND deleted_at IS NULL",
+                        )?
+                        .execute(params![token, now_micros()])?
+                        > 0;
+                    let outcome = if deleted { "OK" } else { "NOT_FOUND" };
+                    st.audit.push(AuditEntry::new(&caller, "delete", &token, outcome, ""));
+                    Outcome::Delete(deleted)
                 }
-                Err((e, fail))
-            }
+                Work::Audit { entries } => {
+                    st.audit.extend(entries);
+                    Outcome::Audit
+                }
+            });
         }
+        finish_state(&tx, &keyring, &mut st)?;
+        tx.commit()?;
+        Ok(outcomes)
     }
 
     /// Runs `f` in its own immediate transaction with the writer's state synchronised.
@@ -588,21 +587,6 @@ impl Writer {
     }
 }
 
-fn fail_op(op: WriteOp) -> Box<dyn FnOnce(Error)> {
-    match op {
-        WriteOp::Tokenize { reply, .. } => Box::new(move |e| {
-            let _ = reply.send(Err(e));
-        }),
-        WriteOp::Delete { reply, .. } => Box::new(move |e| {
-            let _ = reply.send(Err(e));
-        }),
-        WriteOp::Audit { reply, .. } => Box::new(move |e| {
-            let _ = reply.send(Err(e));
-        }),
-        WriteOp::Admin(_) => Box::new(|_| {}),
-    }
-}
-
 fn begin_state(tx: &Transaction<'_>, keyring: &Keyring) -> Result<TxState> {
     // The database, not the in-memory snapshot, says which version is active: another
     // process may have rotated, and a rolled-back rotation may linger in the snapshot.
@@ -613,7 +597,14 @@ fn begin_state(tx: &Transaction<'_>, keyring: &Keyring) -> Result<TxState> {
         .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
     let active_version = active_version as u32;
     if keyring.snapshot().active.version() != active_version {
-        keyring.replace(&load_key_rows(tx)?)?;
+        if let Err(e) = keyring.replace(&load_key_rows(tx)?) {
+            // A version created under a rotated master cannot be opened with ours. Reveals,
+            // deletes and audit records go on; tokenize refuses until the new key is loaded.
+            if master_is_current(tx, keyring)? {
+                return Err(e);
+            }
+            tracing::warn!("{STALE_MASTER}");
+        }
     }
     let head: Option<(i64, Vec<u8>)> = tx
         .prepare_cached("SELECT seq, mac FROM audit ORDER BY seq DESC LIMIT 1")?
@@ -631,11 +622,26 @@ fn begin_state(tx: &Transaction<'_>, keyring: &Keyring) -> Result<TxState> {
         counts: HashMap::new(),
         audit: Vec::new(),
     };
-    // Age-based rotation happens before the first encryption under an expired version.
-    if keyring.needs_rotation(0, 0, st.active_created, now_micros()) {
+    // Age-based rotation happens before the first encryption under an expired version
+    // (with a stale master, tokenize refuses instead: see `insert_token`).
+    if keyring.needs_rotation(0, 0, st.active_created, now_micros())
+        && master_is_current(tx, keyring)?
+    {
         rotate_in_tx(tx, keyring, &mut st)?;
     }
     Ok(st)
+}
+
+/// Why tokenize is refused while this process holds a master key that was rotated away.
+const STALE_MASTER: &str = "the master key was rotated by another process: reload it (SIGHUP) \
+                            or restart with the new key; tokenize is refused until then";
+
+/// False once another process rotated the master key away from the one this process holds.
+fn master_is_current(tx: &Transaction<'_>, keyring: &Keyring) -> Result<bool> {
+    let wrapped: Vec<u8> = tx
+        .prepare_cached("SELECT value FROM meta WHERE key = 'wrapped_fingerprint_key'")?
+        .query_row([], |r| r.get(0))?;
+    Ok(keyring.kwk_opens(&wrapped))
 }
 
 fn finish_state(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) -> Result<()> {
@@ -731,12 +737,14 @@ pub(super) fn rotate_in_tx(
     Ok(version)
 }
 
+/// Inserts one token (or finds it, with `reuse_existing`). The outer error is a storage
+/// failure that must fail the whole group; the inner one belongs to this item alone.
 fn insert_token(
     tx: &Transaction<'_>,
     keyring: &Keyring,
     st: &mut TxState,
     item: &mut NewToken,
-) -> Result<StoredToken> {
+) -> Result<Result<StoredToken>> {
     if let (true, Some(fingerprint)) = (item.reuse_existing, &item.fingerprint) {
         let existing = tx
             .prepare_cached(SQL_REUSE)?
@@ -753,11 +761,14 @@ fn insert_token(
             )
             .optional()?;
         if let Some(found) = existing {
-            return Ok(found);
+            return Ok(Ok(found));
         }
     }
     for _ in 0..MAX_TOKEN_DRAWS {
         if keyring.needs_rotation(st.active_count, 1, st.active_created, now_micros()) {
+            if !master_is_current(tx, keyring)? {
+                return Ok(Err(Error::Unavailable(STALE_MASTER.into())));
+            }
             rotate_in_tx(tx, keyring, st)?;
         }
         if item.key_version != st.active_version {
@@ -766,6 +777,10 @@ fn insert_token(
                 .active
                 .seal(&item.token, item.pan.expose_digits().as_bytes());
             item.key_version = snapshot.active.version();
+        }
+        // Never seal under a version that is not the active one.
+        if item.key_version != st.active_version {
+            return Ok(Err(Error::Unavailable(STALE_MASTER.into())));
         }
         let m = &item.meta;
         let inserted = tx.prepare_cached(SQL_INSERT_TOKEN)?.execute(params![
@@ -787,12 +802,12 @@ fn insert_token(
         st.active_count += 1;
         *st.counts.entry(item.key_version).or_insert(0) += 1;
         if inserted == 1 {
-            return Ok(StoredToken {
+            return Ok(Ok(StoredToken {
                 token: item.token.clone(),
                 key_version: item.key_version,
                 created: true,
                 meta: item.meta.clone(),
-            });
+            }));
         }
         // Collision: draw again; the AAD binds the token, so re-seal too.
         item.token = token::generate(m.format, &item.pan).into_string();
@@ -802,10 +817,10 @@ fn insert_token(
             .seal(&item.token, item.pan.expose_digits().as_bytes());
         item.key_version = snapshot.active.version();
     }
-    Err(Error::ResourceExhausted(format!(
+    Ok(Err(Error::ResourceExhausted(format!(
         "no free {} token left for this card number length; use another format",
         item.meta.format.name()
-    )))
+    ))))
 }
 
 // ---------------------------------------------------------------------------------------
