@@ -42,6 +42,8 @@ use crate::vault::{now_micros, Caller, ClientInfo, KeyState, KeyVersionInfo, Mic
 pub const DB_FILE: &str = "vault.db";
 /// Draws of a new token before a shaped format's space is declared exhausted.
 const MAX_TOKEN_DRAWS: usize = 32;
+/// Prepared statements kept per connection.
+const STATEMENT_CACHE: usize = 64;
 /// Reads go through a memory map of the database file (the WAL is read normally).
 const MMAP_SIZE: i64 = 1 << 30;
 pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -845,6 +847,7 @@ impl ReadPool {
             )?;
             conn.busy_timeout(BUSY_TIMEOUT)?;
             conn.pragma_update(None, "query_only", true)?;
+            conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
             // Every commit of the writer invalidates a reader's page cache, and clearing a
             // large cache costs more than re-reading through the memory map.
             conn.pragma_update(None, "cache_size", -2_000)?;
@@ -936,6 +939,9 @@ impl SqliteStore {
         set_pragmas(&conn, p.max_storage_bytes)?;
         conn.busy_timeout(p.busy_timeout)?;
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        // The writer cycles through more distinct statements than rusqlite's default cache of
+        // 16 holds; an evicted statement is finalised and prepared again on every group.
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
         let tokenize_page_limit = match p.max_storage_bytes {
             Some(bytes) => {
