@@ -802,8 +802,9 @@ fn validate_client_name(name: &str) -> Result<()> {
     }
 }
 
-/// The data directory holds the only copy of the card data: owner-only access.
-fn create_private_dir(dir: &Path) -> Result<()> {
+/// Creates a data directory (and its parents) with owner-only access: it holds the only copy
+/// of the card data. An existing directory is left as it is.
+pub fn create_private_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     if dir.exists() {
         return Ok(());

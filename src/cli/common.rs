@@ -180,13 +180,7 @@ pub fn require_vault(data_dir: &Path) -> Result<(), CliError> {
 
 /// Creates `dir` (and parents) readable by the owner only.
 pub fn create_private_dir(dir: &Path) -> Result<(), CliError> {
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder
-        .create(dir)
-        .map_err(|e| CliError::Storage(format!("cannot create {}: {e}", dir.display())))
+    crate::vault::create_private_dir(dir).map_err(|e| CliError::Storage(e.to_string()))
 }
 
 /// RFC 3339 UTC, seconds precision.

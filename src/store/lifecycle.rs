@@ -8,7 +8,7 @@
 //! run is one pass over the table and an interrupted run simply starts again.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -566,11 +566,7 @@ pub fn restore(
     )?;
     let tokens: i64 = src.query_row("SELECT COUNT(*) FROM tokens", [], |r| r.get(0))?;
 
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(data_dir)
-        .map_err(|e| Error::Unavailable(format!("cannot create {}: {e}", data_dir.display())))?;
+    crate::vault::create_private_dir(data_dir)?;
     let target = db_path(data_dir);
     let replaced_existing = target.exists();
     if replaced_existing {
