@@ -31,8 +31,18 @@ pub struct AuditEntry {
     pub reason: String,
 }
 
+/// Stored instead of a reason that holds a card number (see [`AuditEntry::new`]).
+pub const REASON_WITHHELD: &str = "[withheld: the reason contained a card number]";
+
 impl AuditEntry {
+    /// A record to append. A `reason` that holds a card number is never stored: the vault
+    /// refuses such requests first, and this is the last line behind it.
     pub fn new(caller: &Caller, action: &str, subject: &str, outcome: &str, reason: &str) -> Self {
+        let reason = if crate::card::contains_card_number(reason) {
+            REASON_WITHHELD
+        } else {
+            reason
+        };
         AuditEntry {
             at: crate::vault::now_micros(),
             principal: caller.principal.clone(),

@@ -5,7 +5,9 @@
 //!   buffer), with errors that carry positions and counts but never any part of the input;
 //! - the Luhn check ([`luhn_valid`], [`luhn_check_digit`]);
 //! - brand detection from IIN ranges ([`Brand`]);
-//! - PCI DSS 3.4.1 masking ([`Pan::masked`], [`Pan::masked_last4`], [`mask_parts`]).
+//! - PCI DSS 3.4.1 masking ([`Pan::masked`], [`Pan::masked_last4`], [`mask_parts`]);
+//! - finding card numbers in free text ([`contains_card_number`]), so none reaches the audit
+//!   trail through a caller's `reason`.
 //!
 //! A `Pan` deliberately has no `Display` and a redacted `Debug`, so it cannot end up in a log
 //! line or an error message by accident; the digits are only reachable via
@@ -356,6 +358,76 @@ pub fn mask_parts(bin: &str, last4: &str, len: usize) -> String {
     out.push_str(&"*".repeat(stars));
     out.push_str(last4);
     out
+}
+
+/// True when `text` holds something that looks like a card number: 12 to 19 ASCII digits
+/// that pass the Luhn check, written in one piece or in groups separated by up to three
+/// spaces, tabs, dashes or dots (`4539 1462-5276.0189`). Every run of whole groups is tried,
+/// so a card written next to other numbers (`order 12 4539146252760189`) is found too; digits
+/// glued to a card without a separator make a different, longer number and are not a card.
+///
+/// Used to keep card numbers out of stored free text (the audit `reason`): the caller
+/// refuses such text with a message that does not repeat it.
+pub fn contains_card_number(text: &str) -> bool {
+    const MAX_SEPARATORS: usize = 3;
+    let is_sep = |c: char| matches!(c, ' ' | '-' | '.' | '\t' | '\u{a0}');
+    // Digit groups of the current run, as byte ranges of `text`.
+    let mut groups: Vec<(usize, usize)> = Vec::new();
+    let mut group_start: Option<usize> = None;
+    let mut seps = 0usize;
+    for (i, c) in text
+        .char_indices()
+        .chain(std::iter::once((text.len(), '\0')))
+    {
+        if c.is_ascii_digit() && i < text.len() {
+            if group_start.is_none() {
+                if seps > MAX_SEPARATORS || (seps == 0 && !groups.is_empty()) {
+                    // Too far from the previous group (or not a separator in between).
+                    if run_has_card(text, &groups) {
+                        return true;
+                    }
+                    groups.clear();
+                }
+                group_start = Some(i);
+            }
+            seps = 0;
+            continue;
+        }
+        if let Some(start) = group_start.take() {
+            groups.push((start, i));
+        }
+        if i < text.len() && is_sep(c) && !groups.is_empty() {
+            seps += 1;
+        } else {
+            // Anything else ends the run.
+            if run_has_card(text, &groups) {
+                return true;
+            }
+            groups.clear();
+            seps = 0;
+        }
+    }
+    false
+}
+
+/// Tries every sequence of consecutive whole groups of one run holding 12..=19 digits.
+fn run_has_card(text: &str, groups: &[(usize, usize)]) -> bool {
+    let bytes = text.as_bytes();
+    let mut buf = Zeroizing::new([0u8; MAX_LEN]);
+    for first in 0..groups.len() {
+        let mut n = 0;
+        for &(a, b) in &groups[first..] {
+            if n + (b - a) > MAX_LEN {
+                break;
+            }
+            buf[n..n + (b - a)].copy_from_slice(&bytes[a..b]);
+            n += b - a;
+            if n >= MIN_LEN && luhn_valid(&buf[..n]) {
+                return true;
+            }
+        }
+    }
+    false
 }
 
 #[cfg(test)]
@@ -774,6 +846,103 @@ mod tests {
                 if digits.len() >= 5 {
                     prop_assert!(!shown.contains(&digits));
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn finds_card_numbers_in_text() {
+        for text in [
+            "refund to card 4539146252760189",
+            "4539146252760189",
+            "card 4539 1462 5276 0189 refund",
+            "card 4539-1462-5276-0189.",
+            "card 4539.1462.5276.0189",
+            "card 4539 - 1462 - 5276 - 0189",
+            "card\t4539\t1462 5276 0189",
+            "order 12 4539146252760189",
+            "order 12 4539 1462 5276 0189 done",
+            "378282246310005",
+            "x:378282246310005;y",
+            "ref 2026-11-27 card 411111111117 ok",
+            "6011111111111117 and 5555555555554444",
+        ] {
+            assert!(contains_card_number(text), "missed in {text:?}");
+        }
+    }
+
+    #[test]
+    fn leaves_other_numbers_alone() {
+        for text in [
+            "",
+            "order 42",
+            "refund order 2026-11-27 #1234",
+            "4539146252760188",            // Luhn fails
+            "45391462527601890000000",     // 23 glued digits: not a card
+            "card 4539    1462 5276 0189", // four spaces: not one number
+            "ticket 12345678901",          // 11 digits
+            "a4539146252760189b",          // glued to letters, still found below
+        ] {
+            if text == "a4539146252760189b" {
+                assert!(contains_card_number(text));
+                continue;
+            }
+            assert!(!contains_card_number(text), "false alarm on {text:?}");
+        }
+        // Non-ASCII digits are not card numbers for the vault either.
+        assert!(!contains_card_number("٤٥٣٩١٤٦٢٥٢٧٦٠١٨٩"));
+    }
+
+    proptest! {
+        #[test]
+        fn any_grouped_card_in_any_text_is_found(
+            digits in valid_pan(),
+            before in "[a-z ,:#]{0,20}",
+            after in "[a-z ,:#]{0,20}",
+            seps in proptest::collection::vec(prop_oneof![
+                6 => Just(""), 1 => Just(" "), 1 => Just("-"), 1 => Just(" - "), 1 => Just(".")
+            ], MAX_LEN),
+        ) {
+            let mut text = before.clone();
+            text.push(' ');
+            for (i, c) in digits.chars().enumerate() {
+                if i > 0 {
+                    text.push_str(seps[i]);
+                }
+                text.push(c);
+            }
+            text.push(' ');
+            text.push_str(&after);
+            prop_assert!(contains_card_number(&text));
+        }
+
+        #[test]
+        fn card_between_other_numbers_is_found(
+            digits in valid_pan(),
+            left in proptest::collection::vec("[0-9]{1,6}", 0..4),
+            right in proptest::collection::vec("[0-9]{1,6}", 0..4),
+        ) {
+            let mut parts = left.clone();
+            parts.push(digits.clone());
+            parts.extend(right.iter().cloned());
+            prop_assert!(contains_card_number(&parts.join(" ")));
+        }
+
+        #[test]
+        fn scanner_never_panics(s in any::<String>()) {
+            let _ = contains_card_number(&s);
+        }
+
+        #[test]
+        fn short_digit_runs_are_never_cards(s in "[a-z 0-9\\-.]{0,80}") {
+            // Digits separated by letters never form 12 digits in a row.
+            let longest_digit_span = s
+                .split(|c: char| c.is_ascii_alphabetic())
+                .map(|p| p.chars().filter(char::is_ascii_digit).count())
+                .max()
+                .unwrap_or(0);
+            if longest_digit_span < MIN_LEN {
+                prop_assert!(!contains_card_number(&s));
             }
         }
     }

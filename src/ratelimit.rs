@@ -1,6 +1,8 @@
-//! Per-principal token buckets for detokenize: a stolen API key can reveal only so many cards
-//! per second. Items of a batch count individually; a request that does not fit is refused
-//! whole (RESOURCE_EXHAUSTED, audited by the caller) and takes nothing from the bucket.
+//! Per-principal token buckets: a stolen API key can reveal (detokenize) or probe
+//! (`reuse_existing`) only so many cards per second. Every item of a batch counts; a request
+//! that does not fit the remaining budget is refused whole (RESOURCE_EXHAUSTED, audited by
+//! the caller) and takes nothing, and a request larger than the bucket itself (one second's
+//! worth) can never pass, however long the client waits.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -64,8 +66,8 @@ impl RateLimiter {
         }
     }
 
-    /// Takes `n` reveals for `principal` at `rate` (its own, else the server default).
-    /// True when allowed.
+    /// Takes `n` units for `principal` at `rate` (its own, else the server default).
+    /// True when allowed; false takes nothing.
     pub fn try_take(&self, principal: &str, rate: Option<Rate>, n: u32) -> bool {
         let Some(rate) = rate.or(self.default) else {
             return true;
@@ -80,10 +82,11 @@ impl RateLimiter {
         let elapsed = now.duration_since(b.last).as_secs_f64();
         b.tokens = (b.tokens + elapsed * rate.per_second).min(capacity);
         b.last = now;
-        let need = n as f64;
-        // A batch larger than the capacity can never fit: let it through only on a full bucket.
-        if b.tokens >= need || (need > capacity && b.tokens >= capacity) {
-            b.tokens -= need.min(b.tokens);
+        let need = f64::from(n);
+        // All or nothing: a batch larger than the capacity never fits, and is never let
+        // through on a full bucket either (that would reveal a whole batch per second).
+        if need <= b.tokens {
+            b.tokens -= need;
             true
         } else {
             false
@@ -114,8 +117,41 @@ mod tests {
         assert!(rl.try_take("q", None, 1));
         std::thread::sleep(std::time::Duration::from_millis(250));
         assert!(rl.try_take("p", None, 1));
+        // A full bucket lets through exactly its capacity, item by item.
+        assert!(rl.try_take("r", None, 10));
+        assert!(!rl.try_take("r", None, 1));
         // No default and no own rate: unlimited.
         let open = RateLimiter::new(None);
         assert!((0..1000).all(|_| open.try_take("p", None, 1)));
+    }
+
+    #[test]
+    fn a_batch_larger_than_the_bucket_never_passes() {
+        let rl = RateLimiter::new(Some(Rate { per_second: 1.0 }));
+        // On a full bucket, after any wait: refused, and it takes nothing.
+        assert!(!rl.try_take("p", None, 5000));
+        assert!(!rl.try_take("p", None, 2));
+        assert!(rl.try_take("p", None, 1));
+        let rl = RateLimiter::new(Some(Rate { per_second: 100.0 }));
+        assert!(!rl.try_take("p", None, 101));
+        // A batch exceeding what is left is refused whole and leaves the rest for others.
+        assert!(rl.try_take("p", None, 60));
+        assert!(!rl.try_take("p", None, 41));
+        assert!(rl.try_take("p", None, 40));
+        assert!(!rl.try_take("p", None, 1));
+    }
+
+    #[test]
+    fn many_small_batches_cannot_beat_the_rate() {
+        let rl = RateLimiter::new(Some(Rate { per_second: 50.0 }));
+        let start = Instant::now();
+        let mut taken = 0u32;
+        while start.elapsed() < std::time::Duration::from_millis(300) {
+            if rl.try_take("p", None, 7) {
+                taken += 7;
+            }
+        }
+        let allowed = 50.0 + 50.0 * start.elapsed().as_secs_f64();
+        assert!(f64::from(taken) <= allowed + 0.001, "{taken} > {allowed}");
     }
 }

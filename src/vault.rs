@@ -370,6 +370,16 @@ impl Vault {
     }
 
     fn check_request(req: &TokenizeRequest, now: Micros) -> Result<()> {
+        // Six plus four kept digits would leave a card under 15 digits with fewer hidden
+        // digits than PCI DSS masking allows (GetTokenInfo shows only the last four there).
+        if req.format == TokenFormat::PanShapedKeepBin
+            && req.pan.len() < crate::card::BIN_VISIBLE_MIN_LEN
+        {
+            return Err(Error::InvalidArgument(format!(
+                "format: PAN_SHAPED_KEEP_BIN needs a card number of at least {} digits",
+                crate::card::BIN_VISIBLE_MIN_LEN
+            )));
+        }
         if let Some(at) = req.expires_at {
             if at <= now {
                 return Err(Error::InvalidArgument("expires_at is in the past".into()));
@@ -444,7 +454,13 @@ impl Vault {
         let mut results = Vec::with_capacity(rows.len());
         let mut audit = Vec::with_capacity(rows.len());
         for ((token, reason), row) in items.iter().zip(rows) {
+            // The reason is stored in the audit trail, so it must not carry a card number.
+            let card_in_reason = crate::card::contains_card_number(reason);
             let r = match row {
+                _ if card_in_reason => Err(Error::InvalidArgument(
+                    "reason must not contain a card number (it is stored in the audit trail)"
+                        .into(),
+                )),
                 Some(row) => self.reveal(row).await,
                 None => Err(Error::NotFound),
             };
@@ -453,7 +469,7 @@ impl Vault {
                 "detokenize",
                 token.as_str(),
                 outcome_of(&r),
-                reason,
+                if card_in_reason { "" } else { reason },
             ));
             results.push(r);
         }
@@ -521,6 +537,21 @@ impl Vault {
         self.inner
             .store
             .append_audit(vec![AuditEntry::new(caller, action, "", outcome, "")])
+            .await
+    }
+
+    /// One record standing for `outcome` refusals that were counted, not recorded one by
+    /// one; `detail` says how many.
+    pub async fn audit_summary(
+        &self,
+        caller: &Caller,
+        action: &str,
+        outcome: &str,
+        detail: &str,
+    ) -> Result<()> {
+        self.inner
+            .store
+            .append_audit(vec![AuditEntry::new(caller, action, "", outcome, detail)])
             .await
     }
 

@@ -12,9 +12,10 @@
 //! principal (items of a batch count one by one); refusals are audited, those of anonymous
 //! callers only up to a server-wide rate so a flood cannot fill the trail.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tonic::{Request, Response, Status};
@@ -124,6 +125,15 @@ impl Default for AuthPolicy {
 /// Key of the single bucket all anonymous refusal records share.
 const ANONYMOUS_BUCKET: &str = "";
 
+/// Refusal records written per authenticated principal per second (rate limits, permission);
+/// beyond it refusals are counted and one summary record per second carries the count, so
+/// a flood from one stolen key cannot fill the trail.
+pub const PRINCIPAL_REFUSAL_AUDIT_PER_SECOND: f64 = 10.0;
+/// How long refusals beyond the audit rate are counted before their summary record.
+const REFUSAL_SUMMARY_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+/// Audit action of the summary record.
+pub const REFUSAL_SUMMARY_ACTION: &str = "refusals_not_recorded";
+
 /// The service implementation handed to the generated tonic server.
 #[derive(Clone)]
 pub struct TokenVaultService {
@@ -134,6 +144,10 @@ pub struct TokenVaultService {
     anonymous_audit: Arc<RateLimiter>,
     /// Anonymous refusals not audited because of `anonymous_audit`, since the last log line.
     unaudited: Arc<AtomicU64>,
+    /// Per-principal budget of refusal records.
+    refusal_audit: Arc<RateLimiter>,
+    /// Refusals per principal beyond `refusal_audit` awaiting their summary record.
+    unaudited_refusals: Arc<Mutex<HashMap<String, u64>>>,
 }
 
 impl TokenVaultService {
@@ -145,6 +159,10 @@ impl TokenVaultService {
             detokenize_limiter: Arc::new(RateLimiter::new(policy.detokenize_rate)),
             anonymous_audit: Arc::new(RateLimiter::new(Some(policy.anonymous_audit_rate))),
             unaudited: Arc::new(AtomicU64::new(0)),
+            refusal_audit: Arc::new(RateLimiter::new(Some(Rate {
+                per_second: PRINCIPAL_REFUSAL_AUDIT_PER_SECOND,
+            }))),
+            unaudited_refusals: Arc::new(Mutex::new(HashMap::new())),
             policy,
         }
     }
@@ -234,7 +252,7 @@ impl TokenVaultService {
                 rpc.method(),
                 roles.join(" or ")
             ));
-            self.refuse(&caller, rpc, &err).await;
+            self.refuse_principal(&caller, rpc, &err).await;
             return Err(err.into());
         }
         Ok((caller, principal))
@@ -259,10 +277,55 @@ impl TokenVaultService {
         }
         metrics::record_rate_limited(rpc.metric());
         let err = Error::ResourceExhausted(
-            "detokenize rate limit exceeded for this client; retry later".into(),
+            "detokenize rate limit exceeded for this client (a batch counts every item and \
+             can never exceed one second's worth); retry later"
+                .into(),
         );
-        self.refuse(caller, rpc, &err).await;
+        self.refuse_principal(caller, rpc, &err).await;
         Err(err.into())
+    }
+
+    /// Audits a refusal of an authenticated principal while its refusal-record budget
+    /// lasts; beyond it the refusal is counted, and one summary record with the count is
+    /// written a second after the first uncounted one.
+    async fn refuse_principal(&self, caller: &Caller, rpc: Rpc, err: &Error) {
+        if self.refusal_audit.try_take(&caller.principal, None, 1) {
+            self.refuse(caller, rpc, err).await;
+            return;
+        }
+        let first = {
+            let mut pending = self
+                .unaudited_refusals
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let n = pending.entry(caller.principal.clone()).or_insert(0);
+            *n += 1;
+            *n == 1
+        };
+        if first {
+            let pending = self.unaudited_refusals.clone();
+            let vault = self.vault.clone();
+            let caller = caller.clone();
+            let outcome = err.code().as_str();
+            tokio::spawn(async move {
+                tokio::time::sleep(REFUSAL_SUMMARY_DELAY).await;
+                let n = pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&caller.principal)
+                    .unwrap_or(0);
+                let reason = format!(
+                    "{n} more {outcome} refusals of this client in the last second, \
+                     not recorded one by one"
+                );
+                if let Err(e) = vault
+                    .audit_summary(&caller, REFUSAL_SUMMARY_ACTION, outcome, &reason)
+                    .await
+                {
+                    tracing::warn!(error = %e, "could not audit a refusal summary");
+                }
+            });
+        }
     }
 
     /// Audits a refusal of an unauthenticated caller while the server-wide anonymous budget
