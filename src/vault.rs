@@ -4,9 +4,9 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::audit::{AuditEntry, AuditRecord, ChainVerifier, Verification};
 use crate::auth::Role;
@@ -195,6 +195,9 @@ impl Principal {
 pub const API_KEY_PREFIX: &str = "tvk_";
 /// How often a running vault looks for changes made by other processes (CLI).
 const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+/// Longest a running vault serves from a client list it could not confirm as current; past
+/// it every request is refused UNAVAILABLE, so a revocation never fails open.
+pub const CLIENTS_STALE_AFTER: Duration = Duration::from_secs(5);
 
 /// The vault. Cheap to clone; all clones share one store.
 #[derive(Clone)]
@@ -206,8 +209,38 @@ struct Inner {
     store: Arc<dyn Storage>,
     keyring: Arc<Keyring>,
     clients: RwLock<Arc<ClientCache>>,
+    /// When the client list was last confirmed current (read, or generation unchanged), in
+    /// milliseconds since `opened`; enforced only while the watcher runs.
+    clients_confirmed_ms: AtomicU64,
+    opened: Instant,
+    watching: AtomicBool,
     closed: AtomicBool,
     data_dir: PathBuf,
+}
+
+impl Inner {
+    fn elapsed_ms(&self) -> u64 {
+        self.opened.elapsed().as_millis() as u64
+    }
+    fn confirm_clients(&self) {
+        self.clients_confirmed_ms
+            .store(self.elapsed_ms(), Ordering::Relaxed);
+    }
+    /// UNAVAILABLE when the watcher has not confirmed the client list for too long.
+    fn check_clients_fresh(&self) -> Result<()> {
+        if !self.watching.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let age = self
+            .elapsed_ms()
+            .saturating_sub(self.clients_confirmed_ms.load(Ordering::Relaxed));
+        if age > CLIENTS_STALE_AFTER.as_millis() as u64 {
+            return Err(Error::Unavailable(
+                "the client list could not be read recently; refusing requests until it can".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Live principals by API key id and by certificate identity.
@@ -289,6 +322,9 @@ impl Vault {
                 store: Arc::new(store),
                 keyring,
                 clients: RwLock::new(Arc::new(ClientCache::build(clients))),
+                clients_confirmed_ms: AtomicU64::new(0),
+                opened: Instant::now(),
+                watching: AtomicBool::new(false),
                 closed: AtomicBool::new(false),
                 data_dir: cfg.data_dir.clone(),
             }),
@@ -303,13 +339,19 @@ impl Vault {
     }
 
     /// Picks up key and client changes made by other processes within [`WATCH_INTERVAL`].
+    /// Clients and keys are refreshed independently: a key version this process cannot
+    /// unwrap yet (a rotated master key before SIGHUP) must never hold back a revocation.
     fn start_watcher(&self) {
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        self.inner.confirm_clients();
+        self.inner.watching.store(true, Ordering::Relaxed);
         let weak = Arc::downgrade(&self.inner);
         handle.spawn(async move {
-            let mut seen = None;
+            let mut seen_clients = None;
+            let mut seen_keys = None;
+            let mut warned_keys = false;
             loop {
                 tokio::time::sleep(WATCH_INTERVAL).await;
                 let Some(inner) = weak.upgrade() else { break };
@@ -317,27 +359,59 @@ impl Vault {
                     break;
                 }
                 let vault = Vault { inner };
-                match vault.inner.store.generation().await {
-                    Ok(g) if seen != Some(g) => match vault.refresh().await {
-                        Ok(()) => seen = Some(g),
-                        Err(e) => tracing::warn!(error = %e, "could not refresh keys and clients"),
-                    },
-                    Ok(_) => {}
-                    Err(e) => tracing::debug!(error = %e, "generation check failed"),
+                let g = match vault.inner.store.generation().await {
+                    Ok(g) => g,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not check for client and key changes");
+                        continue;
+                    }
+                };
+                if seen_clients == Some(g) {
+                    vault.inner.confirm_clients();
+                } else {
+                    match vault.refresh_clients().await {
+                        Ok(()) => seen_clients = Some(g),
+                        Err(e) => tracing::warn!(error = %e, "could not refresh clients"),
+                    }
+                }
+                if seen_keys != Some(g) {
+                    match vault.refresh_keys().await {
+                        Ok(()) => {
+                            seen_keys = Some(g);
+                            warned_keys = false;
+                        }
+                        Err(e) if !warned_keys => {
+                            warned_keys = true;
+                            tracing::warn!(error = %e, "could not refresh keys; retrying");
+                        }
+                        Err(_) => {}
+                    }
                 }
             }
         });
     }
 
+    /// Reloads clients and keys, each on its own: a failure of one does not keep the
+    /// other stale. Returns the first error.
     async fn refresh(&self) -> Result<()> {
+        let clients = self.refresh_clients().await;
+        let keys = self.refresh_keys().await;
+        clients.and(keys)
+    }
+
+    async fn refresh_keys(&self) -> Result<()> {
         let rows = self.inner.store.key_rows().await?;
-        self.inner.keyring.replace(&rows)?;
+        self.inner.keyring.replace(&rows)
+    }
+
+    async fn refresh_clients(&self) -> Result<()> {
         let clients = self.inner.store.clients().await?;
         *self
             .inner
             .clients
             .write()
             .unwrap_or_else(|e| e.into_inner()) = Arc::new(ClientCache::build(clients));
+        self.inner.confirm_clients();
         Ok(())
     }
 
@@ -623,7 +697,7 @@ impl Vault {
             key_id: key_id.clone(),
         };
         self.inner.store.add_client(row, caller.clone()).await?;
-        self.refresh().await?;
+        self.refresh_clients().await?;
         Ok(format!("{API_KEY_PREFIX}{key_id}_{}", secret.as_str()))
     }
 
@@ -645,14 +719,21 @@ impl Vault {
             .store
             .revoke_client(name.to_owned(), caller.clone())
             .await?;
-        self.refresh().await?;
+        self.refresh_clients().await?;
         Ok(revoked)
+    }
+
+    /// UNAVAILABLE while the client list is older than [`CLIENTS_STALE_AFTER`]: who is
+    /// revoked is not known, so nobody is served.
+    pub fn check_clients_fresh(&self) -> Result<()> {
+        self.inner.check_clients_fresh()
     }
 
     /// Resolves an API key (`authorization: Bearer <key>`) to a live principal, in constant
     /// time per candidate, from a snapshot refreshed within a second of any change.
     pub fn authenticate_api_key(&self, key: &str) -> Result<Principal> {
         const UNKNOWN: &str = "missing or unknown API key";
+        self.inner.check_clients_fresh()?;
         let rest = key
             .strip_prefix(API_KEY_PREFIX)
             .ok_or(Error::Unauthenticated(UNKNOWN))?;
@@ -678,6 +759,7 @@ impl Vault {
 
     /// Resolves a verified certificate identity (URI or DNS SAN) to a live principal.
     pub fn authenticate_cert_identity(&self, identity: &str) -> Result<Principal> {
+        self.inner.check_clients_fresh()?;
         let cache = self
             .inner
             .clients

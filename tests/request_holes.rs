@@ -243,3 +243,119 @@ async fn the_audit_writer_withholds_a_reason_with_a_card_number() {
     let note = records.iter().find(|r| r.action == "note").unwrap();
     assert_eq!(note.reason, tokenvault::audit::REASON_WITHHELD);
 }
+
+// ---------------------------------------------------------------------------------------
+// Item 3: revocation must not depend on a key refresh.
+
+async fn info_code(c: &mut Client, token: &str) -> Code {
+    match c
+        .get_token_info(pb::GetTokenInfoRequest {
+            token: token.into(),
+        })
+        .await
+    {
+        Ok(_) => Code::Ok,
+        Err(s) => s.code(),
+    }
+}
+
+#[tokio::test]
+async fn revocation_reaches_the_server_while_it_cannot_load_a_new_key_version() {
+    use tokenvault::crypto::MasterKey;
+    use tokenvault::vault::{Caller, Vault, VaultConfig};
+    let srv = TestServer::start().await;
+    let mut checkout = srv.client(CHECKOUT).await;
+    let token = tokenize(&mut checkout, &test_pan(21)).await;
+
+    // An admin rotates the master key and then the data key: the server, still on the old
+    // master key (no SIGHUP yet), cannot unwrap the new version, so its key refresh fails.
+    let new_master = MasterKey::generate();
+    let admin = srv.reopen_second();
+    admin
+        .rotate_master(&Caller::cli(), &new_master)
+        .await
+        .unwrap();
+    admin.close().await;
+    let admin = Vault::open(VaultConfig::new(srv.data_dir()), &new_master).unwrap();
+    admin.rotate_key(&Caller::cli()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(info_code(&mut checkout, &token).await, Code::Ok);
+
+    // Now the revocation: refused within about a second.
+    admin.revoke_client(&Caller::cli(), CHECKOUT).await.unwrap();
+    let revoked_at = Instant::now();
+    loop {
+        match info_code(&mut checkout, &token).await {
+            Code::Ok => {}
+            Code::Unauthenticated => break,
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(
+            revoked_at.elapsed() < Duration::from_millis(1_200),
+            "revoked key still accepted after {:?}",
+            revoked_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Everyone else is still served, from the keys the server has.
+    let mut payments = srv.client(PAYMENTS).await;
+    payments
+        .detokenize(pb::DetokenizeRequest {
+            token: token.clone(),
+            reason: "after revoke".into(),
+        })
+        .await
+        .unwrap();
+    admin.close().await;
+}
+
+#[tokio::test]
+async fn an_unreadable_client_list_refuses_every_request_unavailable() {
+    let srv = TestServer::start().await;
+    let mut checkout = srv.client(CHECKOUT).await;
+    let token = tokenize(&mut checkout, &test_pan(22)).await;
+    // The client list changes but cannot be read.
+    let db = srv.db();
+    db.execute_batch(
+        "BEGIN IMMEDIATE; \
+         UPDATE meta SET value = value + 1 WHERE key = 'generation'; \
+         ALTER TABLE clients RENAME TO clients_hidden; COMMIT;",
+    )
+    .unwrap();
+    let broke = Instant::now();
+    loop {
+        let code = info_code(&mut checkout, &token).await;
+        if code == Code::Unavailable {
+            break;
+        }
+        assert_eq!(code, Code::Ok);
+        assert!(
+            broke.elapsed() < Duration::from_secs(7),
+            "still serving from a stale client list after {:?}",
+            broke.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        broke.elapsed() >= Duration::from_secs(4),
+        "{:?}",
+        broke.elapsed()
+    );
+    let mut payments = srv.client(PAYMENTS).await;
+    let status = payments
+        .detokenize(pb::DetokenizeRequest {
+            token: token.clone(),
+            reason: "stale".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    // Readable again: served again.
+    db.execute_batch("ALTER TABLE clients_hidden RENAME TO clients;")
+        .unwrap();
+    let fixed = Instant::now();
+    while info_code(&mut checkout, &token).await != Code::Ok {
+        assert!(fixed.elapsed() < Duration::from_secs(2));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -183,6 +183,7 @@ impl TokenVaultService {
     /// - Without such a certificate the API key decides.
     /// - With [`AuthPolicy::require_client_cert_and_key`], both are required.
     pub fn authenticate<T>(&self, request: &Request<T>) -> Result<Principal> {
+        self.vault.check_clients_fresh()?;
         let identities = peer_cert_identities(request);
         let by_cert = if identities.is_empty() {
             None
