@@ -140,6 +140,10 @@ pub struct LimitsSection {
     /// unlimited unless the principal has its own rate.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detokenize_rate: Option<String>,
+    /// Server-wide default budget of `reuse_existing` lookups per principal, e.g. `100/s`;
+    /// unset means 100/s. Every item counts, hits and misses alike.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reuse_rate: Option<String>,
     /// Server-side deadline of one request, e.g. `30s`; `0s` means no limit.
     #[serde(with = "duration_text")]
     pub request_timeout: Duration,
@@ -156,6 +160,7 @@ impl Default for LimitsSection {
         LimitsSection {
             max_batch_items: DEFAULT_MAX_BATCH_ITEMS,
             detokenize_rate: None,
+            reuse_rate: None,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             max_concurrent_per_connection: DEFAULT_CONCURRENCY_PER_CONNECTION,
             max_storage_bytes: None,
@@ -234,6 +239,7 @@ pub struct Overrides {
     pub max_batch_items: Option<usize>,
     pub max_concurrent_per_connection: Option<usize>,
     pub detokenize_rate: Option<String>,
+    pub reuse_rate: Option<String>,
     pub request_timeout: Option<Duration>,
     pub max_storage_bytes: Option<u64>,
     pub key_max_encryptions: Option<u64>,
@@ -294,6 +300,7 @@ impl Config {
         set_some(&mut self.tls.client_ca, &o.client_ca);
         set(&mut self.limits.max_batch_items, &o.max_batch_items);
         set_some(&mut self.limits.detokenize_rate, &o.detokenize_rate);
+        set_some(&mut self.limits.reuse_rate, &o.reuse_rate);
         set(&mut self.limits.request_timeout, &o.request_timeout);
         set_some(&mut self.limits.max_storage_bytes, &o.max_storage_bytes);
         set(
@@ -367,6 +374,11 @@ impl Config {
         if let Some(rate) = &self.limits.detokenize_rate {
             if let Err(e) = crate::ratelimit::Rate::parse(rate) {
                 return bad(format!("limits.detokenize_rate = {rate:?}: {e}"));
+            }
+        }
+        if let Some(rate) = &self.limits.reuse_rate {
+            if let Err(e) = crate::ratelimit::Rate::parse(rate) {
+                return bad(format!("limits.reuse_rate = {rate:?}: {e}"));
             }
         }
         if self.tls.require_cert_and_key && self.tls.client_ca.is_none() {
@@ -641,6 +653,10 @@ pub struct ConfigArgs {
     /// Default detokenize rate per principal, e.g. 100/s [file: limits.detokenize_rate].
     #[arg(long, env = "TOKENVAULT_DETOKENIZE_RATE", value_name = "RATE")]
     pub detokenize_rate: Option<String>,
+    /// Default budget of `reuse_existing` lookups per principal, every item counted;
+    /// default 100/s [file: limits.reuse_rate].
+    #[arg(long, env = "TOKENVAULT_REUSE_RATE", value_name = "RATE")]
+    pub reuse_rate: Option<String>,
     /// Server-side deadline of one request: seconds, or e.g. 30s, 500ms; 0 = no limit
     /// [file: limits.request_timeout].
     #[arg(long, env = "TOKENVAULT_REQUEST_TIMEOUT", value_name = "DURATION", value_parser = parse_timeout)]
@@ -699,6 +715,7 @@ impl ConfigArgs {
             mlock: self.mlock,
             require_cert_and_key: self.require_cert_and_key,
             detokenize_rate: self.detokenize_rate.clone(),
+            reuse_rate: self.reuse_rate.clone(),
             request_timeout: self.request_timeout,
             max_storage_bytes: self.max_storage_bytes,
             key_max_encryptions: self.key_max_encryptions,
@@ -888,6 +905,7 @@ mod tests {
         assert!(err("[tls]\nclient_ca = \"ca\"").contains("mutual TLS"));
         assert!(err("[limits]\nmax_batch_items = 0").contains("max_batch_items"));
         assert!(err("[limits]\ndetokenize_rate = \"fast\"").contains("detokenize_rate"));
+        assert!(err("[limits]\nreuse_rate = \"fast\"").contains("reuse_rate"));
         assert!(err("[limits]\nmax_storage_bytes = 10").contains("max_storage_bytes"));
         assert!(with("[limits]\nrequest_timeout = \"0s\"").unwrap()[0]
             .contains("no server-side deadline"));

@@ -87,6 +87,8 @@ pub struct Caller {
     pub principal: String,
     /// Peer address, or "cli" / "local" for admin commands.
     pub peer: String,
+    /// The client's named reuse group, if an admin gave it one (see [`Caller::reuse_scope`]).
+    pub reuse_group: Option<String>,
 }
 
 impl Caller {
@@ -94,6 +96,19 @@ impl Caller {
         Caller {
             principal: principal.into(),
             peer: peer.into(),
+            reuse_group: None,
+        }
+    }
+    pub fn with_reuse_group(mut self, group: Option<String>) -> Caller {
+        self.reuse_group = group;
+        self
+    }
+    /// Whose `reuse_existing` tokens this caller may find: its own, or its reuse group's.
+    /// Principal names and group names live in different namespaces.
+    pub fn reuse_scope(&self) -> String {
+        match &self.reuse_group {
+            Some(group) => format!("group:{group}"),
+            None => format!("principal:{}", self.principal),
         }
     }
     /// An admin command run from the CLI by the local OS user.
@@ -107,6 +122,7 @@ impl Caller {
         Caller {
             principal: format!("cli:{user}"),
             peer: "local".into(),
+            reuse_group: None,
         }
     }
 }
@@ -172,8 +188,23 @@ pub struct ClientInfo {
     pub cert_identity: Option<String>,
     /// Own detokenize limit in reveals per second; None = the server-wide default.
     pub detokenize_rate: Option<f64>,
+    /// Own `reuse_existing` budget in lookups per second; None = the server-wide default.
+    pub reuse_rate: Option<f64>,
+    /// Named reuse group: clients of one group find each other's `reuse_existing` tokens.
+    pub reuse_group: Option<String>,
     pub created_at: Micros,
     pub revoked_at: Option<Micros>,
+}
+
+/// Per-client settings an admin chooses at `clients add`.
+#[derive(Clone, Debug, Default)]
+pub struct ClientLimits {
+    /// Reveals per second; None = the server default.
+    pub detokenize_rate: Option<f64>,
+    /// `reuse_existing` lookups per second; None = the server default.
+    pub reuse_rate: Option<f64>,
+    /// Shared reuse scope; None = the client's own tokens only.
+    pub reuse_group: Option<String>,
 }
 
 /// A principal as the server sees it after authentication.
@@ -183,6 +214,10 @@ pub struct Principal {
     pub roles: Vec<Role>,
     /// Own detokenize limit in reveals per second; None = the server-wide default.
     pub detokenize_rate: Option<f64>,
+    /// Own `reuse_existing` budget in lookups per second; None = the server-wide default.
+    pub reuse_rate: Option<f64>,
+    /// Named reuse group, if any.
+    pub reuse_group: Option<String>,
 }
 
 impl Principal {
@@ -258,6 +293,8 @@ impl ClientCache {
                 name: row.info.name.clone(),
                 roles: row.info.roles.clone(),
                 detokenize_rate: row.info.detokenize_rate,
+                reuse_rate: row.info.reuse_rate,
+                reuse_group: row.info.reuse_group.clone(),
             };
             if let Some(id) = &row.info.cert_identity {
                 cache.by_cert.insert(id.clone(), principal.clone());
@@ -315,8 +352,9 @@ impl Vault {
             &rows,
             cfg.key_policy.clone(),
         )?);
-        let clients = sqlite::initial_clients(&cfg.data_dir)?;
         let store = SqliteStore::open(&cfg.data_dir, keyring.clone(), &storage_params(&cfg))?;
+        // After the store opened: it applies pending migrations the client query relies on.
+        let clients = sqlite::initial_clients(&cfg.data_dir)?;
         let vault = Vault {
             inner: Arc::new(Inner {
                 store: Arc::new(store),
@@ -415,14 +453,18 @@ impl Vault {
         Ok(())
     }
 
-    fn prepare(&self, req: TokenizeRequest) -> NewToken {
+    fn prepare(&self, req: TokenizeRequest, reuse_scope: &str) -> NewToken {
         let snapshot = self.inner.keyring.snapshot();
         let token = token::generate(req.format, &req.pan).into_string();
         let digits = req.pan.expose_digits().as_bytes();
         let sealed = snapshot.active.seal(&token, digits);
-        let fingerprint = req
-            .reuse_existing
-            .then(|| self.inner.keyring.fingerprint_key().fingerprint(digits));
+        // Scoped: a lookup can only ever find a token of the caller's own reuse scope.
+        let fingerprint = req.reuse_existing.then(|| {
+            self.inner
+                .keyring
+                .fingerprint_key()
+                .scoped_fingerprint(reuse_scope, digits)
+        });
         let meta = TokenMeta {
             format: req.format,
             brand: req.pan.brand(),
@@ -476,13 +518,14 @@ impl Vault {
         reqs: Vec<TokenizeRequest>,
     ) -> Result<Vec<Result<Tokenized>>> {
         let now = now_micros();
+        let scope = caller.reuse_scope();
         let mut slots: Vec<Option<Result<Tokenized>>> = Vec::with_capacity(reqs.len());
         let mut items = Vec::with_capacity(reqs.len());
         for req in reqs {
             match Self::check_request(&req, now) {
                 Ok(()) => {
                     slots.push(None);
-                    items.push(self.prepare(req));
+                    items.push(self.prepare(req, &scope));
                 }
                 Err(e) => slots.push(Some(Err(e))),
             }
@@ -673,7 +716,32 @@ impl Vault {
         cert_identity: Option<&str>,
         detokenize_rate: Option<f64>,
     ) -> Result<String> {
+        let limits = ClientLimits {
+            detokenize_rate,
+            ..ClientLimits::default()
+        };
+        self.add_client_with(caller, name, roles, cert_identity, limits)
+            .await
+    }
+
+    /// [`Vault::add_client`] with the client's own limits and reuse group.
+    pub async fn add_client_with(
+        &self,
+        caller: &Caller,
+        name: &str,
+        roles: &[Role],
+        cert_identity: Option<&str>,
+        limits: ClientLimits,
+    ) -> Result<String> {
         validate_client_name(name)?;
+        if let Some(group) = &limits.reuse_group {
+            validate_client_name(group).map_err(|_| {
+                Error::InvalidArgument(
+                    "reuse group must be 1-64 characters of letters, digits, '-', '_', '.', '@', ':'"
+                        .into(),
+                )
+            })?;
+        }
         if roles.is_empty() {
             return Err(Error::InvalidArgument(
                 "a client needs at least one role".into(),
@@ -689,7 +757,9 @@ impl Vault {
                 name: name.to_owned(),
                 roles,
                 cert_identity: cert_identity.map(str::to_owned),
-                detokenize_rate,
+                detokenize_rate: limits.detokenize_rate,
+                reuse_rate: limits.reuse_rate,
+                reuse_group: limits.reuse_group,
                 created_at: now_micros(),
                 revoked_at: None,
             },

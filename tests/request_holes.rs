@@ -359,3 +359,291 @@ async fn an_unreadable_client_list_refuses_every_request_unavailable() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Item 1: `reuse_existing` is not a card-number oracle.
+
+fn reuse_req(pan: &str) -> pb::TokenizeRequest {
+    pb::TokenizeRequest {
+        pan: pan.into(),
+        reuse_existing: true,
+        ..Default::default()
+    }
+}
+
+async fn reuse(c: &mut Client, pan: &str) -> (String, bool) {
+    let r = c.tokenize(reuse_req(pan)).await.unwrap().into_inner();
+    (r.token, r.created)
+}
+
+/// Every Luhn-valid 16-digit number with this BIN and last four (100,000 of them).
+fn candidates(bin: &str, last4: &str) -> Vec<String> {
+    (0..1_000_000u32)
+        .map(|mid| format!("{bin}{mid:06}{last4}"))
+        .filter(|c| tokenvault::card::luhn_valid(c.as_bytes()))
+        .collect()
+}
+
+async fn add_client(
+    srv: &TestServer,
+    name: &str,
+    limits: tokenvault::vault::ClientLimits,
+) -> Client {
+    use tokenvault::auth::Role;
+    let key = srv
+        .vault
+        .add_client_with(
+            &tokenvault::vault::Caller::cli(),
+            name,
+            &[Role::Tokenize, Role::Info],
+            None,
+            limits,
+        )
+        .await
+        .unwrap();
+    srv.client_with_key(Some(&key)).await
+}
+
+#[tokio::test]
+async fn reuse_existing_never_finds_another_principals_card() {
+    // The budget is lifted here so that the scope alone has to stop the attack.
+    let srv = TestServer::start_with(ServerConfig {
+        reuse_rate: Rate {
+            per_second: 1_000_000.0,
+        },
+        ..ServerConfig::default()
+    })
+    .await;
+    // Merchant A tokenizes a card with reuse_existing.
+    let victim = "4539146252760189";
+    let mut merchant_a = srv.client(CHECKOUT).await;
+    let (token_a, created) = reuse(&mut merchant_a, victim).await;
+    assert!(created);
+    assert_eq!(
+        reuse(&mut merchant_a, victim).await,
+        (token_a.clone(), false)
+    );
+
+    // Merchant B, a tokenize-only client, reads BIN and last four of A's token...
+    let mut merchant_b = add_client(&srv, "merchant-b", Default::default()).await;
+    let info = merchant_b
+        .get_token_info(pb::GetTokenInfoRequest {
+            token: token_a.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .info
+        .unwrap();
+    let all = candidates(&info.bin, &info.last4);
+    assert_eq!(all.len(), 100_000);
+    // ...and sends candidates with reuse_existing: the 2,000 around the card, the card
+    // among them (the full 100,000 behave the same, only slower).
+    let at = all.iter().position(|c| c == victim).unwrap();
+    let from = at.saturating_sub(1_000);
+    let sent: Vec<String> = all[from..(from + 2_000).min(all.len())].to_vec();
+    assert!(sent.iter().any(|c| c == victim));
+    let mut found = 0;
+    for chunk in sent.chunks(1_000) {
+        let results = merchant_b
+            .tokenize_batch(pb::TokenizeBatchRequest {
+                requests: chunk.iter().map(|c| reuse_req(c)).collect(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
+        for r in results {
+            match r.outcome {
+                Some(pb::tokenize_batch_result::Outcome::Success(t)) => {
+                    assert_ne!(t.token, token_a, "B received A's token");
+                    if !t.created {
+                        found += 1;
+                    }
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    assert_eq!(found, 0, "a candidate answered created=false");
+    // B converges on its own token for the card; A keeps its own.
+    let (token_b, created) = reuse(&mut merchant_b, victim).await;
+    assert!(!created, "B's own token from the batch");
+    assert_ne!(token_b, token_a);
+    assert_eq!(reuse(&mut merchant_a, victim).await, (token_a, false));
+}
+
+#[tokio::test]
+async fn reuse_group_shares_tokens_only_within_the_group() {
+    use tokenvault::vault::ClientLimits;
+    let srv = TestServer::start().await;
+    let group = || ClientLimits {
+        reuse_group: Some("shop".into()),
+        ..ClientLimits::default()
+    };
+    let mut g1 = add_client(&srv, "shop-web", group()).await;
+    let mut g2 = add_client(&srv, "shop-app", group()).await;
+    let mut outsider = srv.client(CHECKOUT).await;
+    let pan = test_pan(31);
+    let (t1, created) = reuse(&mut g1, &pan).await;
+    assert!(created);
+    assert_eq!(reuse(&mut g2, &pan).await, (t1.clone(), false));
+    let (t3, created) = reuse(&mut outsider, &pan).await;
+    assert!(created);
+    assert_ne!(t3, t1);
+    // A principal whose name is the group's name does not share its scope either.
+    let mut named_shop = add_client(&srv, "shop", ClientLimits::default()).await;
+    let (t4, created) = reuse(&mut named_shop, &pan).await;
+    assert!(created && t4 != t1);
+    // An invalid group name is refused.
+    let err = srv
+        .vault
+        .add_client_with(
+            &tokenvault::vault::Caller::cli(),
+            "bad-group",
+            &[tokenvault::auth::Role::Tokenize],
+            None,
+            ClientLimits {
+                reuse_group: Some("no spaces allowed".into()),
+                ..ClientLimits::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, tokenvault::error::Error::InvalidArgument(_)));
+}
+
+#[tokio::test]
+async fn reuse_lookups_are_budgeted_before_they_happen() {
+    let srv = TestServer::start().await;
+    assert_eq!(ServerConfig::default().reuse_rate.per_second, 100.0);
+    let mut checkout = srv.client(CHECKOUT).await;
+    let pans: Vec<String> = (0..10_000).map(|i| test_pan(50_000 + i)).collect();
+    let batch = |from: usize, n: usize| pb::TokenizeBatchRequest {
+        requests: pans[from..from + n].iter().map(|p| reuse_req(p)).collect(),
+    };
+    // The oracle's batch of 10,000 candidates: refused whole, on a full budget.
+    let status = checkout.tokenize_batch(batch(0, 10_000)).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(!has_digit_run(status.message(), 6));
+    // One second's worth passes; right after it, the next hundred do not.
+    let started = Instant::now();
+    checkout.tokenize_batch(batch(0, 100)).await.unwrap();
+    let status = checkout.tokenize_batch(batch(100, 100)).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    // Hits cost the same as misses: the hundred cards just stored are refused too.
+    let status = checkout.tokenize_batch(batch(0, 100)).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    // Plain tokenize is not affected, and nothing of the refused batches was stored.
+    for p in &pans[..200] {
+        checkout
+            .tokenize(pb::TokenizeRequest {
+                pan: p.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let rows: i64 = srv
+        .db()
+        .query_row(
+            "SELECT COUNT(*) FROM tokens WHERE fingerprint IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(rows, 100);
+    // Refusals are audited, for this principal.
+    let records = srv.vault.audit_records(1, 100_000).await.unwrap();
+    let refused = records
+        .iter()
+        .filter(|r| r.principal == CHECKOUT && r.outcome == "RESOURCE_EXHAUSTED")
+        .count();
+    assert!(refused >= 2, "{refused}");
+    // A client with its own budget gets it.
+    let mut bulk = add_client(
+        &srv,
+        "bulk-import",
+        tokenvault::vault::ClientLimits {
+            reuse_rate: Some(5_000.0),
+            ..Default::default()
+        },
+    )
+    .await;
+    bulk.tokenize_batch(batch(1_000, 5_000)).await.unwrap();
+}
+
+#[tokio::test]
+async fn upgrading_drops_unscoped_fingerprints_and_keeps_the_tokens() {
+    use tokenvault::crypto::MasterKey;
+    use tokenvault::vault::{Caller, Vault, VaultConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let master = MasterKey::generate();
+    let cfg = VaultConfig::new(dir.path().join("data"));
+    let vault = Vault::create(cfg.clone(), &master).unwrap();
+    let c = Caller::new("merchant", "local");
+    let pan = tokenvault::card::Pan::parse(&test_pan(41)).unwrap();
+    let t = vault
+        .tokenize(
+            &c,
+            tokenvault::vault::TokenizeRequest {
+                pan: pan.clone(),
+                format: tokenvault::token::TokenFormat::Opaque,
+                reuse_existing: true,
+                expires_at: None,
+            },
+        )
+        .await
+        .unwrap();
+    vault.close().await;
+    // Make the database look like one of the previous schema, with an unscoped fingerprint.
+    {
+        let conn =
+            rusqlite::Connection::open(tokenvault::store::sqlite::db_path(&cfg.data_dir)).unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        conn.execute_batch(&format!(
+            "ALTER TABLE clients DROP COLUMN reuse_rate; \
+             ALTER TABLE clients DROP COLUMN reuse_group; \
+             UPDATE tokens SET fingerprint = randomblob(32); \
+             PRAGMA user_version = {};",
+            version - 1
+        ))
+        .unwrap();
+    }
+    let vault = Vault::open(cfg.clone(), &master).unwrap();
+    let conn =
+        rusqlite::Connection::open(tokenvault::store::sqlite::db_path(&cfg.data_dir)).unwrap();
+    let left: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM tokens WHERE fingerprint IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(left, 0, "no unscoped fingerprint survives the upgrade");
+    // The old token still reveals; the next reuse call issues one in the caller's scope.
+    let r = vault
+        .detokenize(&c, t.token.clone(), "after upgrade".into())
+        .await
+        .unwrap();
+    assert_eq!(r.pan.expose_digits(), pan.expose_digits());
+    let again = vault
+        .tokenize(
+            &c,
+            tokenvault::vault::TokenizeRequest {
+                pan,
+                format: tokenvault::token::TokenFormat::Opaque,
+                reuse_existing: true,
+                expires_at: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(again.created);
+    assert_ne!(again.token, t.token);
+    vault.close().await;
+}

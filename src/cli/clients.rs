@@ -5,7 +5,7 @@ use clap::Subcommand;
 use super::common::{format_time, print_table, CliError, VaultArgs};
 use crate::auth::Role;
 use crate::ratelimit::Rate;
-use crate::vault::Caller;
+use crate::vault::{Caller, ClientLimits};
 
 #[derive(Subcommand, Debug)]
 pub enum ClientsCommand {
@@ -25,6 +25,16 @@ pub enum ClientsCommand {
         /// --detokenize-rate). Items of a batch count one by one.
         #[arg(long, value_name = "RATE", value_parser = Rate::parse)]
         detokenize_rate: Option<Rate>,
+        /// This client's own budget of `reuse_existing` lookups, e.g. 500/s (default: the
+        /// server's --reuse-rate, 100/s). Every item counts, hits and misses alike.
+        #[arg(long, value_name = "RATE", value_parser = Rate::parse)]
+        reuse_rate: Option<Rate>,
+        /// Share `reuse_existing` tokens with the other clients of this named group (default:
+        /// only tokens this client created). Every member can then learn whether a card it
+        /// holds was tokenized by any other member: put only clients in one group that may
+        /// know each other's cards.
+        #[arg(long, value_name = "NAME")]
+        reuse_group: Option<String>,
     },
     /// List principals.
     List {
@@ -62,17 +72,24 @@ pub async fn run(cmd: ClientsCommand) -> Result<(), CliError> {
             mut roles,
             cert_identity,
             detokenize_rate,
+            reuse_rate,
+            reuse_group,
         } => {
             roles.sort();
             roles.dedup();
             let vault = vault.open()?;
+            let limits = ClientLimits {
+                detokenize_rate: detokenize_rate.map(|r| r.per_second),
+                reuse_rate: reuse_rate.map(|r| r.per_second),
+                reuse_group,
+            };
             let key = vault
-                .add_client_limited(
+                .add_client_with(
                     &Caller::cli(),
                     &name,
                     &roles,
                     cert_identity.as_deref(),
-                    detokenize_rate.map(|r| r.per_second),
+                    limits,
                 )
                 .await;
             vault.close().await;
@@ -99,6 +116,8 @@ pub async fn run(cmd: ClientsCommand) -> Result<(), CliError> {
                             "roles": c.roles.iter().map(|r| r.name()).collect::<Vec<_>>(),
                             "cert_identity": c.cert_identity,
                             "detokenize_rate": c.detokenize_rate,
+                            "reuse_rate": c.reuse_rate,
+                            "reuse_group": c.reuse_group,
                             "created_at": format_time(c.created_at),
                             "revoked_at": c.revoked_at.map(format_time),
                         })
@@ -115,6 +134,9 @@ pub async fn run(cmd: ClientsCommand) -> Result<(), CliError> {
                             c.cert_identity.clone().unwrap_or_else(|| "-".into()),
                             c.detokenize_rate
                                 .map_or_else(|| "-".into(), |r| Rate { per_second: r }.to_string()),
+                            c.reuse_rate
+                                .map_or_else(|| "-".into(), |r| Rate { per_second: r }.to_string()),
+                            c.reuse_group.clone().unwrap_or_else(|| "-".into()),
                             format_time(c.created_at),
                             c.revoked_at.map_or_else(|| "-".into(), format_time),
                         ]
@@ -126,6 +148,8 @@ pub async fn run(cmd: ClientsCommand) -> Result<(), CliError> {
                         "ROLES",
                         "CERT IDENTITY",
                         "DETOKENIZE RATE",
+                        "REUSE RATE",
+                        "REUSE GROUP",
                         "CREATED",
                         "REVOKED",
                     ],

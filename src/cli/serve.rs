@@ -110,6 +110,14 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
         .map(Rate::parse)
         .transpose()
         .map_err(|e| CliError::Usage(format!("limits.detokenize_rate: {e}")))?;
+    let reuse_rate = match cfg.limits.reuse_rate.as_deref() {
+        Some(text) => {
+            Rate::parse(text).map_err(|e| CliError::Usage(format!("limits.reuse_rate: {e}")))?
+        }
+        None => Rate {
+            per_second: crate::grpc::server::DEFAULT_REUSE_PER_SECOND,
+        },
+    };
 
     // Metrics before the vault opens, so a taken port fails fast and no commit goes uncounted.
     let metrics_on = match cfg.metrics.listen {
@@ -172,6 +180,7 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
         max_batch_items: limits.max_batch_items,
         require_client_cert_and_key: cfg.tls.require_cert_and_key,
         detokenize_rate,
+        reuse_rate,
         concurrency_limit_per_connection: (limits.max_concurrent_per_connection > 0)
             .then_some(limits.max_concurrent_per_connection),
         request_timeout: (!limits.request_timeout.is_zero()).then_some(limits.request_timeout),

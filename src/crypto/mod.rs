@@ -113,6 +113,8 @@ pub const LABEL_WRAP: &[u8] = b"tokenvault/v1/wrap/";
 pub const LABEL_PAN: &[u8] = b"tokenvault/v1/pan";
 /// HMAC input prefix for PAN fingerprints.
 pub const LABEL_FINGERPRINT: &[u8] = b"tokenvault/v1/fingerprint\0";
+/// Label of the scoped reuse fingerprint (see [`FingerprintKey::scoped_fingerprint`]).
+pub const LABEL_REUSE_FINGERPRINT: &[u8] = b"tokenvault/v1/reuse-fingerprint\0";
 /// HMAC input prefix for the audit chain.
 pub const LABEL_AUDIT: &[u8] = b"tokenvault/v1/audit\0";
 /// SHA-256 input prefix for API key hashes.
@@ -648,6 +650,17 @@ impl FingerprintKey {
     pub fn fingerprint(&self, data: &[u8]) -> [u8; 32] {
         let mut mac = (*self.mac).clone();
         mac.update(LABEL_FINGERPRINT);
+        mac.update(data);
+        mac.finalize().into_bytes().into()
+    }
+    /// HMAC-SHA256(key, `tokenvault/v1/reuse-fingerprint\0` || len(scope) as u32 BE ||
+    /// scope || data): the same card gives unrelated values in different scopes, so a
+    /// lookup in one scope can never find, or hint at, a row of another.
+    pub fn scoped_fingerprint(&self, scope: &str, data: &[u8]) -> [u8; 32] {
+        let mut mac = (*self.mac).clone();
+        mac.update(LABEL_REUSE_FINGERPRINT);
+        mac.update(&(scope.len() as u32).to_be_bytes());
+        mac.update(scope.as_bytes());
         mac.update(data);
         mac.finalize().into_bytes().into()
     }

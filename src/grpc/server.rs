@@ -50,6 +50,8 @@ pub struct ServerConfig {
     pub require_client_cert_and_key: bool,
     /// Detokenize limit for principals without their own; `None` = unlimited.
     pub detokenize_rate: Option<Rate>,
+    /// `reuse_existing` lookups per second for principals without their own budget.
+    pub reuse_rate: Rate,
     /// Audit records written for unauthenticated requests, server-wide; refusals beyond it
     /// are still refused, only counted in the log, so an anonymous flood cannot fill the trail.
     pub anonymous_audit_rate: Rate,
@@ -63,6 +65,8 @@ pub struct ServerConfig {
 pub const DEFAULT_CONCURRENCY_PER_CONNECTION: usize = 64;
 /// Default of [`ServerConfig::request_timeout`].
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default of [`ServerConfig::reuse_rate`]: `reuse_existing` lookups per principal per second.
+pub const DEFAULT_REUSE_PER_SECOND: f64 = 100.0;
 /// Default of [`ServerConfig::anonymous_audit_rate`].
 pub const DEFAULT_ANONYMOUS_AUDIT_PER_SECOND: f64 = 20.0;
 
@@ -75,6 +79,9 @@ impl Default for ServerConfig {
             tls: None,
             require_client_cert_and_key: false,
             detokenize_rate: None,
+            reuse_rate: Rate {
+                per_second: DEFAULT_REUSE_PER_SECOND,
+            },
             anonymous_audit_rate: Rate {
                 per_second: DEFAULT_ANONYMOUS_AUDIT_PER_SECOND,
             },
@@ -124,6 +131,7 @@ pub async fn serve(
     let policy = AuthPolicy {
         require_client_cert_and_key: cfg.require_client_cert_and_key,
         detokenize_rate: cfg.detokenize_rate,
+        reuse_rate: cfg.reuse_rate,
         anonymous_audit_rate: cfg.anonymous_audit_rate,
     };
     let service = TokenVaultServiceServer::new(

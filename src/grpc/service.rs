@@ -106,6 +106,8 @@ pub struct AuthPolicy {
     pub require_client_cert_and_key: bool,
     /// Detokenize limit of principals without their own; `None` = unlimited.
     pub detokenize_rate: Option<Rate>,
+    /// `reuse_existing` lookups per second of principals without their own budget.
+    pub reuse_rate: Rate,
     /// Server-wide rate of audit records for unauthenticated requests.
     pub anonymous_audit_rate: Rate,
 }
@@ -115,6 +117,9 @@ impl Default for AuthPolicy {
         AuthPolicy {
             require_client_cert_and_key: false,
             detokenize_rate: None,
+            reuse_rate: Rate {
+                per_second: crate::grpc::server::DEFAULT_REUSE_PER_SECOND,
+            },
             anonymous_audit_rate: Rate {
                 per_second: crate::grpc::server::DEFAULT_ANONYMOUS_AUDIT_PER_SECOND,
             },
@@ -141,6 +146,8 @@ pub struct TokenVaultService {
     max_batch_items: usize,
     policy: AuthPolicy,
     detokenize_limiter: Arc<RateLimiter>,
+    /// Budget of `reuse_existing` lookups, counted before any lookup happens.
+    reuse_limiter: Arc<RateLimiter>,
     anonymous_audit: Arc<RateLimiter>,
     /// Anonymous refusals not audited because of `anonymous_audit`, since the last log line.
     unaudited: Arc<AtomicU64>,
@@ -157,6 +164,7 @@ impl TokenVaultService {
             vault,
             max_batch_items,
             detokenize_limiter: Arc::new(RateLimiter::new(policy.detokenize_rate)),
+            reuse_limiter: Arc::new(RateLimiter::new(Some(policy.reuse_rate))),
             anonymous_audit: Arc::new(RateLimiter::new(Some(policy.anonymous_audit_rate))),
             unaudited: Arc::new(AtomicU64::new(0)),
             refusal_audit: Arc::new(RateLimiter::new(Some(Rate {
@@ -170,6 +178,7 @@ impl TokenVaultService {
     /// Replaces the authentication and limit policy (and resets the limiters).
     pub fn with_policy(mut self, policy: AuthPolicy) -> TokenVaultService {
         self.detokenize_limiter = Arc::new(RateLimiter::new(policy.detokenize_rate));
+        self.reuse_limiter = Arc::new(RateLimiter::new(Some(policy.reuse_rate)));
         self.anonymous_audit = Arc::new(RateLimiter::new(Some(policy.anonymous_audit_rate)));
         self.policy = policy;
         self
@@ -245,7 +254,8 @@ impl TokenVaultService {
             }
         };
         tracing::Span::current().record("principal", principal.name.as_str());
-        let caller = Caller::new(principal.name.clone(), peer);
+        let caller = Caller::new(principal.name.clone(), peer)
+            .with_reuse_group(principal.reuse_group.clone());
         if !rpc.permits(&principal) {
             let roles: Vec<&str> = rpc.permitted_roles().iter().map(|r| r.name()).collect();
             let err = Error::PermissionDenied(format!(
@@ -280,6 +290,34 @@ impl TokenVaultService {
         let err = Error::ResourceExhausted(
             "detokenize rate limit exceeded for this client (a batch counts every item and \
              can never exceed one second's worth); retry later"
+                .into(),
+        );
+        self.refuse_principal(caller, rpc, &err).await;
+        Err(err.into())
+    }
+
+    /// Takes `items` lookups from the principal's `reuse_existing` budget before any lookup
+    /// happens: hits and misses cost the same, so the answers cannot be mined faster than
+    /// the budget. A request that does not fit is refused whole with RESOURCE_EXHAUSTED.
+    async fn take_reuse_lookups(
+        &self,
+        caller: &Caller,
+        principal: &Principal,
+        rpc: Rpc,
+        items: usize,
+    ) -> Result<(), Status> {
+        if items == 0 {
+            return Ok(());
+        }
+        let own = principal.reuse_rate.map(|per_second| Rate { per_second });
+        let n = u32::try_from(items).unwrap_or(u32::MAX);
+        if self.reuse_limiter.try_take(&principal.name, own, n) {
+            return Ok(());
+        }
+        metrics::record_rate_limited(rpc.metric());
+        let err = Error::ResourceExhausted(
+            "reuse_existing budget exceeded for this client (every item counts; a batch can \
+             never exceed one second's worth); retry later"
                 .into(),
         );
         self.refuse_principal(caller, rpc, &err).await;
@@ -518,7 +556,10 @@ impl TokenVaultRpc for TokenVaultService {
     ) -> Result<Response<pb::TokenizeResponse>, Status> {
         let rpc = Rpc::Tokenize;
         observe(rpc, async move {
-            let caller = self.admit(&request, rpc).await?;
+            let (caller, principal) = self.admit_principal(&request, rpc).await?;
+            let reuse = usize::from(request.get_ref().reuse_existing);
+            self.take_reuse_lookups(&caller, &principal, rpc, reuse)
+                .await?;
             let req = vault::TokenizeRequest::try_from(request.into_inner())?;
             let out = self.vault.tokenize(&caller, req).await?;
             Ok(Response::new(out.into()))
@@ -532,9 +573,12 @@ impl TokenVaultRpc for TokenVaultService {
     ) -> Result<Response<pb::TokenizeBatchResponse>, Status> {
         let rpc = Rpc::TokenizeBatch;
         observe(rpc, async move {
-            let caller = self.admit(&request, rpc).await?;
+            let (caller, principal) = self.admit_principal(&request, rpc).await?;
             let items = request.into_inner().requests;
             self.check_batch_size(items.len())?;
+            let reuse = items.iter().filter(|r| r.reuse_existing).count();
+            self.take_reuse_lookups(&caller, &principal, rpc, reuse)
+                .await?;
             let now = vault::now_micros();
             let items = items
                 .into_iter()
@@ -641,6 +685,8 @@ mod tests {
             name: "p".into(),
             roles: roles.to_vec(),
             detokenize_rate: None,
+            reuse_rate: None,
+            reuse_group: None,
         };
         assert!(Rpc::Tokenize.permits(&p(&[Role::Tokenize])));
         assert!(!Rpc::Tokenize.permits(&p(&[Role::Info, Role::Detokenize])));

@@ -70,6 +70,16 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE clients ADD COLUMN detokenize_rate REAL;
     "#,
+    // 3 (issue 11): `reuse_existing` is scoped to the creating principal or its reuse group,
+    // with a per-client lookup budget. Fingerprints are now keyed by scope; the unscoped ones
+    // of earlier versions would let any client find any other's token, so they are dropped:
+    // those tokens stay valid for detokenize, and the next `reuse_existing` call for such a
+    // card issues a new token in the caller's scope.
+    r#"
+    ALTER TABLE clients ADD COLUMN reuse_rate REAL;
+    ALTER TABLE clients ADD COLUMN reuse_group TEXT;
+    UPDATE tokens SET fingerprint = NULL WHERE fingerprint IS NOT NULL;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -1071,7 +1071,8 @@ impl SqliteStore {
 /// Every client row, revoked ones included.
 pub fn query_clients(conn: &Connection) -> Result<Vec<ClientRow>> {
     let mut stmt = conn.prepare_cached(
-                "SELECT name, key_id, key_hash, roles, cert_identity, created_at, revoked_at, detokenize_rate \
+                "SELECT name, key_id, key_hash, roles, cert_identity, created_at, revoked_at, detokenize_rate, \
+                 reuse_rate, reuse_group \
                  FROM clients ORDER BY name",
             )?;
     let rows = stmt.query_map([], |r| {
@@ -1082,6 +1083,8 @@ pub fn query_clients(conn: &Connection) -> Result<Vec<ClientRow>> {
                 roles: roles_from_text(&r.get::<_, String>(3)?),
                 cert_identity: r.get(4)?,
                 detokenize_rate: r.get(7)?,
+                reuse_rate: r.get(8)?,
+                reuse_group: r.get(9)?,
                 created_at: r.get(5)?,
                 revoked_at: r.get(6)?,
             },
@@ -1226,8 +1229,8 @@ impl Storage for SqliteStore {
                 }
             }
             tx.execute(
-                "INSERT INTO clients(name, key_id, key_hash, roles, cert_identity, created_at, detokenize_rate) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO clients(name, key_id, key_hash, roles, cert_identity, created_at, detokenize_rate, \
+                 reuse_rate, reuse_group) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 params![
                     row.info.name,
                     row.key_id,
@@ -1235,7 +1238,9 @@ impl Storage for SqliteStore {
                     roles_to_text(&row.info.roles),
                     row.info.cert_identity,
                     row.info.created_at,
-                    row.info.detokenize_rate
+                    row.info.detokenize_rate,
+                    row.info.reuse_rate,
+                    row.info.reuse_group
                 ],
             )?;
             bump_generation(tx)?;
