@@ -1,12 +1,14 @@
 //! The gRPC surface: generated protobuf types ([`pb`]), conversions between them and the
 //! domain ([`convert`]), the one error-to-status mapping ([`status`]), the service handlers
-//! ([`service`]) and the server that hosts them with health and reflection ([`server`]).
+//! ([`service`]), the gate that admits callers before a request body is read ([`gate`]) and
+//! the server that hosts them with health and reflection ([`server`]).
 //!
 //! Handlers stay thin: authenticate, authorise, convert, call [`crate::vault::Vault`], convert
 //! back. Business rules live in the vault.
 
 pub mod client;
 pub mod convert;
+pub mod gate;
 pub mod server;
 pub mod service;
 pub mod status;

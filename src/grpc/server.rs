@@ -19,6 +19,7 @@ use tokio_stream::StreamExt;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
+use super::gate::AuthGate;
 use super::pb;
 use super::pb::token_vault_service_server::TokenVaultServiceServer;
 use super::service::{AuthPolicy, TokenVaultService, DEFAULT_MAX_BATCH_ITEMS};
@@ -134,11 +135,16 @@ pub async fn serve(
         reuse_rate: cfg.reuse_rate,
         anonymous_audit_rate: cfg.anonymous_audit_rate,
     };
-    let service = TokenVaultServiceServer::new(
-        TokenVaultService::new(vault.clone(), cfg.max_batch_items).with_policy(policy),
-    )
-    .max_decoding_message_size(max_message)
-    .max_encoding_message_size(max_message);
+    let handlers = TokenVaultService::new(vault.clone(), cfg.max_batch_items).with_policy(policy);
+    // Callers are admitted, and batch sizes counted, before a request body is decoded.
+    let service = AuthGate::new(
+        TokenVaultServiceServer::new(handlers.clone())
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
+        handlers,
+        cfg.max_batch_items,
+        max_message,
+    );
 
     // Health follows storage: NOT_SERVING while the vault cannot write.
     let (stop_health, mut health_stopped) = oneshot::channel::<()>();

@@ -86,6 +86,24 @@ impl Rpc {
         self.permitted_roles().iter().any(|r| principal.has(*r))
     }
 
+    /// The RPC a request path (`/tokenvault.v1.TokenVaultService/Tokenize`) names.
+    pub fn from_path(path: &str) -> Option<Rpc> {
+        let method = path
+            .strip_prefix('/')?
+            .strip_prefix(crate::grpc::SERVICE_NAME)?
+            .strip_prefix('/')?;
+        [
+            Rpc::Tokenize,
+            Rpc::TokenizeBatch,
+            Rpc::Detokenize,
+            Rpc::DetokenizeBatch,
+            Rpc::GetTokenInfo,
+            Rpc::DeleteToken,
+        ]
+        .into_iter()
+        .find(|r| r.method() == method)
+    }
+
     /// The `method` label of the metrics.
     pub fn metric(self) -> Method {
         match self {
@@ -238,12 +256,18 @@ impl TokenVaultService {
         Ok(self.admit_principal(request, rpc).await?.0)
     }
 
-    /// [`Self::admit`], also returning the authenticated principal.
-    async fn admit_principal<T>(
+    /// [`Self::admit`], also returning the authenticated principal. Behind the
+    /// [`super::gate::AuthGate`] (always, in the server) this was done before the body was
+    /// read, and its result rides in the request's extensions.
+    pub(crate) async fn admit_principal<T>(
         &self,
         request: &Request<T>,
         rpc: Rpc,
     ) -> Result<(Caller, Principal), Status> {
+        if let Some(a) = request.extensions().get::<super::gate::Admitted>() {
+            tracing::Span::current().record("principal", a.principal.name.as_str());
+            return Ok((a.caller.clone(), a.principal.clone()));
+        }
         let peer = peer_addr(request);
         let principal = match self.authenticate(request) {
             Ok(p) => p,
