@@ -87,6 +87,41 @@ fn init_clients_and_keys() {
     assert_eq!(clients[0]["roles"], serde_json::json!(["tokenize", "info"]));
     assert!(!stdout(&out).contains(&api_key), "keys are never listed");
 
+    // A shared reuse scope and an own reuse budget (issue 11.1).
+    let out = admin(&[
+        "clients",
+        "add",
+        "shop-web",
+        "--roles",
+        "tokenize",
+        "--reuse-group",
+        "shop",
+        "--reuse-rate",
+        "500/s",
+    ]);
+    assert_ok(&out);
+    let out = admin(&["clients", "list", "--json"]);
+    let clients: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let web = clients
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "shop-web")
+        .unwrap();
+    assert_eq!(web["reuse_group"], "shop");
+    assert_eq!(web["reuse_rate"], 500.0);
+    assert!(clients[0]["reuse_group"].is_null());
+    let out = admin(&[
+        "clients",
+        "add",
+        "y",
+        "--roles",
+        "tokenize",
+        "--reuse-rate",
+        "fast",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "a bad rate is a usage error");
+
     let out = admin(&["keys", "list", "--json"]);
     assert_ok(&out);
     let keys: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();

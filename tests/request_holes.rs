@@ -287,7 +287,13 @@ async fn revocation_reaches_the_server_while_it_cannot_load_a_new_key_version() 
     loop {
         match info_code(&mut checkout, &token).await {
             Code::Ok => {}
-            Code::Unauthenticated => break,
+            Code::Unauthenticated => {
+                eprintln!(
+                    "revoked key refused {:?} after the revocation",
+                    revoked_at.elapsed()
+                );
+                break;
+            }
             other => panic!("unexpected {other:?}"),
         }
         assert!(
@@ -326,6 +332,10 @@ async fn an_unreadable_client_list_refuses_every_request_unavailable() {
     loop {
         let code = info_code(&mut checkout, &token).await;
         if code == Code::Unavailable {
+            eprintln!(
+                "UNAVAILABLE {:?} after the client list became unreadable",
+                broke.elapsed()
+            );
             break;
         }
         assert_eq!(code, Code::Ok);
