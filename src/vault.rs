@@ -390,6 +390,8 @@ impl Vault {
             let mut seen_clients = None;
             let mut seen_keys = None;
             let mut warned_keys = false;
+            let mut warned_generation = false;
+            let mut warned_clients = false;
             loop {
                 tokio::time::sleep(WATCH_INTERVAL).await;
                 let Some(inner) = weak.upgrade() else { break };
@@ -398,9 +400,16 @@ impl Vault {
                 }
                 let vault = Vault { inner };
                 let g = match vault.inner.store.generation().await {
-                    Ok(g) => g,
+                    Ok(g) => {
+                        warned_generation = false;
+                        g
+                    }
                     Err(e) => {
-                        tracing::warn!(error = %e, "could not check for client and key changes");
+                        // Once per failure streak; past CLIENTS_STALE_AFTER requests are refused.
+                        if !warned_generation {
+                            warned_generation = true;
+                            tracing::warn!(error = %e, "could not check for client and key changes");
+                        }
                         continue;
                     }
                 };
@@ -408,8 +417,15 @@ impl Vault {
                     vault.inner.confirm_clients();
                 } else {
                     match vault.refresh_clients().await {
-                        Ok(()) => seen_clients = Some(g),
-                        Err(e) => tracing::warn!(error = %e, "could not refresh clients"),
+                        Ok(()) => {
+                            seen_clients = Some(g);
+                            warned_clients = false;
+                        }
+                        Err(e) if !warned_clients => {
+                            warned_clients = true;
+                            tracing::warn!(error = %e, "could not refresh clients; retrying");
+                        }
+                        Err(_) => {}
                     }
                 }
                 if seen_keys != Some(g) {
