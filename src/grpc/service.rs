@@ -1,16 +1,19 @@
 //! `tokenvault.v1.TokenVaultService`: the RPC handlers.
 //!
 //! Every handler runs the same steps: authenticate the caller, authorise the RPC by role
-//! (refusals are audited), convert the request, call the [`Vault`], convert the result. Batch
+//! (refusals are audited; in the server the [`super::gate::AuthGate`] does both before the
+//! body is read), convert the request, call the [`Vault`], convert the result. Batch
 //! RPCs validate each item on its own and merge per-item errors, in order, with the vault's
 //! results. Nothing here logs request content: spans carry the method, the principal and
 //! counts; outcomes are status codes.
 //!
 //! Authentication: over mutual TLS a verified client certificate's identity (URI SAN, then
 //! DNS SAN) names the principal; otherwise, or in addition, the `authorization: Bearer` API
-//! key does (see [`TokenVaultService::authenticate`]). Detokenize is rate limited per
-//! principal (items of a batch count one by one); refusals are audited, those of anonymous
-//! callers only up to a server-wide rate so a flood cannot fill the trail.
+//! key does (see [`TokenVaultService::authenticate`]). Detokenize and `reuse_existing`
+//! lookups are limited per principal (every item of a batch counts, before anything is
+//! looked up); refusals are audited, those of a principal up to
+//! [`PRINCIPAL_REFUSAL_AUDIT_PER_SECOND`] plus a summary record with the count, those of
+//! anonymous callers up to a server-wide rate, so a flood cannot fill the trail.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -378,8 +381,8 @@ impl TokenVaultService {
                     .remove(&caller.principal)
                     .unwrap_or(0);
                 let reason = format!(
-                    "{n} more {outcome} refusals of this client in the last second, \
-                     not recorded one by one"
+                    "{n} more refusals of this client in the last second (the first \
+                     {outcome}), not recorded one by one"
                 );
                 if let Err(e) = vault
                     .audit_summary(&caller, REFUSAL_SUMMARY_ACTION, outcome, &reason)
