@@ -173,7 +173,7 @@ async fn serve_with_a_config_file_serves_metrics_without_card_data() {
         format!(
             "[server]\nlisten = \"127.0.0.1:0\"\n\
              [storage]\ndata_dir = {data:?}\nmaster_key_file = {key_file:?}\n\
-             [limits]\nmax_batch_items = 3\nrequest_timeout = \"20s\"\n\
+             [limits]\nmax_batch_items = 3\nrequest_timeout = \"20s\"\nreuse_rate = \"1/s\"\n\
              [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"
         ),
     )
@@ -197,6 +197,13 @@ async fn serve_with_a_config_file_serves_metrics_without_card_data() {
     let refused = client.tokenize_batch(batch(4)).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
     assert!(refused.message().contains("limit of 3"), "{refused:?}");
+    // The file's reuse budget (1/s) is in force: two reuse items never fit.
+    let mut two = batch(2);
+    for r in &mut two.requests {
+        r.reuse_existing = true;
+    }
+    let limited = client.tokenize_batch(two).await.unwrap_err();
+    assert_eq!(limited.code(), tonic::Code::ResourceExhausted, "{limited:?}");
     // A request without credentials.
     let mut anonymous = with_auth(
         tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
@@ -219,6 +226,7 @@ async fn serve_with_a_config_file_serves_metrics_without_card_data() {
         r#"tokenvault_grpc_requests_total{method="Tokenize",code="OK"} 1"#,
         r#"tokenvault_grpc_requests_total{method="TokenizeBatch",code="INVALID_ARGUMENT"} 1"#,
         r#"tokenvault_grpc_requests_total{method="GetTokenInfo",code="UNAUTHENTICATED"} 1"#,
+        r#"tokenvault_rate_limit_rejections_total{method="TokenizeBatch"} 1"#,
         r#"tokenvault_grpc_request_duration_seconds_count{method="Tokenize"} 1"#,
         "# TYPE tokenvault_store_group_commit_items histogram",
         "tokenvault_store_group_commit_items_count",
