@@ -203,7 +203,11 @@ async fn serve_with_a_config_file_serves_metrics_without_card_data() {
         r.reuse_existing = true;
     }
     let limited = client.tokenize_batch(two).await.unwrap_err();
-    assert_eq!(limited.code(), tonic::Code::ResourceExhausted, "{limited:?}");
+    assert_eq!(
+        limited.code(),
+        tonic::Code::ResourceExhausted,
+        "{limited:?}"
+    );
     // A request without credentials.
     let mut anonymous = with_auth(
         tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
