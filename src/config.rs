@@ -71,6 +71,7 @@ pub struct Config {
     pub key_rotation: KeyRotationSection,
     pub logging: LoggingSection,
     pub metrics: MetricsSection,
+    pub audit: AuditSection,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -219,6 +220,15 @@ pub struct MetricsSection {
     pub listen: Option<SocketAddr>,
 }
 
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSection {
+    /// File the server appends signed audit checkpoints to (one JSON line each, at least
+    /// once a second while records are written, and at shutdown); unset means none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint_file: Option<PathBuf>,
+}
+
 /// Values from flags and environment variables (already merged by clap, flag first).
 /// `None` leaves the file's (or the default) value in place.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -242,6 +252,7 @@ pub struct Overrides {
     pub log_level: Option<String>,
     pub log_format: Option<LogFormat>,
     pub metrics_listen: Option<SocketAddr>,
+    pub audit_checkpoint_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -304,6 +315,7 @@ impl Config {
         set_some(&mut self.logging.level, &o.log_level);
         set(&mut self.logging.format, &o.log_format);
         set_some(&mut self.metrics.listen, &o.metrics_listen);
+        set_some(&mut self.audit.checkpoint_file, &o.audit_checkpoint_file);
         self
     }
 
@@ -658,6 +670,10 @@ pub struct ConfigArgs {
     /// [file: metrics.listen].
     #[arg(long, env = "TOKENVAULT_METRICS_LISTEN", value_name = "HOST:PORT")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Append signed audit checkpoints to this file (ship it off the host) [file:
+    /// audit.checkpoint_file].
+    #[arg(long, env = "TOKENVAULT_AUDIT_CHECKPOINT_FILE", value_name = "FILE")]
+    pub audit_checkpoint_file: Option<PathBuf>,
     /// Lock the process memory so keys and card numbers are never swapped out (needs
     /// CAP_IPC_LOCK or a large enough RLIMIT_MEMLOCK; warns when it cannot); `--mlock` or
     /// `--mlock=false` [file: server.mlock].
@@ -706,6 +722,7 @@ impl ConfigArgs {
             log_level,
             log_format,
             metrics_listen: self.metrics_listen,
+            audit_checkpoint_file: self.audit_checkpoint_file.clone(),
         }
     }
 

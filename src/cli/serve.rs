@@ -176,6 +176,7 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
             .then_some(limits.max_concurrent_per_connection),
         request_timeout: (!limits.request_timeout.is_zero()).then_some(limits.request_timeout),
         tls,
+        audit_checkpoint_file: cfg.audit.checkpoint_file.clone(),
         ..ServerConfig::default()
     };
     let gauges = metrics_on.then(|| {
