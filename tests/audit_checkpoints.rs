@@ -635,3 +635,18 @@ async fn records_written_before_the_hash_chain_get_their_hashes_at_first_open() 
     let new_cp = checkpoint(&vault, &f._dir.path().join("new.jsonl")).await;
     assert_eq!(new_cp.seq, 44);
 }
+
+#[tokio::test]
+async fn the_signing_key_survives_a_master_key_rotation() {
+    let (f, vault) = Fixture::new().await;
+    let new_master = MasterKey::generate();
+    vault
+        .rotate_master(&Caller::cli(), &new_master)
+        .await
+        .unwrap();
+    vault.close().await;
+    let vault = Vault::open(VaultConfig::new(&f.data), &new_master).unwrap();
+    // The re-wrapped seed opens under the new master and signs with the same key.
+    checkpoint(&vault, &f.cps).await;
+    assert_eq!(f.verify(&vault).await, Verification::Ok { records: 41 });
+}

@@ -720,6 +720,27 @@ fn flush_audit(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) -> Res
 /// needed and the result is what any verifier recomputes), and creates the first audit
 /// signing key if there is none. One transaction.
 fn prepare_audit(conn: &mut Connection, keyring: &Keyring) -> Result<()> {
+    // Cheap checks first, without the write lock: once done, the newest record has a hash
+    // (the writer gives every new one its hash) and a signing key is active.
+    let newest_unhashed: bool = conn
+        .query_row(
+            "SELECT hash IS NULL FROM audit ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(false);
+    let has_key: bool = conn
+        .query_row(
+            "SELECT 1 FROM audit_signing_keys WHERE state = 'active'",
+            [],
+            |_| Ok(true),
+        )
+        .optional()?
+        .unwrap_or(false);
+    if !newest_unhashed && has_key {
+        return Ok(());
+    }
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let first_missing: Option<i64> = tx
         .query_row("SELECT MIN(seq) FROM audit WHERE hash IS NULL", [], |r| r.get(0))?;
