@@ -40,7 +40,9 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::{audit_chain_hash, AuditKey, AuditPublicKey, AuditSigningKey, AUDIT_GENESIS_HASH};
+use crate::crypto::{
+    audit_chain_hash, AuditKey, AuditPublicKey, AuditSigningKey, AUDIT_GENESIS_HASH,
+};
 use crate::vault::{Caller, Micros};
 
 /// MAC that precedes the first record.
@@ -160,9 +162,9 @@ impl Verification {
         match self {
             Verification::Ok { records } => format!("{records} records, chain intact"),
             Verification::Broken { seq, why } => format!("BROKEN at sequence {seq}: {why}"),
-            Verification::Contradicted { line, seq, why } => format!(
-                "CONTRADICTS checkpoint at line {line} (sequence {seq}): {why}"
-            ),
+            Verification::Contradicted { line, seq, why } => {
+                format!("CONTRADICTS checkpoint at line {line} (sequence {seq}): {why}")
+            }
         }
     }
 }
@@ -318,15 +320,18 @@ impl Checkpoint {
     }
 }
 
+/// A checkpoint file's lines: line number (from 1) and the checkpoint, or why it is none.
+pub type CheckpointLines = Vec<(usize, Result<Checkpoint, String>)>;
+
 /// The lines of a checkpoint file, numbered from 1; a malformed line is kept as an error (it
 /// contradicts the trail). A final line without its newline is a write torn by a crash and
 /// is skipped.
-pub fn read_checkpoints(path: &Path) -> std::io::Result<Vec<(usize, Result<Checkpoint, String>)>> {
+pub fn read_checkpoints(path: &Path) -> std::io::Result<CheckpointLines> {
     let text = std::fs::read_to_string(path)?;
     Ok(parse_checkpoints(&text))
 }
 
-pub fn parse_checkpoints(text: &str) -> Vec<(usize, Result<Checkpoint, String>)> {
+pub fn parse_checkpoints(text: &str) -> CheckpointLines {
     let complete = match text.rfind('\n') {
         Some(i) => &text[..=i],
         None => "",
@@ -425,7 +430,7 @@ impl TrailVerifier {
     pub fn new(
         vault: &str,
         trusted: &[AuditPublicKey],
-        checkpoints: Vec<(usize, Result<Checkpoint, String>)>,
+        checkpoints: CheckpointLines,
     ) -> TrailVerifier {
         let mut contradictions = Vec::new();
         let mut good = Vec::new();
@@ -511,10 +516,7 @@ impl TrailVerifier {
         let message = handover_message(&self.vault, rec.seq, &self.prev_hash, &old_id, &new_key);
         if !old.verify(&message, &sig) {
             if self.broken.is_none() {
-                self.broken = Some((
-                    rec.seq,
-                    "audit key rotation not signed by the previous key",
-                ));
+                self.broken = Some((rec.seq, "audit key rotation not signed by the previous key"));
             }
             return;
         }
@@ -591,8 +593,10 @@ impl TrailVerifier {
                 ),
             ));
         }
-        let verification = if let Some((line, seq, why)) =
-            self.contradictions.into_iter().min_by_key(|(line, ..)| *line)
+        let verification = if let Some((line, seq, why)) = self
+            .contradictions
+            .into_iter()
+            .min_by_key(|(line, ..)| *line)
         {
             Verification::Contradicted { line, seq, why }
         } else if let Some((seq, why)) = self.broken {
@@ -654,8 +658,7 @@ pub fn export_line(vault: &str, r: &AuditRecord) -> serde_json::Value {
 
 /// Parses an [`export_line`] back into the vault id and the record (with its hash).
 pub fn parse_export_line(line: &str) -> Result<(String, AuditRecord), String> {
-    let v: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
     let s = |ptr: &str| -> Result<String, String> {
         v.pointer(ptr)
             .and_then(|x| x.as_str())

@@ -10,7 +10,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
-use crate::crypto::{AuditKey, AuditSigningKey, DataKey, FingerprintKey, KeyPurpose, KeyWrappingKey, SecretKey};
+use crate::crypto::{
+    AuditKey, AuditSigningKey, DataKey, FingerprintKey, KeyPurpose, KeyWrappingKey, SecretKey,
+};
 use crate::error::{Error, Result};
 use crate::vault::{KeyPolicy, KeyState, Micros};
 
@@ -220,11 +222,13 @@ impl Keyring {
                 return Ok(key.clone());
             }
         }
-        let key = Arc::new(AuditSigningKey::unwrap(&self.kwk(), wrapped, n).map_err(|_| {
-            Error::DataLoss(format!(
-                "wrapped audit signing key {n} failed authentication"
-            ))
-        })?);
+        let key = Arc::new(
+            AuditSigningKey::unwrap(&self.kwk(), wrapped, n).map_err(|_| {
+                Error::DataLoss(format!(
+                    "wrapped audit signing key {n} failed authentication"
+                ))
+            })?,
+        );
         *cached = Some((n, key.clone()));
         Ok(key)
     }

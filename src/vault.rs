@@ -9,7 +9,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::audit::{
-    AuditEntry, AuditRecord, ChainVerifier, Checkpoint, TrailReport, TrailVerifier, Verification,
+    AuditEntry, AuditRecord, ChainVerifier, Checkpoint, CheckpointLines, TrailReport,
+    TrailVerifier, Verification,
 };
 use crate::auth::Role;
 use crate::card::{Brand, Pan};
@@ -698,7 +699,7 @@ impl Vault {
     /// meanwhile cannot make an untouched trail look truncated.
     pub async fn verify_audit_with(
         &self,
-        checkpoints: Vec<(usize, std::result::Result<Checkpoint, String>)>,
+        checkpoints: CheckpointLines,
         pinned: &[AuditPublicKey],
     ) -> Result<TrailReport> {
         let trusted: Vec<AuditPublicKey> = if pinned.is_empty() {

@@ -103,35 +103,31 @@ impl Fixture {
 /// Recomputes every stored chain hash from the records, as anyone can (no secret needed):
 /// what an attacker does after editing records, to keep the public chain self-consistent.
 fn rehash(db: &rusqlite::Connection) {
-    let rows: Vec<(i64, i64, String, String, String, String, String, String)> = db
-        .prepare("SELECT seq, at, principal, peer, action, subject, outcome, reason FROM audit ORDER BY seq")
+    let rows: Vec<(i64, audit::AuditEntry)> = db
+        .prepare(
+            "SELECT seq, at, principal, peer, action, subject, outcome, reason FROM audit \
+             ORDER BY seq",
+        )
         .unwrap()
         .query_map([], |r| {
             Ok((
                 r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-                r.get(6)?,
-                r.get(7)?,
+                audit::AuditEntry {
+                    at: r.get(1)?,
+                    principal: r.get(2)?,
+                    peer: r.get(3)?,
+                    action: r.get(4)?,
+                    subject: r.get(5)?,
+                    outcome: r.get(6)?,
+                    reason: r.get(7)?,
+                },
             ))
         })
         .unwrap()
         .map(|r| r.unwrap())
         .collect();
     let mut prev = tokenvault::crypto::AUDIT_GENESIS_HASH;
-    for (seq, at, principal, peer, action, subject, outcome, reason) in rows {
-        let entry = audit::AuditEntry {
-            at,
-            principal,
-            peer,
-            action,
-            subject,
-            outcome,
-            reason,
-        };
+    for (seq, entry) in rows {
         prev = tokenvault::crypto::audit_chain_hash(
             &prev,
             &audit::canonical_bytes(seq as u64, &entry),
@@ -194,7 +190,10 @@ async fn a_truncated_tail_with_a_rewritten_head_contradicts_a_checkpoint() {
 async fn a_single_edited_record_contradicts_a_checkpoint_even_with_recomputed_hashes() {
     let (f, vault) = Fixture::new().await;
     f.db()
-        .execute("UPDATE audit SET reason = 'nothing to see' WHERE seq = 14", [])
+        .execute(
+            "UPDATE audit SET reason = 'nothing to see' WHERE seq = 14",
+            [],
+        )
         .unwrap();
     // Without recomputed hashes the chain itself breaks at 14.
     assert!(matches!(
@@ -366,7 +365,11 @@ async fn a_checkpoint_is_written_at_least_every_second_under_load_and_at_shutdow
     assert!(during.len() >= 2, "{} checkpoints in 2.5 s", during.len());
     for w in during.windows(2) {
         assert!(w[1].seq > w[0].seq);
-        assert!(w[1].at - w[0].at <= 1_500_000, "gap of {} us", w[1].at - w[0].at);
+        assert!(
+            w[1].at - w[0].at <= 1_500_000,
+            "gap of {} us",
+            w[1].at - w[0].at
+        );
     }
     srv.shutdown().await;
     let vault = srv.reopen();
@@ -475,7 +478,11 @@ async fn verify_export_works_from_a_separate_directory_with_only_export_checkpoi
         &f.data,
         &key_file,
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("consistent with 5 checkpoints"));
 
     // The original public key (what an auditor pinned at deployment); no master key needed.
@@ -485,13 +492,21 @@ async fn verify_export_works_from_a_separate_directory_with_only_export_checkpoi
         .env_remove("TOKENVAULT_MASTER_KEY")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let keys: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let first_key = keys[0]["public_key"].as_str().unwrap().to_owned();
     assert!(AuditPublicKey::parse(&first_key).is_some());
 
     let out = cli(&["audit", "export"], &f.data, &key_file);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let export = String::from_utf8(out.stdout).unwrap();
     // ECS field names, with PCI DSS 10.2.2's fields.
     let first: serde_json::Value = serde_json::from_str(export.lines().next().unwrap()).unwrap();
@@ -554,7 +569,10 @@ async fn verify_export_works_from_a_separate_directory_with_only_export_checkpoi
     let out = verify_export(&edited, &first_key);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("BROKEN at sequence") || err.contains("checkpoint"), "{err}");
+    assert!(
+        err.contains("BROKEN at sequence") || err.contains("checkpoint"),
+        "{err}"
+    );
     // A truncated export contradicts the newest checkpoint.
     let truncated: String = export.lines().take(30).map(|l| format!("{l}\n")).collect();
     let out = verify_export(&truncated, &first_key);
@@ -572,7 +590,14 @@ async fn export_follow_streams_new_records_and_resumes_after_a_sequence() {
     let key_file = f._dir.path().join("master.key");
     f.master.write_new_file(&key_file).unwrap();
     let mut child = Command::new(BIN)
-        .args(["audit", "export", "--follow", "--since-seq", "38", "--data-dir"])
+        .args([
+            "audit",
+            "export",
+            "--follow",
+            "--since-seq",
+            "38",
+            "--data-dir",
+        ])
         .arg(&f.data)
         .arg("--master-key-file")
         .arg(&key_file)

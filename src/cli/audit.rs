@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::Subcommand;
 
 use super::common::{CliError, VaultArgs};
-use crate::audit::{self, AuditRecord, Checkpoint, TrailReport, TrailVerifier, Verification};
+use crate::audit::{self, AuditRecord, CheckpointLines, TrailReport, TrailVerifier, Verification};
 use crate::crypto::AuditPublicKey;
 use crate::vault::{now_micros, Caller, Vault};
 
@@ -240,9 +240,7 @@ fn parse_keys(texts: &[String]) -> Result<Vec<AuditPublicKey>, CliError> {
         .collect()
 }
 
-fn read_checkpoint_file(
-    path: &Path,
-) -> Result<Vec<(usize, Result<Checkpoint, String>)>, CliError> {
+fn read_checkpoint_file(path: &Path) -> Result<CheckpointLines, CliError> {
     audit::read_checkpoints(path).map_err(|e| {
         CliError::Usage(format!(
             "cannot read the checkpoint file {}: {e}",
@@ -299,7 +297,7 @@ fn report(r: TrailReport, with_checkpoints: bool, json: bool) -> Result<(), CliE
 /// Verifies, and records that a verification ran (after the walk, so it is not part of it).
 async fn verify(
     vault: &Vault,
-    checkpoints: Vec<(usize, Result<Checkpoint, String>)>,
+    checkpoints: CheckpointLines,
     pinned: &[AuditPublicKey],
 ) -> Result<TrailReport, CliError> {
     let result = vault.verify_audit_with(checkpoints, pinned).await?;
@@ -321,7 +319,7 @@ async fn verify(
 pub fn verify_export(
     input: impl BufRead,
     keys: &[AuditPublicKey],
-    checkpoints: Vec<(usize, Result<Checkpoint, String>)>,
+    checkpoints: CheckpointLines,
 ) -> Result<TrailReport, CliError> {
     let mut verifier: Option<TrailVerifier> = None;
     let mut checkpoints = Some(checkpoints);
@@ -330,9 +328,8 @@ pub fn verify_export(
         if line.trim().is_empty() {
             continue;
         }
-        let (vault, rec) = audit::parse_export_line(&line).map_err(|e| {
-            CliError::Other(format!("export line {}: {e}", i + 1))
-        })?;
+        let (vault, rec) = audit::parse_export_line(&line)
+            .map_err(|e| CliError::Other(format!("export line {}: {e}", i + 1)))?;
         let v = verifier.get_or_insert_with(|| {
             TrailVerifier::new(&vault, keys, checkpoints.take().unwrap_or_default())
         });
@@ -372,7 +369,11 @@ async fn export(vault: &Vault, filter: &Filter, after: u64, follow: bool) -> Res
     if follow {
         // Recorded up front: a follower runs until it is stopped.
         vault
-            .audit_event(&Caller::cli(), "audit_export", &format!("follow after {after}"))
+            .audit_event(
+                &Caller::cli(),
+                "audit_export",
+                &format!("follow after {after}"),
+            )
             .await?;
     }
     let mut stop = std::pin::pin!(stop_signal());

@@ -779,7 +779,11 @@ impl AuditSigningKey {
 
 impl std::fmt::Debug for AuditSigningKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "AuditSigningKey({}, <redacted>)", self.public_key().key_id())
+        write!(
+            f,
+            "AuditSigningKey({}, <redacted>)",
+            self.public_key().key_id()
+        )
     }
 }
 

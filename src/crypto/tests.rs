@@ -223,7 +223,10 @@ fn audit_signing_key_is_wrapped_signs_and_verifies_strictly() {
     assert!(!public.verify(b"checkpoint", &sig[..63]));
     // Redacted Debug: the key id, never the seed.
     let debug = format!("{key:?}");
-    assert!(debug.contains("redacted") && debug.contains(&public.key_id()), "{debug}");
+    assert!(
+        debug.contains("redacted") && debug.contains(&public.key_id()),
+        "{debug}"
+    );
     assert_eq!(public.key_id().len(), 16);
     assert!(AuditPublicKey::parse("ed25519:AAAA").is_none());
     // The all-zero point is weak and refused.

@@ -255,7 +255,8 @@ pub(super) fn rotate_master(
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<rusqlite::Result<_>>()?;
         for (id, wrapped) in signing {
-            let w = keyring.rewrap_under(&new_kwk, &wrapped, KeyPurpose::AuditSigning(id as u32))?;
+            let w =
+                keyring.rewrap_under(&new_kwk, &wrapped, KeyPurpose::AuditSigning(id as u32))?;
             tx.execute(
                 "UPDATE audit_signing_keys SET wrapped = ?2 WHERE id = ?1",
                 params![id, w],

@@ -27,14 +27,14 @@ use tokio::sync::{mpsc, oneshot};
 use super::lifecycle::{self, PurgeBatch, PurgeOutcome, RewrapBatch, RewrapOutcome, SealedRow};
 use super::migrations;
 use super::{
-    AuditSigningKeyInfo, AuditVisitor, CheckpointSource, ClientRow, NewToken, Storage,
-    StoreFuture, StoredToken, TokenMeta, TokenRow, VaultHeader,
+    AuditSigningKeyInfo, AuditVisitor, CheckpointSource, ClientRow, NewToken, Storage, StoreFuture,
+    StoredToken, TokenMeta, TokenRow, VaultHeader,
 };
 use crate::audit::{self, canonical_bytes, AuditEntry, AuditRecord, GENESIS_MAC};
-use crate::crypto::{audit_chain_hash, AuditPublicKey, AUDIT_GENESIS_HASH};
 use crate::auth::Role;
 use crate::card::Brand;
 use crate::crypto::KeyWrappingKey;
+use crate::crypto::{audit_chain_hash, AuditPublicKey, AUDIT_GENESIS_HASH};
 use crate::error::{outcome_of, Error, Result};
 use crate::keyring::{KeyRow, Keyring};
 use crate::token::{self, TokenFormat};
@@ -742,14 +742,18 @@ fn prepare_audit(conn: &mut Connection, keyring: &Keyring) -> Result<()> {
         return Ok(());
     }
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let first_missing: Option<i64> = tx
-        .query_row("SELECT MIN(seq) FROM audit WHERE hash IS NULL", [], |r| r.get(0))?;
+    let first_missing: Option<i64> =
+        tx.query_row("SELECT MIN(seq) FROM audit WHERE hash IS NULL", [], |r| {
+            r.get(0)
+        })?;
     if let Some(first) = first_missing {
         let mut prev = if first <= 1 {
             AUDIT_GENESIS_HASH
         } else {
             let h: Option<Vec<u8>> = tx
-                .query_row("SELECT hash FROM audit WHERE seq = ?1", [first - 1], |r| r.get(0))
+                .query_row("SELECT hash FROM audit WHERE seq = ?1", [first - 1], |r| {
+                    r.get(0)
+                })
                 .optional()?
                 .flatten();
             hash32(h.as_deref())?
@@ -767,7 +771,10 @@ fn prepare_audit(conn: &mut Connection, keyring: &Keyring) -> Result<()> {
                 n += 1;
             }
         }
-        tracing::info!(records = n, "computed the audit hash chain of existing records");
+        tracing::info!(
+            records = n,
+            "computed the audit hash chain of existing records"
+        );
     }
     let has_key: bool = tx
         .query_row(
@@ -1468,8 +1475,7 @@ impl Storage for SqliteStore {
     fn audit_records(&self, from: u64, limit: usize) -> StoreFuture<Vec<AuditRecord>> {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(&format!("{AUDIT_SELECT_FROM} LIMIT ?2"))?;
-            let rows =
-                stmt.query_map(params![from as i64, limit as i64], audit_record_from_row)?;
+            let rows = stmt.query_map(params![from as i64, limit as i64], audit_record_from_row)?;
             rows.collect::<rusqlite::Result<Vec<_>>>()
                 .map_err(Error::from)
         })
