@@ -763,6 +763,8 @@ mod tests {
         format = "json"
         [metrics]
         listen = "0.0.0.0:9464"
+        [audit]
+        checkpoint_file = "/var/lib/tokenvault/audit-checkpoints.jsonl"
     "#;
 
     #[test]
@@ -794,6 +796,19 @@ mod tests {
         );
         assert_eq!(cfg.logging.format, LogFormat::Json);
         assert_eq!(cfg.metrics.listen, Some("0.0.0.0:9464".parse().unwrap()));
+        assert_eq!(
+            cfg.audit.checkpoint_file.as_deref(),
+            Some(Path::new("/var/lib/tokenvault/audit-checkpoints.jsonl"))
+        );
+        let flag = cfg.clone().overlay(&Overrides {
+            audit_checkpoint_file: Some("/elsewhere/cp.jsonl".into()),
+            ..Overrides::default()
+        });
+        assert_eq!(
+            flag.audit.checkpoint_file.as_deref(),
+            Some(Path::new("/elsewhere/cp.jsonl")),
+            "flag or env wins over the file"
+        );
         assert!(cfg.validate().unwrap().is_empty());
         // What is printed parses back to the same configuration.
         let text = toml::to_string(&cfg).unwrap();

@@ -582,6 +582,29 @@ async fn verify_export_works_from_a_separate_directory_with_only_export_checkpoi
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // On the host: a tail cut off together with a rewritten head fails `audit verify
+    // --checkpoints` with a non-zero exit naming the line.
+    f.db()
+        .execute_batch(
+            "DELETE FROM audit WHERE seq > 35; \
+             UPDATE meta SET value = 35 WHERE key = 'audit_head_seq'; \
+             UPDATE meta SET value = (SELECT mac FROM audit WHERE seq = 35) WHERE key = 'audit_head_mac';",
+        )
+        .unwrap();
+    let out = cli(&["audit", "verify"], &f.data, &key_file);
+    assert!(out.status.success(), "the database alone cannot tell");
+    let out = cli(
+        &["audit", "verify", "--checkpoints", f.cps.to_str().unwrap()],
+        &f.data,
+        &key_file,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("CONTRADICTS checkpoint at line 4 (sequence 40)"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
