@@ -324,8 +324,9 @@ impl Checkpoint {
 pub type CheckpointLines = Vec<(usize, Result<Checkpoint, String>)>;
 
 /// The lines of a checkpoint file, numbered from 1; a malformed line is kept as an error (it
-/// contradicts the trail). A final line without its newline is a write torn by a crash and
-/// is skipped.
+/// contradicts the trail). A write torn by a crash (a final line without its newline, or a
+/// line that is a cut-off JSON object, which [`CheckpointFile::open`] terminates before
+/// appending again) is skipped: it cannot vouch for anything.
 pub fn read_checkpoints(path: &Path) -> std::io::Result<CheckpointLines> {
     let text = std::fs::read_to_string(path)?;
     Ok(parse_checkpoints(&text))
@@ -340,7 +341,11 @@ pub fn parse_checkpoints(text: &str) -> CheckpointLines {
         .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| (i + 1, Checkpoint::parse(l)))
+        .filter_map(|(i, l)| match serde_json::from_str::<Checkpoint>(l) {
+            Ok(cp) => Some((i + 1, Ok(cp))),
+            Err(e) if e.is_eof() => None,
+            Err(e) => Some((i + 1, Err(format!("not a checkpoint: {e}")))),
+        })
         .collect()
 }
 
@@ -553,6 +558,9 @@ impl TrailVerifier {
         if cp.vault != self.vault {
             return Some(format!("a checkpoint of another vault ({})", cp.vault));
         }
+        if cp.time != rfc3339(cp.at) {
+            return Some("its time does not match its signed timestamp".into());
+        }
         let Some(window) = self.keys.get(&cp.key_id) else {
             return Some(format!(
                 "signed by key {}, which is not a trusted audit key of this vault",
@@ -700,11 +708,19 @@ impl CheckpointFile {
     pub fn open(path: &Path) -> std::io::Result<CheckpointFile> {
         use std::os::unix::fs::OpenOptionsExt;
         let existed = path.exists();
-        let file = std::fs::OpenOptions::new()
+        let mut file = std::fs::OpenOptions::new()
             .append(true)
+            .read(true)
             .create(true)
             .mode(0o640)
             .open(path)?;
+        if existed && !ends_with_newline(&mut file)? {
+            // A line torn by a crash: end it, so the next checkpoint starts a line of its own
+            // (appending only; the torn bytes stay, and verifiers skip them).
+            tracing::warn!(path = %path.display(), "the audit checkpoint file ends in a torn line");
+            file.write_all(b"\n")?;
+            file.sync_data()?;
+        }
         if !existed {
             // Make the new directory entry durable too.
             let dir = match path.parent() {
@@ -730,6 +746,18 @@ impl CheckpointFile {
         self.file.write_all(line.as_bytes())?;
         self.file.sync_data()
     }
+}
+
+fn ends_with_newline(file: &mut std::fs::File) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(true);
+    }
+    file.seek(SeekFrom::Start(len - 1))?;
+    let mut last = [0u8; 1];
+    file.read_exact(&mut last)?;
+    Ok(last[0] == b'\n')
 }
 
 /// How often the checkpointer looks at the chain's head.

@@ -698,3 +698,40 @@ async fn the_signing_key_survives_a_master_key_rotation() {
     checkpoint(&vault, &f.cps).await;
     assert_eq!(f.verify(&vault).await, Verification::Ok { records: 41 });
 }
+
+#[tokio::test]
+async fn a_checkpoint_line_torn_by_a_crash_is_no_false_alarm() {
+    let (f, vault) = Fixture::new().await;
+    // A crash in the middle of a write leaves half a line...
+    let mut half = checkpoint(&vault, &f._dir.path().join("scratch.jsonl"))
+        .await
+        .to_line();
+    half.truncate(half.len() / 2);
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&f.cps)
+        .unwrap()
+        .write_all(half.as_bytes())
+        .unwrap();
+    assert!(f.verify(&vault).await.is_ok());
+    // ...and the restarted server ends it before appending its next checkpoint.
+    traffic(&vault, 800, 2).await;
+    checkpoint(&vault, &f.cps).await;
+    let text = std::fs::read_to_string(&f.cps).unwrap();
+    assert!(text.contains(&format!("{half}\n")));
+    let report = vault
+        .verify_audit_with(audit::read_checkpoints(&f.cps).unwrap(), &[])
+        .await
+        .unwrap();
+    assert!(report.verification.is_ok(), "{:?}", report.verification);
+    assert_eq!(report.checkpoints, 5);
+    // A complete line that is not a checkpoint is no torn write: it contradicts.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&f.cps)
+        .unwrap()
+        .write_all(b"{\"seq\": 1}\n")
+        .unwrap();
+    let (line, _, _) = contradicted(f.verify(&vault).await);
+    assert_eq!(line, 7);
+}
