@@ -691,9 +691,9 @@ impl Vault {
     }
 
     /// [`Vault::verify_audit`] and, with public information only, the trail against signed
-    /// checkpoints. `pinned`: the audit public keys to trust; empty trusts the vault's own
-    /// (whose private halves are wrapped under the master key, so nobody without it can
-    /// have added one that signs).
+    /// checkpoints. `pinned`: the audit public keys to trust; empty trusts the keys listed in
+    /// the vault, which is only as trustworthy as the database: pin the key (kept apart from
+    /// the vault) when the database itself is in doubt.
     ///
     /// The head and every record are read in ONE read transaction, so a writer committing
     /// meanwhile cannot make an untouched trail look truncated.
