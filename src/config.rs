@@ -71,6 +71,7 @@ pub struct Config {
     pub key_rotation: KeyRotationSection,
     pub logging: LoggingSection,
     pub metrics: MetricsSection,
+    pub audit: AuditSection,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -224,6 +225,15 @@ pub struct MetricsSection {
     pub listen: Option<SocketAddr>,
 }
 
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSection {
+    /// File the server appends signed audit checkpoints to (one JSON line each, at least
+    /// once a second while records are written, and at shutdown); unset means none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint_file: Option<PathBuf>,
+}
+
 /// Values from flags and environment variables (already merged by clap, flag first).
 /// `None` leaves the file's (or the default) value in place.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -248,6 +258,7 @@ pub struct Overrides {
     pub log_level: Option<String>,
     pub log_format: Option<LogFormat>,
     pub metrics_listen: Option<SocketAddr>,
+    pub audit_checkpoint_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -311,6 +322,7 @@ impl Config {
         set_some(&mut self.logging.level, &o.log_level);
         set(&mut self.logging.format, &o.log_format);
         set_some(&mut self.metrics.listen, &o.metrics_listen);
+        set_some(&mut self.audit.checkpoint_file, &o.audit_checkpoint_file);
         self
     }
 
@@ -674,6 +686,10 @@ pub struct ConfigArgs {
     /// [file: metrics.listen].
     #[arg(long, env = "TOKENVAULT_METRICS_LISTEN", value_name = "HOST:PORT")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Append signed audit checkpoints to this file (ship it off the host) [file:
+    /// audit.checkpoint_file].
+    #[arg(long, env = "TOKENVAULT_AUDIT_CHECKPOINT_FILE", value_name = "FILE")]
+    pub audit_checkpoint_file: Option<PathBuf>,
     /// Lock the process memory so keys and card numbers are never swapped out (needs
     /// CAP_IPC_LOCK or a large enough RLIMIT_MEMLOCK; warns when it cannot); `--mlock` or
     /// `--mlock=false` [file: server.mlock].
@@ -723,6 +739,7 @@ impl ConfigArgs {
             log_level,
             log_format,
             metrics_listen: self.metrics_listen,
+            audit_checkpoint_file: self.audit_checkpoint_file.clone(),
         }
     }
 
@@ -763,6 +780,8 @@ mod tests {
         format = "json"
         [metrics]
         listen = "0.0.0.0:9464"
+        [audit]
+        checkpoint_file = "/var/lib/tokenvault/audit-checkpoints.jsonl"
     "#;
 
     #[test]
@@ -794,6 +813,19 @@ mod tests {
         );
         assert_eq!(cfg.logging.format, LogFormat::Json);
         assert_eq!(cfg.metrics.listen, Some("0.0.0.0:9464".parse().unwrap()));
+        assert_eq!(
+            cfg.audit.checkpoint_file.as_deref(),
+            Some(Path::new("/var/lib/tokenvault/audit-checkpoints.jsonl"))
+        );
+        let flag = cfg.clone().overlay(&Overrides {
+            audit_checkpoint_file: Some("/elsewhere/cp.jsonl".into()),
+            ..Overrides::default()
+        });
+        assert_eq!(
+            flag.audit.checkpoint_file.as_deref(),
+            Some(Path::new("/elsewhere/cp.jsonl")),
+            "flag or env wins over the file"
+        );
         assert!(cfg.validate().unwrap().is_empty());
         // What is printed parses back to the same configuration.
         let text = toml::to_string(&cfg).unwrap();

@@ -2,14 +2,17 @@
 //!
 //! The keyring is an in-memory snapshot of the `data_keys` rows: one [`DataKey`] (with its AES
 //! key schedule computed once) per usable version, the active version that new PANs are
-//! sealed under, and the fingerprint and audit keys. Storage owns the rows; the keyring owns
+//! sealed under, the fingerprint and audit keys, and the audit signing key that signs
+//! checkpoints (unwrapped on first use and cached by its number). Storage owns the rows; the keyring owns
 //! the unwrapped keys. A snapshot is replaced whole (see [`Keyring::replace`]) when the
 //! store sees that another process changed the keys, so a reader never sees half a change.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
-use crate::crypto::{AuditKey, DataKey, FingerprintKey, KeyPurpose, KeyWrappingKey, SecretKey};
+use crate::crypto::{
+    AuditKey, AuditSigningKey, DataKey, FingerprintKey, KeyPurpose, KeyWrappingKey, SecretKey,
+};
 use crate::error::{Error, Result};
 use crate::vault::{KeyPolicy, KeyState, Micros};
 
@@ -62,6 +65,8 @@ pub struct Keyring {
     audit: AuditKey,
     policy: KeyPolicy,
     current: RwLock<Arc<Snapshot>>,
+    /// The audit signing key last used, by number.
+    signer: Mutex<Option<(u32, Arc<AuditSigningKey>)>>,
 }
 
 impl Keyring {
@@ -90,6 +95,7 @@ impl Keyring {
             audit,
             policy,
             current: RwLock::new(Arc::new(snapshot)),
+            signer: Mutex::new(None),
         })
     }
 
@@ -206,6 +212,30 @@ impl Keyring {
         self.kwk().rewrap(new, wrapped, purpose).map_err(|_| {
             Error::DataLoss(format!("wrapped key ({purpose:?}) failed authentication"))
         })
+    }
+
+    /// Audit signing key number `n`, unwrapped from `wrapped` unless already cached.
+    pub fn audit_signer(&self, n: u32, wrapped: &[u8]) -> Result<Arc<AuditSigningKey>> {
+        let mut cached = self.signer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((m, key)) = cached.as_ref() {
+            if *m == n {
+                return Ok(key.clone());
+            }
+        }
+        let key = Arc::new(
+            AuditSigningKey::unwrap(&self.kwk(), wrapped, n).map_err(|_| {
+                Error::DataLoss(format!(
+                    "wrapped audit signing key {n} failed authentication"
+                ))
+            })?,
+        );
+        *cached = Some((n, key.clone()));
+        Ok(key)
+    }
+
+    /// A fresh audit signing key number `n` and its seed wrapped for storage.
+    pub fn new_audit_signing_key(&self, n: u32) -> (AuditSigningKey, Vec<u8>) {
+        AuditSigningKey::generate_wrapped(&self.kwk(), n)
     }
 
     /// A fresh random data key for `version`, wrapped for storage.

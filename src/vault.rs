@@ -8,14 +8,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::audit::{AuditEntry, AuditRecord, ChainVerifier, Verification};
+use crate::audit::{
+    AuditEntry, AuditRecord, ChainVerifier, Checkpoint, CheckpointLines, TrailReport,
+    TrailVerifier, Verification,
+};
 use crate::auth::Role;
 use crate::card::{Brand, Pan};
-use crate::crypto::{self, MasterKey, VaultId};
+use crate::crypto::{self, AuditPublicKey, MasterKey, VaultId};
 use crate::error::{outcome_of, Error, Result};
 use crate::keyring::{Genesis, Keyring};
 use crate::store::sqlite::{self, OpenParams, SqliteStore};
-use crate::store::{ClientRow, NewToken, Storage, StoredToken, TokenMeta, TokenRow, VaultHeader};
+use crate::store::{
+    AuditSigningKeyInfo, ClientRow, NewToken, Storage, StoredToken, TokenMeta, TokenRow,
+    VaultHeader,
+};
 use crate::token::{self, Token, TokenFormat};
 
 pub mod lifecycle;
@@ -877,46 +883,139 @@ impl Vault {
             .unwrap_or(0))
     }
 
-    /// Walks the whole audit chain and checks that it ends at the recorded head.
+    /// Walks the whole audit chain (HMAC and hash) and checks that it ends at the recorded
+    /// head, all in one snapshot.
     pub async fn verify_audit(&self) -> Result<Verification> {
-        const PAGE: usize = 10_000;
-        let key = self.inner.keyring.audit_key();
-        let mut verifier = ChainVerifier::new(key);
-        let mut from = 1;
-        let mut last: Option<AuditRecord> = None;
-        loop {
-            let page = self.inner.store.audit_records(from, PAGE).await?;
-            let n = page.len();
-            for rec in page {
-                if let Err(broken) = verifier.feed(&rec) {
-                    return Ok(broken);
+        Ok(self.verify_audit_with(Vec::new(), &[]).await?.verification)
+    }
+
+    /// [`Vault::verify_audit`] and, with public information only, the trail against signed
+    /// checkpoints. `pinned`: the audit public keys to trust; empty trusts the keys listed in
+    /// the vault, which is only as trustworthy as the database: pin the key (kept apart from
+    /// the vault) when the database itself is in doubt.
+    ///
+    /// The head and every record are read in ONE read transaction, so a writer committing
+    /// meanwhile cannot make an untouched trail look truncated.
+    pub async fn verify_audit_with(
+        &self,
+        checkpoints: CheckpointLines,
+        pinned: &[AuditPublicKey],
+    ) -> Result<TrailReport> {
+        let trusted: Vec<AuditPublicKey> = if pinned.is_empty() {
+            self.audit_signing_keys()
+                .await?
+                .into_iter()
+                .map(|k| k.public_key)
+                .collect()
+        } else {
+            pinned.to_vec()
+        };
+        let vault = self.audit_vault_id().await?;
+        struct Walk {
+            mac: ChainVerifier,
+            mac_broken: Option<Verification>,
+            trail: TrailVerifier,
+            last: Option<(u64, Vec<u8>)>,
+        }
+        let walk = Arc::new(std::sync::Mutex::new(Some(Walk {
+            mac: ChainVerifier::new(),
+            mac_broken: None,
+            trail: TrailVerifier::new(&vault, &trusted, checkpoints),
+            last: None,
+        })));
+        let (w, keyring) = (walk.clone(), self.inner.keyring.clone());
+        let recorded = self
+            .inner
+            .store
+            .audit_walk(Box::new(move |rec: &AuditRecord| {
+                let mut guard = w.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(walk) = guard.as_mut() else { return };
+                if walk.mac_broken.is_none() {
+                    if let Err(broken) = walk.mac.feed(keyring.audit_key(), rec) {
+                        walk.mac_broken = Some(broken);
+                    }
                 }
-                from = rec.seq + 1;
-                last = Some(rec);
-            }
-            if n < PAGE {
-                break;
+                walk.trail.feed(rec, Some(&rec.hash));
+                walk.last = Some((rec.seq, rec.mac.clone()));
+            }))
+            .await?;
+        let walk = walk
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| Error::Internal("audit walk state missing".into()))?;
+        let mut report = walk.trail.finish();
+        if matches!(report.verification, Verification::Contradicted { .. }) {
+            return Ok(report);
+        }
+        // The earliest chain break, by either chain.
+        let hash_broken = match &report.verification {
+            Verification::Broken { seq, .. } => Some(*seq),
+            _ => None,
+        };
+        if let Some(Verification::Broken { seq, why }) = walk.mac_broken {
+            if hash_broken.map_or(true, |h| seq < h) {
+                report.verification = Verification::Broken { seq, why };
             }
         }
-        let head = self.inner.store.audit_head().await?;
-        match (head, last) {
+        if !report.verification.is_ok() {
+            return Ok(report);
+        }
+        match (recorded, walk.last) {
             (None, None) => {}
-            (Some((seq, mac)), Some(rec)) if seq == rec.seq && crypto::ct_eq(&mac, &rec.mac) => {}
-            (Some((seq, _)), Some(rec)) if seq > rec.seq => {
-                return Ok(Verification::Broken {
-                    seq: rec.seq + 1,
+            (Some((seq, mac)), Some((last, last_mac)))
+                if seq == last && crypto::ct_eq(&mac, &last_mac) => {}
+            (Some((seq, _)), Some((last, _))) if seq > last => {
+                report.verification = Verification::Broken {
+                    seq: last + 1,
                     why: "records missing at the end of the trail",
-                })
+                }
             }
             (_, last) => {
-                let seq = last.map(|r| r.seq).unwrap_or(1);
-                return Ok(Verification::Broken {
-                    seq,
+                report.verification = Verification::Broken {
+                    seq: last.map(|(s, _)| s).unwrap_or(1),
                     why: "the trail does not end at its recorded head",
-                });
+                }
             }
         }
-        Ok(verifier.finish())
+        Ok(report)
+    }
+
+    /// The vault's id in hex, as checkpoints and exports name it.
+    pub async fn audit_vault_id(&self) -> Result<String> {
+        Ok(crate::audit::hex(&self.inner.store.vault_id().await?))
+    }
+
+    /// Every audit signing key (public halves), oldest first.
+    pub async fn audit_signing_keys(&self) -> Result<Vec<AuditSigningKeyInfo>> {
+        self.inner.store.audit_signing_keys().await
+    }
+
+    /// A signed checkpoint of the chain's current head (None while the trail is empty).
+    pub async fn audit_checkpoint(&self) -> Result<Option<Checkpoint>> {
+        let src = self.inner.store.audit_checkpoint_source().await?;
+        if src.seq == 0 {
+            return Ok(None);
+        }
+        let key = self
+            .inner
+            .keyring
+            .audit_signer(src.key_id, &src.wrapped_key)?;
+        Ok(Some(Checkpoint::sign(
+            &src.vault,
+            src.seq,
+            &src.hash,
+            now_micros(),
+            &key,
+        )))
+    }
+
+    /// Rotates the audit signing key; the chain records the change (see [`crate::audit`]).
+    pub async fn rotate_audit_key(&self, caller: &Caller) -> Result<(u32, AuditPublicKey)> {
+        self.inner
+            .store
+            .rotate_audit_signing_key(caller.clone())
+            .await
     }
 
     /// Adopts a master key that `keys rotate-master` installed while this vault was open

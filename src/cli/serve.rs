@@ -62,6 +62,9 @@ fn tls_files(cfg: &Config) -> Option<TlsFiles> {
     })
 }
 
+/// Checkpoint file of `serve --dev` inside its data directory.
+pub const DEV_CHECKPOINT_FILE: &str = "audit-checkpoints.jsonl";
+
 /// Refuses plaintext on an address other machines can reach, unless `dev` (which warns).
 pub fn check_transport(addr: SocketAddr, tls: bool, dev: bool) -> Result<(), CliError> {
     if tls || addr.ip().is_loopback() {
@@ -185,6 +188,12 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
             .then_some(limits.max_concurrent_per_connection),
         request_timeout: (!limits.request_timeout.is_zero()).then_some(limits.request_timeout),
         tls,
+        // `--dev` keeps checkpoints beside the data unless told otherwise, so the audit
+        // commands have something to verify against.
+        audit_checkpoint_file: cfg.audit.checkpoint_file.clone().or_else(|| {
+            args.dev
+                .then(|| vault_args.data_dir.join(DEV_CHECKPOINT_FILE))
+        }),
         ..ServerConfig::default()
     };
     let gauges = metrics_on.then(|| {

@@ -19,8 +19,13 @@
 //!  KeyWrappingKey wraps random SecretKeys; only the 60-byte wrapped forms are stored:
 //!    ├── data key v1, v2, … ──► DataKey         AES-256-GCM over each PAN
 //!    ├── fingerprint key ─────► FingerprintKey  HMAC-SHA256 PAN fingerprint (de-duplication)
-//!    └── audit key ───────────► AuditKey        HMAC-SHA256 chain over audit records
+//!    ├── audit key ───────────► AuditKey        HMAC-SHA256 chain over audit records
+//!    └── audit signing key n ─► AuditSigningKey Ed25519 (seed), signs audit checkpoints
 //! ```
+//!
+//! The audit trail is also chained by plain SHA-256 ([`audit_chain_hash`], no secret), so
+//! anyone holding the records, the signed checkpoints and the signing key's public half
+//! ([`AuditPublicKey`]) can check it without the master key.
 //!
 //! No PAN is ever encrypted directly under a derived key, so changing the master key only
 //! needs the stored keys re-wrapped, and rotating a data key only adds a version.
@@ -39,6 +44,10 @@
 //! | `tokenvault/v1/fingerprint\0`      | HMAC input prefix  | label ‖ data                                                 |
 //! | `tokenvault/v1/audit\0`            | HMAC input prefix  | label ‖ len(prev) u32 BE ‖ prev MAC ‖ record                 |
 //! | `tokenvault/v1/api-key\0`          | SHA-256 prefix     | label ‖ secret                                               |
+//! | `tokenvault/v1/audit-hash\0`       | SHA-256 prefix     | label ‖ prev hash (32) ‖ record                              |
+//! | `tokenvault/v1/audit-key-id\0`     | SHA-256 prefix     | label ‖ Ed25519 public key (32); first 8 bytes = key id      |
+//! | `tokenvault/v1/audit-checkpoint\n` | Ed25519 message    | see [`crate::audit::Checkpoint::signed_message`]             |
+//! | `tokenvault/v1/audit-key-handover\n` | Ed25519 message  | see [`crate::audit::handover_message`]                       |
 //!
 //! Each layout is unambiguous: fixed-length prefixes and fixed-width integers come before the
 //! single variable-length field, or the variable field is length-prefixed.
@@ -119,6 +128,10 @@ pub const LABEL_REUSE_FINGERPRINT: &[u8] = b"tokenvault/v1/reuse-fingerprint\0";
 pub const LABEL_AUDIT: &[u8] = b"tokenvault/v1/audit\0";
 /// SHA-256 input prefix for API key hashes.
 pub const LABEL_API_KEY: &[u8] = b"tokenvault/v1/api-key\0";
+/// SHA-256 input prefix for the public audit hash chain.
+pub const LABEL_AUDIT_HASH: &[u8] = b"tokenvault/v1/audit-hash\0";
+/// SHA-256 input prefix for the id of an audit signing key.
+pub const LABEL_AUDIT_KEY_ID: &[u8] = b"tokenvault/v1/audit-key-id\0";
 
 /// Largest master key file accepted; a real one is 32 raw or ~45 text bytes.
 const MAX_KEY_FILE_LEN: usize = 1024;
@@ -389,6 +402,8 @@ pub enum KeyPurpose {
     Data(u32),
     Fingerprint,
     Audit,
+    /// The seed of audit signing key number n.
+    AuditSigning(u32),
 }
 
 /// Associated data, assembled on the stack when short (every wrap AAD; PAN AAD for tokens up
@@ -431,6 +446,9 @@ fn wrap_aad(purpose: KeyPurpose) -> Aad {
         KeyPurpose::Data(version) => Aad::concat(&[LABEL_WRAP, b"data", &version.to_be_bytes()]),
         KeyPurpose::Fingerprint => Aad::concat(&[LABEL_WRAP, b"fingerprint"]),
         KeyPurpose::Audit => Aad::concat(&[LABEL_WRAP, b"audit"]),
+        // `signing` starts with a byte no other purpose starts with, and is followed by
+        // exactly 4 bytes, like `data`.
+        KeyPurpose::AuditSigning(n) => Aad::concat(&[LABEL_WRAP, b"signing", &n.to_be_bytes()]),
     }
 }
 
@@ -712,6 +730,134 @@ impl AuditKey {
 impl std::fmt::Debug for AuditKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("AuditKey(<redacted>)")
+    }
+}
+
+/// Hash of an empty audit chain: what the first record's hash chains from.
+pub const AUDIT_GENESIS_HASH: [u8; 32] = [0u8; 32];
+
+/// SHA-256(`tokenvault/v1/audit-hash\0` ‖ prev ‖ record): the public audit chain. `prev` is
+/// fixed-length, so bytes cannot move between it and the record.
+pub fn audit_chain_hash(prev: &[u8; 32], record: &[u8]) -> [u8; 32] {
+    Sha256::new()
+        .chain_update(LABEL_AUDIT_HASH)
+        .chain_update(prev)
+        .chain_update(record)
+        .finalize()
+        .into()
+}
+
+/// The Ed25519 key that signs audit checkpoints. The 32-byte seed is random, stored only
+/// wrapped (purpose `signing` ‖ key number), and lives in a `SigningKey` that wipes itself on
+/// drop (`ed25519-dalek`'s `zeroize` feature), boxed so moves leave no copy behind.
+pub struct AuditSigningKey {
+    key: Box<ed25519_dalek::SigningKey>,
+}
+
+impl AuditSigningKey {
+    /// A fresh key and its seed wrapped under `kwk` for key number `n`.
+    pub fn generate_wrapped(kwk: &KeyWrappingKey, n: u32) -> (AuditSigningKey, Vec<u8>) {
+        let seed = SecretKey::generate();
+        let wrapped = kwk.wrap(&seed, KeyPurpose::AuditSigning(n));
+        (AuditSigningKey::from_seed(seed), wrapped)
+    }
+
+    /// Unwraps the stored seed of key number `n`.
+    pub fn unwrap(
+        kwk: &KeyWrappingKey,
+        wrapped: &[u8],
+        n: u32,
+    ) -> Result<AuditSigningKey, DecryptError> {
+        Ok(AuditSigningKey::from_seed(
+            kwk.unwrap(wrapped, KeyPurpose::AuditSigning(n))?,
+        ))
+    }
+
+    fn from_seed(seed: SecretKey) -> AuditSigningKey {
+        // The seed (zeroizing) is dropped at the end of this call.
+        AuditSigningKey {
+            key: Box::new(ed25519_dalek::SigningKey::from_bytes(&seed.0)),
+        }
+    }
+
+    pub fn public_key(&self) -> AuditPublicKey {
+        AuditPublicKey(self.key.verifying_key())
+    }
+
+    pub fn sign(&self, message: &[u8]) -> [u8; 64] {
+        use ed25519_dalek::Signer;
+        self.key.sign(message).to_bytes()
+    }
+}
+
+impl std::fmt::Debug for AuditSigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "AuditSigningKey({}, <redacted>)",
+            self.public_key().key_id()
+        )
+    }
+}
+
+/// The public half of an audit signing key. Text form: `ed25519:` + standard base64.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct AuditPublicKey(ed25519_dalek::VerifyingKey);
+
+impl AuditPublicKey {
+    pub const PREFIX: &'static str = "ed25519:";
+
+    pub fn from_bytes(bytes: &[u8]) -> Option<AuditPublicKey> {
+        let bytes = <[u8; 32]>::try_from(bytes).ok()?;
+        ed25519_dalek::VerifyingKey::from_bytes(&bytes)
+            .ok()
+            .filter(|k| !k.is_weak())
+            .map(AuditPublicKey)
+    }
+
+    /// Parses `ed25519:BASE64` (the prefix is optional).
+    pub fn parse(text: &str) -> Option<AuditPublicKey> {
+        let text = text.trim();
+        let b64 = text.strip_prefix(Self::PREFIX).unwrap_or(text);
+        let bytes = BASE64_LENIENT_PAD.decode(b64).ok()?;
+        AuditPublicKey::from_bytes(&bytes)
+    }
+
+    pub fn to_bytes(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+
+    pub fn to_text(&self) -> String {
+        format!(
+            "{}{}",
+            Self::PREFIX,
+            base64::engine::general_purpose::STANDARD.encode(self.0.to_bytes())
+        )
+    }
+
+    /// First 8 bytes of SHA-256(`tokenvault/v1/audit-key-id\0` ‖ key), in hex.
+    pub fn key_id(&self) -> String {
+        let digest = Sha256::new()
+            .chain_update(LABEL_AUDIT_KEY_ID)
+            .chain_update(self.0.as_bytes())
+            .finalize();
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Strict verification (RFC 8032 with the checks against malleable signatures).
+    pub fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
+        let Ok(sig) = <[u8; 64]>::try_from(signature) else {
+            return false;
+        };
+        self.0
+            .verify_strict(message, &ed25519_dalek::Signature::from_bytes(&sig))
+            .is_ok()
+    }
+}
+
+impl std::fmt::Debug for AuditPublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AuditPublicKey({})", self.to_text())
     }
 }
 

@@ -195,6 +195,54 @@ fn wrap_aad_encoding() {
         wrap_aad(KeyPurpose::Audit).as_bytes(),
         b"tokenvault/v1/wrap/audit"
     );
+    assert_eq!(
+        wrap_aad(KeyPurpose::AuditSigning(2)).as_bytes(),
+        b"tokenvault/v1/wrap/signing\x00\x00\x00\x02"
+    );
+}
+
+// ---- Audit signing key and public hash chain --------------------------------------------
+
+#[test]
+fn audit_signing_key_is_wrapped_signs_and_verifies_strictly() {
+    let (kwk, _) = MasterKey::generate().derive(&VaultId::generate());
+    let (key, wrapped) = AuditSigningKey::generate_wrapped(&kwk, 1);
+    assert_eq!(wrapped.len(), WRAPPED_KEY_LEN);
+    // Bound to its purpose and number.
+    assert!(AuditSigningKey::unwrap(&kwk, &wrapped, 2).is_err());
+    assert!(kwk.unwrap(&wrapped, KeyPurpose::Audit).is_err());
+    let again = AuditSigningKey::unwrap(&kwk, &wrapped, 1).unwrap();
+    assert_eq!(again.public_key(), key.public_key());
+    let sig = key.sign(b"checkpoint");
+    let public = AuditPublicKey::parse(&key.public_key().to_text()).unwrap();
+    assert!(public.verify(b"checkpoint", &sig));
+    assert!(!public.verify(b"checkpoinT", &sig));
+    let mut bad = sig;
+    bad[5] ^= 1;
+    assert!(!public.verify(b"checkpoint", &bad));
+    assert!(!public.verify(b"checkpoint", &sig[..63]));
+    // Redacted Debug: the key id, never the seed.
+    let debug = format!("{key:?}");
+    assert!(
+        debug.contains("redacted") && debug.contains(&public.key_id()),
+        "{debug}"
+    );
+    assert_eq!(public.key_id().len(), 16);
+    assert!(AuditPublicKey::parse("ed25519:AAAA").is_none());
+    // The all-zero point is weak and refused.
+    assert!(AuditPublicKey::from_bytes(&[0u8; 32]).is_none());
+}
+
+#[test]
+fn audit_chain_hash_is_labelled_sha256_over_prev_and_record() {
+    let prev = [7u8; 32];
+    let h = audit_chain_hash(&prev, b"record");
+    let mut input = b"tokenvault/v1/audit-hash\0".to_vec();
+    input.extend_from_slice(&prev);
+    input.extend_from_slice(b"record");
+    let expected: [u8; 32] = Sha256::digest(&input).into();
+    assert_eq!(h, expected);
+    assert_ne!(audit_chain_hash(&[8u8; 32], b"record"), h);
 }
 
 #[test]
@@ -431,6 +479,7 @@ fn wrap_unwrap_round_trip() {
         KeyPurpose::Data(u32::MAX),
         KeyPurpose::Fingerprint,
         KeyPurpose::Audit,
+        KeyPurpose::AuditSigning(1),
     ] {
         let key = secret(seq32(0x33));
         let wrapped = kwk.wrap(&key, purpose);

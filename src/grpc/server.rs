@@ -7,6 +7,10 @@
 //! [`ServerConfig::concurrency_limit_per_connection`] requests in flight per connection and
 //! a server-side [`ServerConfig::request_timeout`]; the per-principal detokenize rate is
 //! enforced by the service.
+//!
+//! With [`ServerConfig::audit_checkpoint_file`], signed checkpoints of the audit chain are
+//! appended to that file while the server runs and once more after the `server_stop` record
+//! (see [`crate::audit::spawn_checkpointer`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -60,6 +64,8 @@ pub struct ServerConfig {
     pub concurrency_limit_per_connection: Option<usize>,
     /// Longest a request may run on the server before it is cancelled.
     pub request_timeout: Option<Duration>,
+    /// Append signed audit checkpoints to this file (O_APPEND, never rewritten).
+    pub audit_checkpoint_file: Option<std::path::PathBuf>,
 }
 
 /// Default of [`ServerConfig::concurrency_limit_per_connection`].
@@ -88,6 +94,7 @@ impl Default for ServerConfig {
             },
             concurrency_limit_per_connection: Some(DEFAULT_CONCURRENCY_PER_CONNECTION),
             request_timeout: Some(DEFAULT_REQUEST_TIMEOUT),
+            audit_checkpoint_file: None,
         }
     }
 }
@@ -114,6 +121,18 @@ pub async fn serve(
         .local_addr()
         .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
     let server_caller = Caller::new("server", local.clone());
+
+    // Before anything is served: a checkpoint file this vault contradicts is refused.
+    let checkpointer = match &cfg.audit_checkpoint_file {
+        Some(path) => match open_checkpoints(&vault, path).await {
+            Ok(file) => Some(crate::audit::spawn_checkpointer(vault.clone(), file)),
+            Err(e) => {
+                vault.close().await;
+                return Err(e);
+            }
+        },
+        None => None,
+    };
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let mut serving = vault.healthy();
@@ -254,9 +273,25 @@ pub async fn serve(
         task.abort();
     }
     audit_event(&vault, &server_caller, "server_stop", &local).await;
+    if let Some(checkpointer) = checkpointer {
+        checkpointer.finish().await;
+    }
     vault.close().await;
     tracing::info!("server stopped");
     result
+}
+
+async fn open_checkpoints(
+    vault: &Vault,
+    path: &std::path::Path,
+) -> Result<crate::audit::CheckpointFile> {
+    crate::audit::check_file_against_vault(vault, path).await?;
+    crate::audit::CheckpointFile::open(path).map_err(|e| {
+        Error::Unavailable(format!(
+            "cannot open the audit checkpoint file {}: {e}",
+            path.display()
+        ))
+    })
 }
 
 async fn set_health(reporter: &HealthReporter, serving: bool) {

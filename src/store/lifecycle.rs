@@ -249,6 +249,19 @@ pub(super) fn rotate_master(
             )?;
             rewrapped += 1;
         }
+        // The audit signing key (only the active one still has its private half).
+        let signing: Vec<(i64, Vec<u8>)> = tx
+            .prepare("SELECT id, wrapped FROM audit_signing_keys WHERE wrapped IS NOT NULL")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        for (id, wrapped) in signing {
+            let w =
+                keyring.rewrap_under(&new_kwk, &wrapped, KeyPurpose::AuditSigning(id as u32))?;
+            tx.execute(
+                "UPDATE audit_signing_keys SET wrapped = ?2 WHERE id = ?1",
+                params![id, w],
+            )?;
+        }
         let fingerprint = keyring.rewrap_under(&new_kwk, &fingerprint, KeyPurpose::Fingerprint)?;
         let audit = keyring.rewrap_under(&new_kwk, &audit, KeyPurpose::Audit)?;
         for (k, v) in [

@@ -70,7 +70,24 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE clients ADD COLUMN detokenize_rate REAL;
     "#,
-    // 3 (issue 11): `reuse_existing` is scoped to the creating principal or its reuse group,
+    // 3 (issue 12): the public SHA-256 chain over audit records (filled in for existing
+    // records at open, from public data only: see `sqlite::prepare_audit`) and the Ed25519
+    // keys that sign checkpoints of it. A retired key keeps its public half for verifiers;
+    // its wrapped private seed is destroyed.
+    r#"
+    ALTER TABLE audit ADD COLUMN hash BLOB;
+    CREATE TABLE audit_signing_keys (
+        id          INTEGER PRIMARY KEY,
+        public_key  BLOB NOT NULL,
+        wrapped     BLOB,
+        state       TEXT NOT NULL CHECK (state IN ('active', 'retired')),
+        created_at  INTEGER NOT NULL,
+        retired_at  INTEGER
+    ) STRICT;
+    CREATE UNIQUE INDEX audit_signing_keys_one_active ON audit_signing_keys(state)
+        WHERE state = 'active';
+    "#,
+    // 4 (issue 11): `reuse_existing` is scoped to the creating principal or its reuse group,
     // with a per-client lookup budget. Fingerprints are now keyed by scope; the unscoped ones
     // of earlier versions would let any client find any other's token, so they are dropped:
     // those tokens stay valid for detokenize, and the next `reuse_existing` call for such a

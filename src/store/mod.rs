@@ -89,6 +89,31 @@ pub struct VaultHeader {
     pub wrapped_audit_key: Vec<u8>,
 }
 
+/// An audit signing key as stored: its number, public half and state.
+#[derive(Clone, Debug)]
+pub struct AuditSigningKeyInfo {
+    pub id: u32,
+    pub public_key: crate::crypto::AuditPublicKey,
+    pub active: bool,
+    pub created_at: Micros,
+    pub retired_at: Option<Micros>,
+}
+
+/// What a checkpoint signs, read in one snapshot: the chain's head and the signing key
+/// active at that point.
+#[derive(Clone, Debug)]
+pub struct CheckpointSource {
+    /// Vault id, hex.
+    pub vault: String,
+    pub seq: u64,
+    pub hash: [u8; 32],
+    pub key_id: u32,
+    pub wrapped_key: Vec<u8>,
+}
+
+/// Called for each audit record of a snapshot walk, in ascending order.
+pub type AuditVisitor = Box<dyn FnMut(&AuditRecord) + Send>;
+
 pub trait Storage: Send + Sync + 'static {
     /// Inserts (or, with `reuse_existing`, finds) tokens and appends one audit record per
     /// item, all in one group commit. One result per item, in order.
@@ -116,6 +141,19 @@ pub trait Storage: Send + Sync + 'static {
     fn generation(&self) -> StoreFuture<u64>;
     /// Sequence number and MAC of the newest audit record, as recorded beside the chain.
     fn audit_head(&self) -> StoreFuture<Option<(u64, Vec<u8>)>>;
+    /// Walks every audit record and reads the recorded head in ONE read transaction, so a
+    /// busy writer cannot make the two disagree. Returns the recorded head.
+    fn audit_walk(&self, visit: AuditVisitor) -> StoreFuture<Option<(u64, Vec<u8>)>>;
+    /// The chain's head and the active signing key, in one snapshot.
+    fn audit_checkpoint_source(&self) -> StoreFuture<CheckpointSource>;
+    /// Every audit signing key, oldest first.
+    fn audit_signing_keys(&self) -> StoreFuture<Vec<AuditSigningKeyInfo>>;
+    /// New active audit signing key; the previous one signs the handover in the rotation
+    /// record and its private half is destroyed. Returns the new key's number and public key.
+    fn rotate_audit_signing_key(
+        &self,
+        caller: Caller,
+    ) -> StoreFuture<(u32, crate::crypto::AuditPublicKey)>;
     /// Re-seals one batch of rows under the active version, counting each against it, with
     /// one audit record, in one transaction between serving groups.
     fn rewrap_batch(&self, batch: RewrapBatch, caller: Caller) -> StoreFuture<RewrapOutcome>;

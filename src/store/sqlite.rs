@@ -27,12 +27,14 @@ use tokio::sync::{mpsc, oneshot};
 use super::lifecycle::{self, PurgeBatch, PurgeOutcome, RewrapBatch, RewrapOutcome, SealedRow};
 use super::migrations;
 use super::{
-    ClientRow, NewToken, Storage, StoreFuture, StoredToken, TokenMeta, TokenRow, VaultHeader,
+    AuditSigningKeyInfo, AuditVisitor, CheckpointSource, ClientRow, NewToken, Storage, StoreFuture,
+    StoredToken, TokenMeta, TokenRow, VaultHeader,
 };
-use crate::audit::{canonical_bytes, AuditEntry, AuditRecord, GENESIS_MAC};
+use crate::audit::{self, canonical_bytes, AuditEntry, AuditRecord, GENESIS_MAC};
 use crate::auth::Role;
 use crate::card::Brand;
 use crate::crypto::KeyWrappingKey;
+use crate::crypto::{audit_chain_hash, AuditPublicKey, AUDIT_GENESIS_HASH};
 use crate::error::{outcome_of, Error, Result};
 use crate::keyring::{KeyRow, Keyring};
 use crate::token::{self, TokenFormat};
@@ -426,6 +428,7 @@ fn pages_in_use(tx: &Transaction<'_>) -> Result<i64> {
 pub(super) struct TxState {
     audit_seq: u64,
     audit_mac: Vec<u8>,
+    audit_hash: [u8; 32],
     pub(super) active_version: u32,
     pub(super) active_count: u64,
     pub(super) active_created: Micros,
@@ -608,16 +611,18 @@ fn begin_state(tx: &Transaction<'_>, keyring: &Keyring) -> Result<TxState> {
             tracing::warn!("{STALE_MASTER}");
         }
     }
-    let head: Option<(i64, Vec<u8>)> = tx
-        .prepare_cached("SELECT seq, mac FROM audit ORDER BY seq DESC LIMIT 1")?
-        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+    let head: Option<(i64, Vec<u8>, Option<Vec<u8>>)> = tx
+        .prepare_cached("SELECT seq, mac, hash FROM audit ORDER BY seq DESC LIMIT 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
-    let (audit_seq, audit_mac) = head
-        .map(|(s, m)| (s as u64, m))
-        .unwrap_or((0, GENESIS_MAC.to_vec()));
+    let (audit_seq, audit_mac, audit_hash) = match head {
+        Some((s, m, h)) => (s as u64, m, hash32(h.as_deref())?),
+        None => (0, GENESIS_MAC.to_vec(), AUDIT_GENESIS_HASH),
+    };
     let mut st = TxState {
         audit_seq,
         audit_mac,
+        audit_hash,
         active_version,
         active_count: active_count as u64,
         active_created,
@@ -646,6 +651,13 @@ fn master_is_current(tx: &Transaction<'_>, keyring: &Keyring) -> Result<bool> {
     Ok(keyring.kwk_opens(&wrapped))
 }
 
+/// A stored chain hash; a record without one was never given one (see [`prepare_audit`]).
+fn hash32(stored: Option<&[u8]>) -> Result<[u8; 32]> {
+    stored
+        .and_then(|h| <[u8; 32]>::try_from(h).ok())
+        .ok_or_else(|| Error::DataLoss("the newest audit record has no valid chain hash".into()))
+}
+
 fn finish_state(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) -> Result<()> {
     for (version, n) in st.counts.drain() {
         tx.prepare_cached(
@@ -656,29 +668,7 @@ fn finish_state(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) -> Re
     if st.audit.is_empty() {
         return Ok(());
     }
-    let mut stmt = tx.prepare_cached(
-        "INSERT INTO audit(seq, at, principal, peer, action, subject, outcome, reason, mac) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-    )?;
-    for entry in st.audit.drain(..) {
-        let seq = st.audit_seq + 1;
-        let mac = keyring
-            .audit_key()
-            .chain_mac(&st.audit_mac, &canonical_bytes(seq, &entry));
-        stmt.execute(params![
-            seq as i64,
-            entry.at,
-            entry.principal,
-            entry.peer,
-            entry.action,
-            entry.subject,
-            entry.outcome,
-            entry.reason,
-            &mac[..]
-        ])?;
-        st.audit_seq = seq;
-        st.audit_mac = mac.to_vec();
-    }
+    flush_audit(tx, keyring, st)?;
     // The head anchors the end of the chain, so removing the newest records shows too.
     tx.prepare_cached(
         "INSERT INTO meta(key, value) VALUES ('audit_head_seq', ?1) \
@@ -691,6 +681,212 @@ fn finish_state(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) -> Re
     )?
     .execute([&st.audit_mac])?;
     Ok(())
+}
+
+/// Appends the pending audit entries, each with its MAC and its public chain hash. One
+/// SHA-256 of a short record per entry: the signing of checkpoints happens elsewhere, off
+/// this path.
+fn flush_audit(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) -> Result<()> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO audit(seq, at, principal, peer, action, subject, outcome, reason, mac, hash) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?;
+    for entry in st.audit.drain(..) {
+        let seq = st.audit_seq + 1;
+        let bytes = canonical_bytes(seq, &entry);
+        let mac = keyring.audit_key().chain_mac(&st.audit_mac, &bytes);
+        let hash = audit_chain_hash(&st.audit_hash, &bytes);
+        stmt.execute(params![
+            seq as i64,
+            entry.at,
+            entry.principal,
+            entry.peer,
+            entry.action,
+            entry.subject,
+            entry.outcome,
+            entry.reason,
+            &mac[..],
+            &hash[..]
+        ])?;
+        st.audit_seq = seq;
+        st.audit_mac = mac.to_vec();
+        st.audit_hash = hash;
+    }
+    Ok(())
+}
+
+/// Run at open, after the migrations, by whoever opens the vault first: gives records
+/// written before the hash chain existed their hashes (public data only, so no secret is
+/// needed and the result is what any verifier recomputes), and creates the first audit
+/// signing key if there is none. One transaction.
+fn prepare_audit(conn: &mut Connection, keyring: &Keyring) -> Result<()> {
+    // Cheap checks first, without the write lock: once done, the newest record has a hash
+    // (the writer gives every new one its hash) and a signing key is active.
+    let newest_unhashed: bool = conn
+        .query_row(
+            "SELECT hash IS NULL FROM audit ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(false);
+    let has_key: bool = conn
+        .query_row(
+            "SELECT 1 FROM audit_signing_keys WHERE state = 'active'",
+            [],
+            |_| Ok(true),
+        )
+        .optional()?
+        .unwrap_or(false);
+    if !newest_unhashed && has_key {
+        return Ok(());
+    }
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let first_missing: Option<i64> =
+        tx.query_row("SELECT MIN(seq) FROM audit WHERE hash IS NULL", [], |r| {
+            r.get(0)
+        })?;
+    if let Some(first) = first_missing {
+        let mut prev = if first <= 1 {
+            AUDIT_GENESIS_HASH
+        } else {
+            let h: Option<Vec<u8>> = tx
+                .query_row("SELECT hash FROM audit WHERE seq = ?1", [first - 1], |r| {
+                    r.get(0)
+                })
+                .optional()?
+                .flatten();
+            hash32(h.as_deref())?
+        };
+        let mut n = 0u64;
+        {
+            let mut read = tx.prepare(AUDIT_SELECT_FROM)?;
+            let mut write = tx.prepare("UPDATE audit SET hash = ?2 WHERE seq = ?1")?;
+            let records: Vec<AuditRecord> = read
+                .query_map([first], audit_record_from_row)?
+                .collect::<rusqlite::Result<_>>()?;
+            for rec in records {
+                prev = audit_chain_hash(&prev, &canonical_bytes(rec.seq, &rec.entry()));
+                write.execute(params![rec.seq as i64, &prev[..]])?;
+                n += 1;
+            }
+        }
+        tracing::info!(
+            records = n,
+            "computed the audit hash chain of existing records"
+        );
+    }
+    let has_key: bool = tx
+        .query_row(
+            "SELECT 1 FROM audit_signing_keys WHERE state = 'active'",
+            [],
+            |_| Ok(true),
+        )
+        .optional()?
+        .unwrap_or(false);
+    if !has_key && master_is_current(&tx, keyring)? {
+        let n: i64 = tx.query_row(
+            "SELECT COALESCE(MAX(id), 0) + 1 FROM audit_signing_keys",
+            [],
+            |r| r.get(0),
+        )?;
+        let (key, wrapped) = keyring.new_audit_signing_key(n as u32);
+        tx.execute(
+            "INSERT INTO audit_signing_keys(id, public_key, wrapped, state, created_at) \
+             VALUES (?1, ?2, ?3, 'active', ?4)",
+            params![n, &key.public_key().to_bytes()[..], wrapped, now_micros()],
+        )?;
+        tracing::info!(key_id = %key.public_key().key_id(), "created the audit signing key");
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+const AUDIT_SELECT_FROM: &str =
+    "SELECT seq, at, principal, peer, action, subject, outcome, reason, mac, hash FROM audit \
+     WHERE seq >= ?1 ORDER BY seq";
+
+fn audit_record_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRecord> {
+    Ok(AuditRecord {
+        seq: r.get::<_, i64>(0)? as u64,
+        at: r.get(1)?,
+        principal: r.get(2)?,
+        peer: r.get(3)?,
+        action: r.get(4)?,
+        subject: r.get(5)?,
+        outcome: r.get(6)?,
+        reason: r.get(7)?,
+        mac: r.get(8)?,
+        hash: r.get::<_, Option<Vec<u8>>>(9)?.unwrap_or_default(),
+    })
+}
+
+fn query_signing_keys(conn: &Connection) -> Result<Vec<AuditSigningKeyInfo>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, public_key, state, created_at, retired_at FROM audit_signing_keys ORDER BY id",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, Vec<u8>>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, i64>(3)?,
+            r.get::<_, Option<i64>>(4)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, public, state, created_at, retired_at) = row?;
+        let public_key = AuditPublicKey::from_bytes(&public).ok_or_else(|| {
+            Error::DataLoss(format!("audit signing key {id} has a malformed public key"))
+        })?;
+        out.push(AuditSigningKeyInfo {
+            id: id as u32,
+            public_key,
+            active: state == "active",
+            created_at,
+            retired_at,
+        });
+    }
+    Ok(out)
+}
+
+/// Sequence number and MAC of the newest record, as recorded in `meta` beside the chain.
+fn recorded_head(conn: &Connection) -> Result<Option<(u64, Vec<u8>)>> {
+    let seq: Option<i64> = conn
+        .prepare_cached("SELECT value FROM meta WHERE key = 'audit_head_seq'")?
+        .query_row([], |r| r.get(0))
+        .optional()?;
+    let mac: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT value FROM meta WHERE key = 'audit_head_mac'")?
+        .query_row([], |r| r.get(0))
+        .optional()?;
+    Ok(seq.zip(mac).map(|(s, m)| (s as u64, m)))
+}
+
+fn vault_hex(conn: &Connection) -> Result<String> {
+    let id: Vec<u8> = conn
+        .prepare_cached("SELECT value FROM meta WHERE key = 'vault_id'")?
+        .query_row([], |r| r.get(0))?;
+    Ok(audit::hex(&id))
+}
+
+/// The audit signing keys of a vault, read without the master key (they are public).
+pub fn read_audit_public_keys(data_dir: &Path) -> Result<(String, Vec<AuditSigningKeyInfo>)> {
+    read_header(data_dir)?;
+    let conn = Connection::open_with_flags(db_path(data_dir), OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let keys = match query_signing_keys(&conn) {
+        Ok(keys) if !keys.is_empty() => keys,
+        _ => {
+            return Err(Error::FailedPrecondition(
+                "this vault has no audit signing key yet: open it once with this version \
+                 (for example `tokenvault check`) to create one"
+                    .into(),
+            ))
+        }
+    };
+    Ok((vault_hex(&conn)?, keys))
 }
 
 /// Makes a new active version inside `tx`; the old one becomes decrypt-only. The keyring is
@@ -951,6 +1147,7 @@ impl SqliteStore {
             None => None,
         };
         migrations::migrate(&mut conn)?;
+        prepare_audit(&mut conn, &keyring)?;
         let reads = ReadPool::start(&path, p.read_connections)?;
         let healthy = Arc::new(AtomicBool::new(true));
         let (tx, rx) = mpsc::channel(p.writer_queue.max(1));
@@ -1282,23 +1479,8 @@ impl Storage for SqliteStore {
 
     fn audit_records(&self, from: u64, limit: usize) -> StoreFuture<Vec<AuditRecord>> {
         self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT seq, at, principal, peer, action, subject, outcome, reason, mac FROM audit \
-                 WHERE seq >= ?1 ORDER BY seq LIMIT ?2",
-            )?;
-            let rows = stmt.query_map(params![from as i64, limit as i64], |r| {
-                Ok(AuditRecord {
-                    seq: r.get::<_, i64>(0)? as u64,
-                    at: r.get(1)?,
-                    principal: r.get(2)?,
-                    peer: r.get(3)?,
-                    action: r.get(4)?,
-                    subject: r.get(5)?,
-                    outcome: r.get(6)?,
-                    reason: r.get(7)?,
-                    mac: r.get(8)?,
-                })
-            })?;
+            let mut stmt = conn.prepare_cached(&format!("{AUDIT_SELECT_FROM} LIMIT ?2"))?;
+            let rows = stmt.query_map(params![from as i64, limit as i64], audit_record_from_row)?;
             rows.collect::<rusqlite::Result<Vec<_>>>()
                 .map_err(Error::from)
         })
@@ -1309,22 +1491,113 @@ impl Storage for SqliteStore {
     }
 
     fn audit_head(&self) -> StoreFuture<Option<(u64, Vec<u8>)>> {
+        self.read(recorded_head)
+    }
+
+    fn audit_walk(&self, mut visit: AuditVisitor) -> StoreFuture<Option<(u64, Vec<u8>)>> {
+        self.read(move |conn| {
+            // One read transaction: the head and every record come from the same snapshot.
+            conn.execute_batch("BEGIN")?;
+            let result = (|| -> Result<Option<(u64, Vec<u8>)>> {
+                let head = recorded_head(conn)?;
+                let mut stmt = conn.prepare_cached(AUDIT_SELECT_FROM)?;
+                let mut rows = stmt.query([1i64])?;
+                while let Some(row) = rows.next()? {
+                    visit(&audit_record_from_row(row)?);
+                }
+                Ok(head)
+            })();
+            let _ = conn.execute_batch("COMMIT");
+            result
+        })
+    }
+
+    fn audit_checkpoint_source(&self) -> StoreFuture<CheckpointSource> {
         self.read(|conn| {
-            let seq: Option<i64> = conn
+            conn.execute_batch("BEGIN")?;
+            let result = (|| -> Result<CheckpointSource> {
+                let head: Option<(i64, Option<Vec<u8>>)> = conn
+                    .prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")?
+                    .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?;
+                let (seq, hash) = match head {
+                    Some((s, h)) => (s as u64, hash32(h.as_deref())?),
+                    None => (0, AUDIT_GENESIS_HASH),
+                };
+                let (key_id, wrapped_key): (i64, Vec<u8>) = conn
+                    .prepare_cached(
+                        "SELECT id, wrapped FROM audit_signing_keys WHERE state = 'active'",
+                    )?
+                    .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?
+                    .ok_or_else(|| {
+                        Error::FailedPrecondition("the vault has no audit signing key".into())
+                    })?;
+                Ok(CheckpointSource {
+                    vault: vault_hex(conn)?,
+                    seq,
+                    hash,
+                    key_id: key_id as u32,
+                    wrapped_key,
+                })
+            })();
+            let _ = conn.execute_batch("COMMIT");
+            result
+        })
+    }
+
+    fn audit_signing_keys(&self) -> StoreFuture<Vec<AuditSigningKeyInfo>> {
+        self.read(query_signing_keys)
+    }
+
+    fn rotate_audit_signing_key(&self, caller: Caller) -> StoreFuture<(u32, AuditPublicKey)> {
+        self.admin(move |tx, keyring, st| {
+            let (old_id, old_wrapped): (i64, Vec<u8>) = tx
                 .query_row(
-                    "SELECT value FROM meta WHERE key = 'audit_head_seq'",
+                    "SELECT id, wrapped FROM audit_signing_keys WHERE state = 'active'",
                     [],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
-                .optional()?;
-            let mac: Option<Vec<u8>> = conn
-                .query_row(
-                    "SELECT value FROM meta WHERE key = 'audit_head_mac'",
-                    [],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            Ok(seq.zip(mac).map(|(s, m)| (s as u64, m)))
+                .optional()?
+                .ok_or_else(|| {
+                    Error::FailedPrecondition("the vault has no audit signing key".into())
+                })?;
+            let old = keyring.audit_signer(old_id as u32, &old_wrapped)?;
+            let new_id = old_id + 1;
+            let (new, wrapped) = keyring.new_audit_signing_key(new_id as u32);
+            // The handover names the rotation record's place in the chain: write whatever
+            // is pending first, so that place is known.
+            flush_audit(tx, keyring, st)?;
+            let vault = vault_hex(tx)?;
+            let seq = st.audit_seq + 1;
+            let old_key_id = old.public_key().key_id();
+            let message = audit::handover_message(
+                &vault,
+                seq,
+                &st.audit_hash,
+                &old_key_id,
+                &new.public_key(),
+            );
+            let handover = old.sign(&message);
+            let now = now_micros();
+            tx.execute(
+                "UPDATE audit_signing_keys SET state = 'retired', wrapped = NULL, retired_at = ?2 \
+                 WHERE id = ?1",
+                params![old_id, now],
+            )?;
+            tx.execute(
+                "INSERT INTO audit_signing_keys(id, public_key, wrapped, state, created_at) \
+                 VALUES (?1, ?2, ?3, 'active', ?4)",
+                params![new_id, &new.public_key().to_bytes()[..], wrapped, now],
+            )?;
+            st.audit.push(AuditEntry::new(
+                &caller,
+                audit::ROTATE_ACTION,
+                &format!("audit key {new_id}"),
+                "OK",
+                &audit::rotation_reason(&new.public_key(), &old_key_id, &handover),
+            ));
+            Ok((new_id as u32, new.public_key()))
         })
     }
 
