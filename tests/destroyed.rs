@@ -70,10 +70,6 @@ fn ciphertexts(data_dir: &Path, tokens: &[Token]) -> Vec<Vec<u8>> {
     out
 }
 
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
 /// Every file of the data directory with its contents.
 fn files(data_dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     std::fs::read_dir(data_dir)
@@ -87,25 +83,45 @@ fn files(data_dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
         .collect()
 }
 
-/// How many of `cts` occur in some file of the data directory, with the files they are in.
-fn found(data_dir: &Path, cts: &[Vec<u8>]) -> (usize, Vec<String>) {
-    let files = files(data_dir);
-    let mut n = 0;
-    let mut where_ = Vec::new();
-    for ct in cts {
-        let hits: Vec<String> = files
-            .iter()
-            .filter(|(_, bytes)| contains(bytes, ct))
-            .map(|(p, _)| p.file_name().unwrap().to_string_lossy().into_owned())
-            .collect();
-        if !hits.is_empty() {
-            n += 1;
-            where_.extend(hits);
+/// Which of `needles` occur in `hay`, in one pass: a window is compared only when its first
+/// two bytes start some needle (the tests run unoptimised, and the files are megabytes).
+fn occurrences(hay: &[u8], needles: &[Vec<u8>]) -> Vec<bool> {
+    let mut by_prefix: std::collections::HashMap<[u8; 2], Vec<usize>> = Default::default();
+    let mut first = vec![false; 1 << 16];
+    for (i, n) in needles.iter().enumerate() {
+        let p = [n[0], n[1]];
+        first[u16::from_be_bytes(p) as usize] = true;
+        by_prefix.entry(p).or_default().push(i);
+    }
+    let mut hit = vec![false; needles.len()];
+    for at in 0..hay.len().saturating_sub(1) {
+        if !first[u16::from_be_bytes([hay[at], hay[at + 1]]) as usize] {
+            continue;
+        }
+        for &i in &by_prefix[&[hay[at], hay[at + 1]]] {
+            let n = &needles[i];
+            if hay.len() - at >= n.len() && &hay[at..at + n.len()] == n.as_slice() {
+                hit[i] = true;
+            }
         }
     }
-    where_.sort();
-    where_.dedup();
-    (n, where_)
+    hit
+}
+
+/// How many of `cts` occur in some file of the data directory, with the files they are in.
+fn found(data_dir: &Path, cts: &[Vec<u8>]) -> (usize, Vec<String>) {
+    let mut any = vec![false; cts.len()];
+    let mut where_ = Vec::new();
+    for (path, bytes) in files(data_dir) {
+        let hits = occurrences(&bytes, cts);
+        if hits.iter().any(|h| *h) {
+            where_.push(path.file_name().unwrap().to_string_lossy().into_owned());
+        }
+        for (a, h) in any.iter_mut().zip(hits) {
+            *a |= h;
+        }
+    }
+    (any.iter().filter(|h| **h).count(), where_)
 }
 
 /// Polls until none of `destroyed` is in any file; panics after [`DEADLINE`].
@@ -118,9 +134,19 @@ async fn assert_gone_within_deadline(data_dir: &Path, destroyed: &[Vec<u8>], wha
             return;
         }
         if start.elapsed() > DEADLINE {
+            let sizes: Vec<(String, u64)> = std::fs::read_dir(data_dir)
+                .unwrap()
+                .filter_map(|e| {
+                    let e = e.ok()?;
+                    Some((
+                        e.file_name().to_string_lossy().into_owned(),
+                        e.metadata().ok()?.len(),
+                    ))
+                })
+                .collect();
             panic!(
                 "{what}: {n} of {} destroyed ciphertexts still in {files:?} {:?} after the \
-                 operation finished",
+                 operation finished (files: {sizes:?})",
                 destroyed.len(),
                 start.elapsed()
             );

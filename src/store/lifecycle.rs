@@ -15,7 +15,8 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use super::sqlite::{
-    bump_generation, db_path, load_key_rows, rotate_in_tx, SqliteStore, BUSY_TIMEOUT, DB_FILE,
+    bump_generation, db_path, load_key_rows, mark_destroyed, rotate_in_tx, SqliteStore,
+    BUSY_TIMEOUT, DB_FILE,
 };
 use super::{migrations, StoreFuture};
 use crate::audit::AuditEntry;
@@ -141,6 +142,10 @@ pub(super) fn rewrap_batch(
             out.rewrapped += 1;
             out.active_version = version;
         }
+        if out.rewrapped > 0 {
+            // The old ciphertexts were overwritten: truncate them out of the WAL too.
+            mark_destroyed(tx)?;
+        }
         if out.rewrapped > 0 || !out.failed.is_empty() {
             st.audit.push(AuditEntry::new(
                 &caller,
@@ -201,6 +206,7 @@ pub(super) fn retire_key(store: &SqliteStore, version: u32, caller: Caller) -> S
             "UPDATE data_keys SET state = 'retired', wrapped = x'' WHERE version = ?1",
             [version],
         )?;
+        mark_destroyed(tx)?;
         bump_generation(tx)?;
         st.audit.push(AuditEntry::new(
             &caller,
@@ -258,6 +264,8 @@ pub(super) fn rotate_master(
         ] {
             tx.execute("UPDATE meta SET value = ?2 WHERE key = ?1", params![k, v])?;
         }
+        // The keys wrapped under the old master are overwritten: out of the WAL with them.
+        mark_destroyed(tx)?;
         bump_generation(tx)?;
         st.audit.push(AuditEntry::new(
             &caller,
@@ -377,6 +385,7 @@ pub(super) fn purge_batch(
             }
         }
         if !rows.is_empty() {
+            mark_destroyed(tx)?;
             st.audit.push(AuditEntry::new(
                 &caller,
                 "purge",
