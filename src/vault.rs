@@ -19,6 +19,8 @@ use crate::store::{ClientRow, NewToken, Storage, StoredToken, TokenMeta, TokenRo
 use crate::token::{self, Token, TokenFormat};
 
 pub mod lifecycle;
+#[cfg(test)]
+mod row_format_tests;
 pub use lifecycle::{
     CheckReport, PurgeOptions, PurgeReport, RevokeReport, RewrapOptions, RewrapProgress,
     RewrapReport,
@@ -345,10 +347,6 @@ impl Vault {
         let snapshot = self.inner.keyring.snapshot();
         let token = token::generate(req.format, &req.pan).into_string();
         let digits = req.pan.expose_digits().as_bytes();
-        let sealed = snapshot.active.seal(&token, digits);
-        let fingerprint = req
-            .reuse_existing
-            .then(|| self.inner.keyring.fingerprint_key().fingerprint(digits));
         let meta = TokenMeta {
             format: req.format,
             brand: req.pan.brand(),
@@ -358,6 +356,11 @@ impl Vault {
             created_at: now_micros(),
             expires_at: req.expires_at,
         };
+        // The AAD binds the metadata too: an edited column fails authentication.
+        let sealed = snapshot.active.seal(&token, &meta.canonical(), digits);
+        let fingerprint = req
+            .reuse_existing
+            .then(|| self.inner.keyring.fingerprint_key().fingerprint(digits));
         NewToken {
             token,
             sealed,
@@ -475,7 +478,18 @@ impl Vault {
                 row.key_version
             ))
         })?;
-        let digits = key.open(&row.token, &row.nonce, &row.ciphertext)?;
+        let digits = key.open(
+            row.row_format,
+            &row.token,
+            &row.bound_meta,
+            &row.nonce,
+            &row.ciphertext,
+        )?;
+        // The expiry just authenticated, checked again here rather than only in the
+        // lookup's SQL (a row's format can predate the binding; the clock moved on).
+        if row.meta.expires_at.is_some_and(|at| at <= now_micros()) {
+            return Err(Error::NotFound);
+        }
         let text = std::str::from_utf8(&digits)
             .map_err(|_| Error::DataLoss("decrypted value is not a card number".into()))?;
         let pan = crate::card::Pan::parse(text)
@@ -491,7 +505,9 @@ impl Vault {
             .lookup(vec![token.as_str().to_owned()], now_micros())
             .await?;
         let r = match rows.pop().flatten() {
-            Some(row) => Ok(token_info(&row.token, row.key_version, &row.meta)),
+            // Authenticated like a reveal (the PAN is dropped, wiped, at once): an edited
+            // row is DATA_LOSS here too, never a description of what the editor wrote.
+            Some(row) => self.reveal(row).await.map(|r| r.info),
             None => Err(Error::NotFound),
         };
         self.inner

@@ -70,6 +70,12 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE clients ADD COLUMN detokenize_rate REAL;
     "#,
+    // 3: row format of each sealed PAN (crypto::ROW_FORMAT_*). Rows written before it are
+    // format 1 (AAD binds key version and token); new rows are written as 2 (AAD binds the
+    // metadata columns too). `keys rewrap` upgrades format-1 rows.
+    r#"
+    ALTER TABLE tokens ADD COLUMN row_format INTEGER NOT NULL DEFAULT 1;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -298,6 +298,27 @@ fn meta_from_row(r: &rusqlite::Row<'_>, base: usize) -> rusqlite::Result<TokenMe
     })
 }
 
+/// Row format and [`super::canonical_meta`] of a row, from the raw values of the metadata
+/// columns at `base` (in [`meta_cols!`] order) followed by `row_format`.
+pub(super) fn binding_from_row(
+    r: &rusqlite::Row<'_>,
+    base: usize,
+) -> rusqlite::Result<(u32, Vec<u8>)> {
+    let bin: String = r.get(base + 3)?;
+    let last4: String = r.get(base + 4)?;
+    let meta = super::canonical_meta(
+        r.get(base)?,
+        r.get(base + 1)?,
+        r.get(base + 2)?,
+        &bin,
+        &last4,
+        r.get(base + 5)?,
+        r.get(base + 6)?,
+    );
+    let format = u32::try_from(r.get::<_, i64>(base + 7)?).unwrap_or(u32::MAX);
+    Ok((format, meta))
+}
+
 /// The metadata columns, as a macro so statements are `&'static str` (no per-row formatting).
 macro_rules! meta_cols {
     () => {
@@ -314,12 +335,13 @@ const SQL_REUSE: &str = concat!(
 const SQL_INSERT_TOKEN: &str = concat!(
     "INSERT INTO tokens(token, key_version, nonce, ciphertext, fingerprint, ",
     meta_cols!(),
-    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) ON CONFLICT(token) DO NOTHING"
+    ", row_format) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
+     ON CONFLICT(token) DO NOTHING"
 );
 const SQL_LOOKUP: &str = concat!(
     "SELECT token, key_version, nonce, ciphertext, ",
     meta_cols!(),
-    " FROM tokens WHERE token = ?1 AND deleted_at IS NULL AND ciphertext IS NOT NULL \
+    ", row_format FROM tokens WHERE token = ?1 AND deleted_at IS NULL AND ciphertext IS NOT NULL \
      AND (expires_at IS NULL OR expires_at > ?2)"
 );
 
@@ -824,9 +846,11 @@ fn insert_token(
         }
         if item.key_version != st.active_version {
             let snapshot = keyring.snapshot();
-            item.sealed = snapshot
-                .active
-                .seal(&item.token, item.pan.expose_digits().as_bytes());
+            item.sealed = snapshot.active.seal(
+                &item.token,
+                &item.meta.canonical(),
+                item.pan.expose_digits().as_bytes(),
+            );
             item.key_version = snapshot.active.version();
         }
         // Never seal under a version that is not the active one.
@@ -847,6 +871,7 @@ fn insert_token(
             m.last4,
             m.created_at,
             m.expires_at,
+            crate::crypto::ROW_FORMAT,
         ])?;
         // A sealed PAN counts against its version even if the row lost a token collision:
         // the nonce was drawn.
@@ -863,9 +888,11 @@ fn insert_token(
         // Collision: draw again; the AAD binds the token, so re-seal too.
         item.token = token::generate(m.format, &item.pan).into_string();
         let snapshot = keyring.snapshot();
-        item.sealed = snapshot
-            .active
-            .seal(&item.token, item.pan.expose_digits().as_bytes());
+        item.sealed = snapshot.active.seal(
+            &item.token,
+            &item.meta.canonical(),
+            item.pan.expose_digits().as_bytes(),
+        );
         item.key_version = snapshot.active.version();
     }
     Ok(Err(Error::ResourceExhausted(format!(
@@ -1234,12 +1261,15 @@ impl Storage for SqliteStore {
             for t in &tokens {
                 let row = stmt
                     .query_row(params![t, now], |r| {
+                        let (row_format, bound_meta) = binding_from_row(r, 4)?;
                         Ok(TokenRow {
                             token: r.get(0)?,
                             key_version: r.get::<_, i64>(1)? as u32,
                             nonce: r.get(2)?,
                             ciphertext: r.get(3)?,
                             meta: meta_from_row(r, 4)?,
+                            row_format,
+                            bound_meta,
                         })
                     })
                     .optional()?;

@@ -295,7 +295,16 @@ impl Vault {
                 report.checked += 1;
                 let ok = snapshot
                     .get(row.key_version)
-                    .and_then(|key| key.open(&row.token, &row.nonce, &row.ciphertext).ok())
+                    .and_then(|key| {
+                        key.open(
+                            row.row_format,
+                            &row.token,
+                            &row.bound_meta,
+                            &row.nonce,
+                            &row.ciphertext,
+                        )
+                        .ok()
+                    })
                     .is_some_and(|digits| {
                         std::str::from_utf8(&digits)
                             .is_ok_and(|t| crate::card::Pan::parse(t).is_ok())
