@@ -252,6 +252,16 @@ fn storage_params(cfg: &VaultConfig) -> OpenParams {
 impl Vault {
     /// Creates a new vault in `cfg.data_dir` (refuses if one exists).
     pub fn create(cfg: VaultConfig, master: &MasterKey) -> Result<Vault> {
+        Vault::create_as(cfg, master, false)
+    }
+
+    /// [`Vault::create`] for `serve --dev`, recorded in the vault: only such a vault may be
+    /// opened with the generated key file kept beside its data.
+    pub fn create_dev(cfg: VaultConfig, master: &MasterKey) -> Result<Vault> {
+        Vault::create_as(cfg, master, true)
+    }
+
+    fn create_as(cfg: VaultConfig, master: &MasterKey, dev: bool) -> Result<Vault> {
         create_private_dir(&cfg.data_dir)?;
         let vault_id = VaultId::generate();
         let (kwk, check) = master.derive(&vault_id);
@@ -262,13 +272,14 @@ impl Vault {
             wrapped_fingerprint_key: genesis.fingerprint_key,
             wrapped_audit_key: genesis.audit_key,
         };
-        sqlite::create_database(&cfg.data_dir, &header, &genesis.data_key)?;
+        sqlite::create_database(&cfg.data_dir, &header, &genesis.data_key, dev)?;
         tracing::info!(vault_id = %vault_id.to_hex(), "created vault");
         Vault::open(cfg, master)
     }
 
     /// Opens an existing vault; a wrong master key fails before anything is read or written.
     pub fn open(cfg: VaultConfig, master: &MasterKey) -> Result<Vault> {
+        refuse_writable_by_others(&cfg.data_dir)?;
         let header = sqlite::read_header(&cfg.data_dir)?;
         let vault_id = VaultId::from_slice(&header.vault_id)
             .ok_or_else(|| Error::Internal("vault id has the wrong length".into()))?;
@@ -816,6 +827,32 @@ fn validate_client_name(name: &str) -> Result<()> {
                 .into(),
         ))
     }
+}
+
+/// Refuses a data directory, or a database file in it, that group or others can write:
+/// whoever can write there can swap the database or its WAL under the vault.
+pub fn refuse_writable_by_others(data_dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for path in [data_dir.to_path_buf(), sqlite::db_path(data_dir)] {
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o022 != 0 {
+            let (what, fix) = if meta.is_dir() {
+                ("data directory", "700")
+            } else {
+                ("vault database", "600")
+            };
+            return Err(Error::FailedPrecondition(format!(
+                "{what} {} is writable by group or others (mode {mode:o}); refusing to use it. \
+                 Run chmod {fix} {}",
+                path.display(),
+                path.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Creates a data directory (and its parents) with owner-only access: it holds the only copy

@@ -80,9 +80,7 @@ pub fn check_transport(addr: SocketAddr, tls: bool, dev: bool) -> Result<(), Cli
 
 /// Disables core dumps and, with `mlock`, locks memory; problems are warnings.
 fn harden(mlock: bool) {
-    for problem in crate::hardening::disable_core_dumps() {
-        tracing::warn!(problem = %problem, "could not fully disable core dumps");
-    }
+    crate::hardening::harden_process();
     if mlock {
         match crate::hardening::lock_memory() {
             Ok(()) => tracing::info!("process memory locked"),

@@ -188,11 +188,28 @@ pub fn read_header(data_dir: &Path) -> Result<VaultHeader> {
     })
 }
 
+/// True when `serve --dev` created the vault in `data_dir` (recorded in its `meta` at
+/// creation); false for every other vault, whatever files sit beside it.
+pub fn is_dev_vault(data_dir: &Path) -> Result<bool> {
+    let conn = Connection::open_with_flags(db_path(data_dir), OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let dev: Option<i64> = conn
+        .query_row("SELECT value FROM meta WHERE key = 'dev_vault'", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    Ok(dev == Some(1))
+}
+
 /// Creates the database of a new vault with its header and first data key.
+///
+/// `dev` records that `serve --dev` created it: only such a vault may be opened with the
+/// generated key file beside its data ([`is_dev_vault`]).
 pub fn create_database(
     data_dir: &Path,
     header: &VaultHeader,
     wrapped_data_key: &[u8],
+    dev: bool,
 ) -> Result<()> {
     let path = db_path(data_dir);
     if path.exists() {
@@ -233,6 +250,9 @@ pub fn create_database(
         "INSERT INTO meta(key, value) VALUES ('created_at', ?1)",
         [now],
     )?;
+    if dev {
+        tx.execute("INSERT INTO meta(key, value) VALUES ('dev_vault', 1)", [])?;
+    }
     tx.execute(
         "INSERT INTO data_keys(version, wrapped, state, created_at) VALUES (1, ?1, 'active', ?2)",
         params![wrapped_data_key, now],
