@@ -153,6 +153,13 @@ fn env_master_key() -> &'static EnvKey {
     })
 }
 
+/// True when the process started with a non-empty `TOKENVAULT_MASTER_KEY` (captured and
+/// removed from the environment at start-up, so `std::env` no longer shows it).
+pub fn master_key_env_present() -> bool {
+    matches!(env_master_key(), EnvKey::Present(t) if !t.is_empty())
+        || matches!(env_master_key(), EnvKey::NotUnicode)
+}
+
 /// Overwrites the value of `name` in place in the environment block.
 fn scrub_env_value(name: &str) {
     let Ok(cname) = std::ffi::CString::new(name) else {

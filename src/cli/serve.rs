@@ -195,7 +195,7 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
 fn master_key_path(args: &VaultArgs, dev: bool) -> Option<std::path::PathBuf> {
     match &args.master_key_file {
         Some(path) => Some(path.clone()),
-        None if dev && std::env::var_os(crate::cli::common::MASTER_KEY_ENV).is_none() => {
+        None if dev && !crate::cli::common::master_key_env_present() => {
             Some(args.data_dir.join(dev::MASTER_KEY_FILE))
         }
         None => None,
