@@ -3,7 +3,9 @@
 //!
 //! The master key comes from `--master-key-file` / `TOKENVAULT_MASTER_KEY_FILE` or from the
 //! `TOKENVAULT_MASTER_KEY` environment variable (base64). There is deliberately no flag that
-//! carries the key itself: command lines are visible to every local user.
+//! carries the key itself: command lines are visible to every local user. The variable is
+//! moved into a zeroizing buffer and scrubbed from the environment at start-up
+//! ([`capture_master_key_env`]), and reading a key disables core dumps first.
 
 use std::path::{Path, PathBuf};
 

@@ -6,6 +6,11 @@
 //! caller is answered only after the `COMMIT` of the group holding its write returned. A
 //! failed commit fails every request of its group and acknowledges none.
 //!
+//! Destruction: every connection runs with `secure_delete=ON`, and a commit that destroys
+//! data bumps `destroy_seq` in `meta`; the checkpointer of every process with the vault open
+//! then truncates the WAL (and opening a vault truncates it too), so destroyed ciphertexts
+//! leave every file of the data directory within a few checkpoint ticks.
+//!
 //! Other processes (the admin CLI) may change keys and clients while a server runs. Such
 //! changes bump the `generation` counter in `meta`, which a running vault polls to reload
 //! clients and keys. The writer itself reads the active key version at the start of each
