@@ -4,6 +4,8 @@
 //! with rusqlite, destroy them through the vault, and scan every file for them. Live
 //! ciphertexts must still be found, so a scan that finds nothing cannot pass by accident.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -341,4 +343,40 @@ async fn a_crash_between_destroy_and_truncate_is_cleaned_up_at_open() {
     let reopened = Vault::open(VaultConfig::new(&crashed), &master).unwrap();
     assert_gone_within_deadline(&crashed, &blobs, "reopen after a crash").await;
     reopened.close().await;
+}
+
+/// The same through the server: DeleteToken over gRPC by a principal holding only `delete`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_token_over_grpc_leaves_no_ciphertext_in_any_file() {
+    use tokenvault::grpc::pb;
+    let mut server = common::TestServer::start().await;
+    let mut checkout = server.client(common::CHECKOUT).await;
+    let mut deleter = server.client(common::DELETER).await;
+    let mut tokens = Vec::new();
+    for n in 0..60 {
+        let resp = checkout
+            .tokenize(pb::TokenizeRequest {
+                pan: common::test_pan(n),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        tokens.push(Token::parse(&resp.token).unwrap());
+    }
+    let data = server.data_dir();
+    let cts = ciphertexts(&data, &tokens);
+    for t in &tokens[..30] {
+        let del = deleter
+            .delete_token(pb::DeleteTokenRequest {
+                token: t.as_str().to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(del.deleted);
+    }
+    assert_gone_within_deadline(&data, &cts[..30], "DeleteToken over gRPC").await;
+    assert_all_present(&data, &cts[30..], "DeleteToken over gRPC");
+    server.shutdown().await;
 }
