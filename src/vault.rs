@@ -14,24 +14,25 @@ use crate::card::{Brand, Pan};
 use crate::crypto::{self, MasterKey, VaultId};
 use crate::error::{outcome_of, Error, Result};
 use crate::keyring::{Genesis, Keyring};
+use crate::store::lock::DirLock;
 use crate::store::sqlite::{self, OpenParams, SqliteStore};
 use crate::store::{ClientRow, NewToken, Storage, StoredToken, TokenMeta, TokenRow, VaultHeader};
 use crate::token::{self, Token, TokenFormat};
 
+pub mod clock;
 pub mod lifecycle;
+pub use clock::{Clock, VaultTime, EXPIRED_PURGE_GRACE};
 pub use lifecycle::{
-    CheckReport, PurgeOptions, PurgeReport, RevokeReport, RewrapOptions, RewrapProgress,
+    CheckReport, PurgeOptions, PurgePlan, PurgeReport, RevokeReport, RewrapOptions, RewrapProgress,
     RewrapReport,
 };
 
 /// Microseconds since the Unix epoch, UTC. The one time representation of the domain.
 pub type Micros = i64;
 
+/// The system clock (negative before 1970). The vault's own decisions use its [`Clock`].
 pub fn now_micros() -> Micros {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
+    clock::system_micros()
 }
 
 /// How long a data-key version may be used before the vault rotates it.
@@ -65,6 +66,8 @@ pub struct VaultConfig {
     pub max_storage_bytes: Option<u64>,
     /// How long a write waits for a lock held by another process before UNAVAILABLE.
     pub busy_timeout: Duration,
+    /// Where expiry and retention read the time (tests step it); see [`clock`].
+    pub clock: Clock,
 }
 
 impl VaultConfig {
@@ -77,6 +80,7 @@ impl VaultConfig {
             writer_queue: 1024,
             max_storage_bytes: None,
             busy_timeout: Duration::from_secs(10),
+            clock: Clock::system(),
         }
     }
 }
@@ -208,6 +212,10 @@ struct Inner {
     clients: RwLock<Arc<ClientCache>>,
     closed: AtomicBool,
     data_dir: PathBuf,
+    time: VaultTime,
+    /// The data directory's lock, held shared while this vault is open (see `store::lock`);
+    /// released by `close`.
+    lock: std::sync::Mutex<Option<DirLock>>,
 }
 
 /// Live principals by API key id and by certificate identity.
@@ -250,7 +258,9 @@ fn storage_params(cfg: &VaultConfig) -> OpenParams {
 impl Vault {
     /// Creates a new vault in `cfg.data_dir` (refuses if one exists).
     pub fn create(cfg: VaultConfig, master: &MasterKey) -> Result<Vault> {
+        check_data_dir(&cfg.data_dir)?;
         create_private_dir(&cfg.data_dir)?;
+        let lock = DirLock::shared(&cfg.data_dir)?;
         let vault_id = VaultId::generate();
         let (kwk, check) = master.derive(&vault_id);
         let genesis = Genesis::generate(&kwk);
@@ -262,11 +272,23 @@ impl Vault {
         };
         sqlite::create_database(&cfg.data_dir, &header, &genesis.data_key)?;
         tracing::info!(vault_id = %vault_id.to_hex(), "created vault");
-        Vault::open(cfg, master)
+        Vault::open_locked(cfg, master, Some(lock))
     }
 
     /// Opens an existing vault; a wrong master key fails before anything is read or written.
+    /// Refused while a restore holds the data directory (see `store::lock`).
     pub fn open(cfg: VaultConfig, master: &MasterKey) -> Result<Vault> {
+        check_data_dir(&cfg.data_dir)?;
+        let present = sqlite::db_path(&cfg.data_dir).exists()
+            || cfg.data_dir.join(crate::store::lock::LOCK_FILE).exists();
+        // Without either there is no vault, and `read_header` says so.
+        let lock = present
+            .then(|| DirLock::shared(&cfg.data_dir))
+            .transpose()?;
+        Vault::open_locked(cfg, master, lock)
+    }
+
+    fn open_locked(cfg: VaultConfig, master: &MasterKey, lock: Option<DirLock>) -> Result<Vault> {
         let header = sqlite::read_header(&cfg.data_dir)?;
         let vault_id = VaultId::from_slice(&header.vault_id)
             .ok_or_else(|| Error::Internal("vault id has the wrong length".into()))?;
@@ -284,6 +306,7 @@ impl Vault {
         )?);
         let clients = sqlite::initial_clients(&cfg.data_dir)?;
         let store = SqliteStore::open(&cfg.data_dir, keyring.clone(), &storage_params(&cfg))?;
+        let newest = sqlite::newest_recorded_time(&cfg.data_dir)?;
         let vault = Vault {
             inner: Arc::new(Inner {
                 store: Arc::new(store),
@@ -291,6 +314,8 @@ impl Vault {
                 clients: RwLock::new(Arc::new(ClientCache::build(clients))),
                 closed: AtomicBool::new(false),
                 data_dir: cfg.data_dir.clone(),
+                time: VaultTime::new(cfg.clock.clone(), newest),
+                lock: std::sync::Mutex::new(lock),
             }),
         };
         vault.start_watcher();
@@ -355,7 +380,7 @@ impl Vault {
             pan_length: req.pan.len() as u32,
             bin: req.pan.bin(),
             last4: req.pan.last4(),
-            created_at: now_micros(),
+            created_at: self.now(),
             expires_at: req.expires_at,
         };
         NewToken {
@@ -391,7 +416,7 @@ impl Vault {
         caller: &Caller,
         reqs: Vec<TokenizeRequest>,
     ) -> Result<Vec<Result<Tokenized>>> {
-        let now = now_micros();
+        let now = self.now();
         let mut slots: Vec<Option<Result<Tokenized>>> = Vec::with_capacity(reqs.len());
         let mut items = Vec::with_capacity(reqs.len());
         for req in reqs {
@@ -440,7 +465,7 @@ impl Vault {
         items: Vec<(Token, String)>,
     ) -> Result<Vec<Result<Revealed>>> {
         let tokens = items.iter().map(|(t, _)| t.as_str().to_owned()).collect();
-        let rows = self.inner.store.lookup(tokens, now_micros()).await?;
+        let rows = self.inner.store.lookup(tokens, self.now()).await?;
         let mut results = Vec::with_capacity(rows.len());
         let mut audit = Vec::with_capacity(rows.len());
         for ((token, reason), row) in items.iter().zip(rows) {
@@ -488,7 +513,7 @@ impl Vault {
         let mut rows = self
             .inner
             .store
-            .lookup(vec![token.as_str().to_owned()], now_micros())
+            .lookup(vec![token.as_str().to_owned()], self.now())
             .await?;
         let r = match rows.pop().flatten() {
             Some(row) => Ok(token_info(&row.token, row.key_version, &row.meta)),
@@ -740,6 +765,17 @@ impl Vault {
         self.refresh().await
     }
 
+    /// Vault time: the configured clock, never earlier than a time this vault already saw
+    /// (see [`clock`]). Expiry is judged by it.
+    pub fn now(&self) -> Micros {
+        self.inner.time.now()
+    }
+
+    /// The data directory this vault was opened from.
+    pub fn data_dir(&self) -> &Path {
+        &self.inner.data_dir
+    }
+
     /// True while storage accepts writes.
     pub fn healthy(&self) -> bool {
         !self.inner.closed.load(Ordering::Relaxed) && self.inner.store.healthy()
@@ -751,6 +787,12 @@ impl Vault {
         if let Err(e) = self.inner.store.close().await {
             tracing::warn!(error = %e, "closing the store");
         }
+        // Only once every connection is closed may a restore replace the files.
+        self.inner
+            .lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
     }
 }
 
@@ -800,6 +842,17 @@ fn validate_client_name(name: &str) -> Result<()> {
                 .into(),
         ))
     }
+}
+
+/// An empty path is a configuration error, never "the current directory".
+pub fn check_data_dir(dir: &Path) -> Result<()> {
+    if dir.as_os_str().is_empty() {
+        return Err(Error::InvalidArgument(
+            "the data directory is an empty path; give a directory such as /var/lib/tokenvault"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Creates a data directory (and its parents) with owner-only access: it holds the only copy

@@ -145,7 +145,7 @@ async fn full_storage_refuses_tokenize_keeps_detokenize_and_recovers_after_purge
     let opts = PurgeOptions {
         deleted: false,
         expired: true,
-        older_than: None,
+        older_than: Some(Duration::ZERO),
         batch: 1000,
     };
     let report = admin.purge(&Caller::cli(), &opts).await.unwrap();

@@ -23,9 +23,14 @@ pub enum AuditCommand {
     Export {
         #[command(flatten)]
         vault: VaultArgs,
-        /// Only records at or after this time (RFC 3339, e.g. 2026-11-22T00:00:00Z).
+        /// Only records at or after this time (RFC 3339, e.g. 2026-11-22T00:00:00Z). Record
+        /// times never decrease along the trail, even when the clock stepped back.
         #[arg(long)]
         since: Option<String>,
+        /// Only records with this sequence number or later: how a SIEM resumes exactly where
+        /// it stopped (the last exported `seq` + 1), whatever the clock did.
+        #[arg(long, value_name = "SEQ", default_value_t = 1)]
+        from_seq: u64,
         /// Only records of this action (tokenize, detokenize, info, delete, key_rotate, ...).
         #[arg(long)]
         action: Option<String>,
@@ -73,6 +78,7 @@ pub async fn run(cmd: AuditCommand) -> Result<(), CliError> {
         AuditCommand::Export {
             vault,
             since,
+            from_seq,
             action,
         } => {
             let since = match since {
@@ -84,7 +90,7 @@ pub async fn run(cmd: AuditCommand) -> Result<(), CliError> {
                 None => None,
             };
             let vault = vault.open()?;
-            let result = export(&vault, since, action.as_deref()).await;
+            let result = export(&vault, from_seq, since, action.as_deref()).await;
             vault.close().await;
             result
         }
@@ -141,10 +147,15 @@ fn json_line(r: &AuditRecord) -> serde_json::Value {
     })
 }
 
-async fn export(vault: &Vault, since: Option<i64>, action: Option<&str>) -> Result<(), CliError> {
+async fn export(
+    vault: &Vault,
+    from_seq: u64,
+    since: Option<i64>,
+    action: Option<&str>,
+) -> Result<(), CliError> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let mut from = 1;
+    let mut from = from_seq.max(1);
     loop {
         let page = vault.audit_records(from, PAGE).await?;
         let n = page.len();

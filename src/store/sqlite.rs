@@ -426,6 +426,9 @@ fn pages_in_use(tx: &Transaction<'_>) -> Result<i64> {
 pub(super) struct TxState {
     audit_seq: u64,
     audit_mac: Vec<u8>,
+    /// Time of the newest record: a record is never stamped earlier, so the trail's times
+    /// are in sequence order even when the wall clock steps back.
+    audit_at: Micros,
     pub(super) active_version: u32,
     pub(super) active_count: u64,
     pub(super) active_created: Micros,
@@ -608,16 +611,17 @@ fn begin_state(tx: &Transaction<'_>, keyring: &Keyring) -> Result<TxState> {
             tracing::warn!("{STALE_MASTER}");
         }
     }
-    let head: Option<(i64, Vec<u8>)> = tx
-        .prepare_cached("SELECT seq, mac FROM audit ORDER BY seq DESC LIMIT 1")?
-        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+    let head: Option<(i64, Vec<u8>, Micros)> = tx
+        .prepare_cached("SELECT seq, mac, at FROM audit ORDER BY seq DESC LIMIT 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
-    let (audit_seq, audit_mac) = head
-        .map(|(s, m)| (s as u64, m))
-        .unwrap_or((0, GENESIS_MAC.to_vec()));
+    let (audit_seq, audit_mac, audit_at) =
+        head.map(|(s, m, at)| (s as u64, m, at))
+            .unwrap_or((0, GENESIS_MAC.to_vec(), Micros::MIN));
     let mut st = TxState {
         audit_seq,
         audit_mac,
+        audit_at,
         active_version,
         active_count: active_count as u64,
         active_created,
@@ -660,7 +664,9 @@ fn finish_state(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) -> Re
         "INSERT INTO audit(seq, at, principal, peer, action, subject, outcome, reason, mac) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?;
-    for entry in st.audit.drain(..) {
+    for mut entry in st.audit.drain(..) {
+        entry.at = entry.at.max(st.audit_at);
+        st.audit_at = entry.at;
         let seq = st.audit_seq + 1;
         let mac = keyring
             .audit_key()
@@ -1100,6 +1106,18 @@ pub fn initial_clients(data_dir: &Path) -> Result<Vec<ClientRow>> {
     query_clients(&conn)
 }
 
+/// The newest time the audit trail records (its last record's), read at open: vault time
+/// never goes back before it (see `vault::clock`).
+pub fn newest_recorded_time(data_dir: &Path) -> Result<Option<Micros>> {
+    let conn = Connection::open_with_flags(db_path(data_dir), OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    Ok(conn
+        .query_row("SELECT at FROM audit ORDER BY seq DESC LIMIT 1", [], |r| {
+            r.get(0)
+        })
+        .optional()?)
+}
+
 /// Key rows read once at open, before the writer exists.
 pub fn initial_key_rows(data_dir: &Path) -> Result<Vec<KeyRow>> {
     let conn = Connection::open_with_flags(db_path(data_dir), OpenFlags::SQLITE_OPEN_READ_ONLY)?;
@@ -1362,6 +1380,14 @@ impl Storage for SqliteStore {
 
     fn backup_to(&self, out: PathBuf) -> StoreFuture<u64> {
         lifecycle::backup_to(self, out)
+    }
+
+    fn purge_count(
+        &self,
+        deleted_before: Option<Micros>,
+        expired_before: Option<Micros>,
+    ) -> StoreFuture<(u64, u64)> {
+        lifecycle::purge_count(self, deleted_before, expired_before)
     }
 
     fn purge_batch(&self, batch: PurgeBatch, caller: Caller) -> StoreFuture<PurgeOutcome> {
