@@ -289,6 +289,8 @@ impl Vault {
     }
 
     fn open_locked(cfg: VaultConfig, master: &MasterKey, lock: Option<DirLock>) -> Result<Vault> {
+        // On a full disk SQLite cannot even map its index: give back the reserve first.
+        crate::store::space::release_reserve_if_low(&cfg.data_dir);
         let header = sqlite::read_header(&cfg.data_dir)?;
         let vault_id = VaultId::from_slice(&header.vault_id)
             .ok_or_else(|| Error::Internal("vault id has the wrong length".into()))?;

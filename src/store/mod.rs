@@ -10,6 +10,7 @@
 pub mod lifecycle;
 pub mod lock;
 pub mod migrations;
+pub mod space;
 pub mod sqlite;
 
 use std::future::Future;

@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::lifecycle::{self, PurgeBatch, PurgeOutcome, RewrapBatch, RewrapOutcome, SealedRow};
 use super::migrations;
+use super::space;
 use super::{
     ClientRow, NewToken, Storage, StoreFuture, StoredToken, TokenMeta, TokenRow, VaultHeader,
 };
@@ -405,13 +406,37 @@ pub struct Writer {
     keyring: Arc<Keyring>,
     healthy: Arc<AtomicBool>,
     max_group_items: usize,
-    /// Pages in use beyond which tokenize is refused, leaving headroom so the audit records
-    /// of reveals (and so detokenize) keep working when storage is nearly full.
-    tokenize_page_limit: Option<i64>,
+    /// Bytes (database pages in use + every other file of the data directory) beyond which
+    /// tokenize is refused, leaving headroom so the audit records of reveals (and so
+    /// detokenize) keep working when storage is nearly full.
+    tokenize_byte_limit: Option<u64>,
+    page_size: u64,
+    space: Arc<SpaceGauge>,
+    data_dir: PathBuf,
 }
 
 /// Share of the storage limit that tokenize may use; the rest is kept for audit records.
 const TOKENIZE_SHARE: f64 = 0.9;
+
+/// What the prober last measured of the data directory (see [`super::space`]).
+#[derive(Default)]
+pub(super) struct SpaceGauge {
+    /// Allocated bytes of every file but the database itself (WAL, index, leftovers).
+    other: std::sync::atomic::AtomicU64,
+    /// Bytes available on the filesystem (u64::MAX when unknown).
+    free: std::sync::atomic::AtomicU64,
+}
+
+impl SpaceGauge {
+    fn measure(&self, data_dir: &Path) {
+        self.other
+            .store(space::other_bytes(data_dir), Ordering::Relaxed);
+        self.free.store(
+            space::free_bytes(data_dir).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+}
 
 fn pages_in_use(tx: &Transaction<'_>) -> Result<i64> {
     Ok(tx
@@ -493,6 +518,13 @@ impl Writer {
                 if matches!(e, Error::Unavailable(_) | Error::ResourceExhausted(_)) {
                     self.healthy.store(false, Ordering::Relaxed);
                 }
+                if matches!(e, Error::ResourceExhausted(_)) {
+                    // The disk filled up under us: give back the reserve so the next group
+                    // (reveals and their audit records) can commit; tokenize stays refused
+                    // while space is low.
+                    space::release_reserve(&self.data_dir);
+                    self.space.measure(&self.data_dir);
+                }
                 for p in pending {
                     p.fail(duplicate(&e));
                 }
@@ -504,7 +536,9 @@ impl Writer {
     /// back (the transaction is dropped uncommitted).
     fn apply_group(&mut self, work: Vec<Work>) -> Result<Vec<Outcome>> {
         let keyring = self.keyring.clone();
-        let tokenize_page_limit = self.tokenize_page_limit;
+        let (byte_limit, page_size) = (self.tokenize_byte_limit, self.page_size);
+        let other = self.space.other.load(Ordering::Relaxed);
+        let low_disk = self.space.free.load(Ordering::Relaxed) < space::LOW_SPACE_BYTES;
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -513,8 +547,13 @@ impl Writer {
         for w in work {
             outcomes.push(match w {
                 Work::Tokenize { mut items, caller } => {
-                    let full = match tokenize_page_limit {
-                        Some(limit) => pages_in_use(&tx)? >= limit,
+                    let full = match byte_limit {
+                        Some(limit) => {
+                            (pages_in_use(&tx)?.max(0) as u64)
+                                .saturating_mul(page_size)
+                                .saturating_add(other)
+                                >= limit
+                        }
                         None => false,
                     };
                     let mut results = Vec::with_capacity(items.len());
@@ -523,6 +562,12 @@ impl Writer {
                             Err(Error::ResourceExhausted(
                                 "storage limit reached: tokenize is refused until space is \
                                  freed (purge) or the limit is raised"
+                                    .into(),
+                            ))
+                        } else if low_disk {
+                            Err(Error::ResourceExhausted(
+                                "the disk is nearly full: tokenize is refused until space is \
+                                 freed (purge, or elsewhere on the disk)"
                                     .into(),
                             ))
                         } else {
@@ -948,14 +993,18 @@ impl SqliteStore {
         // The writer cycles through more distinct statements than rusqlite's default cache of
         // 16 holds; an evicted statement is finalised and prepared again on every group.
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-        conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
-        let tokenize_page_limit = match p.max_storage_bytes {
-            Some(bytes) => {
-                let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-                Some(((bytes as f64 * TOKENIZE_SHARE) as i64 / page_size).max(1))
-            }
-            None => None,
-        };
+        // The WAL counts against the limit: keep what a checkpoint leaves of it small.
+        let journal_limit = p
+            .max_storage_bytes
+            .map_or(64 << 20, |b| (b / 16).clamp(1 << 20, 64 << 20));
+        conn.pragma_update(None, "journal_size_limit", journal_limit as i64)?;
+        let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let tokenize_byte_limit = p
+            .max_storage_bytes
+            .map(|bytes| (bytes as f64 * TOKENIZE_SHARE) as u64);
+        space::ensure_reserve(data_dir);
+        let space = Arc::new(SpaceGauge::default());
+        space.measure(data_dir);
         migrations::migrate(&mut conn)?;
         let reads = ReadPool::start(&path, p.read_connections)?;
         let healthy = Arc::new(AtomicBool::new(true));
@@ -965,7 +1014,10 @@ impl SqliteStore {
             keyring,
             healthy: healthy.clone(),
             max_group_items: p.max_group_items.max(1),
-            tokenize_page_limit,
+            tokenize_byte_limit,
+            page_size: page_size.max(512) as u64,
+            space: space.clone(),
+            data_dir: data_dir.to_path_buf(),
         };
         let handle = std::thread::Builder::new()
             .name("tokenvault-writer".into())
@@ -979,7 +1031,7 @@ impl SqliteStore {
             stop_probe: Arc::new(AtomicBool::new(false)),
             prober: Mutex::new(None),
         };
-        store.start_prober(&path);
+        store.start_prober(&path, data_dir, space);
         Ok(store)
     }
 
@@ -988,8 +1040,12 @@ impl SqliteStore {
     ///
     /// The same thread checkpoints the WAL into the database file. The writer's automatic
     /// checkpoint is off, so the fsyncs of a checkpoint never sit in a commit's latency.
-    fn start_prober(&self, path: &Path) {
+    ///
+    /// And it measures the data directory for the storage limit, and restores the reserve
+    /// file once there is room (see [`super::space`]).
+    fn start_prober(&self, path: &Path, data_dir: &Path, space: Arc<SpaceGauge>) {
         let Some(tx) = self.sender() else { return };
+        let data_dir = data_dir.to_path_buf();
         let stop = self.stop_probe.clone();
         let checkpointer = Connection::open_with_flags(
             path,
@@ -1015,8 +1071,15 @@ impl SqliteStore {
                             tracing::debug!(error = %e, "checkpoint");
                         }
                     }
+                    space.measure(&data_dir);
+                    if space.free.load(Ordering::Relaxed) < space::RESERVE_BYTES / 2 {
+                        // Someone filled the disk: hand the reserve to the WAL before a
+                        // reveal's audit record needs it.
+                        space::release_reserve(&data_dir);
+                    }
                     if last.elapsed() >= Duration::from_secs(1) {
                         last = Instant::now();
+                        space::ensure_reserve(&data_dir);
                         let op = WriteOp::Admin(Box::new(|w: &mut Writer| w.probe()));
                         if tx.try_send(op).is_err() && tx.is_closed() {
                             break;
