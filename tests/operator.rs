@@ -814,3 +814,114 @@ async fn audit_export_resumes_by_sequence_number() {
         .collect();
     assert_eq!(seqs, vec![head - 1, head]);
 }
+
+// ------------------------------------------------------------------------------------------
+// 6. long admin work
+
+async fn vault_needing_rewrap(dir: &Path, rows: u64) -> (PathBuf, PathBuf) {
+    let (vault, data, key) = new_vault(dir);
+    tokenize_n(&vault, 0, rows, None).await;
+    vault.rotate_key(&Caller::cli()).await.unwrap();
+    vault.close().await;
+    (data, key)
+}
+
+fn rewrap_child(data: &Path, key: &Path) -> Child {
+    bin()
+        .args(["keys", "rewrap", "--batch", "1000000", "--data-dir"])
+        .arg(data)
+        .arg("--master-key-file")
+        .arg(key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// `keys rewrap --batch 1000000` no longer holds the write lock for the whole table: every
+/// admin transaction ends within its time budget, so serving writes wait milliseconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_rewrap_batch_does_not_stall_serving_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, key) = vault_needing_rewrap(dir.path(), 60_000).await;
+    let mut cfg = VaultConfig::new(&data);
+    cfg.busy_timeout = Duration::from_secs(5);
+    let server = Vault::open(cfg, &MasterKey::load_file(&key).unwrap()).unwrap();
+    let mut child = rewrap_child(&data, &key);
+    let (mut worst, mut n, mut writes) = (Duration::ZERO, 2_000_000u64, 0);
+    while child.try_wait().unwrap().is_none() {
+        let t = Instant::now();
+        server.tokenize(&caller(), req(n, None)).await.unwrap();
+        worst = worst.max(t.elapsed());
+        n += 1;
+        writes += 1;
+    }
+    assert!(child.wait().unwrap().success());
+    let v1: i64 = rusqlite::Connection::open(data.join("vault.db"))
+        .unwrap()
+        .query_row(
+            "SELECT COUNT(*) FROM tokens WHERE key_version = 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(v1, 0, "rewrap did not finish");
+    eprintln!("{writes} serving writes during the rewrap, worst latency {worst:?}");
+    assert!(
+        worst < Duration::from_millis(1000),
+        "a serving write waited {worst:?} for an admin batch"
+    );
+    server.close().await;
+}
+
+/// Ctrl-Z (SIGTSTP) on a rewrap stops it between batches, never inside a transaction: the
+/// server keeps writing (and so revealing) while the rewrap is stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_z_on_a_rewrap_does_not_stop_the_vault() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, key) = vault_needing_rewrap(dir.path(), 60_000).await;
+    let mut cfg = VaultConfig::new(&data);
+    cfg.busy_timeout = Duration::from_secs(2);
+    let server = Vault::open(cfg, &MasterKey::load_file(&key).unwrap()).unwrap();
+    let mut child = rewrap_child(&data, &key);
+    let pid = child.id() as libc::pid_t;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGTSTP) };
+    // Wait until it is stopped (state T in /proc).
+    let stopped = {
+        let start = Instant::now();
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat.rsplit(')').next().unwrap_or("").trim().chars().next();
+            if state == Some('T') {
+                break true;
+            }
+            if start.elapsed() > Duration::from_secs(5) || child.try_wait().unwrap().is_some() {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let r = if stopped {
+        let t = Instant::now();
+        let r = server.tokenize(&caller(), req(3_000_000, None)).await;
+        Some((r.map(|_| ()), t.elapsed()))
+    } else {
+        None
+    };
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(child.wait().unwrap().success());
+    server.close().await;
+    if let Some((r, took)) = r {
+        assert!(
+            r.is_ok(),
+            "the vault stopped with its rewrap: {:?}",
+            r.err()
+        );
+        assert!(took < Duration::from_secs(1), "a write waited {took:?}");
+    } else {
+        eprintln!("rewrap finished before it could be stopped");
+    }
+}

@@ -79,34 +79,28 @@ fn store_err<T>(r: rusqlite::Result<T>) -> Result<T> {
     r.map_err(Error::from)
 }
 
+/// Longest an admin transaction may hold the write lock: a batch stops at this budget (or its
+/// row limit, whichever comes first) and the next batch resumes after its last row, so
+/// serving writes never wait longer than about this for an admin command.
+pub const ADMIN_TX_BUDGET: Duration = Duration::from_millis(50);
+/// Rows read per step inside an admin transaction, so a large `--batch` is never read whole
+/// before the time budget is looked at.
+const ADMIN_CHUNK: usize = 256;
+
 pub(super) fn rewrap_batch(
     store: &SqliteStore,
     b: RewrapBatch,
     caller: Caller,
 ) -> StoreFuture<RewrapOutcome> {
     store.admin(move |tx, keyring, st| {
+        let started = std::time::Instant::now();
         // NOT INDEXED: walk the rowid range; the key_version index would sort every batch.
         let mut select = tx.prepare_cached(
             "SELECT id, token, key_version, nonce, ciphertext FROM tokens NOT INDEXED \
              WHERE id > ?1 AND key_version < ?2 AND (?3 IS NULL OR key_version = ?3) \
              AND ciphertext IS NOT NULL ORDER BY id LIMIT ?4",
         )?;
-        let rows = select
-            .query_map(
-                params![b.after_id, b.below, b.only_version, b.limit as i64],
-                |r| {
-                    Ok(SealedRow {
-                        id: r.get(0)?,
-                        token: r.get(1)?,
-                        key_version: r.get::<_, i64>(2)? as u32,
-                        nonce: r.get(3)?,
-                        ciphertext: r.get(4)?,
-                    })
-                },
-            )?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
         let mut out = RewrapOutcome {
-            last_id: rows.last().map(|r| r.id),
             active_version: st.active_version,
             ..Default::default()
         };
@@ -114,33 +108,50 @@ pub(super) fn rewrap_batch(
             "UPDATE tokens SET key_version = ?2, nonce = ?3, ciphertext = ?4 WHERE id = ?1",
         )?;
         let mut snapshot = keyring.snapshot();
-        for row in &rows {
-            // Each re-seal draws a nonce under the active key: it counts like a tokenize.
-            if keyring.needs_rotation(st.active_count, 1, st.active_created, now_micros()) {
-                rotate_in_tx(tx, keyring, st)?;
-                snapshot = keyring.snapshot();
+        let (mut cursor, mut seen) = (b.after_id, 0usize);
+        while seen < b.limit && started.elapsed() < ADMIN_TX_BUDGET {
+            let want = (b.limit - seen).min(ADMIN_CHUNK);
+            let rows = select
+                .query_map(
+                    params![cursor, b.below, b.only_version, want as i64],
+                    sealed_row,
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let Some(last) = rows.last() else { break };
+            cursor = last.id;
+            out.last_id = Some(last.id);
+            seen += rows.len();
+            for row in &rows {
+                // Each re-seal draws a nonce under the active key: it counts like a tokenize.
+                if keyring.needs_rotation(st.active_count, 1, st.active_created, now_micros()) {
+                    rotate_in_tx(tx, keyring, st)?;
+                    snapshot = keyring.snapshot();
+                }
+                let Some(old) = snapshot.get(row.key_version) else {
+                    out.failed.push(row.token.clone());
+                    continue;
+                };
+                let Ok(plain) = old.open(&row.token, &row.nonce, &row.ciphertext) else {
+                    out.failed.push(row.token.clone());
+                    continue;
+                };
+                // AAD = version || token: the new seal is bound to the same token, new version.
+                let sealed = snapshot.active.seal(&row.token, &plain);
+                let version = snapshot.active.version();
+                update.execute(params![
+                    row.id,
+                    version,
+                    &sealed.nonce[..],
+                    sealed.ciphertext
+                ])?;
+                st.active_count += 1;
+                *st.counts.entry(version).or_insert(0) += 1;
+                out.rewrapped += 1;
+                out.active_version = version;
             }
-            let Some(old) = snapshot.get(row.key_version) else {
-                out.failed.push(row.token.clone());
-                continue;
-            };
-            let Ok(plain) = old.open(&row.token, &row.nonce, &row.ciphertext) else {
-                out.failed.push(row.token.clone());
-                continue;
-            };
-            // AAD = version || token: the new seal is bound to the same token, new version.
-            let sealed = snapshot.active.seal(&row.token, &plain);
-            let version = snapshot.active.version();
-            update.execute(params![
-                row.id,
-                version,
-                &sealed.nonce[..],
-                sealed.ciphertext
-            ])?;
-            st.active_count += 1;
-            *st.counts.entry(version).or_insert(0) += 1;
-            out.rewrapped += 1;
-            out.active_version = version;
+            if rows.len() < want {
+                break;
+            }
         }
         if out.rewrapped > 0 || !out.failed.is_empty() {
             st.audit.push(AuditEntry::new(
@@ -371,32 +382,41 @@ pub(super) fn purge_batch(
     caller: Caller,
 ) -> StoreFuture<PurgeOutcome> {
     store.admin(move |tx, _keyring, st| {
+        let started = std::time::Instant::now();
         let mut select = tx.prepare_cached(
             "SELECT id, deleted_at IS NOT NULL FROM tokens NOT INDEXED WHERE id > ?1 AND ( \
              (?2 IS NOT NULL AND deleted_at IS NOT NULL AND deleted_at < ?2) OR \
              (?3 IS NOT NULL AND deleted_at IS NULL AND expires_at IS NOT NULL AND expires_at < ?3)) \
              ORDER BY id LIMIT ?4",
         )?;
-        let rows = select
-            .query_map(
-                params![b.after_id, b.deleted_before, b.expired_before, b.limit as i64],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, bool>(1)?)),
-            )?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
         let mut delete = tx.prepare_cached("DELETE FROM tokens WHERE id = ?1")?;
-        let mut out = PurgeOutcome {
-            last_id: rows.last().map(|r| r.0),
-            ..Default::default()
-        };
-        for (id, tombstone) in &rows {
-            delete.execute([id])?;
-            if *tombstone {
-                out.deleted += 1;
-            } else {
-                out.expired += 1;
+        let mut out = PurgeOutcome::default();
+        let (mut cursor, mut seen) = (b.after_id, 0usize);
+        while seen < b.limit && started.elapsed() < ADMIN_TX_BUDGET {
+            let want = (b.limit - seen).min(ADMIN_CHUNK);
+            let rows = select
+                .query_map(
+                    params![cursor, b.deleted_before, b.expired_before, want as i64],
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, bool>(1)?)),
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let Some(last) = rows.last() else { break };
+            cursor = last.0;
+            out.last_id = Some(last.0);
+            seen += rows.len();
+            for (id, tombstone) in &rows {
+                delete.execute([id])?;
+                if *tombstone {
+                    out.deleted += 1;
+                } else {
+                    out.expired += 1;
+                }
+            }
+            if rows.len() < want {
+                break;
             }
         }
-        if !rows.is_empty() {
+        if out.deleted + out.expired > 0 {
             st.audit.push(AuditEntry::new(
                 &caller,
                 "purge",

@@ -462,28 +462,40 @@ pub(super) struct TxState {
 }
 
 impl Writer {
+    /// Serving writes go ahead of admin batches: an admin operation found in the queue waits
+    /// until the serving writes queued with it are committed, and then one admin operation
+    /// runs after each serving group, so neither side starves.
     fn run(mut self, mut rx: mpsc::Receiver<WriteOp>) {
-        let mut pending: Option<WriteOp> = None;
+        let mut admin: std::collections::VecDeque<AdminFn> = std::collections::VecDeque::new();
         loop {
-            let first = match pending.take() {
-                Some(op) => op,
-                None => match rx.blocking_recv() {
+            let first = if admin.is_empty() {
+                match rx.blocking_recv() {
                     Some(op) => op,
                     None => break,
-                },
+                }
+            } else {
+                match rx.try_recv() {
+                    Ok(op) => op,
+                    Err(_) => {
+                        if let Some(f) = admin.pop_front() {
+                            f(&mut self);
+                        }
+                        continue;
+                    }
+                }
             };
-            if let WriteOp::Admin(f) = first {
-                f(&mut self);
-                continue;
-            }
+            let first = match first {
+                WriteOp::Admin(f) => {
+                    admin.push_back(f);
+                    continue;
+                }
+                op => op,
+            };
             let mut group = vec![first];
             let mut weight = group[0].weight();
             while weight < self.max_group_items {
                 match rx.try_recv() {
-                    Ok(WriteOp::Admin(f)) => {
-                        pending = Some(WriteOp::Admin(f));
-                        break;
-                    }
+                    Ok(WriteOp::Admin(f)) => admin.push_back(f),
                     Ok(op) => {
                         weight += op.weight();
                         group.push(op);
@@ -492,6 +504,9 @@ impl Writer {
                 }
             }
             self.commit_group(group);
+            if let Some(f) = admin.pop_front() {
+                f(&mut self);
+            }
         }
         tracing::debug!("writer stopped");
     }

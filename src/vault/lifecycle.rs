@@ -180,8 +180,10 @@ impl Vault {
                 after_id,
                 limit: opts.batch.max(1),
             };
+            let t = Instant::now();
             let out = self.inner.store.rewrap_batch(batch, caller.clone()).await?;
             let Some(last) = out.last_id else { break };
+            yield_to_serving_writes(t.elapsed()).await;
             after_id = last;
             report.batches += 1;
             report.rewrapped += out.rewrapped;
@@ -438,8 +440,10 @@ impl Vault {
                 after_id,
                 limit: batch.max(1),
             };
+            let t = Instant::now();
             let out = self.inner.store.purge_batch(batch, caller.clone()).await?;
             let Some(last) = out.last_id else { break };
+            yield_to_serving_writes(t.elapsed()).await;
             after_id = last;
             report.batches += 1;
             report.deleted += out.deleted;
@@ -447,6 +451,14 @@ impl Vault {
         }
         Ok(report)
     }
+}
+
+/// Pause after an admin batch that held the write lock for `held`: a server waiting for the
+/// lock polls it with growing sleeps (SQLite's busy handler, up to 25 ms apart in its first
+/// 100 ms), and batches back to back would win every race. Admin work gets at most about
+/// half of the write lock's time.
+async fn yield_to_serving_writes(held: Duration) {
+    tokio::time::sleep(held.clamp(Duration::from_millis(25), Duration::from_millis(100))).await;
 }
 
 fn rfc3339(micros: super::Micros) -> String {
