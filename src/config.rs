@@ -343,6 +343,22 @@ impl Config {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         let mut warnings = Vec::new();
 
+        // An empty path would silently mean "the current directory" (or nothing at all).
+        if self.storage.data_dir.as_os_str().is_empty() {
+            return bad(
+                "storage.data_dir is empty: give a directory such as /var/lib/tokenvault".into(),
+            );
+        }
+        for (name, path) in [
+            ("storage.master_key_file", &self.storage.master_key_file),
+            ("tls.cert", &self.tls.cert),
+            ("tls.key", &self.tls.key),
+            ("tls.client_ca", &self.tls.client_ca),
+        ] {
+            if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                return bad(format!("{name} is an empty path"));
+            }
+        }
         let listen_ip = match listen_host_port(&self.server.listen) {
             Some((host, _)) => host.parse::<IpAddr>().ok(),
             None => {

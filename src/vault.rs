@@ -17,6 +17,7 @@ use crate::card::{Brand, Pan};
 use crate::crypto::{self, AuditPublicKey, MasterKey, VaultId};
 use crate::error::{outcome_of, Error, Result};
 use crate::keyring::{Genesis, Keyring};
+use crate::store::lock::DirLock;
 use crate::store::sqlite::{self, OpenParams, SqliteStore};
 use crate::store::{
     AuditSigningKeyInfo, ClientRow, NewToken, Storage, StoredToken, TokenMeta, TokenRow,
@@ -24,22 +25,22 @@ use crate::store::{
 };
 use crate::token::{self, Token, TokenFormat};
 
+pub mod clock;
 pub mod lifecycle;
 #[cfg(test)]
 mod row_format_tests;
+pub use clock::{Clock, VaultTime, EXPIRED_PURGE_GRACE};
 pub use lifecycle::{
-    CheckReport, PurgeOptions, PurgeReport, RevokeReport, RewrapOptions, RewrapProgress,
+    CheckReport, PurgeOptions, PurgePlan, PurgeReport, RevokeReport, RewrapOptions, RewrapProgress,
     RewrapReport,
 };
 
 /// Microseconds since the Unix epoch, UTC. The one time representation of the domain.
 pub type Micros = i64;
 
+/// The system clock (negative before 1970). The vault's own decisions use its [`Clock`].
 pub fn now_micros() -> Micros {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
+    clock::system_micros()
 }
 
 /// How long a data-key version may be used before the vault rotates it.
@@ -73,6 +74,8 @@ pub struct VaultConfig {
     pub max_storage_bytes: Option<u64>,
     /// How long a write waits for a lock held by another process before UNAVAILABLE.
     pub busy_timeout: Duration,
+    /// Where expiry and retention read the time (tests step it); see [`clock`].
+    pub clock: Clock,
 }
 
 impl VaultConfig {
@@ -85,6 +88,7 @@ impl VaultConfig {
             writer_queue: 1024,
             max_storage_bytes: None,
             busy_timeout: Duration::from_secs(10),
+            clock: Clock::system(),
         }
     }
 }
@@ -259,6 +263,10 @@ struct Inner {
     watching: AtomicBool,
     closed: AtomicBool,
     data_dir: PathBuf,
+    time: VaultTime,
+    /// The data directory's lock, held shared while this vault is open (see `store::lock`);
+    /// released by `close`.
+    lock: std::sync::Mutex<Option<DirLock>>,
 }
 
 impl Inner {
@@ -338,7 +346,9 @@ impl Vault {
     }
 
     fn create_as(cfg: VaultConfig, master: &MasterKey, dev: bool) -> Result<Vault> {
+        check_data_dir(&cfg.data_dir)?;
         create_private_dir(&cfg.data_dir)?;
+        let lock = DirLock::shared(&cfg.data_dir)?;
         let vault_id = VaultId::generate();
         let (kwk, check) = master.derive(&vault_id);
         let genesis = Genesis::generate(&kwk);
@@ -350,12 +360,26 @@ impl Vault {
         };
         sqlite::create_database(&cfg.data_dir, &header, &genesis.data_key, dev)?;
         tracing::info!(vault_id = %vault_id.to_hex(), "created vault");
-        Vault::open(cfg, master)
+        Vault::open_locked(cfg, master, Some(lock))
     }
 
     /// Opens an existing vault; a wrong master key fails before anything is read or written.
+    /// Refused while a restore holds the data directory (see `store::lock`).
     pub fn open(cfg: VaultConfig, master: &MasterKey) -> Result<Vault> {
+        check_data_dir(&cfg.data_dir)?;
         refuse_writable_by_others(&cfg.data_dir)?;
+        let present = sqlite::db_path(&cfg.data_dir).exists()
+            || cfg.data_dir.join(crate::store::lock::LOCK_FILE).exists();
+        // Without either there is no vault, and `read_header` says so.
+        let lock = present
+            .then(|| DirLock::shared(&cfg.data_dir))
+            .transpose()?;
+        Vault::open_locked(cfg, master, lock)
+    }
+
+    fn open_locked(cfg: VaultConfig, master: &MasterKey, lock: Option<DirLock>) -> Result<Vault> {
+        // On a full disk SQLite cannot even map its index: give back the reserve first.
+        crate::store::space::release_reserve_if_low(&cfg.data_dir);
         let header = sqlite::read_header(&cfg.data_dir)?;
         let vault_id = VaultId::from_slice(&header.vault_id)
             .ok_or_else(|| Error::Internal("vault id has the wrong length".into()))?;
@@ -374,6 +398,7 @@ impl Vault {
         let store = SqliteStore::open(&cfg.data_dir, keyring.clone(), &storage_params(&cfg))?;
         // After the store opened: it applies pending migrations the client query relies on.
         let clients = sqlite::initial_clients(&cfg.data_dir)?;
+        let newest = sqlite::newest_recorded_time(&cfg.data_dir)?;
         let vault = Vault {
             inner: Arc::new(Inner {
                 store: Arc::new(store),
@@ -384,6 +409,8 @@ impl Vault {
                 watching: AtomicBool::new(false),
                 closed: AtomicBool::new(false),
                 data_dir: cfg.data_dir.clone(),
+                time: VaultTime::new(cfg.clock.clone(), newest),
+                lock: std::sync::Mutex::new(lock),
             }),
         };
         vault.start_watcher();
@@ -498,7 +525,7 @@ impl Vault {
             pan_length: req.pan.len() as u32,
             bin: req.pan.bin(),
             last4: req.pan.last4(),
-            created_at: now_micros(),
+            created_at: self.now(),
             expires_at: req.expires_at,
         };
         // The AAD binds the metadata too: an edited column fails authentication.
@@ -553,7 +580,7 @@ impl Vault {
         caller: &Caller,
         reqs: Vec<TokenizeRequest>,
     ) -> Result<Vec<Result<Tokenized>>> {
-        let now = now_micros();
+        let now = self.now();
         let scope = caller.reuse_scope();
         let mut slots: Vec<Option<Result<Tokenized>>> = Vec::with_capacity(reqs.len());
         let mut items = Vec::with_capacity(reqs.len());
@@ -603,7 +630,7 @@ impl Vault {
         items: Vec<(Token, String)>,
     ) -> Result<Vec<Result<Revealed>>> {
         let tokens = items.iter().map(|(t, _)| t.as_str().to_owned()).collect();
-        let rows = self.inner.store.lookup(tokens, now_micros()).await?;
+        let rows = self.inner.store.lookup(tokens, self.now()).await?;
         let mut results = Vec::with_capacity(rows.len());
         let mut audit = Vec::with_capacity(rows.len());
         for ((token, reason), row) in items.iter().zip(rows) {
@@ -668,7 +695,7 @@ impl Vault {
         let mut rows = self
             .inner
             .store
-            .lookup(vec![token.as_str().to_owned()], now_micros())
+            .lookup(vec![token.as_str().to_owned()], self.now())
             .await?;
         let r = match rows.pop().flatten() {
             // Authenticated like a reveal (the PAN is dropped, wiped, at once): an edited
@@ -1065,6 +1092,17 @@ impl Vault {
         self.refresh().await
     }
 
+    /// Vault time: the configured clock, never earlier than a time this vault already saw
+    /// (see [`clock`]). Expiry is judged by it.
+    pub fn now(&self) -> Micros {
+        self.inner.time.now()
+    }
+
+    /// The data directory this vault was opened from.
+    pub fn data_dir(&self) -> &Path {
+        &self.inner.data_dir
+    }
+
     /// True while storage accepts writes.
     pub fn healthy(&self) -> bool {
         !self.inner.closed.load(Ordering::Relaxed) && self.inner.store.healthy()
@@ -1076,6 +1114,12 @@ impl Vault {
         if let Err(e) = self.inner.store.close().await {
             tracing::warn!(error = %e, "closing the store");
         }
+        // Only once every connection is closed may a restore replace the files.
+        self.inner
+            .lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
     }
 }
 
@@ -1149,6 +1193,17 @@ pub fn refuse_writable_by_others(data_dir: &Path) -> Result<()> {
                 path.display()
             )));
         }
+    }
+    Ok(())
+}
+
+/// An empty path is a configuration error, never "the current directory".
+pub fn check_data_dir(dir: &Path) -> Result<()> {
+    if dir.as_os_str().is_empty() {
+        return Err(Error::InvalidArgument(
+            "the data directory is an empty path; give a directory such as /var/lib/tokenvault"
+                .into(),
+        ));
     }
     Ok(())
 }

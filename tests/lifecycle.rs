@@ -418,19 +418,25 @@ async fn backup_under_write_load_restores_every_acknowledged_token() {
     let master = MasterKey::load_file(&key).unwrap();
     // Wrong master key: refused before anything is written.
     let target = dir.path().join("restored");
-    let err = tokenvault::store::lifecycle::restore(&out, &target, &MasterKey::generate(), false)
+    let err = Vault::restore(&caller(), &out, &target, &MasterKey::generate(), false)
+        .await
         .err()
         .unwrap();
     assert!(matches!(err, Error::WrongMasterKey), "{err}");
     assert!(!target.join("vault.db").exists());
     // The live vault is in use: refused even with force; without force, refused because it exists.
-    assert!(tokenvault::store::lifecycle::restore(&out, &db, &master, false).is_err());
-    let err = tokenvault::store::lifecycle::restore(&out, &db, &master, true)
+    assert!(Vault::restore(&caller(), &out, &db, &master, false)
+        .await
+        .is_err());
+    let err = Vault::restore(&caller(), &out, &db, &master, true)
+        .await
         .err()
         .unwrap();
     assert!(err.to_string().contains("in use"), "{err}");
 
-    let report = tokenvault::store::lifecycle::restore(&out, &target, &master, false).unwrap();
+    let report = Vault::restore(&caller(), &out, &target, &master, false)
+        .await
+        .unwrap();
     assert!(report.tokens >= tokens.len() as u64);
     let restored = open(&target, &key);
     assert_all_detokenize(&restored, &tokens).await;
@@ -440,7 +446,9 @@ async fn backup_under_write_load_restores_every_acknowledged_token() {
     server.close().await;
     drop(server);
     // Once nothing has it open, --force replaces the original vault with the backup.
-    let report = tokenvault::store::lifecycle::restore(&out, &db, &master, true).unwrap();
+    let report = Vault::restore(&caller(), &out, &db, &master, true)
+        .await
+        .unwrap();
     assert!(report.replaced_existing);
     let again = open(&db, &key);
     assert_all_detokenize(&again, &tokens).await;
@@ -538,8 +546,14 @@ async fn purge_removes_what_it_says() {
         .unwrap();
     assert_eq!((r.deleted, r.expired), (3, 0));
     assert_eq!(count(), 9);
+    // Expired rows wait out a grace period unless an age is given.
     let r = vault
         .purge(&caller(), &opts(false, true, None))
+        .await
+        .unwrap();
+    assert_eq!((r.deleted, r.expired), (0, 0));
+    let r = vault
+        .purge(&caller(), &opts(false, true, Some(Duration::ZERO)))
         .await
         .unwrap();
     assert_eq!((r.deleted, r.expired), (0, 2));

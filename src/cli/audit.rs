@@ -51,14 +51,15 @@ pub enum AuditCommand {
     Export {
         #[command(flatten)]
         vault: VaultArgs,
-        /// Only records at or after this time (RFC 3339, e.g. 2026-11-22T00:00:00Z).
+        /// Only records at or after this time (RFC 3339, e.g. 2026-11-22T00:00:00Z). Record
+        /// times never decrease along the trail, even when the clock stepped back.
         #[arg(long)]
         since: Option<String>,
         /// Only records of this action (tokenize, detokenize, info, delete, key_rotate, ...).
         #[arg(long)]
         action: Option<String>,
-        /// Only records after sequence number N (resume with the last `event.sequence` you
-        /// stored).
+        /// Only records after sequence number N: how a SIEM resumes exactly where it stopped
+        /// (the last `event.sequence` it stored), whatever the clock did.
         #[arg(long, value_name = "N")]
         since_seq: Option<u64>,
         /// Keep running and print new records as they are committed (until interrupted).

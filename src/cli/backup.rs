@@ -53,20 +53,16 @@ pub async fn backup(args: BackupArgs) -> Result<(), CliError> {
 }
 
 pub async fn restore(args: RestoreArgs) -> Result<(), CliError> {
+    super::common::check_data_dir(&args.vault.data_dir)?;
     let master = args.vault.master_key()?;
-    let (from, dir, force) = (args.from.clone(), args.vault.data_dir.clone(), args.force);
-    let report = tokio::task::spawn_blocking(move || {
-        crate::store::lifecycle::restore(&from, &dir, &master, force)
-    })
-    .await
-    .map_err(|e| CliError::Other(format!("restore task: {e}")))??;
-    // The restored vault's own trail records that it was restored.
-    let vault = Vault::open(args.vault.config(), &args.vault.master_key()?)?;
-    let r = vault
-        .audit_event(&Caller::cli(), "restore", &args.from.display().to_string())
-        .await;
-    vault.close().await;
-    r?;
+    let report = Vault::restore(
+        &Caller::cli(),
+        &args.from,
+        &args.vault.data_dir,
+        &master,
+        args.force,
+    )
+    .await?;
     if args.json {
         println!(
             "{}",
@@ -76,11 +72,18 @@ pub async fn restore(args: RestoreArgs) -> Result<(), CliError> {
                 "tokens": report.tokens,
                 "replaced_existing": report.replaced_existing,
                 "bytes": report.bytes,
+                "rows_checked": report.rows_checked,
+                "audit_records": report.audit_records,
+                "removed": report.removed,
             })
         );
     } else {
+        for path in &report.removed {
+            println!("removed {path}");
+        }
         println!(
-            "restored vault {} ({} tokens, {} key versions) into {}{}",
+            "restored vault {} ({} tokens, {} key versions) into {}{}; check --full: {} rows \
+             decrypted, audit verify: {} records, chain intact",
             report.vault_id,
             report.tokens,
             report.key_versions,
@@ -89,7 +92,9 @@ pub async fn restore(args: RestoreArgs) -> Result<(), CliError> {
                 ", replacing the previous vault"
             } else {
                 ""
-            }
+            },
+            report.rows_checked,
+            report.audit_records,
         );
     }
     Ok(())

@@ -35,6 +35,7 @@ pub async fn run(args: CheckArgs) -> Result<(), CliError> {
                 "keyring": r.keyring,
                 "rows_checked": r.checked,
                 "failed_tokens": r.failed_tokens,
+                "leftovers": r.leftovers,
             })
         );
     } else {
@@ -55,6 +56,9 @@ pub async fn run(args: CheckArgs) -> Result<(), CliError> {
         );
         for t in &r.failed_tokens {
             println!("  token {t}: ciphertext failed authentication");
+        }
+        for p in &r.leftovers {
+            println!("leftover: {p} (from an interrupted restore; the next restore removes it, or delete it)");
         }
     }
     if r.ok() {

@@ -191,6 +191,11 @@ impl VaultArgs {
     pub fn master_key(&self) -> Result<MasterKey, CliError> {
         crate::hardening::harden_process();
         if let Some(path) = &self.master_key_file {
+            if path.as_os_str().is_empty() {
+                return Err(CliError::Usage(
+                    "--master-key-file (TOKENVAULT_MASTER_KEY_FILE) is an empty path".into(),
+                ));
+            }
             return Ok(MasterKey::load_file(path)?);
         }
         match env_master_key() {
@@ -232,6 +237,7 @@ impl VaultArgs {
 }
 
 pub fn require_vault(data_dir: &Path) -> Result<(), CliError> {
+    check_data_dir(data_dir)?;
     if Vault::exists(data_dir) {
         Ok(())
     } else {
@@ -242,8 +248,15 @@ pub fn require_vault(data_dir: &Path) -> Result<(), CliError> {
     }
 }
 
+/// `--data-dir ""` (or `TOKENVAULT_DATA_DIR=`) is a usage error, never "no vault in :".
+pub fn check_data_dir(data_dir: &Path) -> Result<(), CliError> {
+    crate::vault::check_data_dir(data_dir)
+        .map_err(|_| CliError::Usage("--data-dir (TOKENVAULT_DATA_DIR) is an empty path".into()))
+}
+
 /// Creates `dir` (and parents) readable by the owner only.
 pub fn create_private_dir(dir: &Path) -> Result<(), CliError> {
+    check_data_dir(dir)?;
     crate::vault::create_private_dir(dir).map_err(|e| CliError::Storage(e.to_string()))
 }
 

@@ -20,6 +20,7 @@ pub struct InitArgs {
 
 pub async fn run(args: InitArgs) -> Result<(), CliError> {
     let data_dir = &args.vault.data_dir;
+    super::common::check_data_dir(data_dir)?;
     if Vault::exists(data_dir) {
         return Err(CliError::Usage(format!(
             "a vault already exists in {}",

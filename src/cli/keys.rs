@@ -84,6 +84,43 @@ pub fn state_name(state: KeyState) -> &'static str {
     }
 }
 
+/// Job control for long admin runs: Ctrl-Z (SIGTSTP) in the middle of a batch would stop the
+/// process while its transaction holds the vault's write lock, and every server write, the
+/// audit records of reveals included, would wait until it is continued. Instead the stop is
+/// noted and taken between batches, when no transaction is open. (`kill -STOP` cannot be
+/// deferred; each batch holds the lock for at most `ADMIN_TX_BUDGET`.)
+pub struct StopsBetweenBatches {
+    requested: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl StopsBetweenBatches {
+    pub fn install() -> StopsBetweenBatches {
+        use tokio::signal::unix::{signal, SignalKind};
+        let requested = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if let Ok(mut tstp) = signal(SignalKind::from_raw(libc::SIGTSTP)) {
+            let flag = requested.clone();
+            tokio::spawn(async move {
+                while tstp.recv().await.is_some() {
+                    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            });
+        }
+        StopsBetweenBatches { requested }
+    }
+
+    /// Stops the process now if a stop was requested; call only between transactions.
+    pub fn safe_point(&self) {
+        if self
+            .requested
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            eprintln!("\nstopped between batches (no lock held); `fg` to continue");
+            // SAFETY: raise has no preconditions.
+            unsafe { libc::raise(libc::SIGSTOP) };
+        }
+    }
+}
+
 /// Progress on standard error: a rewritten line on a terminal, a line per ~second otherwise.
 pub struct ProgressPrinter {
     tty: bool,
@@ -222,8 +259,12 @@ pub async fn run(cmd: KeysCommand) -> Result<(), CliError> {
                 only_version: from_version,
             };
             let mut printer = ProgressPrinter::new(json);
+            let stops = StopsBetweenBatches::install();
             let r = vault
-                .rewrap(&Caller::cli(), &opts, |p| printer.update(p))
+                .rewrap(&Caller::cli(), &opts, |p| {
+                    printer.update(p);
+                    stops.safe_point();
+                })
                 .await;
             printer.finish();
             vault.close().await;
@@ -296,9 +337,11 @@ pub async fn run(cmd: KeysCommand) -> Result<(), CliError> {
         } => {
             let vault = vault.open()?;
             let mut printer = ProgressPrinter::new(json);
+            let stops = StopsBetweenBatches::install();
             let r = vault
                 .revoke_key(&Caller::cli(), version, batch as usize, |p| {
-                    printer.update(p)
+                    printer.update(p);
+                    stops.safe_point();
                 })
                 .await;
             printer.finish();

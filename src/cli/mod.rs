@@ -126,6 +126,9 @@ pub fn main() -> ExitCode {
         Command::Config(cmd) => runtime.block_on(config::run(cmd, cli.log_level, cli.log_format)),
         command => runtime.block_on(run(command)),
     };
+    // Do not wait on blocking tasks still running (a key file read waiting on a pipe): the
+    // command's work is done or has failed, and the process must exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::from(exit::OK),
         Err(e) => {

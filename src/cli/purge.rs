@@ -1,11 +1,13 @@
-//! `tokenvault purge [--deleted] [--expired] [--older-than D]`: removes tombstoned and
-//! expired token rows for data-retention policies, in batches.
+//! `tokenvault purge [--deleted] [--expired] [--older-than D] [--yes]`: removes tombstoned
+//! and expired token rows for data-retention policies, in batches. It first counts what it
+//! will remove and shows it; on a terminal it asks, elsewhere it needs `--yes`.
 
+use std::io::{BufRead, IsTerminal, Write};
 use std::time::Duration;
 
 use clap::Args;
 
-use super::common::{CliError, VaultArgs};
+use super::common::{format_time, CliError, VaultArgs};
 use crate::vault::lifecycle::DEFAULT_BATCH;
 use crate::vault::{Caller, PurgeOptions};
 
@@ -16,20 +18,30 @@ pub struct PurgeArgs {
     /// Remove deleted (tombstoned) tokens.
     #[arg(long)]
     pub deleted: bool,
-    /// Remove expired tokens.
+    /// Remove expired tokens (by default only those expired more than 24 hours ago).
     #[arg(long)]
     pub expired: bool,
-    /// Only rows deleted or expired at least this long ago, e.g. `30d`, `12h`, `90m`, `45s`.
+    /// Only rows deleted or expired at least this long ago, e.g. `30d`, `12h`, `90m`, `45s`
+    /// (at most 36500d).
     #[arg(long, value_name = "D", value_parser = parse_duration)]
     pub older_than: Option<Duration>,
     /// Rows per transaction.
     #[arg(long, default_value_t = DEFAULT_BATCH)]
     pub batch: usize,
+    /// Remove without asking (required when standard input is not a terminal).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Only show what would be removed.
+    #[arg(long)]
+    pub dry_run: bool,
     #[arg(long)]
     pub json: bool,
 }
 
-/// `<n>[s|m|h|d]`; a bare number is seconds.
+/// Longest accepted `--older-than`: a century. Anything longer is a typo, not a policy.
+pub const MAX_DURATION: Duration = Duration::from_secs(36_500 * 86_400);
+
+/// `<n>[s|m|h|d]`; a bare number is seconds. At most [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
@@ -46,7 +58,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "d" => 86_400,
         _ => return Err(format!("unknown unit `{unit}`: use s, m, h or d")),
     };
-    Ok(Duration::from_secs(n.saturating_mul(secs)))
+    match n.checked_mul(secs).map(Duration::from_secs) {
+        Some(d) if d <= MAX_DURATION => Ok(d),
+        _ => Err(format!("`{s}` is longer than 36500d (100 years)")),
+    }
 }
 
 pub async fn run(args: PurgeArgs) -> Result<(), CliError> {
@@ -56,15 +71,67 @@ pub async fn run(args: PurgeArgs) -> Result<(), CliError> {
         ));
     }
     let vault = args.vault.open()?;
+    let r = purge(&vault, &args).await;
+    vault.close().await;
+    r
+}
+
+async fn purge(vault: &crate::vault::Vault, args: &PurgeArgs) -> Result<(), CliError> {
     let opts = PurgeOptions {
         deleted: args.deleted,
         expired: args.expired,
         older_than: args.older_than,
         batch: args.batch.max(1),
     };
-    let r = vault.purge(&Caller::cli(), &opts).await;
-    vault.close().await;
-    let r = r?;
+    let plan = vault.purge_plan(&opts).await?;
+    let mut what = Vec::new();
+    if let Some(t) = plan.deleted_before {
+        what.push(format!(
+            "{} deleted tokens (deleted before {})",
+            plan.deleted,
+            format_time(t)
+        ));
+    }
+    if let Some(t) = plan.expired_before {
+        what.push(format!(
+            "{} expired tokens (expired before {})",
+            plan.expired,
+            format_time(t)
+        ));
+    }
+    let what = what.join(" and ");
+    if args.dry_run {
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({"dry_run": true, "deleted_to_remove": plan.deleted, "expired_to_remove": plan.expired})
+            );
+        } else {
+            println!("would remove {what}");
+        }
+        return Ok(());
+    }
+    if plan.deleted + plan.expired > 0 && !args.yes {
+        if !std::io::stdin().is_terminal() {
+            return Err(CliError::Usage(format!(
+                "purge would remove {what}; pass --yes to do so without a terminal"
+            )));
+        }
+        eprint!("purge will remove {what}. This cannot be undone. Continue? [y/N] ");
+        let _ = std::io::stderr().flush();
+        let mut answer = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut answer)
+            .map_err(|e| CliError::Other(format!("reading the answer: {e}")))?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            println!("nothing removed");
+            return Ok(());
+        }
+    }
+    let r = vault
+        .purge_planned(&Caller::cli(), &plan, opts.batch)
+        .await?;
     if args.json {
         println!(
             "{}",
@@ -97,5 +164,10 @@ mod tests {
         assert_eq!(parse_duration("45").unwrap(), Duration::from_secs(45));
         assert!(parse_duration("3w").is_err());
         assert!(parse_duration("d").is_err());
+        // 999999999d once wrapped the cut-off into the future and purged live tokens.
+        assert!(parse_duration("999999999d").is_err());
+        assert!(parse_duration("18446744073709551615d").is_err());
+        assert!(parse_duration("36500d").is_ok());
+        assert!(parse_duration("36501d").is_err());
     }
 }

@@ -232,9 +232,17 @@ fn reload_master_on_sighup(
         .map_err(|e| CliError::Other(format!("cannot install SIGHUP handler: {e}")))?;
     Ok(tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            let result = match crate::crypto::MasterKey::load_file(&path) {
-                Ok(key) => vault.reload_master_key(&key).await,
-                Err(e) => Err(e.into()),
+            // File work off the async workers: even a bounded wait on a pipe must not stall
+            // the serving threads.
+            let p = path.clone();
+            let loaded =
+                tokio::task::spawn_blocking(move || crate::crypto::MasterKey::load_file(&p))
+                    .await
+                    .map_err(|e| crate::error::Error::Internal(format!("key reload task: {e}")));
+            let result = match loaded {
+                Ok(Ok(key)) => vault.reload_master_key(&key).await,
+                Ok(Err(e)) => Err(e.into()),
+                Err(e) => Err(e),
             };
             match result {
                 Ok(()) => tracing::info!(path = %path.display(), "SIGHUP: master key reloaded"),

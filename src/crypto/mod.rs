@@ -194,6 +194,46 @@ pub enum KeyError {
     },
 }
 
+/// How long [`MasterKey::load_file`] waits for a pipe to deliver the key.
+pub const KEY_PIPE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits until `file` (a pipe) is readable or hung up, or fails with TimedOut at `deadline`.
+#[cfg(unix)]
+fn wait_readable(file: &File, deadline: std::time::Instant) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "nothing to read from the pipe (a FIFO nobody writes to?)",
+            ));
+        }
+        let mut pfd = libc::pollfd {
+            fd: file.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd, for the duration of the call.
+        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if r > 0 {
+            return Ok(());
+        }
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn wait_readable(_: &File, _: std::time::Instant) -> std::io::Result<()> {
+    Ok(())
+}
+
 fn io_error(path: &Path, source: std::io::Error) -> KeyError {
     KeyError::Io {
         path: path.display().to_string(),
@@ -249,8 +289,19 @@ impl MasterKey {
     /// must be exactly 32 raw bytes. (A random raw key is all-printable with probability about
     /// 2^-44, so this never misreads a real raw key, and a 32-character passphrase is refused
     /// rather than silently used as key bytes.)
+    ///
+    /// Never blocks indefinitely: the file is opened with `O_NONBLOCK`, so a FIFO nobody writes
+    /// to cannot hang the caller in `open(2)`; a pipe (`<(secret-tool …)`) is waited on for at
+    /// most [`KEY_PIPE_TIMEOUT`]; anything but a regular file or a pipe is refused.
     pub fn load_file(path: &Path) -> Result<MasterKey, KeyError> {
-        let mut file = match File::open(path) {
+        let mut options = OpenOptions::new();
+        options.read(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC);
+        }
+        let mut file = match options.open(path) {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(KeyError::Missing(path.display().to_string()))
@@ -271,6 +322,24 @@ impl MasterKey {
                 });
             }
         }
+        #[cfg(unix)]
+        let pipe = {
+            use std::os::unix::fs::FileTypeExt;
+            let ft = meta.file_type();
+            if !ft.is_file() && !ft.is_fifo() {
+                return Err(io_error(
+                    path,
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "not a regular file or a pipe",
+                    ),
+                ));
+            }
+            ft.is_fifo()
+        };
+        #[cfg(not(unix))]
+        let pipe = false;
+        let deadline = std::time::Instant::now() + KEY_PIPE_TIMEOUT;
         // Only regular files have a meaningful size; pipes (e.g. `<(secret-tool …)`) are
         // bounded by the read loop below instead.
         if meta.is_file() && meta.len() > MAX_KEY_FILE_LEN as u64 {
@@ -284,10 +353,16 @@ impl MasterKey {
         let mut buf = Zeroizing::new(vec![0u8; MAX_KEY_FILE_LEN + 1]);
         let mut len = 0;
         while len < buf.len() {
+            // A pipe with no writer yet reads as end-of-file: wait for data (or the writer's
+            // end) first, within the deadline.
+            if pipe {
+                wait_readable(&file, deadline).map_err(|e| io_error(path, e))?;
+            }
             match file.read(&mut buf[len..]) {
                 Ok(0) => break,
                 Ok(n) => len += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(io_error(path, e)),
             }
         }

@@ -976,6 +976,28 @@ mod files {
     }
 
     #[test]
+    fn fifo_nobody_writes_to_fails_within_the_deadline_instead_of_hanging() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fifo");
+        let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: c_path is a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            let r = MasterKey::load_file(&path).map(|_| ());
+            let _ = tx.send((r, started.elapsed()));
+        });
+        let (r, took) = rx
+            .recv_timeout(KEY_PIPE_TIMEOUT + std::time::Duration::from_secs(5))
+            .expect("load_file hung on a FIFO");
+        assert!(matches!(r, Err(KeyError::Io { .. })), "{r:?}");
+        assert!(took >= KEY_PIPE_TIMEOUT, "{took:?}");
+        // A device is refused at once (here already by its mode).
+        assert!(MasterKey::load_file(Path::new("/dev/null")).is_err());
+    }
+
+    #[test]
     fn write_new_file_creates_0600_and_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("master.key");

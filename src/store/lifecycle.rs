@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
+use super::lock::DirLock;
 use super::sqlite::{
     bump_generation, db_path, load_key_rows, mark_destroyed, rotate_in_tx, SqliteStore,
     BUSY_TIMEOUT, DB_FILE,
@@ -91,12 +92,21 @@ fn store_err<T>(r: rusqlite::Result<T>) -> Result<T> {
     r.map_err(Error::from)
 }
 
+/// Longest an admin transaction may hold the write lock: a batch stops at this budget (or its
+/// row limit, whichever comes first) and the next batch resumes after its last row, so
+/// serving writes never wait longer than about this for an admin command.
+pub const ADMIN_TX_BUDGET: Duration = Duration::from_millis(50);
+/// Rows read per step inside an admin transaction, so a large `--batch` is never read whole
+/// before the time budget is looked at.
+const ADMIN_CHUNK: usize = 256;
+
 pub(super) fn rewrap_batch(
     store: &SqliteStore,
     b: RewrapBatch,
     caller: Caller,
 ) -> StoreFuture<RewrapOutcome> {
     store.admin(move |tx, keyring, st| {
+        let started = std::time::Instant::now();
         // NOT INDEXED: walk the rowid range; the key_version index would sort every batch.
         // A full rewrap also upgrades rows of an older row format under the active version.
         let mut select = tx.prepare_cached(concat!(
@@ -106,20 +116,7 @@ pub(super) fn rewrap_batch(
              (CASE WHEN ?3 IS NULL THEN key_version < ?2 OR row_format < ?5 \
              ELSE key_version = ?3 AND key_version < ?2 END) ORDER BY id LIMIT ?4"
         ))?;
-        let rows = select
-            .query_map(
-                params![
-                    b.after_id,
-                    b.below,
-                    b.only_version,
-                    b.limit as i64,
-                    crate::crypto::ROW_FORMAT
-                ],
-                sealed_row,
-            )?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
         let mut out = RewrapOutcome {
-            last_id: rows.last().map(|r| r.id),
             active_version: st.active_version,
             ..Default::default()
         };
@@ -128,41 +125,64 @@ pub(super) fn rewrap_batch(
              WHERE id = ?1",
         )?;
         let mut snapshot = keyring.snapshot();
-        for row in &rows {
-            // Each re-seal draws a nonce under the active key: it counts like a tokenize.
-            if keyring.needs_rotation(st.active_count, 1, st.active_created, now_micros()) {
-                rotate_in_tx(tx, keyring, st)?;
-                snapshot = keyring.snapshot();
+        let (mut cursor, mut seen) = (b.after_id, 0usize);
+        while seen < b.limit && started.elapsed() < ADMIN_TX_BUDGET {
+            let want = (b.limit - seen).min(ADMIN_CHUNK);
+            let rows = select
+                .query_map(
+                    params![
+                        cursor,
+                        b.below,
+                        b.only_version,
+                        want as i64,
+                        crate::crypto::ROW_FORMAT
+                    ],
+                    sealed_row,
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let Some(last) = rows.last() else { break };
+            cursor = last.id;
+            out.last_id = Some(last.id);
+            seen += rows.len();
+            for row in &rows {
+                // Each re-seal draws a nonce under the active key: it counts like a tokenize.
+                if keyring.needs_rotation(st.active_count, 1, st.active_created, now_micros()) {
+                    rotate_in_tx(tx, keyring, st)?;
+                    snapshot = keyring.snapshot();
+                }
+                let Some(old) = snapshot.get(row.key_version) else {
+                    out.failed.push(row.token.clone());
+                    continue;
+                };
+                let Ok(plain) = old.open(
+                    row.row_format,
+                    &row.token,
+                    &row.bound_meta,
+                    &row.nonce,
+                    &row.ciphertext,
+                ) else {
+                    out.failed.push(row.token.clone());
+                    continue;
+                };
+                // The new seal binds the same token and metadata, the new version, in the
+                // current row format (a format-1 row binds its metadata from here on).
+                let sealed = snapshot.active.seal(&row.token, &row.bound_meta, &plain);
+                let version = snapshot.active.version();
+                update.execute(params![
+                    row.id,
+                    version,
+                    &sealed.nonce[..],
+                    sealed.ciphertext,
+                    crate::crypto::ROW_FORMAT
+                ])?;
+                st.active_count += 1;
+                *st.counts.entry(version).or_insert(0) += 1;
+                out.rewrapped += 1;
+                out.active_version = version;
             }
-            let Some(old) = snapshot.get(row.key_version) else {
-                out.failed.push(row.token.clone());
-                continue;
-            };
-            let Ok(plain) = old.open(
-                row.row_format,
-                &row.token,
-                &row.bound_meta,
-                &row.nonce,
-                &row.ciphertext,
-            ) else {
-                out.failed.push(row.token.clone());
-                continue;
-            };
-            // The new seal binds the same token and metadata, the new version, in the
-            // current row format (a format-1 row binds its metadata from here on).
-            let sealed = snapshot.active.seal(&row.token, &row.bound_meta, &plain);
-            let version = snapshot.active.version();
-            update.execute(params![
-                row.id,
-                version,
-                &sealed.nonce[..],
-                sealed.ciphertext,
-                crate::crypto::ROW_FORMAT
-            ])?;
-            st.active_count += 1;
-            *st.counts.entry(version).or_insert(0) += 1;
-            out.rewrapped += 1;
-            out.active_version = version;
+            if rows.len() < want {
+                break;
+            }
         }
         if out.rewrapped > 0 {
             // The old ciphertexts were overwritten: truncate them out of the WAL too.
@@ -395,38 +415,66 @@ pub(super) fn integrity_check(store: &SqliteStore) -> StoreFuture<Vec<String>> {
     store.read(integrity_messages)
 }
 
+pub(super) fn purge_count(
+    store: &SqliteStore,
+    deleted_before: Option<Micros>,
+    expired_before: Option<Micros>,
+) -> StoreFuture<(u64, u64)> {
+    store.read(move |conn| {
+        let (deleted, expired): (i64, i64) = conn.query_row(
+            "SELECT \
+             COUNT(*) FILTER (WHERE ?1 IS NOT NULL AND deleted_at IS NOT NULL AND deleted_at < ?1), \
+             COUNT(*) FILTER (WHERE ?2 IS NOT NULL AND deleted_at IS NULL \
+                              AND expires_at IS NOT NULL AND expires_at < ?2) \
+             FROM tokens",
+            params![deleted_before, expired_before],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok((deleted as u64, expired as u64))
+    })
+}
+
 pub(super) fn purge_batch(
     store: &SqliteStore,
     b: PurgeBatch,
     caller: Caller,
 ) -> StoreFuture<PurgeOutcome> {
     store.admin(move |tx, _keyring, st| {
+        let started = std::time::Instant::now();
         let mut select = tx.prepare_cached(
             "SELECT id, deleted_at IS NOT NULL FROM tokens NOT INDEXED WHERE id > ?1 AND ( \
              (?2 IS NOT NULL AND deleted_at IS NOT NULL AND deleted_at < ?2) OR \
              (?3 IS NOT NULL AND deleted_at IS NULL AND expires_at IS NOT NULL AND expires_at < ?3)) \
              ORDER BY id LIMIT ?4",
         )?;
-        let rows = select
-            .query_map(
-                params![b.after_id, b.deleted_before, b.expired_before, b.limit as i64],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, bool>(1)?)),
-            )?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
         let mut delete = tx.prepare_cached("DELETE FROM tokens WHERE id = ?1")?;
-        let mut out = PurgeOutcome {
-            last_id: rows.last().map(|r| r.0),
-            ..Default::default()
-        };
-        for (id, tombstone) in &rows {
-            delete.execute([id])?;
-            if *tombstone {
-                out.deleted += 1;
-            } else {
-                out.expired += 1;
+        let mut out = PurgeOutcome::default();
+        let (mut cursor, mut seen) = (b.after_id, 0usize);
+        while seen < b.limit && started.elapsed() < ADMIN_TX_BUDGET {
+            let want = (b.limit - seen).min(ADMIN_CHUNK);
+            let rows = select
+                .query_map(
+                    params![cursor, b.deleted_before, b.expired_before, want as i64],
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, bool>(1)?)),
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let Some(last) = rows.last() else { break };
+            cursor = last.0;
+            out.last_id = Some(last.0);
+            seen += rows.len();
+            for (id, tombstone) in &rows {
+                delete.execute([id])?;
+                if *tombstone {
+                    out.deleted += 1;
+                } else {
+                    out.expired += 1;
+                }
+            }
+            if rows.len() < want {
+                break;
             }
         }
-        if !rows.is_empty() {
+        if out.deleted + out.expired > 0 {
             mark_destroyed(tx)?;
             st.audit.push(AuditEntry::new(
                 &caller,
@@ -464,6 +512,13 @@ fn fsync_dir(path: &Path) -> Result<()> {
     fsync_file(dir)
 }
 
+/// Infix of a backup's temporary file beside `--out`: `.NAME.partial-<time>`.
+const PARTIAL: &str = "partial";
+/// Prefix of a restore's staging directory inside the data directory.
+pub const RESTORE_STAGING_PREFIX: &str = ".restore-";
+/// What restores before the staging directory left behind: `.vault.db.restore-<time>`.
+const OLD_RESTORE_PREFIX: &str = ".vault.db.restore-";
+
 fn temp_beside(path: &Path, what: &str) -> PathBuf {
     let name = path
         .file_name()
@@ -472,11 +527,75 @@ fn temp_beside(path: &Path, what: &str) -> PathBuf {
     path.with_file_name(format!(".{name}.{what}-{}", now_micros()))
 }
 
+/// Removes the `.NAME.partial-*` files that killed backups to `out` left beside it. A partial
+/// file is locked (`flock`) by the backup writing it, so one still being written is skipped.
+fn remove_dead_partials(out: &Path) -> Vec<PathBuf> {
+    let (Some(dir), Some(name)) = (out.parent(), out.file_name()) else {
+        return Vec::new();
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!(".{}.{PARTIAL}-", name.to_string_lossy());
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return removed;
+    };
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(&prefix) {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(file) = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+        else {
+            continue;
+        };
+        if try_lock_exclusive(&file) && std::fs::remove_file(&path).is_ok() {
+            tracing::info!(path = %path.display(), "removed the partial file of an interrupted backup");
+            removed.push(path);
+        }
+    }
+    removed
+}
+
+fn try_lock_exclusive(file: &File) -> bool {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: the descriptor is open for the duration of the call.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// Files and directories in `data_dir` that interrupted restores (or anything else) left
+/// beside the vault: copies of ciphertexts that belong to no vault. `check` lists them.
+pub fn leftovers(data_dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(data_dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with(RESTORE_STAGING_PREFIX)
+                || name.starts_with(OLD_RESTORE_PREFIX)
+                || name.contains(&format!(".{PARTIAL}-"))
+        })
+        .map(|e| e.path())
+        .collect();
+    out.sort();
+    out
+}
+
 /// Copies the database behind `src` into a new file at `dest` (owner-only, single file in
 /// rollback-journal mode, fsynced), through the online backup API in one step, so the copy is
-/// one consistent snapshot. Returns its size.
+/// one consistent snapshot. Returns its size. The file is `flock`ed while it is written, so a
+/// later run can tell a dead partial file from one being written.
 fn backup_into(src: &Connection, dest: &Path) -> Result<u64> {
-    create_private_file(dest)?;
+    let guard = create_private_file(dest)?;
+    try_lock_exclusive(&guard);
     let result = (|| -> Result<u64> {
         let mut dst = Connection::open(dest)?;
         {
@@ -511,10 +630,12 @@ fn backup_into(src: &Connection, dest: &Path) -> Result<u64> {
     if result.is_err() {
         let _ = std::fs::remove_file(dest);
     }
+    drop(guard);
     result
 }
 
-/// Writes a snapshot of the live database to `out` (temp file + fsync + rename).
+/// Writes a snapshot of the live database to `out` (temp file + fsync + rename). Partial
+/// files of earlier, killed backups to the same `out` are removed first.
 pub(super) fn backup_to(store: &SqliteStore, out: PathBuf) -> StoreFuture<u64> {
     store.read(move |conn| {
         if out.exists() {
@@ -523,7 +644,8 @@ pub(super) fn backup_to(store: &SqliteStore, out: PathBuf) -> StoreFuture<u64> {
                 out.display()
             )));
         }
-        let tmp = temp_beside(&out, "partial");
+        remove_dead_partials(&out);
+        let tmp = temp_beside(&out, PARTIAL);
         let size = backup_into(conn, &tmp)?;
         std::fs::rename(&tmp, &out).map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
@@ -534,48 +656,87 @@ pub(super) fn backup_to(store: &SqliteStore, out: PathBuf) -> StoreFuture<u64> {
     })
 }
 
-/// What [`restore`] found in the backup and did.
-#[derive(Clone, Debug)]
+/// What a restore found in the backup and did.
+#[derive(Clone, Debug, Default)]
 pub struct RestoreReport {
     pub vault_id: String,
     pub key_versions: usize,
     pub tokens: u64,
     pub replaced_existing: bool,
     pub bytes: u64,
+    /// Ciphertexts decrypted by the full check of the restored copy.
+    pub rows_checked: u64,
+    /// Audit records whose chain was verified in the restored copy.
+    pub audit_records: u64,
+    /// Files of the previous vault (WAL, shared-memory index) or of interrupted restores
+    /// that were removed so they can never be combined with the restored database.
+    pub removed: Vec<String>,
 }
 
-/// Fails with Unavailable when another connection (a server, a CLI) has the database open.
+/// Fails with Unavailable when another connection (a server, a CLI of an older tokenvault
+/// that does not take the directory lock) has the database open. A database too damaged to
+/// open is not "in use": replacing it is what restore is for.
 fn ensure_not_in_use(db: &Path) -> Result<()> {
-    let conn = Connection::open_with_flags(
-        db,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(Duration::from_millis(200))?;
     let in_use = || {
         Error::Unavailable(format!(
             "the vault at {} is in use (stop the server and other tokenvault commands first)",
             db.display()
         ))
     };
+    let busy = |e: &rusqlite::Error| {
+        matches!(
+            e.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseBusy) | Some(rusqlite::ErrorCode::DatabaseLocked)
+        )
+    };
+    let Ok(conn) = Connection::open_with_flags(
+        db,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    ) else {
+        return Ok(());
+    };
+    conn.busy_timeout(Duration::from_millis(200))?;
     // Exclusive locking mode takes the database file's exclusive lock and keeps it; any
     // other open WAL connection holds a shared lock, so this fails while one exists.
-    let _: String = conn
-        .query_row("PRAGMA locking_mode=EXCLUSIVE", [], |r| r.get(0))
-        .map_err(|_| in_use())?;
-    conn.execute_batch("BEGIN EXCLUSIVE; COMMIT;")
-        .map_err(|_| in_use())?;
-    Ok(())
+    if let Err(e) = conn.query_row("PRAGMA locking_mode=EXCLUSIVE", [], |r| {
+        r.get::<_, String>(0)
+    }) {
+        return if busy(&e) { Err(in_use()) } else { Ok(()) };
+    }
+    match conn.execute_batch("BEGIN EXCLUSIVE; COMMIT;") {
+        Err(e) if busy(&e) => Err(in_use()),
+        _ => Ok(()),
+    }
 }
 
-/// Verifies the backup at `from` (integrity, schema, master key, every wrapped key) and only
-/// then installs it as the vault of `data_dir`: copy to a temp file, fsync, rename. An
-/// existing vault is replaced only with `force` and only when nothing has it open.
-pub fn restore(
+/// A verified backup copied into a staging directory inside the data directory, with the
+/// directory's exclusive lock held until [`restore_install`] put it in place (or it is dropped).
+pub struct StagedRestore {
+    lock: DirLock,
+    /// Directory holding the copy as `vault.db`: open it as a vault to verify it.
+    pub staging: PathBuf,
+    pub report: RestoreReport,
+}
+
+impl StagedRestore {
+    /// Removes the staging directory (the copy failed verification or the restore stopped).
+    pub fn discard(self) {
+        let _ = std::fs::remove_dir_all(&self.staging);
+        drop(self.lock);
+    }
+}
+
+/// First half of a restore. Takes the data directory's exclusive lock (refused while a
+/// server or an admin command has the vault open), removes what interrupted restores left,
+/// verifies the backup at `from` (integrity, schema, master key, every wrapped key) and copies
+/// it into a staging directory. Nothing outside the staging directory changes yet.
+pub fn restore_stage(
     from: &Path,
     data_dir: &Path,
     master: &MasterKey,
     force: bool,
-) -> Result<RestoreReport> {
+) -> Result<StagedRestore> {
+    crate::vault::check_data_dir(data_dir)?;
     let src = Connection::open_with_flags(
         from,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -618,6 +779,8 @@ pub fn restore(
     let tokens: i64 = src.query_row("SELECT COUNT(*) FROM tokens", [], |r| r.get(0))?;
 
     crate::vault::create_private_dir(data_dir)?;
+    // Held from here until the restored database is in place: nothing opens the vault between.
+    let lock = DirLock::exclusive(data_dir)?;
     let target = db_path(data_dir);
     let replaced_existing = target.exists();
     if replaced_existing {
@@ -629,30 +792,102 @@ pub fn restore(
         }
         ensure_not_in_use(&target)?;
     }
-    let tmp = temp_beside(&target, "restore");
-    let bytes = backup_into(&src, &tmp)?;
-    drop(src);
-    if replaced_existing {
-        // The old database's WAL and index must not be replayed onto the restored file.
-        for suffix in ["-wal", "-shm"] {
+    let mut removed = Vec::new();
+    // With the exclusive lock held, no other restore is running: whatever staging data is
+    // here was left by one that was killed.
+    for path in leftovers(data_dir) {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        let ours = name.as_deref().is_some_and(|n| {
+            n.starts_with(RESTORE_STAGING_PREFIX) || n.starts_with(OLD_RESTORE_PREFIX)
+        });
+        if !ours {
+            continue;
+        }
+        let gone = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        if gone.is_ok() {
+            tracing::info!(path = %path.display(), "removed what an interrupted restore left");
+            removed.push(path.display().to_string());
+        }
+    }
+    let staging = data_dir.join(format!("{RESTORE_STAGING_PREFIX}{}", now_micros()));
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&staging)
+            .map_err(|e| Error::Unavailable(format!("cannot create {}: {e}", staging.display())))?;
+    }
+    let bytes = match backup_into(&src, &db_path(&staging)) {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+    };
+    Ok(StagedRestore {
+        lock,
+        staging,
+        report: RestoreReport {
+            vault_id: vault_id.to_hex(),
+            key_versions: key_rows.len(),
+            tokens: tokens as u64,
+            replaced_existing,
+            bytes,
+            removed,
+            ..Default::default()
+        },
+    })
+}
+
+/// Second half of a restore, once the staged copy was verified and closed: makes it one
+/// self-contained file, removes every `-wal`/`-shm` beside the target (a WAL the restore did
+/// not write must never be replayed onto the restored database), and renames the copy into
+/// place. The exclusive lock is released only after that.
+pub fn restore_install(staged: StagedRestore, data_dir: &Path) -> Result<RestoreReport> {
+    let StagedRestore {
+        lock,
+        staging,
+        mut report,
+    } = staged;
+    let result = (|| -> Result<()> {
+        let copy = db_path(&staging);
+        {
+            let conn = Connection::open_with_flags(
+                &copy,
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            // Checkpoints and removes the copy's own WAL: one file, nothing beside it.
+            let _: String = conn.query_row("PRAGMA journal_mode=DELETE", [], |r| r.get(0))?;
+        }
+        for suffix in ["-wal", "-shm", "-journal"] {
+            if staging.join(format!("{DB_FILE}{suffix}")).exists() {
+                return Err(Error::Internal(format!(
+                    "the restored copy still has a {suffix} file"
+                )));
+            }
+        }
+        fsync_file(&copy)?;
+        for suffix in ["-wal", "-shm", "-journal"] {
             let p = data_dir.join(format!("{DB_FILE}{suffix}"));
             if p.exists() {
                 std::fs::remove_file(&p).map_err(|e| {
                     Error::Unavailable(format!("cannot remove {}: {e}", p.display()))
                 })?;
+                report.removed.push(p.display().to_string());
             }
         }
-    }
-    std::fs::rename(&tmp, &target).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::Unavailable(format!("cannot move the restored vault into place: {e}"))
-    })?;
-    fsync_dir(&target)?;
-    Ok(RestoreReport {
-        vault_id: vault_id.to_hex(),
-        key_versions: key_rows.len(),
-        tokens: tokens as u64,
-        replaced_existing,
-        bytes,
-    })
+        let target = db_path(data_dir);
+        std::fs::rename(&copy, &target).map_err(|e| {
+            Error::Unavailable(format!("cannot move the restored vault into place: {e}"))
+        })?;
+        fsync_dir(&target)?;
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&staging);
+    drop(lock);
+    result.map(|()| report)
 }

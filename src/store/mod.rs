@@ -8,7 +8,9 @@
 //! A PostgreSQL backend can implement the same trait later.
 
 pub mod lifecycle;
+pub mod lock;
 pub mod migrations;
+pub mod space;
 pub mod sqlite;
 
 use std::future::Future;
@@ -227,6 +229,12 @@ pub trait Storage: Send + Sync + 'static {
     fn integrity_check(&self) -> StoreFuture<Vec<String>>;
     /// Writes a consistent snapshot of the database to a new file; returns its size.
     fn backup_to(&self, out: PathBuf) -> StoreFuture<u64>;
+    /// Rows a purge with these cut-offs would remove: (tombstoned, expired).
+    fn purge_count(
+        &self,
+        deleted_before: Option<Micros>,
+        expired_before: Option<Micros>,
+    ) -> StoreFuture<(u64, u64)>;
     /// Removes one batch of tombstoned and/or expired rows, with one audit record.
     fn purge_batch(&self, batch: PurgeBatch, caller: Caller) -> StoreFuture<PurgeOutcome>;
     /// False after a write failed for lack of storage, until a later write succeeds.

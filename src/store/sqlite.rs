@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::lifecycle::{self, PurgeBatch, PurgeOutcome, RewrapBatch, RewrapOutcome, SealedRow};
 use super::migrations;
+use super::space;
 use super::{
     AuditSigningKeyInfo, AuditVisitor, CheckpointSource, ClientRow, NewToken, Storage, StoreFuture,
     StoredToken, TokenMeta, TokenRow, VaultHeader,
@@ -500,13 +501,37 @@ pub struct Writer {
     keyring: Arc<Keyring>,
     healthy: Arc<AtomicBool>,
     max_group_items: usize,
-    /// Pages in use beyond which tokenize is refused, leaving headroom so the audit records
-    /// of reveals (and so detokenize) keep working when storage is nearly full.
-    tokenize_page_limit: Option<i64>,
+    /// Bytes (database pages in use + every other file of the data directory) beyond which
+    /// tokenize is refused, leaving headroom so the audit records of reveals (and so
+    /// detokenize) keep working when storage is nearly full.
+    tokenize_byte_limit: Option<u64>,
+    page_size: u64,
+    space: Arc<SpaceGauge>,
+    data_dir: PathBuf,
 }
 
 /// Share of the storage limit that tokenize may use; the rest is kept for audit records.
 const TOKENIZE_SHARE: f64 = 0.9;
+
+/// What the prober last measured of the data directory (see [`super::space`]).
+#[derive(Default)]
+pub(super) struct SpaceGauge {
+    /// Allocated bytes of every file but the database itself (WAL, index, leftovers).
+    other: std::sync::atomic::AtomicU64,
+    /// Bytes available on the filesystem (u64::MAX when unknown).
+    free: std::sync::atomic::AtomicU64,
+}
+
+impl SpaceGauge {
+    fn measure(&self, data_dir: &Path) {
+        self.other
+            .store(space::other_bytes(data_dir), Ordering::Relaxed);
+        self.free.store(
+            space::free_bytes(data_dir).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+}
 
 fn pages_in_use(tx: &Transaction<'_>) -> Result<i64> {
     Ok(tx
@@ -522,6 +547,9 @@ pub(super) struct TxState {
     audit_seq: u64,
     audit_mac: Vec<u8>,
     audit_hash: [u8; 32],
+    /// Time of the newest record: a record is never stamped earlier, so the trail's times
+    /// are in sequence order even when the wall clock steps back.
+    audit_at: Micros,
     pub(super) active_version: u32,
     pub(super) active_count: u64,
     pub(super) active_created: Micros,
@@ -530,28 +558,40 @@ pub(super) struct TxState {
 }
 
 impl Writer {
+    /// Serving writes go ahead of admin batches: an admin operation found in the queue waits
+    /// until the serving writes queued with it are committed, and then one admin operation
+    /// runs after each serving group, so neither side starves.
     fn run(mut self, mut rx: mpsc::Receiver<WriteOp>) {
-        let mut pending: Option<WriteOp> = None;
+        let mut admin: std::collections::VecDeque<AdminFn> = std::collections::VecDeque::new();
         loop {
-            let first = match pending.take() {
-                Some(op) => op,
-                None => match rx.blocking_recv() {
+            let first = if admin.is_empty() {
+                match rx.blocking_recv() {
                     Some(op) => op,
                     None => break,
-                },
+                }
+            } else {
+                match rx.try_recv() {
+                    Ok(op) => op,
+                    Err(_) => {
+                        if let Some(f) = admin.pop_front() {
+                            f(&mut self);
+                        }
+                        continue;
+                    }
+                }
             };
-            if let WriteOp::Admin(f) = first {
-                f(&mut self);
-                continue;
-            }
+            let first = match first {
+                WriteOp::Admin(f) => {
+                    admin.push_back(f);
+                    continue;
+                }
+                op => op,
+            };
             let mut group = vec![first];
             let mut weight = group[0].weight();
             while weight < self.max_group_items {
                 match rx.try_recv() {
-                    Ok(WriteOp::Admin(f)) => {
-                        pending = Some(WriteOp::Admin(f));
-                        break;
-                    }
+                    Ok(WriteOp::Admin(f)) => admin.push_back(f),
                     Ok(op) => {
                         weight += op.weight();
                         group.push(op);
@@ -560,6 +600,9 @@ impl Writer {
                 }
             }
             self.commit_group(group);
+            if let Some(f) = admin.pop_front() {
+                f(&mut self);
+            }
         }
         tracing::debug!("writer stopped");
     }
@@ -586,6 +629,13 @@ impl Writer {
                 if matches!(e, Error::Unavailable(_) | Error::ResourceExhausted(_)) {
                     self.healthy.store(false, Ordering::Relaxed);
                 }
+                if matches!(e, Error::ResourceExhausted(_)) {
+                    // The disk filled up under us: give back the reserve so the next group
+                    // (reveals and their audit records) can commit; tokenize stays refused
+                    // while space is low.
+                    space::release_reserve(&self.data_dir);
+                    self.space.measure(&self.data_dir);
+                }
                 for p in pending {
                     p.fail(duplicate(&e));
                 }
@@ -597,7 +647,9 @@ impl Writer {
     /// back (the transaction is dropped uncommitted).
     fn apply_group(&mut self, work: Vec<Work>) -> Result<Vec<Outcome>> {
         let keyring = self.keyring.clone();
-        let tokenize_page_limit = self.tokenize_page_limit;
+        let (byte_limit, page_size) = (self.tokenize_byte_limit, self.page_size);
+        let other = self.space.other.load(Ordering::Relaxed);
+        let low_disk = self.space.free.load(Ordering::Relaxed) < space::LOW_SPACE_BYTES;
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -606,8 +658,13 @@ impl Writer {
         for w in work {
             outcomes.push(match w {
                 Work::Tokenize { mut items, caller } => {
-                    let full = match tokenize_page_limit {
-                        Some(limit) => pages_in_use(&tx)? >= limit,
+                    let full = match byte_limit {
+                        Some(limit) => {
+                            (pages_in_use(&tx)?.max(0) as u64)
+                                .saturating_mul(page_size)
+                                .saturating_add(other)
+                                >= limit
+                        }
                         None => false,
                     };
                     let mut results = Vec::with_capacity(items.len());
@@ -616,6 +673,12 @@ impl Writer {
                             Err(Error::ResourceExhausted(
                                 "storage limit reached: tokenize is refused until space is \
                                  freed (purge) or the limit is raised"
+                                    .into(),
+                            ))
+                        } else if low_disk {
+                            Err(Error::ResourceExhausted(
+                                "the disk is nearly full: tokenize is refused until space is \
+                                 freed (purge, or elsewhere on the disk)"
                                     .into(),
                             ))
                         } else {
@@ -707,18 +770,19 @@ fn begin_state(tx: &Transaction<'_>, keyring: &Keyring) -> Result<TxState> {
             tracing::warn!("{STALE_MASTER}");
         }
     }
-    let head: Option<(i64, Vec<u8>, Option<Vec<u8>>)> = tx
-        .prepare_cached("SELECT seq, mac, hash FROM audit ORDER BY seq DESC LIMIT 1")?
-        .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+    let head: Option<(i64, Vec<u8>, Option<Vec<u8>>, Micros)> = tx
+        .prepare_cached("SELECT seq, mac, hash, at FROM audit ORDER BY seq DESC LIMIT 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
         .optional()?;
-    let (audit_seq, audit_mac, audit_hash) = match head {
-        Some((s, m, h)) => (s as u64, m, hash32(h.as_deref())?),
-        None => (0, GENESIS_MAC.to_vec(), AUDIT_GENESIS_HASH),
+    let (audit_seq, audit_mac, audit_hash, audit_at) = match head {
+        Some((s, m, h, at)) => (s as u64, m, hash32(h.as_deref())?, at),
+        None => (0, GENESIS_MAC.to_vec(), AUDIT_GENESIS_HASH, Micros::MIN),
     };
     let mut st = TxState {
         audit_seq,
         audit_mac,
         audit_hash,
+        audit_at,
         active_version,
         active_count: active_count as u64,
         active_created,
@@ -787,7 +851,11 @@ fn flush_audit(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) -> Res
         "INSERT INTO audit(seq, at, principal, peer, action, subject, outcome, reason, mac, hash) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )?;
-    for entry in st.audit.drain(..) {
+    for mut entry in st.audit.drain(..) {
+        // Never stamped earlier than the newest record: the trail's times stay in sequence
+        // order even when the wall clock steps back.
+        entry.at = entry.at.max(st.audit_at);
+        st.audit_at = entry.at;
         let seq = st.audit_seq + 1;
         let bytes = canonical_bytes(seq, &entry);
         let mac = keyring.audit_key().chain_mac(&st.audit_mac, &bytes);
@@ -1277,14 +1345,18 @@ impl SqliteStore {
         // The writer cycles through more distinct statements than rusqlite's default cache of
         // 16 holds; an evicted statement is finalised and prepared again on every group.
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-        conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
-        let tokenize_page_limit = match p.max_storage_bytes {
-            Some(bytes) => {
-                let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-                Some(((bytes as f64 * TOKENIZE_SHARE) as i64 / page_size).max(1))
-            }
-            None => None,
-        };
+        // The WAL counts against the limit: keep what a checkpoint leaves of it small.
+        let journal_limit = p
+            .max_storage_bytes
+            .map_or(64 << 20, |b| (b / 16).clamp(256 << 10, 64 << 20));
+        conn.pragma_update(None, "journal_size_limit", journal_limit as i64)?;
+        let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let tokenize_byte_limit = p
+            .max_storage_bytes
+            .map(|bytes| (bytes as f64 * TOKENIZE_SHARE) as u64);
+        space::ensure_reserve(data_dir);
+        let space = Arc::new(SpaceGauge::default());
+        space.measure(data_dir);
         migrations::migrate(&mut conn)?;
         prepare_audit(&mut conn, &keyring)?;
         // A process killed after a destroying commit and before its WAL was truncated left
@@ -1303,7 +1375,10 @@ impl SqliteStore {
             keyring,
             healthy: healthy.clone(),
             max_group_items: p.max_group_items.max(1),
-            tokenize_page_limit,
+            tokenize_byte_limit,
+            page_size: page_size.max(512) as u64,
+            space: space.clone(),
+            data_dir: data_dir.to_path_buf(),
         };
         let handle = std::thread::Builder::new()
             .name("tokenvault-writer".into())
@@ -1317,7 +1392,7 @@ impl SqliteStore {
             stop_probe: Arc::new(AtomicBool::new(false)),
             prober: Mutex::new(None),
         };
-        store.start_prober(&path);
+        store.start_prober(&path, data_dir, space);
         Ok(store)
     }
 
@@ -1330,8 +1405,12 @@ impl SqliteStore {
     /// destroyed data (the `destroy_seq` counter moved, see [`mark_destroyed`]), it runs
     /// `wal_checkpoint(TRUNCATE)` every tick until one completes: the destroyed bytes are
     /// then gone from the WAL, and `secure_delete` has zeroed them in the database file.
-    fn start_prober(&self, path: &Path) {
+    ///
+    /// And it measures the data directory for the storage limit, and restores the reserve
+    /// file once there is room (see [`super::space`]).
+    fn start_prober(&self, path: &Path, data_dir: &Path, space: Arc<SpaceGauge>) {
         let Some(tx) = self.sender() else { return };
+        let data_dir = data_dir.to_path_buf();
         let stop = self.stop_probe.clone();
         let checkpointer = Connection::open_with_flags(
             path,
@@ -1358,8 +1437,15 @@ impl SqliteStore {
                     if let Ok(c) = &checkpointer {
                         truncated_at = checkpoint_tick(c, truncated_at);
                     }
+                    space.measure(&data_dir);
+                    if space.free.load(Ordering::Relaxed) < space::RESERVE_BYTES / 2 {
+                        // Someone filled the disk: hand the reserve to the WAL before a
+                        // reveal's audit record needs it.
+                        space::release_reserve(&data_dir);
+                    }
                     if last.elapsed() >= Duration::from_secs(1) {
                         last = Instant::now();
+                        space::ensure_reserve(&data_dir);
                         let op = WriteOp::Admin(Box::new(|w: &mut Writer| w.probe()));
                         if tx.try_send(op).is_err() && tx.is_closed() {
                             break;
@@ -1456,6 +1542,18 @@ pub fn initial_clients(data_dir: &Path) -> Result<Vec<ClientRow>> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
     enable_secure_delete(&conn)?;
     query_clients(&conn)
+}
+
+/// The newest time the audit trail records (its last record's), read at open: vault time
+/// never goes back before it (see `vault::clock`).
+pub fn newest_recorded_time(data_dir: &Path) -> Result<Option<Micros>> {
+    let conn = Connection::open_with_flags(db_path(data_dir), OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    Ok(conn
+        .query_row("SELECT at FROM audit ORDER BY seq DESC LIMIT 1", [], |r| {
+            r.get(0)
+        })
+        .optional()?)
 }
 
 /// Key rows read once at open, before the writer exists.
@@ -1802,6 +1900,14 @@ impl Storage for SqliteStore {
 
     fn backup_to(&self, out: PathBuf) -> StoreFuture<u64> {
         lifecycle::backup_to(self, out)
+    }
+
+    fn purge_count(
+        &self,
+        deleted_before: Option<Micros>,
+        expired_before: Option<Micros>,
+    ) -> StoreFuture<(u64, u64)> {
+        lifecycle::purge_count(self, deleted_before, expired_before)
     }
 
     fn purge_batch(&self, batch: PurgeBatch, caller: Caller) -> StoreFuture<PurgeOutcome> {

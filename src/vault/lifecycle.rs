@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::{now_micros, Caller, KeyPolicy, KeyState, Vault};
+use super::{Caller, KeyPolicy, KeyState, Vault};
 use crate::audit::AuditEntry;
 use crate::crypto::{MasterKey, VaultId};
 use crate::error::{outcome_of, Error, Result};
@@ -83,6 +83,9 @@ pub struct CheckReport {
     pub checked: u64,
     /// Tokens whose ciphertext failed authentication or did not decrypt to a card number.
     pub failed_tokens: Vec<String>,
+    /// Files in the data directory that belong to no vault (what interrupted restores left);
+    /// the next restore removes them. Reported, not a failure of the check.
+    pub leftovers: Vec<String>,
 }
 
 impl CheckReport {
@@ -95,9 +98,22 @@ impl CheckReport {
 pub struct PurgeOptions {
     pub deleted: bool,
     pub expired: bool,
-    /// Only rows deleted / expired at least this long ago.
+    /// Only rows deleted / expired at least this long ago. None: any deleted row, and expired
+    /// rows only after [`super::EXPIRED_PURGE_GRACE`] (a forward clock step destroys nothing).
     pub older_than: Option<Duration>,
     pub batch: usize,
+}
+
+/// What a purge with given options removes, counted before anything is removed; `purge`
+/// removes by exactly these cut-offs.
+#[derive(Clone, Debug, Default)]
+pub struct PurgePlan {
+    /// Tombstoned rows deleted before this time are removed (None: none are).
+    pub deleted_before: Option<super::Micros>,
+    /// Rows that expired before this time are removed (None: none are).
+    pub expired_before: Option<super::Micros>,
+    pub deleted: u64,
+    pub expired: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -164,8 +180,10 @@ impl Vault {
                 after_id,
                 limit: opts.batch.max(1),
             };
+            let t = Instant::now();
             let out = self.inner.store.rewrap_batch(batch, caller.clone()).await?;
             let Some(last) = out.last_id else { break };
+            yield_to_serving_writes(t.elapsed()).await;
             after_id = last;
             report.batches += 1;
             report.rewrapped += out.rewrapped;
@@ -271,6 +289,10 @@ impl Vault {
             ..Default::default()
         };
         report.integrity = self.inner.store.integrity_check().await?;
+        report.leftovers = crate::store::lifecycle::leftovers(&self.inner.data_dir)
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
         let keys = self.inner.store.key_rows().await?;
         let active = keys.iter().filter(|k| k.state == KeyState::Active).count();
         if active != 1 {
@@ -331,8 +353,13 @@ impl Vault {
     }
 
     /// A consistent online snapshot to `out` (a new file); audited. Returns its size.
+    /// Refused when `out` is inside the data directory: SQLite would take a file named like
+    /// `vault.db-journal` for its own, and a backup there is lost with the disk it protects.
     pub async fn backup(&self, caller: &Caller, out: &Path) -> Result<u64> {
-        let r = self.inner.store.backup_to(out.to_path_buf()).await;
+        let r = match outside_data_dir(out, &self.inner.data_dir) {
+            Ok(()) => self.inner.store.backup_to(out.to_path_buf()).await,
+            Err(e) => Err(e),
+        };
         let entry = AuditEntry::new(
             caller,
             "backup",
@@ -344,30 +371,208 @@ impl Vault {
         r
     }
 
-    /// Removes tombstoned and/or expired rows in batches.
-    pub async fn purge(&self, caller: &Caller, opts: &PurgeOptions) -> Result<PurgeReport> {
+    /// Counts what [`Vault::purge`] with `opts` would remove, and fixes its cut-offs.
+    /// Refused (FAILED_PRECONDITION) while the clock is behind the newest recorded time, and
+    /// for a duration that does not fit before the clock's epoch (INVALID_ARGUMENT).
+    pub async fn purge_plan(&self, opts: &PurgeOptions) -> Result<PurgePlan> {
         if !opts.deleted && !opts.expired {
             return Err(Error::InvalidArgument(
                 "choose what to purge: deleted and/or expired tokens".into(),
             ));
         }
-        let cutoff = now_micros() - opts.older_than.map(|d| d.as_micros() as i64).unwrap_or(0);
+        // The newest record, read now: another process may have written since we opened.
+        let head = self.audit_head_seq().await?;
+        let newest = match head {
+            0 => None,
+            seq => self.audit_records(seq, 1).await?.first().map(|r| r.at),
+        };
+        let clock = self.inner.time.clock_now();
+        if let Some(newest) = newest.filter(|n| clock < *n) {
+            return Err(Error::FailedPrecondition(format!(
+                "the clock ({}) is behind the newest recorded time ({}): purge refuses to judge \
+                 expiry by a clock that went backwards; fix the clock (NTP) and run it again",
+                rfc3339(clock),
+                rfc3339(newest)
+            )));
+        }
+        let now = self.now();
+        let cutoff = |age: Duration| -> Result<super::Micros> {
+            i64::try_from(age.as_micros())
+                .ok()
+                .and_then(|a| now.checked_sub(a))
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "--older-than {}s reaches before any representable time",
+                        age.as_secs()
+                    ))
+                })
+        };
+        let deleted_before = opts
+            .deleted
+            .then(|| cutoff(opts.older_than.unwrap_or(Duration::ZERO)))
+            .transpose()?;
+        let expired_before = opts
+            .expired
+            .then(|| cutoff(opts.older_than.unwrap_or(super::EXPIRED_PURGE_GRACE)))
+            .transpose()?;
+        let (deleted, expired) = self
+            .inner
+            .store
+            .purge_count(deleted_before, expired_before)
+            .await?;
+        Ok(PurgePlan {
+            deleted_before,
+            expired_before,
+            deleted,
+            expired,
+        })
+    }
+
+    /// Removes tombstoned and/or expired rows in batches (see [`Vault::purge_plan`]).
+    pub async fn purge(&self, caller: &Caller, opts: &PurgeOptions) -> Result<PurgeReport> {
+        let plan = self.purge_plan(opts).await?;
+        self.purge_planned(caller, &plan, opts.batch).await
+    }
+
+    /// Removes what `plan` counted (and what matched its cut-offs since), in batches.
+    pub async fn purge_planned(
+        &self,
+        caller: &Caller,
+        plan: &PurgePlan,
+        batch: usize,
+    ) -> Result<PurgeReport> {
         let mut report = PurgeReport::default();
         let mut after_id = 0;
         loop {
             let batch = PurgeBatch {
-                deleted_before: opts.deleted.then_some(cutoff),
-                expired_before: opts.expired.then_some(cutoff),
+                deleted_before: plan.deleted_before,
+                expired_before: plan.expired_before,
                 after_id,
-                limit: opts.batch.max(1),
+                limit: batch.max(1),
             };
+            let t = Instant::now();
             let out = self.inner.store.purge_batch(batch, caller.clone()).await?;
             let Some(last) = out.last_id else { break };
+            yield_to_serving_writes(t.elapsed()).await;
             after_id = last;
             report.batches += 1;
             report.deleted += out.deleted;
             report.expired += out.expired;
         }
         Ok(report)
+    }
+}
+
+/// Pause after an admin batch that held the write lock for `held`: a server waiting for the
+/// lock polls it with growing sleeps (SQLite's busy handler, up to 25 ms apart in its first
+/// 100 ms), and batches back to back would win every race. Admin work gets at most about
+/// half of the write lock's time.
+async fn yield_to_serving_writes(held: Duration) {
+    tokio::time::sleep(held.clamp(Duration::from_millis(25), Duration::from_millis(100))).await;
+}
+
+fn rfc3339(micros: super::Micros) -> String {
+    chrono::DateTime::from_timestamp_micros(micros)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+        .unwrap_or_else(|| format!("{micros} us"))
+}
+
+/// Fails unless `out`'s directory (resolved through symlinks) lies outside `data_dir`.
+fn outside_data_dir(out: &Path, data_dir: &Path) -> Result<()> {
+    if out.as_os_str().is_empty() {
+        return Err(Error::InvalidArgument("the backup path is empty".into()));
+    }
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let resolve = |p: &Path| {
+        std::fs::canonicalize(p)
+            .map_err(|e| Error::InvalidArgument(format!("cannot resolve {}: {e}", p.display())))
+    };
+    let (dir, data) = (resolve(parent)?, resolve(data_dir)?);
+    if dir.starts_with(&data) {
+        return Err(Error::InvalidArgument(format!(
+            "{} is inside the data directory {}: write backups elsewhere (another disk, ideally)",
+            out.display(),
+            data_dir.display()
+        )));
+    }
+    Ok(())
+}
+
+impl Vault {
+    /// Restores the backup at `from` into `data_dir` and reports success only once the
+    /// restored vault passed `check --full` and `audit verify`:
+    ///
+    /// 1. take the data directory's exclusive lock (refused while a server or an admin
+    ///    command has the vault open; a server started meanwhile refuses to start), remove
+    ///    what interrupted restores left, verify the backup against the master key and copy it
+    ///    into a staging directory beside the vault;
+    /// 2. open the copy as a vault: every ciphertext must decrypt and the audit chain must
+    ///    verify; the restore is recorded in the copy's own trail;
+    /// 3. remove any `-wal`/`-shm` beside the target, rename the copy into place, release the
+    ///    lock.
+    ///
+    /// A failure before step 3 leaves the existing vault (if any) as it was.
+    pub async fn restore(
+        caller: &Caller,
+        from: &Path,
+        data_dir: &Path,
+        master: &MasterKey,
+        force: bool,
+    ) -> Result<crate::store::lifecycle::RestoreReport> {
+        use crate::store::lifecycle::{restore_install, restore_stage};
+        // Run in place: the master key is not `Clone`, and a restore is the only thing its
+        // (CLI) process does.
+        let mut staged = restore_stage(from, data_dir, master, force)?;
+        let verified = async {
+            let copy = Vault::open(super::VaultConfig::new(&staged.staging), master)?;
+            let r = async {
+                let check = copy.check(true, 0).await?;
+                if !check.ok() {
+                    return Err(Error::DataLoss(format!(
+                        "the restored copy failed its check ({} integrity problems, {} keyring \
+                         problems, {} tokens that do not decrypt); nothing was replaced",
+                        check.integrity.len(),
+                        check.keyring.len(),
+                        check.failed_tokens.len()
+                    )));
+                }
+                let records = match copy.verify_audit().await? {
+                    crate::audit::Verification::Ok { records } => records,
+                    broken => {
+                        return Err(Error::DataLoss(format!(
+                            "the restored copy's audit trail does not verify ({}); nothing was \
+                             replaced",
+                            broken.describe()
+                        )))
+                    }
+                };
+                copy.audit_event(caller, "restore", &from.display().to_string())
+                    .await?;
+                Ok((check.checked, records))
+            }
+            .await;
+            copy.close().await;
+            r
+        }
+        .await;
+        match verified {
+            Ok((rows, records)) => {
+                staged.report.rows_checked = rows;
+                staged.report.audit_records = records;
+            }
+            Err(e) => {
+                tokio::task::spawn_blocking(move || staged.discard())
+                    .await
+                    .map_err(|e| Error::Internal(format!("restore task: {e}")))?;
+                return Err(e);
+            }
+        }
+        let d = data_dir.to_path_buf();
+        tokio::task::spawn_blocking(move || restore_install(staged, &d))
+            .await
+            .map_err(|e| Error::Internal(format!("restore task: {e}")))?
     }
 }
