@@ -36,6 +36,12 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     AlreadyExists(String),
+    /// A request message larger than the server accepts (as the transport itself answers).
+    #[error("{0}")]
+    OutOfRange(String),
+    /// The caller went away before its request was received in full.
+    #[error("{0}")]
+    Cancelled(&'static str),
     /// A bug or an unexpected condition; the detail goes to the log, callers see a generic text.
     #[error("internal error: {0}")]
     Internal(String),
@@ -78,6 +84,8 @@ pub enum Code {
     Unavailable,
     DataLoss,
     Unauthenticated,
+    OutOfRange,
+    Cancelled,
     Internal,
 }
 
@@ -94,6 +102,8 @@ impl Code {
             Code::Unavailable => "UNAVAILABLE",
             Code::DataLoss => "DATA_LOSS",
             Code::Unauthenticated => "UNAUTHENTICATED",
+            Code::OutOfRange => "OUT_OF_RANGE",
+            Code::Cancelled => "CANCELLED",
             Code::Internal => "INTERNAL",
         }
     }
@@ -113,6 +123,8 @@ impl Error {
             Error::WrongMasterKey => Code::FailedPrecondition,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::OutOfRange(_) => Code::OutOfRange,
+            Error::Cancelled(_) => Code::Cancelled,
             Error::Internal(_) => Code::Internal,
         }
     }

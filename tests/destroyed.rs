@@ -232,7 +232,8 @@ async fn purged_ciphertexts_leave_every_file_within_5s() {
             &PurgeOptions {
                 deleted: true,
                 expired: true,
-                older_than: None,
+                // Expired at all: without an age, purge keeps a day's grace (clock steps).
+                older_than: Some(Duration::ZERO),
                 batch: 64,
             },
         )

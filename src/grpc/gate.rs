@@ -140,11 +140,12 @@ async fn bound_batch(
     let bytes = match Limited::new(body, limit).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(Status::out_of_range(format!(
+            return Err(Error::OutOfRange(format!(
                 "request message is larger than the limit of {max_message_bytes} bytes"
-            )))
+            ))
+            .into())
         }
-        Err(_) => return Err(Status::cancelled("request body was not received")),
+        Err(_) => return Err(Error::Cancelled("request body was not received").into()),
     };
     // Counting is a scan without allocation; count them all for an exact message.
     if let Some(items) = count_batch_items(&bytes, usize::MAX) {

@@ -26,6 +26,8 @@ pub fn tonic_code(code: Code) -> tonic::Code {
         Code::Unavailable => tonic::Code::Unavailable,
         Code::DataLoss => tonic::Code::DataLoss,
         Code::Unauthenticated => tonic::Code::Unauthenticated,
+        Code::OutOfRange => tonic::Code::OutOfRange,
+        Code::Cancelled => tonic::Code::Cancelled,
         Code::Internal => tonic::Code::Internal,
     }
 }

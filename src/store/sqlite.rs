@@ -80,11 +80,22 @@ impl From<rusqlite::Error> for Error {
 }
 
 /// Re-creates an error for each caller of a failed group (errors are not `Clone`).
+/// Exhaustive, so every caller sees the code the group failed with.
 fn duplicate(e: &Error) -> Error {
     match e {
+        Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
+        Error::NotFound => Error::NotFound,
+        Error::Unauthenticated(m) => Error::Unauthenticated(m),
+        Error::PermissionDenied(m) => Error::PermissionDenied(m.clone()),
         Error::ResourceExhausted(m) => Error::ResourceExhausted(m.clone()),
+        Error::DataLoss(m) => Error::DataLoss(m.clone()),
         Error::Unavailable(m) => Error::Unavailable(m.clone()),
-        other => Error::Internal(other.to_string()),
+        Error::WrongMasterKey => Error::WrongMasterKey,
+        Error::FailedPrecondition(m) => Error::FailedPrecondition(m.clone()),
+        Error::AlreadyExists(m) => Error::AlreadyExists(m.clone()),
+        Error::OutOfRange(m) => Error::OutOfRange(m.clone()),
+        Error::Cancelled(m) => Error::Cancelled(m),
+        Error::Internal(m) => Error::Internal(m.clone()),
     }
 }
 
@@ -922,6 +933,15 @@ fn prepare_audit(conn: &mut Connection, keyring: &Keyring) -> Result<()> {
                 .flatten();
             hash32(h.as_deref())?
         };
+        // The public chain must not launder an edit made before it existed: extend it only
+        // over records whose HMAC chain holds (the audit key is loaded), else refuse to open.
+        let mut prev_mac = if first <= 1 {
+            GENESIS_MAC.to_vec()
+        } else {
+            tx.query_row("SELECT mac FROM audit WHERE seq = ?1", [first - 1], |r| {
+                r.get::<_, Vec<u8>>(0)
+            })?
+        };
         let mut n = 0u64;
         {
             let mut read = tx.prepare(AUDIT_SELECT_FROM)?;
@@ -930,7 +950,17 @@ fn prepare_audit(conn: &mut Connection, keyring: &Keyring) -> Result<()> {
                 .query_map([first], audit_record_from_row)?
                 .collect::<rusqlite::Result<_>>()?;
             for rec in records {
-                prev = audit_chain_hash(&prev, &canonical_bytes(rec.seq, &rec.entry()));
+                let bytes = canonical_bytes(rec.seq, &rec.entry());
+                if !keyring.audit_key().verify(&prev_mac, &bytes, &rec.mac) {
+                    return Err(Error::DataLoss(format!(
+                        "audit record {} fails its HMAC chain: the trail was altered before \
+                         this upgrade; refusing to extend the public hash chain over it \
+                         (investigate with `tokenvault audit verify` of the previous version)",
+                        rec.seq
+                    )));
+                }
+                prev_mac = rec.mac.clone();
+                prev = audit_chain_hash(&prev, &bytes);
                 write.execute(params![rec.seq as i64, &prev[..]])?;
                 n += 1;
             }
@@ -1845,6 +1875,8 @@ impl Storage for SqliteStore {
                  WHERE id = ?1",
                 params![old_id, now],
             )?;
+            // The old wrapped seed is destroyed: truncate it out of the WAL too.
+            mark_destroyed(tx)?;
             tx.execute(
                 "INSERT INTO audit_signing_keys(id, public_key, wrapped, state, created_at) \
                  VALUES (?1, ?2, ?3, 'active', ?4)",
