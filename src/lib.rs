@@ -11,6 +11,7 @@ pub mod grpc;
 pub mod hardening;
 pub mod keyring;
 pub mod metrics;
+pub mod probes;
 pub mod ratelimit;
 pub mod store;
 pub mod token;

@@ -1,7 +1,7 @@
 //! Prometheus metrics through the `metrics` facade and `metrics-exporter-prometheus`.
 //!
-//! [`install`] starts an HTTP listener (any path answers with the exposition, `/metrics` by
-//! convention) on its own address, separate from gRPC and off unless `--metrics-listen` is
+//! [`install`] starts the HTTP listener of [`crate::probes`] (`/metrics`, `/livez`, `/readyz`,
+//! 404 elsewhere) on its own address, separate from gRPC and off unless `--metrics-listen` is
 //! given. The recording functions below are cheap no-ops until then, so the gRPC layer and
 //! the store can call them unconditionally.
 //!
@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ::metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
-use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const REQUESTS_TOTAL: &str = "tokenvault_grpc_requests_total";
 pub const REQUEST_DURATION: &str = "tokenvault_grpc_request_duration_seconds";
@@ -135,29 +135,17 @@ pub fn builder() -> PrometheusBuilder {
 /// of `serve`), before the server starts. Fails when the address cannot be bound or when a
 /// recorder is already installed.
 pub fn install(listen: SocketAddr) -> Result<PrometheusHandle, MetricsError> {
-    let (recorder, exporter) =
-        builder()
-            .with_http_listener(listen)
-            .build()
-            .map_err(|e| match e {
-                BuildError::FailedToSetGlobalRecorder(e) => {
-                    MetricsError::AlreadyInstalled(e.to_string())
-                }
-                e => MetricsError::Listen {
-                    addr: listen,
-                    detail: e.to_string(),
-                },
-            })?;
+    let recorder = builder().build_recorder();
     let handle = recorder.handle();
+    // Bind first: a taken port must not leave a recorder installed with nothing serving it.
+    crate::probes::spawn(listen, handle.clone()).map_err(|e| MetricsError::Listen {
+        addr: listen,
+        detail: e.to_string(),
+    })?;
     ::metrics::set_global_recorder(recorder)
         .map_err(|e| MetricsError::AlreadyInstalled(e.to_string()))?;
-    tokio::spawn(async move {
-        if let Err(e) = exporter.await {
-            tracing::error!(error = ?e, "metrics listener stopped");
-        }
-    });
     describe();
-    tracing::info!(metrics_addr = %listen, "Prometheus metrics on http://{listen}/metrics");
+    tracing::info!(metrics_addr = %listen, "Prometheus metrics on http://{listen}/metrics, probes on /livez and /readyz");
     Ok(handle)
 }
 
@@ -433,17 +421,21 @@ mod tests {
             Err(MetricsError::Listen { .. } | MetricsError::AlreadyInstalled(_))
         ));
 
-        let mut body = String::new();
-        for _ in 0..50 {
-            if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
-                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                    .await
-                    .unwrap();
-                s.read_to_string(&mut body).await.unwrap();
-                break;
+        let get = |path: &'static str| async move {
+            let mut body = String::new();
+            for _ in 0..50 {
+                if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+                    let req =
+                        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                    s.write_all(req.as_bytes()).await.unwrap();
+                    s.read_to_string(&mut body).await.unwrap();
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            body
+        };
+        let body = get("/metrics").await;
         assert!(body.starts_with("HTTP/1.1 200"), "{body}");
         assert!(
             body.contains(
@@ -451,5 +443,30 @@ mod tests {
             ),
             "{body}"
         );
+        // A health check against a wrong path must fail, not get the exposition.
+        for path in ["/", "/metricz", "/healthz", "/livez/x"] {
+            let body = get(path).await;
+            assert!(body.starts_with("HTTP/1.1 404"), "{path}: {body}");
+        }
+        assert!(get("/livez").await.starts_with("HTTP/1.1 200"));
+        // Not ready until a vault is open, ready while it can write, not ready once closed.
+        let body = get("/readyz").await;
+        assert!(
+            body.starts_with("HTTP/1.1 503") && body.ends_with("starting\n"),
+            "{body}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let vault = crate::vault::Vault::create(
+            crate::vault::VaultConfig::new(dir.path().join("v")),
+            &crate::crypto::MasterKey::generate(),
+        )
+        .unwrap();
+        crate::probes::probes().attach(vault.clone());
+        let body = get("/readyz").await;
+        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+        vault.close().await;
+        let body = get("/readyz").await;
+        assert!(body.starts_with("HTTP/1.1 503"), "{body}");
+        assert!(get("/livez").await.starts_with("HTTP/1.1 200"));
     }
 }

@@ -423,10 +423,11 @@ fn check_kubernetes(model: &CliModel, report: &mut Report) {
                 assert!(c["resources"]["limits"].is_mapping(), "{name}: limits");
                 check_container(model, c, rel, report);
             }
-            let main = &pod["containers"][0];
-            for probe in ["livenessProbe", "readinessProbe"] {
-                assert!(main[probe].is_mapping(), "{rel}: {probe} missing");
+            for c in &containers {
+                check_mounts(pod, c, rel);
             }
+            let main = &pod["containers"][0];
+            check_probes(main, rel);
         }
     }
     for kind in ["StatefulSet", "Service", "Secret", "NetworkPolicy"] {
@@ -435,6 +436,99 @@ fn check_kubernetes(model: &CliModel, report: &mut Report) {
     // The NetworkPolicy admits only labelled clients on the gRPC port.
     let np = read("deploy/kubernetes/networkpolicy.yaml");
     assert!(np.contains("tokenvault-client: \"true\""), "{np}");
+}
+
+/// Lays out a container's volume mounts as the runtime would: a mount point nested inside
+/// another mount must be created inside that volume, which fails when the outer mount is
+/// read-only (`readOnly: true`, or a Secret, ConfigMap, projected or downward API volume,
+/// which the kubelet always mounts read-only): `mkdir …: read-only file system`, and the pod
+/// never starts. Schema validation cannot see this.
+fn check_mounts(pod: &Value, c: &Value, origin: &str) {
+    let name = c["name"].as_str().unwrap_or("?");
+    let volumes: BTreeMap<String, Value> = strings_seq(&pod["volumes"])
+        .into_iter()
+        .filter_map(|v| Some((v["name"].as_str()?.to_owned(), v)))
+        .collect();
+    let mounts: Vec<(String, String, bool)> = strings_seq(&c["volumeMounts"])
+        .iter()
+        .map(|m| {
+            let vol = m["name"]
+                .as_str()
+                .expect("mount without a volume name")
+                .to_owned();
+            let path = m["mountPath"].as_str().expect("mount without a path");
+            let path = path.trim_end_matches('/').to_owned();
+            let read_only = m["readOnly"].as_bool() == Some(true)
+                || volumes.get(&vol).is_some_and(|v| {
+                    ["secret", "configMap", "projected", "downwardAPI"]
+                        .iter()
+                        .any(|k| !v[*k].is_null())
+                });
+            (vol, path, read_only)
+        })
+        .collect();
+    for (vol, path, _) in &mounts {
+        assert!(
+            volumes.contains_key(vol) || vol == "data",
+            "{origin} container {name}: mount of undeclared volume {vol}"
+        );
+        assert_eq!(
+            mounts.iter().filter(|(_, p, _)| p == path).count(),
+            1,
+            "{origin} container {name}: two mounts at {path}"
+        );
+    }
+    for (inner_vol, inner, _) in &mounts {
+        for (outer_vol, outer, outer_ro) in &mounts {
+            if inner.starts_with(&format!("{outer}/")) && *outer_ro {
+                panic!(
+                    "{origin} container {name}: volume {inner_vol} is mounted at {inner}, inside \
+                     the read-only mount of {outer_vol} at {outer}; the runtime cannot create \
+                     the mount point (read-only file system) and the pod does not start"
+                );
+            }
+        }
+    }
+}
+
+/// Liveness, readiness and startup are different questions: live = the process answers
+/// (`/livez`); ready = storage writable, keys loaded, not stopping (`/readyz`). The probes
+/// must not all run the same check, and HTTP probes must target the metrics listener.
+fn check_probes(main: &Value, origin: &str) {
+    let args = strings(&main["args"]);
+    let metrics_port = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--metrics-listen="))
+        .and_then(|l| l.rsplit(':').next())
+        .and_then(|p| p.parse::<u64>().ok());
+    let port_named = |name: &str| {
+        strings_seq(&main["ports"])
+            .iter()
+            .find(|p| p["name"].as_str() == Some(name))
+            .and_then(|p| p["containerPort"].as_u64())
+    };
+    let mut seen = BTreeMap::new();
+    for (probe, path) in [
+        ("livenessProbe", "/livez"),
+        ("readinessProbe", "/readyz"),
+        ("startupProbe", "/readyz"),
+    ] {
+        let p = &main[probe];
+        assert!(p.is_mapping(), "{origin}: {probe} missing");
+        let get = &p["httpGet"];
+        assert_eq!(get["path"].as_str(), Some(path), "{origin}: {probe} path");
+        let port = match &get["port"] {
+            Value::Number(n) => n.as_u64(),
+            Value::String(name) => port_named(name),
+            _ => None,
+        };
+        assert!(
+            port.is_some() && port == metrics_port,
+            "{origin}: {probe} must target the --metrics-listen port {metrics_port:?}, got {port:?}"
+        );
+        seen.insert(probe, path);
+    }
+    assert_ne!(seen["livenessProbe"], seen["readinessProbe"], "{origin}");
 }
 
 fn strings_seq(v: &Value) -> Vec<Value> {

@@ -142,8 +142,17 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
         (vault_args.open_with(cfg.vault_config())?, None)
     };
 
+    if metrics_on {
+        // `/readyz` answers 200 from here on while storage is writable.
+        crate::probes::probes().attach(vault.clone());
+    }
     let shutdown = match shutdown_signal() {
-        Ok(s) => s,
+        Ok(s) => {
+            async move {
+                s.await;
+                crate::probes::probes().set_stopping();
+            }
+        }
         Err(e) => {
             vault.close().await;
             return Err(e);
