@@ -27,6 +27,8 @@ pub const KEY_ENCRYPTION_LIMIT: &str = "tokenvault_key_encryption_limit";
 pub const KEY_ACTIVE_VERSION: &str = "tokenvault_key_active_version";
 pub const AUDIT_SEQUENCE_HEAD: &str = "tokenvault_audit_sequence_head";
 pub const RATE_LIMIT_REJECTIONS: &str = "tokenvault_rate_limit_rejections_total";
+pub const TLS_CERT_EXPIRY: &str = "tokenvault_tls_certificate_expiry_timestamp_seconds";
+pub const TLS_RELOADS: &str = "tokenvault_tls_reloads_total";
 
 /// Request latency buckets, seconds: 0.5 ms to 10 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -189,6 +191,15 @@ pub fn describe() {
         AUDIT_SEQUENCE_HEAD,
         "sequence number of the newest audit record"
     );
+    describe_gauge!(
+        TLS_CERT_EXPIRY,
+        Unit::Seconds,
+        "notAfter of the serving TLS certificate, Unix time"
+    );
+    describe_counter!(
+        TLS_RELOADS,
+        "TLS reloads (file change or SIGHUP) by outcome"
+    );
     describe_counter!(
         RATE_LIMIT_REJECTIONS,
         "requests refused by a rate limit, by method"
@@ -288,6 +299,18 @@ pub async fn refresh_gauges(vault: &crate::vault::Vault) {
         Ok(seq) => set_audit_head(seq),
         Err(e) => tracing::debug!(error = %e, "metrics: cannot read the audit head"),
     }
+}
+
+/// `notAfter` of the serving certificate, Unix seconds.
+pub fn set_tls_cert_expiry(not_after: i64) {
+    gauge!(TLS_CERT_EXPIRY).set(not_after as f64);
+}
+
+/// One TLS reload attempt and the expiry of the certificate serving afterwards.
+pub fn record_tls_reload(ok: bool, not_after: i64) {
+    let outcome = if ok { "ok" } else { "error" };
+    counter!(TLS_RELOADS, "outcome" => outcome).increment(1);
+    set_tls_cert_expiry(not_after);
 }
 
 /// A request refused by a rate limit (counted per request, not per batch item).

@@ -698,6 +698,23 @@ fn check_systemd(model: &CliModel, report: &mut Report) {
         .filter_map(|v| v.split('=').next().map(str::to_owned))
         .collect();
     check_env_for(model, sub.as_deref(), &env, rel, report);
+    // `systemctl reload` must reach the server (SIGHUP re-reads TLS files and master key)...
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ExecReload=") && l.contains("-HUP") && l.contains("$MAINPID")),
+        "{rel}: no ExecReload= sending SIGHUP to $MAINPID"
+    );
+    // ...and the TLS files must be ones a renewal changes: LoadCredential= copies (%d/…) are
+    // made once at start, so a reload or the file watcher would keep serving the old ones.
+    for flag in ["--tls-cert", "--tls-key", "--client-ca"] {
+        if let Some(i) = exec.iter().position(|w| w == flag) {
+            let path = &exec[i + 1];
+            assert!(
+                !path.starts_with("%d") && !path.contains("CREDENTIALS_DIRECTORY"),
+                "{rel}: {flag} {path} is a credential copy that never sees a renewal"
+            );
+        }
+    }
     for setting in [
         "ProtectSystem=strict",
         "NoNewPrivileges=yes",

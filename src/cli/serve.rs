@@ -3,8 +3,9 @@
 //! Start-up order matters: core dumps are disabled (and memory locked with `--mlock`)
 //! before the master key is read; the transport is checked before the vault is opened.
 //! Without `--dev`, a non-loopback listen address requires TLS ([`check_transport`]): card
-//! data may cross a network only encrypted. With TLS, SIGHUP re-reads the certificate, key
-//! and client CA; a failed reload keeps the old ones.
+//! data may cross a network only encrypted. With TLS, the certificate, key and client CA are
+//! re-read when they change on disk (polled, debounced) and on SIGHUP (`systemctl reload`);
+//! a failed reload keeps the old ones.
 //!
 //! Settings: flag > `TOKENVAULT_…` environment variable > configuration file (`--config`,
 //! `TOKENVAULT_CONFIG`) > default, resolved and validated by [`crate::config`]. With
@@ -165,6 +166,11 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
             return Err(CliError::Other(format!("cannot listen on {addr}: {e}")));
         }
     };
+    // Renewed certificates are picked up without a signal (after the metrics install, so the
+    // expiry gauge is published).
+    let watcher = tls
+        .as_ref()
+        .map(|t| t.watch(crate::grpc::tls::WATCH_INTERVAL));
     let reloader = match reload_on_sighup(tls.as_ref()) {
         Ok(task) => task,
         Err(e) => {
@@ -209,7 +215,7 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
         crate::metrics::spawn_gauge_refresher(vault.clone(), crate::metrics::GAUGE_REFRESH)
     });
     let result = serve(listener, vault, server_cfg, shutdown).await;
-    for task in [reloader, master_reloader].into_iter().flatten() {
+    for task in [reloader, master_reloader, watcher].into_iter().flatten() {
         task.abort();
     }
     if let Some(task) = gauges {
