@@ -10,6 +10,7 @@ pub mod error;
 pub mod grpc;
 pub mod hardening;
 pub mod keyring;
+pub mod logging;
 pub mod metrics;
 pub mod probes;
 pub mod ratelimit;

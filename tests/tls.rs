@@ -541,8 +541,8 @@ fn spawn_serve(data_dir: &Path, key_file: &Path, extra: &[&str]) -> Child {
         for line in std::io::BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                if v["fields"]["message"] == "serving" {
-                    let _ = tx.send(v["fields"]["listen"].as_str().unwrap_or("").to_owned());
+                if v["message"] == "serving" {
+                    let _ = tx.send(v["listen"].as_str().unwrap_or("").to_owned());
                 }
             }
         }

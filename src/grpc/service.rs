@@ -528,7 +528,7 @@ async fn observe<T>(
         Ok(_) => tracing::info!(code = Code::Ok.as_str(), elapsed_us, "rpc finished"),
         Err(status) => tracing::info!(
             code = ?status.code(),
-            message = status.message(),
+            error = status.message(),
             elapsed_us,
             "rpc failed"
         ),
