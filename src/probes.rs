@@ -65,7 +65,10 @@ pub fn probes() -> &'static Probes {
 /// Status and body for one GET/HEAD of `path`.
 pub fn respond(path: &str, probes: &Probes, metrics: &PrometheusHandle) -> (StatusCode, String) {
     match path {
-        "/metrics" => (StatusCode::OK, metrics.render()),
+        "/metrics" => {
+            crate::metrics::collect_process();
+            (StatusCode::OK, metrics.render())
+        }
         "/livez" => (StatusCode::OK, "ok\n".into()),
         "/readyz" => match probes.readiness() {
             Ok(()) => (StatusCode::OK, "ok\n".into()),

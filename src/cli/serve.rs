@@ -212,7 +212,15 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
         ..ServerConfig::default()
     };
     let gauges = metrics_on.then(|| {
-        crate::metrics::spawn_gauge_refresher(vault.clone(), crate::metrics::GAUGE_REFRESH)
+        crate::metrics::set_limits(
+            cfg.vault_config().key_policy.max_age,
+            cfg.limits.max_storage_bytes,
+        );
+        crate::metrics::spawn_gauge_refresher(
+            vault.clone(),
+            vault_args.data_dir.clone(),
+            crate::metrics::GAUGE_REFRESH,
+        )
     });
     let result = serve(listener, vault, server_cfg, shutdown).await;
     for task in [reloader, master_reloader, watcher].into_iter().flatten() {

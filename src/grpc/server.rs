@@ -311,6 +311,7 @@ async fn set_health(reporter: &HealthReporter, serving: bool) {
 /// server from starting or stopping.
 async fn audit_event(vault: &Vault, caller: &Caller, action: &str, subject: &str) {
     if let Err(e) = vault.audit_event(caller, action, subject).await {
+        crate::metrics::record_audit_write_failure();
         tracing::warn!(error = %e, action, "could not write audit event");
     }
 }
