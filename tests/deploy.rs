@@ -878,3 +878,163 @@ fn systemd_unit_verifies() {
         out.status.code()
     );
 }
+
+/// Metric names the monitoring files may use: the `tokenvault_*` names `src/metrics.rs`
+/// defines (histograms also as `_bucket`, `_sum`, `_count`) and the process collector's.
+fn exported_metric_names() -> BTreeSet<String> {
+    let source = read("src/metrics.rs");
+    let mut names = BTreeSet::new();
+    for part in source.split('"').skip(1).step_by(2) {
+        if part.starts_with("tokenvault_")
+            && part.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+        {
+            for suffix in ["", "_bucket", "_sum", "_count"] {
+                names.insert(format!("{part}{suffix}"));
+            }
+        }
+    }
+    for p in [
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        "process_max_fds",
+        "process_resident_memory_bytes",
+        "process_virtual_memory_bytes",
+        "process_start_time_seconds",
+        "process_threads",
+    ] {
+        names.insert(p.to_owned());
+    }
+    names
+}
+
+/// Every `tokenvault_…`/`process_…` word in `text`.
+fn metric_words(text: &str) -> BTreeSet<String> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("tokenvault_") || w.starts_with("process_"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn monitoring_pack_matches_the_metrics_and_the_manifests() {
+    // The PrometheusRule carries exactly the promtool-checked groups.
+    let plain = yaml_documents("deploy/monitoring/tokenvault.rules.yml");
+    let operator = yaml_documents("deploy/monitoring/prometheusrule.yaml");
+    assert_eq!(operator[0]["kind"].as_str(), Some("PrometheusRule"));
+    assert_eq!(
+        plain[0]["groups"], operator[0]["spec"]["groups"],
+        "prometheusrule.yaml and tokenvault.rules.yml differ"
+    );
+    let alerts: BTreeSet<String> = strings_seq(&plain[0]["groups"])
+        .iter()
+        .flat_map(|g| strings_seq(&g["rules"]))
+        .filter_map(|r| r["alert"].as_str().map(str::to_owned))
+        .collect();
+    for wanted in [
+        "TokenvaultKeyNearEncryptionLimit",
+        "TokenvaultKeyNearMaxAge",
+        "TokenvaultAuditWriteFailures",
+        "TokenvaultStorageNearLimit",
+        "TokenvaultCertificateExpiresSoon",
+        "TokenvaultRateLimitRejections",
+        "TokenvaultDetokenizeVolumeAnomaly",
+    ] {
+        assert!(alerts.contains(wanted), "no alert {wanted}: {alerts:?}");
+    }
+
+    // Rules and dashboard only use metrics the binary exports (a renamed metric would
+    // silently turn an alert off).
+    let exported = exported_metric_names();
+    let dashboard_text = read("deploy/monitoring/grafana-dashboard.json");
+    for (rel, text) in [
+        (
+            "deploy/monitoring/tokenvault.rules.yml",
+            read("deploy/monitoring/tokenvault.rules.yml"),
+        ),
+        (
+            "deploy/monitoring/grafana-dashboard.json",
+            dashboard_text.clone(),
+        ),
+    ] {
+        for word in metric_words(&text) {
+            assert!(exported.contains(&word), "{rel}: unknown metric {word}");
+        }
+    }
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard_text).unwrap();
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10);
+    for p in panels {
+        assert!(
+            p["targets"].as_array().is_some_and(|t| !t.is_empty()),
+            "panel {} has no query",
+            p["title"]
+        );
+    }
+
+    // The ServiceMonitor selects the Service and names a port it has; its job label is the
+    // one the rules select.
+    let sm = &yaml_documents("deploy/monitoring/servicemonitor.yaml")[0];
+    assert_eq!(sm["kind"].as_str(), Some("ServiceMonitor"));
+    let selector = &sm["spec"]["selector"]["matchLabels"];
+    let port = sm["spec"]["endpoints"][0]["port"].as_str().unwrap();
+    assert_eq!(
+        sm["spec"]["endpoints"][0]["path"].as_str(),
+        Some("/metrics")
+    );
+    let services = yaml_documents("deploy/kubernetes/service.yaml");
+    let scraped: Vec<&Value> = services
+        .iter()
+        .filter(|s| {
+            selector
+                .as_mapping()
+                .unwrap()
+                .iter()
+                .all(|(k, v)| &s["metadata"]["labels"][k.as_str().unwrap()] == v)
+        })
+        .filter(|s| {
+            strings_seq(&s["spec"]["ports"])
+                .iter()
+                .any(|p| p["name"].as_str() == Some(port))
+        })
+        .collect();
+    assert_eq!(
+        scraped.len(),
+        1,
+        "the ServiceMonitor must match one Service with port {port}"
+    );
+    let job_label = sm["spec"]["jobLabel"].as_str().unwrap();
+    let job = scraped[0]["metadata"]["labels"][job_label]
+        .as_str()
+        .unwrap();
+    assert!(
+        read("deploy/monitoring/tokenvault.rules.yml").contains(&format!("job=\"{job}\"")),
+        "rules do not select job {job}"
+    );
+}
+
+#[test]
+fn alert_rules_pass_promtool() {
+    let ok = std::process::Command::new("promtool")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        println!("note: promtool not available; .ci/monitoring.sh installs and runs it");
+        return;
+    }
+    for args in [
+        ["check", "rules", "deploy/monitoring/tokenvault.rules.yml"],
+        [
+            "test",
+            "rules",
+            "deploy/monitoring/tokenvault.rules.test.yml",
+        ],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(ROOT)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "promtool {args:?}: {out:?}");
+    }
+}
