@@ -167,6 +167,9 @@ pub struct TlsReloader {
     current: RwLock<Arc<rustls::ServerConfig>>,
     /// `notAfter` of the serving certificate, Unix seconds.
     not_after: std::sync::atomic::AtomicI64,
+    /// The files' stamp taken just before the last load attempt (so a change made during
+    /// or after it is seen by [`TlsReloader::watch`]).
+    tried: std::sync::Mutex<FileStamp>,
 }
 
 impl std::fmt::Debug for TlsReloader {
@@ -181,11 +184,13 @@ impl std::fmt::Debug for TlsReloader {
 impl TlsReloader {
     /// Loads the files once; fails when they do not make a valid configuration.
     pub fn new(files: TlsFiles) -> Result<Arc<TlsReloader>, TlsError> {
+        let tried = files.stamp();
         let (config, not_after) = files.load_with_expiry()?;
         Ok(Arc::new(TlsReloader {
             files,
             current: RwLock::new(config),
             not_after: not_after.into(),
+            tried: std::sync::Mutex::new(tried),
         }))
     }
 
@@ -214,6 +219,7 @@ impl TlsReloader {
     /// Re-reads the files. On success new connections use them; on failure the previous
     /// configuration stays and the error is returned (and logged).
     pub fn reload(&self) -> Result<(), TlsError> {
+        *self.tried.lock().unwrap_or_else(|e| e.into_inner()) = self.files.stamp();
         match self.files.load_with_expiry() {
             Ok((config, not_after)) => {
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
@@ -238,10 +244,8 @@ impl TlsReloader {
     /// Also publishes the serving certificate's expiry as a metric.
     pub fn watch(self: &Arc<Self>, every: Duration) -> JoinHandle<()> {
         let me = self.clone();
-        // Stamped before the first load could have happened later, so a change made while
-        // the server started is still seen.
-        let mut tried = me.files.stamp();
-        let mut last = tried.clone();
+        let tried = |me: &TlsReloader| me.tried.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut last = tried(&me);
         crate::metrics::set_tls_cert_expiry(me.not_after());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -250,10 +254,11 @@ impl TlsReloader {
             loop {
                 tick.tick().await;
                 let now = me.files.stamp();
-                if now != tried && now == last {
+                // Changed since the last attempt (which SIGHUP may also have made), and
+                // unchanged for one interval.
+                if now != tried(&me) && now == last {
                     tracing::info!("TLS files changed; reloading");
                     let _ = me.reload();
-                    tried = now.clone();
                 }
                 last = now;
             }
