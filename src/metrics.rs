@@ -1,7 +1,7 @@
 //! Prometheus metrics through the `metrics` facade and `metrics-exporter-prometheus`.
 //!
-//! [`install`] starts an HTTP listener (any path answers with the exposition, `/metrics` by
-//! convention) on its own address, separate from gRPC and off unless `--metrics-listen` is
+//! [`install`] starts the HTTP listener of [`crate::probes`] (`/metrics`, `/livez`, `/readyz`,
+//! 404 elsewhere) on its own address, separate from gRPC and off unless `--metrics-listen` is
 //! given. The recording functions below are cheap no-ops until then, so the gRPC layer and
 //! the store can call them unconditionally.
 //!
@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ::metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
-use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const REQUESTS_TOTAL: &str = "tokenvault_grpc_requests_total";
 pub const REQUEST_DURATION: &str = "tokenvault_grpc_request_duration_seconds";
@@ -22,11 +22,20 @@ pub const GROUP_COMMIT_ITEMS: &str = "tokenvault_store_group_commit_items";
 pub const COMMIT_DURATION: &str = "tokenvault_store_commit_duration_seconds";
 pub const COMMITS_TOTAL: &str = "tokenvault_store_commits_total";
 pub const TOKENS_STORED: &str = "tokenvault_tokens_stored";
-pub const KEY_ENCRYPTIONS: &str = "tokenvault_key_encryptions";
+pub const KEY_ENCRYPTIONS: &str = "tokenvault_key_encryptions_total";
 pub const KEY_ENCRYPTION_LIMIT: &str = "tokenvault_key_encryption_limit";
 pub const KEY_ACTIVE_VERSION: &str = "tokenvault_key_active_version";
-pub const AUDIT_SEQUENCE_HEAD: &str = "tokenvault_audit_sequence_head";
+pub const AUDIT_RECORDS: &str = "tokenvault_audit_records_total";
 pub const RATE_LIMIT_REJECTIONS: &str = "tokenvault_rate_limit_rejections_total";
+pub const BUILD_INFO: &str = "tokenvault_build_info";
+pub const KEY_CREATED: &str = "tokenvault_key_created_timestamp_seconds";
+pub const KEY_AGE: &str = "tokenvault_key_age_seconds";
+pub const KEY_MAX_AGE: &str = "tokenvault_key_max_age_seconds";
+pub const STORAGE_BYTES: &str = "tokenvault_storage_bytes";
+pub const STORAGE_LIMIT: &str = "tokenvault_storage_limit_bytes";
+pub const AUDIT_WRITE_FAILURES: &str = "tokenvault_audit_write_failures_total";
+pub const TLS_CERT_EXPIRY: &str = "tokenvault_tls_certificate_expiry_timestamp_seconds";
+pub const TLS_RELOADS: &str = "tokenvault_tls_reloads_total";
 
 /// Request latency buckets, seconds: 0.5 ms to 10 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -93,6 +102,39 @@ impl Method {
     }
 }
 
+/// The `grpc_code` label: the code names of the standard gRPC dashboards (grpc-go's
+/// `codes.Code.String()`, as go-grpc-prometheus and the OpenTelemetry conventions use).
+pub fn grpc_code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "Canceled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    }
+}
+
+/// The `grpc_service` label of a [`Method`].
+fn grpc_service(method: Method) -> &'static str {
+    match method {
+        Method::Other => "other",
+        _ => crate::grpc::SERVICE_NAME,
+    }
+}
+
 /// Outcome of a group commit, the only values of the `outcome` label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CommitOutcome {
@@ -135,29 +177,17 @@ pub fn builder() -> PrometheusBuilder {
 /// of `serve`), before the server starts. Fails when the address cannot be bound or when a
 /// recorder is already installed.
 pub fn install(listen: SocketAddr) -> Result<PrometheusHandle, MetricsError> {
-    let (recorder, exporter) =
-        builder()
-            .with_http_listener(listen)
-            .build()
-            .map_err(|e| match e {
-                BuildError::FailedToSetGlobalRecorder(e) => {
-                    MetricsError::AlreadyInstalled(e.to_string())
-                }
-                e => MetricsError::Listen {
-                    addr: listen,
-                    detail: e.to_string(),
-                },
-            })?;
+    let recorder = builder().build_recorder();
     let handle = recorder.handle();
+    // Bind first: a taken port must not leave a recorder installed with nothing serving it.
+    crate::probes::spawn(listen, handle.clone()).map_err(|e| MetricsError::Listen {
+        addr: listen,
+        detail: e.to_string(),
+    })?;
     ::metrics::set_global_recorder(recorder)
         .map_err(|e| MetricsError::AlreadyInstalled(e.to_string()))?;
-    tokio::spawn(async move {
-        if let Err(e) = exporter.await {
-            tracing::error!(error = ?e, "metrics listener stopped");
-        }
-    });
     describe();
-    tracing::info!(metrics_addr = %listen, "Prometheus metrics on http://{listen}/metrics");
+    tracing::info!(metrics_addr = %listen, "Prometheus metrics on http://{listen}/metrics, probes on /livez and /readyz");
     Ok(handle)
 }
 
@@ -166,7 +196,7 @@ pub fn describe() {
     use ::metrics::Unit;
     describe_counter!(
         REQUESTS_TOTAL,
-        "gRPC requests answered, by method and gRPC status code"
+        "gRPC requests answered, by grpc_service, grpc_method and grpc_code"
     );
     describe_histogram!(
         REQUEST_DURATION,
@@ -185,7 +215,7 @@ pub fn describe() {
     );
     describe_counter!(COMMITS_TOTAL, "group commits by outcome");
     describe_gauge!(TOKENS_STORED, "live tokens in the vault");
-    describe_gauge!(
+    describe_counter!(
         KEY_ENCRYPTIONS,
         "encryptions made under each data-key version"
     );
@@ -197,22 +227,105 @@ pub fn describe() {
         KEY_ACTIVE_VERSION,
         "the data-key version used for new tokens"
     );
+    describe_counter!(
+        AUDIT_RECORDS,
+        "audit records committed (the sequence number of the newest)"
+    );
+    describe_counter!(
+        AUDIT_WRITE_FAILURES,
+        "audit records that could not be written (best-effort events and refusals)"
+    );
+    describe_gauge!(BUILD_INFO, "always 1; the labels name the running build");
     describe_gauge!(
-        AUDIT_SEQUENCE_HEAD,
-        "sequence number of the newest audit record"
+        KEY_CREATED,
+        Unit::Seconds,
+        "creation time of each data-key version, Unix time"
+    );
+    describe_gauge!(KEY_AGE, Unit::Seconds, "age of each data-key version");
+    describe_gauge!(
+        KEY_MAX_AGE,
+        Unit::Seconds,
+        "age at which the active data-key version is rotated (absent: no limit)"
+    );
+    describe_gauge!(
+        STORAGE_BYTES,
+        Unit::Bytes,
+        "size of the database files (main file and write-ahead log)"
+    );
+    describe_gauge!(
+        STORAGE_LIMIT,
+        Unit::Bytes,
+        "limits.max_storage_bytes (absent: no limit)"
+    );
+    describe_gauge!(
+        TLS_CERT_EXPIRY,
+        Unit::Seconds,
+        "notAfter of the serving TLS certificate, Unix time"
+    );
+    describe_counter!(
+        TLS_RELOADS,
+        "TLS reloads (file change or SIGHUP) by outcome"
     );
     describe_counter!(
         RATE_LIMIT_REJECTIONS,
-        "requests refused by a rate limit, by method"
+        "requests refused by a rate limit, by grpc_method"
     );
+    process().describe();
+    // Present from the start at 0, so rate() and increase() see the first event and an
+    // alert on "absent" cannot mistake a quiet vault for a missing one.
+    for m in Method::ALL.into_iter().filter(|m| *m != Method::Other) {
+        counter!(RATE_LIMIT_REJECTIONS, "grpc_service" => grpc_service(m), "grpc_method" => m.as_str())
+            .increment(0);
+    }
+    counter!(AUDIT_WRITE_FAILURES).increment(0);
+    for outcome in [CommitOutcome::Ok, CommitOutcome::Error] {
+        counter!(COMMITS_TOTAL, "outcome" => outcome.as_str()).increment(0);
+    }
+    for outcome in ["ok", "error"] {
+        counter!(TLS_RELOADS, "outcome" => outcome).increment(0);
+    }
+    gauge!(
+        BUILD_INFO,
+        "version" => env!("CARGO_PKG_VERSION"),
+        "commit" => build_commit()
+    )
+    .set(1.0);
+}
+
+/// The commit this binary was built from: `TOKENVAULT_BUILD_COMMIT` at build time (set by
+/// the release build), else "unknown".
+pub fn build_commit() -> &'static str {
+    match option_env!("TOKENVAULT_BUILD_COMMIT") {
+        Some(c) if !c.is_empty() => c,
+        _ => "unknown",
+    }
+}
+
+/// The process collector (RSS, open and maximum file descriptors, CPU seconds, threads,
+/// start time) under the standard `process_*` names.
+fn process() -> &'static metrics_process::Collector {
+    static COLLECTOR: std::sync::OnceLock<metrics_process::Collector> = std::sync::OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
+}
+
+/// Reads the process figures; called on each scrape.
+pub fn collect_process() {
+    process().collect();
 }
 
 /// One answered gRPC request: counts it by method and code and records its latency.
 pub fn record_request(method: Method, code: tonic::Code, latency: Duration) {
+    let service = grpc_service(method);
     let method = method.as_str();
-    counter!(REQUESTS_TOTAL, "method" => method, "code" => crate::cli::common::code_name(code))
-        .increment(1);
-    histogram!(REQUEST_DURATION, "method" => method).record(latency.as_secs_f64());
+    counter!(
+        REQUESTS_TOTAL,
+        "grpc_service" => service,
+        "grpc_method" => method,
+        "grpc_code" => grpc_code_name(code)
+    )
+    .increment(1);
+    histogram!(REQUEST_DURATION, "grpc_service" => service, "grpc_method" => method)
+        .record(latency.as_secs_f64());
 }
 
 /// [`record_request`] for a handler's result: `OK` for `Ok`, the status code otherwise.
@@ -244,7 +357,7 @@ pub fn set_tokens_stored(count: u64) {
 /// Usage of one data-key version: encryptions so far and the limit that triggers rotation.
 pub fn set_key_usage(version: u32, encryptions: u64, limit: u64) {
     let version = version.to_string();
-    gauge!(KEY_ENCRYPTIONS, "version" => version.clone()).set(encryptions as f64);
+    counter!(KEY_ENCRYPTIONS, "version" => version.clone()).absolute(encryptions);
     gauge!(KEY_ENCRYPTION_LIMIT, "version" => version).set(limit as f64);
 }
 
@@ -255,7 +368,41 @@ pub fn set_active_key_version(version: u32) {
 
 /// Sequence number of the newest committed audit record.
 pub fn set_audit_head(sequence: u64) {
-    gauge!(AUDIT_SEQUENCE_HEAD).set(sequence as f64);
+    counter!(AUDIT_RECORDS).absolute(sequence);
+}
+
+/// An audit record that could not be written.
+pub fn record_audit_write_failure() {
+    counter!(AUDIT_WRITE_FAILURES).increment(1);
+}
+
+/// Creation time and age of one data-key version.
+pub fn set_key_age(version: u32, created_unix_seconds: f64, now_unix_seconds: f64) {
+    let version = version.to_string();
+    gauge!(KEY_CREATED, "version" => version.clone()).set(created_unix_seconds);
+    gauge!(KEY_AGE, "version" => version).set((now_unix_seconds - created_unix_seconds).max(0.0));
+}
+
+/// The limits alerts compare against: rotation age and storage size (`None` = unlimited,
+/// then the gauge is not exported).
+pub fn set_limits(key_max_age: Option<Duration>, max_storage_bytes: Option<u64>) {
+    if let Some(age) = key_max_age {
+        gauge!(KEY_MAX_AGE).set(age.as_secs_f64());
+    }
+    if let Some(bytes) = max_storage_bytes {
+        gauge!(STORAGE_LIMIT).set(bytes as f64);
+    }
+}
+
+/// Size of the database files in `data_dir` (main file and write-ahead log).
+pub fn set_storage_size(data_dir: &std::path::Path) {
+    let db = crate::store::sqlite::DB_FILE;
+    let bytes: u64 = [db.to_owned(), format!("{db}-wal")]
+        .iter()
+        .filter_map(|f| std::fs::metadata(data_dir.join(f)).ok())
+        .map(|m| m.len())
+        .sum();
+    gauge!(STORAGE_BYTES).set(bytes as f64);
 }
 
 /// How often [`spawn_gauge_refresher`] refreshes the gauges that need store queries.
@@ -268,12 +415,14 @@ pub const GAUGE_REFRESH: Duration = Duration::from_secs(10);
 /// one reader connection. Start it only when metrics are installed; abort it at shutdown.
 pub fn spawn_gauge_refresher(
     vault: crate::vault::Vault,
+    data_dir: std::path::PathBuf,
     every: Duration,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             let started = std::time::Instant::now();
             refresh_gauges(&vault).await;
+            set_storage_size(&data_dir);
             let pause = every.max(started.elapsed() * 20);
             tokio::time::sleep(pause).await;
         }
@@ -287,8 +436,10 @@ pub async fn refresh_gauges(vault: &crate::vault::Vault) {
         Ok(keys) => {
             // Rows holding a ciphertext: live tokens (deleted and purged ones have none).
             set_tokens_stored(keys.iter().map(|k| k.rows).sum());
+            let now = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
             for k in &keys {
                 set_key_usage(k.version, k.encryptions, k.max_encryptions);
+                set_key_age(k.version, k.created_at as f64 / 1e6, now);
                 if k.state == crate::vault::KeyState::Active {
                     set_active_key_version(k.version);
                 }
@@ -302,9 +453,22 @@ pub async fn refresh_gauges(vault: &crate::vault::Vault) {
     }
 }
 
+/// `notAfter` of the serving certificate, Unix seconds.
+pub fn set_tls_cert_expiry(not_after: i64) {
+    gauge!(TLS_CERT_EXPIRY).set(not_after as f64);
+}
+
+/// One TLS reload attempt and the expiry of the certificate serving afterwards.
+pub fn record_tls_reload(ok: bool, not_after: i64) {
+    let outcome = if ok { "ok" } else { "error" };
+    counter!(TLS_RELOADS, "outcome" => outcome).increment(1);
+    set_tls_cert_expiry(not_after);
+}
+
 /// A request refused by a rate limit (counted per request, not per batch item).
 pub fn record_rate_limited(method: Method) {
-    counter!(RATE_LIMIT_REJECTIONS, "method" => method.as_str()).increment(1);
+    counter!(RATE_LIMIT_REJECTIONS, "grpc_service" => grpc_service(method), "grpc_method" => method.as_str())
+        .increment(1);
 }
 
 #[cfg(test)]
@@ -337,25 +501,43 @@ mod tests {
             set_active_key_version(3);
             set_audit_head(99);
             record_rate_limited(Method::DetokenizeBatch);
+            set_key_age(3, 1_700_000_000.0, 1_700_086_400.0);
+            set_limits(Some(Duration::from_secs(90 * 86400)), Some(10 << 30));
         });
         for needle in [
             "# TYPE tokenvault_grpc_requests_total counter",
-            r#"tokenvault_grpc_requests_total{method="Tokenize",code="OK"} 1"#,
-            r#"tokenvault_grpc_requests_total{method="Detokenize",code="PERMISSION_DENIED"} 1"#,
+            "# TYPE tokenvault_store_commits_total counter",
+            r#"tokenvault_grpc_requests_total{grpc_service="tokenvault.v1.TokenVaultService",grpc_method="Tokenize",grpc_code="OK"} 1"#,
+            r#"tokenvault_grpc_requests_total{grpc_service="tokenvault.v1.TokenVaultService",grpc_method="Detokenize",grpc_code="PermissionDenied"} 1"#,
             "# TYPE tokenvault_grpc_request_duration_seconds histogram",
-            r#"tokenvault_grpc_request_duration_seconds_bucket{method="Tokenize",le="0.005"} 1"#,
-            r#"tokenvault_grpc_request_duration_seconds_count{method="Detokenize"} 1"#,
+            r#"tokenvault_grpc_request_duration_seconds_bucket{grpc_service="tokenvault.v1.TokenVaultService",grpc_method="Tokenize",le="0.005"} 1"#,
+            r#"tokenvault_grpc_request_duration_seconds_count{grpc_service="tokenvault.v1.TokenVaultService",grpc_method="Detokenize"} 1"#,
             r#"tokenvault_store_group_commit_items_bucket{le="32"} 2"#,
             "tokenvault_store_group_commit_items_sum 18",
             "tokenvault_store_commit_duration_seconds_count 2",
             r#"tokenvault_store_commits_total{outcome="ok"} 1"#,
             r#"tokenvault_store_commits_total{outcome="error"} 1"#,
             "tokenvault_tokens_stored 42",
-            r#"tokenvault_key_encryptions{version="3"} 1000"#,
+            "# TYPE tokenvault_key_encryptions_total counter",
+            r#"tokenvault_key_encryptions_total{version="3"} 1000"#,
             r#"tokenvault_key_encryption_limit{version="3"} 1073741824"#,
             "tokenvault_key_active_version 3",
-            "tokenvault_audit_sequence_head 99",
-            r#"tokenvault_rate_limit_rejections_total{method="DetokenizeBatch"} 1"#,
+            "# TYPE tokenvault_audit_records_total counter",
+            "tokenvault_audit_records_total 99",
+            r#"tokenvault_rate_limit_rejections_total{grpc_service="tokenvault.v1.TokenVaultService",grpc_method="DetokenizeBatch"} 1"#,
+            // Present at 0 before anything happened.
+            r#"tokenvault_rate_limit_rejections_total{grpc_service="tokenvault.v1.TokenVaultService",grpc_method="Detokenize"} 0"#,
+            "tokenvault_audit_write_failures_total 0",
+            r#"tokenvault_tls_reloads_total{outcome="error"} 0"#,
+            r#"tokenvault_key_age_seconds{version="3"} 86400"#,
+            r#"tokenvault_key_created_timestamp_seconds{version="3"} 1700000000"#,
+            "tokenvault_key_max_age_seconds 7776000",
+            "tokenvault_storage_limit_bytes 10737418240",
+            &format!(
+                r#"tokenvault_build_info{{version="{}",commit="{}"}} 1"#,
+                env!("CARGO_PKG_VERSION"),
+                build_commit()
+            ),
             "# HELP tokenvault_grpc_requests_total",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
@@ -370,7 +552,16 @@ mod tests {
             }
             set_key_usage(1, 1, 2);
         });
-        let allowed_keys = ["method", "code", "outcome", "version", "le", "quantile"];
+        let allowed_keys = [
+            "grpc_service",
+            "grpc_method",
+            "grpc_code",
+            "outcome",
+            "version",
+            "commit",
+            "le",
+            "quantile",
+        ];
         for line in text
             .lines()
             .filter(|l| !l.starts_with('#') && l.contains('{'))
@@ -381,7 +572,7 @@ mod tests {
                 assert!(allowed_keys.contains(&k), "label {k} in {line}");
                 let v = v.trim_matches('"');
                 assert!(
-                    v.len() <= 20
+                    v.len() <= 40
                         && v.chars()
                             .all(|c| c.is_ascii_alphanumeric() || "_.+".contains(c)),
                     "label value {v:?} in {line}"
@@ -433,23 +624,60 @@ mod tests {
             Err(MetricsError::Listen { .. } | MetricsError::AlreadyInstalled(_))
         ));
 
-        let mut body = String::new();
-        for _ in 0..50 {
-            if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
-                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                    .await
-                    .unwrap();
-                s.read_to_string(&mut body).await.unwrap();
-                break;
+        let get = |path: &'static str| async move {
+            let mut body = String::new();
+            for _ in 0..50 {
+                if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+                    let req =
+                        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                    s.write_all(req.as_bytes()).await.unwrap();
+                    s.read_to_string(&mut body).await.unwrap();
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            body
+        };
+        let body = get("/metrics").await;
         assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+        // Process figures under the standard names, read at scrape time.
+        for name in [
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+            "process_cpu_seconds_total ",
+        ] {
+            assert!(body.contains(name), "no {name} in {body}");
+        }
         assert!(
             body.contains(
-                r#"tokenvault_grpc_requests_total{method="GetTokenInfo",code="NOT_FOUND"} 1"#
+                r#"tokenvault_grpc_requests_total{grpc_service="tokenvault.v1.TokenVaultService",grpc_method="GetTokenInfo",grpc_code="NotFound"} 1"#
             ),
             "{body}"
         );
+        // A health check against a wrong path must fail, not get the exposition.
+        for path in ["/", "/metricz", "/healthz", "/livez/x"] {
+            let body = get(path).await;
+            assert!(body.starts_with("HTTP/1.1 404"), "{path}: {body}");
+        }
+        assert!(get("/livez").await.starts_with("HTTP/1.1 200"));
+        // Not ready until a vault is open, ready while it can write, not ready once closed.
+        let body = get("/readyz").await;
+        assert!(
+            body.starts_with("HTTP/1.1 503") && body.ends_with("starting\n"),
+            "{body}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let vault = crate::vault::Vault::create(
+            crate::vault::VaultConfig::new(dir.path().join("v")),
+            &crate::crypto::MasterKey::generate(),
+        )
+        .unwrap();
+        crate::probes::probes().attach(vault.clone());
+        let body = get("/readyz").await;
+        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+        vault.close().await;
+        let body = get("/readyz").await;
+        assert!(body.starts_with("HTTP/1.1 503"), "{body}");
+        assert!(get("/livez").await.starts_with("HTTP/1.1 200"));
     }
 }

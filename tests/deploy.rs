@@ -423,10 +423,11 @@ fn check_kubernetes(model: &CliModel, report: &mut Report) {
                 assert!(c["resources"]["limits"].is_mapping(), "{name}: limits");
                 check_container(model, c, rel, report);
             }
-            let main = &pod["containers"][0];
-            for probe in ["livenessProbe", "readinessProbe"] {
-                assert!(main[probe].is_mapping(), "{rel}: {probe} missing");
+            for c in &containers {
+                check_mounts(pod, c, rel);
             }
+            let main = &pod["containers"][0];
+            check_probes(main, rel);
         }
     }
     for kind in ["StatefulSet", "Service", "Secret", "NetworkPolicy"] {
@@ -435,6 +436,99 @@ fn check_kubernetes(model: &CliModel, report: &mut Report) {
     // The NetworkPolicy admits only labelled clients on the gRPC port.
     let np = read("deploy/kubernetes/networkpolicy.yaml");
     assert!(np.contains("tokenvault-client: \"true\""), "{np}");
+}
+
+/// Lays out a container's volume mounts as the runtime would: a mount point nested inside
+/// another mount must be created inside that volume, which fails when the outer mount is
+/// read-only (`readOnly: true`, or a Secret, ConfigMap, projected or downward API volume,
+/// which the kubelet always mounts read-only): `mkdir …: read-only file system`, and the pod
+/// never starts. Schema validation cannot see this.
+fn check_mounts(pod: &Value, c: &Value, origin: &str) {
+    let name = c["name"].as_str().unwrap_or("?");
+    let volumes: BTreeMap<String, Value> = strings_seq(&pod["volumes"])
+        .into_iter()
+        .filter_map(|v| Some((v["name"].as_str()?.to_owned(), v)))
+        .collect();
+    let mounts: Vec<(String, String, bool)> = strings_seq(&c["volumeMounts"])
+        .iter()
+        .map(|m| {
+            let vol = m["name"]
+                .as_str()
+                .expect("mount without a volume name")
+                .to_owned();
+            let path = m["mountPath"].as_str().expect("mount without a path");
+            let path = path.trim_end_matches('/').to_owned();
+            let read_only = m["readOnly"].as_bool() == Some(true)
+                || volumes.get(&vol).is_some_and(|v| {
+                    ["secret", "configMap", "projected", "downwardAPI"]
+                        .iter()
+                        .any(|k| !v[*k].is_null())
+                });
+            (vol, path, read_only)
+        })
+        .collect();
+    for (vol, path, _) in &mounts {
+        assert!(
+            volumes.contains_key(vol) || vol == "data",
+            "{origin} container {name}: mount of undeclared volume {vol}"
+        );
+        assert_eq!(
+            mounts.iter().filter(|(_, p, _)| p == path).count(),
+            1,
+            "{origin} container {name}: two mounts at {path}"
+        );
+    }
+    for (inner_vol, inner, _) in &mounts {
+        for (outer_vol, outer, outer_ro) in &mounts {
+            if inner.starts_with(&format!("{outer}/")) && *outer_ro {
+                panic!(
+                    "{origin} container {name}: volume {inner_vol} is mounted at {inner}, inside \
+                     the read-only mount of {outer_vol} at {outer}; the runtime cannot create \
+                     the mount point (read-only file system) and the pod does not start"
+                );
+            }
+        }
+    }
+}
+
+/// Liveness, readiness and startup are different questions: live = the process answers
+/// (`/livez`); ready = storage writable, keys loaded, not stopping (`/readyz`). The probes
+/// must not all run the same check, and HTTP probes must target the metrics listener.
+fn check_probes(main: &Value, origin: &str) {
+    let args = strings(&main["args"]);
+    let metrics_port = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--metrics-listen="))
+        .and_then(|l| l.rsplit(':').next())
+        .and_then(|p| p.parse::<u64>().ok());
+    let port_named = |name: &str| {
+        strings_seq(&main["ports"])
+            .iter()
+            .find(|p| p["name"].as_str() == Some(name))
+            .and_then(|p| p["containerPort"].as_u64())
+    };
+    let mut seen = BTreeMap::new();
+    for (probe, path) in [
+        ("livenessProbe", "/livez"),
+        ("readinessProbe", "/readyz"),
+        ("startupProbe", "/readyz"),
+    ] {
+        let p = &main[probe];
+        assert!(p.is_mapping(), "{origin}: {probe} missing");
+        let get = &p["httpGet"];
+        assert_eq!(get["path"].as_str(), Some(path), "{origin}: {probe} path");
+        let port = match &get["port"] {
+            Value::Number(n) => n.as_u64(),
+            Value::String(name) => port_named(name),
+            _ => None,
+        };
+        assert!(
+            port.is_some() && port == metrics_port,
+            "{origin}: {probe} must target the --metrics-listen port {metrics_port:?}, got {port:?}"
+        );
+        seen.insert(probe, path);
+    }
+    assert_ne!(seen["livenessProbe"], seen["readinessProbe"], "{origin}");
 }
 
 fn strings_seq(v: &Value) -> Vec<Value> {
@@ -604,6 +698,23 @@ fn check_systemd(model: &CliModel, report: &mut Report) {
         .filter_map(|v| v.split('=').next().map(str::to_owned))
         .collect();
     check_env_for(model, sub.as_deref(), &env, rel, report);
+    // `systemctl reload` must reach the server (SIGHUP re-reads TLS files and master key)...
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ExecReload=") && l.contains("-HUP") && l.contains("$MAINPID")),
+        "{rel}: no ExecReload= sending SIGHUP to $MAINPID"
+    );
+    // ...and the TLS files must be ones a renewal changes: LoadCredential= copies (%d/…) are
+    // made once at start, so a reload or the file watcher would keep serving the old ones.
+    for flag in ["--tls-cert", "--tls-key", "--client-ca"] {
+        if let Some(i) = exec.iter().position(|w| w == flag) {
+            let path = &exec[i + 1];
+            assert!(
+                !path.starts_with("%d") && !path.contains("CREDENTIALS_DIRECTORY"),
+                "{rel}: {flag} {path} is a credential copy that never sees a renewal"
+            );
+        }
+    }
     for setting in [
         "ProtectSystem=strict",
         "NoNewPrivileges=yes",
@@ -766,4 +877,164 @@ fn systemd_unit_verifies() {
         "systemd-analyze verify failed ({:?}):\n{stderr}",
         out.status.code()
     );
+}
+
+/// Metric names the monitoring files may use: the `tokenvault_*` names `src/metrics.rs`
+/// defines (histograms also as `_bucket`, `_sum`, `_count`) and the process collector's.
+fn exported_metric_names() -> BTreeSet<String> {
+    let source = read("src/metrics.rs");
+    let mut names = BTreeSet::new();
+    for part in source.split('"').skip(1).step_by(2) {
+        if part.starts_with("tokenvault_")
+            && part.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+        {
+            for suffix in ["", "_bucket", "_sum", "_count"] {
+                names.insert(format!("{part}{suffix}"));
+            }
+        }
+    }
+    for p in [
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        "process_max_fds",
+        "process_resident_memory_bytes",
+        "process_virtual_memory_bytes",
+        "process_start_time_seconds",
+        "process_threads",
+    ] {
+        names.insert(p.to_owned());
+    }
+    names
+}
+
+/// Every `tokenvault_…`/`process_…` word in `text`.
+fn metric_words(text: &str) -> BTreeSet<String> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("tokenvault_") || w.starts_with("process_"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn monitoring_pack_matches_the_metrics_and_the_manifests() {
+    // The PrometheusRule carries exactly the promtool-checked groups.
+    let plain = yaml_documents("deploy/monitoring/tokenvault.rules.yml");
+    let operator = yaml_documents("deploy/monitoring/prometheusrule.yaml");
+    assert_eq!(operator[0]["kind"].as_str(), Some("PrometheusRule"));
+    assert_eq!(
+        plain[0]["groups"], operator[0]["spec"]["groups"],
+        "prometheusrule.yaml and tokenvault.rules.yml differ"
+    );
+    let alerts: BTreeSet<String> = strings_seq(&plain[0]["groups"])
+        .iter()
+        .flat_map(|g| strings_seq(&g["rules"]))
+        .filter_map(|r| r["alert"].as_str().map(str::to_owned))
+        .collect();
+    for wanted in [
+        "TokenvaultKeyNearEncryptionLimit",
+        "TokenvaultKeyNearMaxAge",
+        "TokenvaultAuditWriteFailures",
+        "TokenvaultStorageNearLimit",
+        "TokenvaultCertificateExpiresSoon",
+        "TokenvaultRateLimitRejections",
+        "TokenvaultDetokenizeVolumeAnomaly",
+    ] {
+        assert!(alerts.contains(wanted), "no alert {wanted}: {alerts:?}");
+    }
+
+    // Rules and dashboard only use metrics the binary exports (a renamed metric would
+    // silently turn an alert off).
+    let exported = exported_metric_names();
+    let dashboard_text = read("deploy/monitoring/grafana-dashboard.json");
+    for (rel, text) in [
+        (
+            "deploy/monitoring/tokenvault.rules.yml",
+            read("deploy/monitoring/tokenvault.rules.yml"),
+        ),
+        (
+            "deploy/monitoring/grafana-dashboard.json",
+            dashboard_text.clone(),
+        ),
+    ] {
+        for word in metric_words(&text) {
+            assert!(exported.contains(&word), "{rel}: unknown metric {word}");
+        }
+    }
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard_text).unwrap();
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10);
+    for p in panels {
+        assert!(
+            p["targets"].as_array().is_some_and(|t| !t.is_empty()),
+            "panel {} has no query",
+            p["title"]
+        );
+    }
+
+    // The ServiceMonitor selects the Service and names a port it has; its job label is the
+    // one the rules select.
+    let sm = &yaml_documents("deploy/monitoring/servicemonitor.yaml")[0];
+    assert_eq!(sm["kind"].as_str(), Some("ServiceMonitor"));
+    let selector = &sm["spec"]["selector"]["matchLabels"];
+    let port = sm["spec"]["endpoints"][0]["port"].as_str().unwrap();
+    assert_eq!(
+        sm["spec"]["endpoints"][0]["path"].as_str(),
+        Some("/metrics")
+    );
+    let services = yaml_documents("deploy/kubernetes/service.yaml");
+    let scraped: Vec<&Value> = services
+        .iter()
+        .filter(|s| {
+            selector
+                .as_mapping()
+                .unwrap()
+                .iter()
+                .all(|(k, v)| &s["metadata"]["labels"][k.as_str().unwrap()] == v)
+        })
+        .filter(|s| {
+            strings_seq(&s["spec"]["ports"])
+                .iter()
+                .any(|p| p["name"].as_str() == Some(port))
+        })
+        .collect();
+    assert_eq!(
+        scraped.len(),
+        1,
+        "the ServiceMonitor must match one Service with port {port}"
+    );
+    let job_label = sm["spec"]["jobLabel"].as_str().unwrap();
+    let job = scraped[0]["metadata"]["labels"][job_label]
+        .as_str()
+        .unwrap();
+    assert!(
+        read("deploy/monitoring/tokenvault.rules.yml").contains(&format!("job=\"{job}\"")),
+        "rules do not select job {job}"
+    );
+}
+
+#[test]
+fn alert_rules_pass_promtool() {
+    let ok = std::process::Command::new("promtool")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        println!("note: promtool not available; .ci/monitoring.sh installs and runs it");
+        return;
+    }
+    for args in [
+        ["check", "rules", "deploy/monitoring/tokenvault.rules.yml"],
+        [
+            "test",
+            "rules",
+            "deploy/monitoring/tokenvault.rules.test.yml",
+        ],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(ROOT)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "promtool {args:?}: {out:?}");
+    }
 }

@@ -707,6 +707,8 @@ async fn health_serves_and_reflection_lists_the_service() {
         };
         let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
         assert!(names.contains(&SERVICE_NAME), "{names:?}");
+        // Stock grpcurl resolves the health service through reflection.
+        assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
         let Some(MessageResponse::FileDescriptorResponse(files)) =
             stream.message().await.unwrap().unwrap().message_response
         else {
@@ -735,6 +737,10 @@ async fn health_serves_and_reflection_lists_the_service() {
             panic!("expected a service list")
         };
         assert!(list.service.iter().any(|s| s.name == SERVICE_NAME));
+        assert!(list
+            .service
+            .iter()
+            .any(|s| s.name == "grpc.health.v1.Health"));
     }
     srv.shutdown().await;
 }

@@ -227,11 +227,12 @@ async fn serve_with_a_config_file_serves_metrics_without_card_data() {
 
     let text = scrape(metrics_port);
     for needle in [
-        r#"tokenvault_grpc_requests_total{method="Tokenize",code="OK"} 1"#,
-        r#"tokenvault_grpc_requests_total{method="TokenizeBatch",code="INVALID_ARGUMENT"} 1"#,
-        r#"tokenvault_grpc_requests_total{method="GetTokenInfo",code="UNAUTHENTICATED"} 1"#,
-        r#"tokenvault_rate_limit_rejections_total{method="TokenizeBatch"} 1"#,
-        r#"tokenvault_grpc_request_duration_seconds_count{method="Tokenize"} 1"#,
+        r#"tokenvault_grpc_requests_total{grpc_service="tokenvault.v1.TokenVaultService",grpc_method="Tokenize",grpc_code="OK"} 1"#,
+        r#"tokenvault_grpc_requests_total{grpc_service="tokenvault.v1.TokenVaultService",grpc_method="TokenizeBatch",grpc_code="InvalidArgument"} 1"#,
+        r#"tokenvault_grpc_requests_total{grpc_service="tokenvault.v1.TokenVaultService",grpc_method="GetTokenInfo",grpc_code="Unauthenticated"} 1"#,
+        r#"tokenvault_rate_limit_rejections_total{grpc_service="tokenvault.v1.TokenVaultService",grpc_method="TokenizeBatch"} 1"#,
+        r#"tokenvault_rate_limit_rejections_total{grpc_service="tokenvault.v1.TokenVaultService",grpc_method="Detokenize"} 0"#,
+        r#"tokenvault_grpc_request_duration_seconds_count{grpc_service="tokenvault.v1.TokenVaultService",grpc_method="Tokenize"} 1"#,
         "# TYPE tokenvault_store_group_commit_items histogram",
         "tokenvault_store_group_commit_items_count",
         "tokenvault_store_commit_duration_seconds_bucket",
@@ -239,8 +240,15 @@ async fn serve_with_a_config_file_serves_metrics_without_card_data() {
         // Refreshed from a background task (at start, then every few seconds).
         "tokenvault_key_active_version 1",
         r#"tokenvault_key_encryption_limit{version="1"} 1073741824"#,
-        "tokenvault_audit_sequence_head ",
+        "tokenvault_audit_records_total ",
         "tokenvault_tokens_stored ",
+        r#"tokenvault_key_encryptions_total{version="1"} "#,
+        r#"tokenvault_key_age_seconds{version="1"} "#,
+        "tokenvault_key_max_age_seconds ",
+        "tokenvault_storage_bytes ",
+        "tokenvault_build_info{",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
     ] {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }

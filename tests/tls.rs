@@ -541,8 +541,8 @@ fn spawn_serve(data_dir: &Path, key_file: &Path, extra: &[&str]) -> Child {
         for line in std::io::BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                if v["fields"]["message"] == "serving" {
-                    let _ = tx.send(v["fields"]["listen"].as_str().unwrap_or("").to_owned());
+                if v["message"] == "serving" {
+                    let _ = tx.send(v["listen"].as_str().unwrap_or("").to_owned());
                 }
             }
         }
@@ -640,5 +640,121 @@ async fn sighup_reloads_a_serving_process() {
         .unwrap();
     assert!(tokenized.status.success(), "{tokenized:?}");
     assert!(String::from_utf8_lossy(&tokenized.stdout).starts_with("tok_"));
+    drop(child);
+}
+
+/// GET `path` on a plain-HTTP listener; the whole response (status line to body).
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+            let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut body = String::new();
+            s.read_to_string(&mut body).await.unwrap();
+            return body;
+        }
+        assert!(Instant::now() < deadline, "metrics listener not up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The expiry gauge's value in an exposition, if present.
+fn cert_expiry(exposition: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find(|l| l.starts_with("tokenvault_tls_certificate_expiry_timestamp_seconds "))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// A renewal (cert-manager rewriting a Secret, certbot replacing files) signals nobody: the
+/// server must notice changed files by itself, keep the old pair while the new files are
+/// broken or half-written, and publish the serving certificate's expiry.
+#[tokio::test]
+async fn changed_files_reload_without_a_signal() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let key_file = dir.path().join("master.key");
+    let master = MasterKey::generate();
+    master.write_new_file(&key_file).unwrap();
+    let vault = Vault::create(VaultConfig::new(&data), &master).unwrap();
+    let api_key = vault
+        .add_client(&Caller::cli(), KEYONLY, &[Role::Tokenize], None)
+        .await
+        .unwrap();
+    vault.close().await;
+
+    let ca1 = Ca::new("first CA");
+    let (c1, k1) = ca1.server_cert();
+    let cert = write(dir.path(), "server.pem", &c1);
+    let key = write(dir.path(), "server.key", &k1);
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_addr: SocketAddr = ([127, 0, 0, 1], metrics_port).into();
+    let child = spawn_serve(
+        &data,
+        &key_file,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--metrics-listen",
+            &metrics_addr.to_string(),
+        ],
+    );
+    let url = format!("https://{}", child.addr);
+    let trust1 = client_files(dir.path(), "t1", &ca1.pem, None);
+    probe(&url, &trust1, &api_key).await.unwrap();
+    let expiry1 = cert_expiry(&http_get(metrics_addr, "/metrics").await)
+        .expect("no certificate expiry metric");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(expiry1 > now, "expiry {expiry1} not in the future");
+
+    // A broken certificate (a half-written renewal) is refused; the old pair keeps serving.
+    write(
+        dir.path(),
+        "server.pem",
+        "-----BEGIN CERTIFICATE-----\ntruncated",
+    );
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    probe(&url, &trust1, &api_key)
+        .await
+        .expect("a broken file replaced the serving certificate");
+
+    // The renewal lands the way a Secret update does: new files renamed into place.
+    let ca2 = Ca::new("second CA");
+    let (c2, k2) = ca2.server_cert();
+    let staged = write(dir.path(), "server.pem.new", &c2);
+    std::fs::rename(&staged, &cert).unwrap();
+    let staged = write(dir.path(), "server.key.new", &k2);
+    std::fs::rename(&staged, &key).unwrap();
+    let trust2 = client_files(dir.path(), "t2", &ca2.pem, None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match probe(&url, &trust2, &api_key).await {
+            Ok(()) => break,
+            Err(e) if Instant::now() > deadline => panic!("changed files not reloaded: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    assert!(probe(&url, &trust1, &api_key).await.is_err());
+    let metrics = http_get(metrics_addr, "/metrics").await;
+    assert!(cert_expiry(&metrics).is_some(), "{metrics}");
+    assert!(
+        metrics.contains(r#"tokenvault_tls_reloads_total{outcome="ok"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"tokenvault_tls_reloads_total{outcome="error"} 1"#),
+        "{metrics}"
+    );
     drop(child);
 }

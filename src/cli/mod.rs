@@ -198,7 +198,11 @@ fn init_tracing(level: Option<LogFilter>, format: LogFormat) -> Result<(), CliEr
         .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+        // One flat object per line with unique keys (see `crate::logging`).
+        LogFormat::Json => builder
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .event_format(crate::logging::FlatJson)
+            .try_init(),
     };
     result.map_err(|e| CliError::Other(format!("cannot set up logging: {e}")))
 }

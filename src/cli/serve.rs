@@ -3,8 +3,9 @@
 //! Start-up order matters: core dumps are disabled (and memory locked with `--mlock`)
 //! before the master key is read; the transport is checked before the vault is opened.
 //! Without `--dev`, a non-loopback listen address requires TLS ([`check_transport`]): card
-//! data may cross a network only encrypted. With TLS, SIGHUP re-reads the certificate, key
-//! and client CA; a failed reload keeps the old ones.
+//! data may cross a network only encrypted. With TLS, the certificate, key and client CA are
+//! re-read when they change on disk (polled, debounced) and on SIGHUP (`systemctl reload`);
+//! a failed reload keeps the old ones.
 //!
 //! Settings: flag > `TOKENVAULT_…` environment variable > configuration file (`--config`,
 //! `TOKENVAULT_CONFIG`) > default, resolved and validated by [`crate::config`]. With
@@ -140,8 +141,17 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
         (vault_args.open_with(cfg.vault_config())?, None)
     };
 
+    if metrics_on {
+        // `/readyz` answers 200 from here on while storage is writable.
+        crate::probes::probes().attach(vault.clone());
+    }
     let shutdown = match shutdown_signal() {
-        Ok(s) => s,
+        Ok(s) => {
+            async move {
+                s.await;
+                crate::probes::probes().set_stopping();
+            }
+        }
         Err(e) => {
             vault.close().await;
             return Err(e);
@@ -154,6 +164,11 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
             return Err(CliError::Other(format!("cannot listen on {addr}: {e}")));
         }
     };
+    // Renewed certificates are picked up without a signal (after the metrics install, so the
+    // expiry gauge is published).
+    let watcher = tls
+        .as_ref()
+        .map(|t| t.watch(crate::grpc::tls::WATCH_INTERVAL));
     let reloader = match reload_on_sighup(tls.as_ref()) {
         Ok(task) => task,
         Err(e) => {
@@ -195,10 +210,18 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
         ..ServerConfig::default()
     };
     let gauges = metrics_on.then(|| {
-        crate::metrics::spawn_gauge_refresher(vault.clone(), crate::metrics::GAUGE_REFRESH)
+        crate::metrics::set_limits(
+            cfg.vault_config().key_policy.max_age,
+            cfg.limits.max_storage_bytes,
+        );
+        crate::metrics::spawn_gauge_refresher(
+            vault.clone(),
+            vault_args.data_dir.clone(),
+            crate::metrics::GAUGE_REFRESH,
+        )
     });
     let result = serve(listener, vault, server_cfg, shutdown).await;
-    for task in [reloader, master_reloader].into_iter().flatten() {
+    for task in [reloader, master_reloader, watcher].into_iter().flatten() {
         task.abort();
     }
     if let Some(task) = gauges {

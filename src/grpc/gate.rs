@@ -20,6 +20,7 @@ use tonic::codegen::{http, BoxFuture, Service};
 use tonic::metadata::MetadataMap;
 use tonic::server::NamedService;
 use tonic::Status;
+use tracing::Instrument;
 
 use super::service::{Rpc, TokenVaultService};
 use crate::error::Error;
@@ -86,7 +87,23 @@ where
         let service = self.service.clone();
         let max_items = self.max_batch_items;
         let max_bytes = self.max_message_bytes;
-        Box::pin(async move {
+        // Every line logged for this call carries its request id (also sent back as
+        // `x-request-id`) and, when the caller sent a valid W3C `traceparent`, its trace id.
+        let request_id = format!("{:016x}", rand::random::<u64>());
+        let span = tracing::info_span!(
+            "request",
+            request_id = request_id.as_str(),
+            trace_id = tracing::field::Empty
+        );
+        if let Some(trace_id) = req
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(trace_id)
+        {
+            span.record("trace_id", trace_id);
+        }
+        let call = async move {
             let Some(rpc) = Rpc::from_path(req.uri().path()) else {
                 // Unknown methods: tonic answers UNIMPLEMENTED without reading the body.
                 return inner.call(req).await;
@@ -111,8 +128,40 @@ where
             };
             req.extensions_mut().insert(admitted);
             inner.call(req).await
-        })
+        };
+        Box::pin(
+            async move {
+                let mut response = call.await?;
+                if let Ok(value) = http::HeaderValue::from_str(&request_id) {
+                    response.headers_mut().insert("x-request-id", value);
+                }
+                Ok(response)
+            }
+            .instrument(span),
+        )
     }
+}
+
+/// The trace id of a W3C `traceparent` header (`00-<32 hex>-<16 hex>-<2 hex>`), or `None`
+/// when the header is malformed (then nothing of it is logged).
+pub fn trace_id(traceparent: &str) -> Option<&str> {
+    let parts: Vec<&str> = traceparent.trim().split('-').collect();
+    let hex = |s: &str, n: usize| {
+        s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let [version, trace, parent, flags, ..] = parts[..] else {
+        return None;
+    };
+    // Version ff is invalid; version 00 has exactly four parts; all-zero ids are invalid.
+    let valid = hex(version, 2)
+        && version != "ff"
+        && (version != "00" || parts.len() == 4)
+        && hex(trace, 32)
+        && trace.bytes().any(|b| b != b'0')
+        && hex(parent, 16)
+        && parent.bytes().any(|b| b != b'0')
+        && hex(flags, 2);
+    valid.then_some(trace)
 }
 
 /// The status as a gRPC response, counted and logged like an answered call.
@@ -121,7 +170,7 @@ fn refused(rpc: Rpc, started: Instant, status: Status) -> http::Response<Body> {
     tracing::info!(
         method = rpc.method(),
         code = ?status.code(),
-        message = status.message(),
+        error = status.message(),
         "rpc refused before its body was read"
     );
     status.into_http()
@@ -218,6 +267,28 @@ fn read_varint(buf: &mut &[u8]) -> Option<u64> {
 mod tests {
     use super::*;
     use prost::Message;
+
+    #[test]
+    fn traceparent_trace_ids() {
+        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        assert_eq!(trace_id(&format!("00-{id}-00f067aa0ba902b7-01")), Some(id));
+        assert_eq!(
+            trace_id(&format!("01-{id}-00f067aa0ba902b7-01-extra")),
+            Some(id)
+        );
+        for bad in [
+            "",
+            "00-nothex-1-01",
+            &format!("ff-{id}-00f067aa0ba902b7-01"),
+            &format!("00-{id}-00f067aa0ba902b7-01-extra"),
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            &format!("00-{id}-0000000000000000-01"),
+            &format!("00-{}-00f067aa0ba902b7-01", id.to_uppercase()),
+            "00-4111111111111111-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(trace_id(bad), None, "{bad}");
+        }
+    }
 
     fn framed(msg: &impl Message) -> Vec<u8> {
         let body = msg.encode_to_vec();

@@ -138,12 +138,15 @@ pub async fn serve(
     let mut serving = vault.healthy();
     set_health(&reporter, serving).await;
 
+    // Reflection lists the health service too, so stock tools (grpcurl) can call it.
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| Error::Internal(format!("reflection service: {e}")))?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| Error::Internal(format!("reflection service: {e}")))?;
 
@@ -308,6 +311,7 @@ async fn set_health(reporter: &HealthReporter, serving: bool) {
 /// server from starting or stopping.
 async fn audit_event(vault: &Vault, caller: &Caller, action: &str, subject: &str) {
     if let Err(e) = vault.audit_event(caller, action, subject).await {
+        crate::metrics::record_audit_write_failure();
         tracing::warn!(error = %e, action, "could not write audit event");
     }
 }

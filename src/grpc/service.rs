@@ -388,6 +388,7 @@ impl TokenVaultService {
                     .audit_summary(&caller, REFUSAL_SUMMARY_ACTION, outcome, &reason)
                     .await
                 {
+                    metrics::record_audit_write_failure();
                     tracing::warn!(error = %e, "could not audit a refusal summary");
                 }
             });
@@ -426,6 +427,7 @@ impl TokenVaultService {
             .audit_refusal(caller, rpc.audit_action(), outcome)
             .await
         {
+            metrics::record_audit_write_failure();
             tracing::warn!(error = %audit_err, outcome, "could not audit a refused request");
         }
     }
@@ -528,7 +530,7 @@ async fn observe<T>(
         Ok(_) => tracing::info!(code = Code::Ok.as_str(), elapsed_us, "rpc finished"),
         Err(status) => tracing::info!(
             code = ?status.code(),
-            message = status.message(),
+            error = status.message(),
             elapsed_us,
             "rpc failed"
         ),

@@ -1,4 +1,5 @@
-//! TLS termination for the gRPC server, with optional mutual TLS and reload on SIGHUP.
+//! TLS termination for the gRPC server, with optional mutual TLS, and reload when the files
+//! change ([`TlsReloader::watch`]) or on SIGHUP.
 //!
 //! The server does the TLS handshake itself (tokio-rustls) instead of through tonic's
 //! `tls_config`, so that the certificate can be swapped while serving: the current
@@ -53,7 +54,20 @@ pub struct TlsFiles {
 impl TlsFiles {
     /// Reads the files and builds a server configuration.
     pub fn load(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        self.load_with_expiry().map(|(config, _)| config)
+    }
+
+    /// [`TlsFiles::load`] and the serving (leaf) certificate's `notAfter`, Unix seconds.
+    pub fn load_with_expiry(&self) -> Result<(Arc<rustls::ServerConfig>, i64), TlsError> {
         let certs = read_certs(&self.cert, "--tls-cert")?;
+        let not_after = x509_parser::parse_x509_certificate(&certs[0])
+            .map(|(_, c)| c.validity().not_after.timestamp())
+            .map_err(|_| {
+                TlsError(format!(
+                    "--tls-cert {}: the first certificate is not valid X.509",
+                    self.cert.display()
+                ))
+            })?;
         let key = PrivateKeyDer::from_pem_file(&self.key).map_err(|e| {
             // Only the I/O error or a fixed text: a PEM parse error can quote a line of the
             // file, and this file is the private key.
@@ -95,9 +109,44 @@ impl TlsFiles {
         })?;
         // gRPC is HTTP/2 only.
         config.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(Arc::new(config))
+        Ok((Arc::new(config), not_after))
+    }
+
+    /// What identifies the files' current versions without reading them (no key bytes in
+    /// memory): device, inode, size, modification and change times of each path, following
+    /// symlinks, so a Kubernetes Secret update (an atomic `..data` symlink swap), a rename
+    /// into place and an in-place rewrite all change it.
+    pub fn stamp(&self) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        let one = |p: &Path| {
+            std::fs::metadata(p).ok().map(|m| {
+                [
+                    m.dev(),
+                    m.ino(),
+                    m.size(),
+                    m.mtime() as u64,
+                    m.mtime_nsec() as u64,
+                    m.ctime() as u64,
+                    m.ctime_nsec() as u64,
+                ]
+            })
+        };
+        FileStamp(vec![
+            one(&self.cert),
+            one(&self.key),
+            self.client_ca.as_deref().and_then(one),
+        ])
     }
 }
+
+/// See [`TlsFiles::stamp`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileStamp(Vec<Option<[u64; 7]>>);
+
+/// How often [`TlsReloader::watch`] looks at the files. A change is loaded once the files
+/// have stayed the same for one more interval (debounce: a renewal writing the certificate
+/// and the key one after the other is loaded as a pair).
+pub const WATCH_INTERVAL: Duration = Duration::from_secs(2);
 
 fn read_certs(path: &Path, flag: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
@@ -116,6 +165,11 @@ fn read_certs(path: &Path, flag: &str) -> Result<Vec<CertificateDer<'static>>, T
 pub struct TlsReloader {
     files: TlsFiles,
     current: RwLock<Arc<rustls::ServerConfig>>,
+    /// `notAfter` of the serving certificate, Unix seconds.
+    not_after: std::sync::atomic::AtomicI64,
+    /// The files' stamp taken just before the last load attempt (so a change made during
+    /// or after it is seen by [`TlsReloader::watch`]).
+    tried: std::sync::Mutex<FileStamp>,
 }
 
 impl std::fmt::Debug for TlsReloader {
@@ -130,11 +184,19 @@ impl std::fmt::Debug for TlsReloader {
 impl TlsReloader {
     /// Loads the files once; fails when they do not make a valid configuration.
     pub fn new(files: TlsFiles) -> Result<Arc<TlsReloader>, TlsError> {
-        let config = files.load()?;
+        let tried = files.stamp();
+        let (config, not_after) = files.load_with_expiry()?;
         Ok(Arc::new(TlsReloader {
             files,
             current: RwLock::new(config),
+            not_after: not_after.into(),
+            tried: std::sync::Mutex::new(tried),
         }))
+    }
+
+    /// `notAfter` of the certificate new connections get, Unix seconds.
+    pub fn not_after(&self) -> i64 {
+        self.not_after.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn files(&self) -> &TlsFiles {
@@ -157,17 +219,50 @@ impl TlsReloader {
     /// Re-reads the files. On success new connections use them; on failure the previous
     /// configuration stays and the error is returned (and logged).
     pub fn reload(&self) -> Result<(), TlsError> {
-        match self.files.load() {
-            Ok(config) => {
+        *self.tried.lock().unwrap_or_else(|e| e.into_inner()) = self.files.stamp();
+        match self.files.load_with_expiry() {
+            Ok((config, not_after)) => {
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
-                tracing::info!(cert = %self.files.cert.display(), "TLS certificate and key reloaded");
+                self.not_after
+                    .store(not_after, std::sync::atomic::Ordering::Relaxed);
+                crate::metrics::record_tls_reload(true, not_after);
+                tracing::info!(cert = %self.files.cert.display(), not_after, "TLS certificate and key reloaded");
                 Ok(())
             }
             Err(e) => {
+                crate::metrics::record_tls_reload(false, self.not_after());
                 tracing::error!(error = %e, "TLS reload failed; keeping the previous certificate");
                 Err(e)
             }
         }
+    }
+
+    /// Reloads when the files change, checking every `every`, until the returned task is
+    /// aborted: nothing has to signal the process after a renewal. A change is loaded once
+    /// the files are unchanged for one more interval; a version that fails to load is tried
+    /// once (the old configuration stays) and again only when the files change again.
+    /// Also publishes the serving certificate's expiry as a metric.
+    pub fn watch(self: &Arc<Self>, every: Duration) -> JoinHandle<()> {
+        let me = self.clone();
+        let tried = |me: &TlsReloader| me.tried.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut last = tried(&me);
+        crate::metrics::set_tls_cert_expiry(me.not_after());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let now = me.files.stamp();
+                // Changed since the last attempt (which SIGHUP may also have made), and
+                // unchanged for one interval.
+                if now != tried(&me) && now == last {
+                    tracing::info!("TLS files changed; reloading");
+                    let _ = me.reload();
+                }
+                last = now;
+            }
+        })
     }
 
     /// Reloads on every SIGHUP until the returned task is aborted.

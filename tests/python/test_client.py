@@ -354,6 +354,8 @@ class HealthAndReflectionTest(ContractTest):
         self.assertEqual(len(responses), 2)
         names = {s.name for s in responses[0].list_services_response.service}
         self.assertIn(tvharness.SERVICE_NAME, names)
+        # Stock tools (grpcurl) find the health service through reflection.
+        self.assertIn("grpc.health.v1.Health", names)
 
         from google.protobuf import descriptor_pb2
 
