@@ -781,7 +781,9 @@ fn begin_state(tx: &Transaction<'_>, keyring: &Keyring) -> Result<TxState> {
             tracing::warn!("{STALE_MASTER}");
         }
     }
-    let head: Option<(i64, Vec<u8>, Option<Vec<u8>>, Micros)> = tx
+    // (seq, mac, hash, at) of the newest record.
+    type Head = (i64, Vec<u8>, Option<Vec<u8>>, Micros);
+    let head: Option<Head> = tx
         .prepare_cached("SELECT seq, mac, hash, at FROM audit ORDER BY seq DESC LIMIT 1")?
         .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
         .optional()?;
