@@ -19,7 +19,7 @@ pub struct PurgeArgs {
     /// Remove expired tokens.
     #[arg(long)]
     pub expired: bool,
-    /// Only rows deleted or expired at least this long ago, e.g. `30d`, `12h`, `90m`, `45s`.
+    /// Only rows deleted or expired at least this long ago, e.g. `2w`, `30d`, `12h`, `90m`, `45s`.
     #[arg(long, value_name = "D", value_parser = parse_duration)]
     pub older_than: Option<Duration>,
     /// Rows per transaction.
@@ -29,24 +29,10 @@ pub struct PurgeArgs {
     pub json: bool,
 }
 
-/// `<n>[s|m|h|d]`; a bare number is seconds.
+/// The one duration grammar ([`crate::config::parse_duration`], humantime's); a bare number
+/// is seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((i, _)) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration like 30d or 12h"))?;
-    let secs = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(format!("unknown unit `{unit}`: use s, m, h or d")),
-    };
-    Ok(Duration::from_secs(n.saturating_mul(secs)))
+    crate::config::parse_timeout(s)
 }
 
 pub async fn run(args: PurgeArgs) -> Result<(), CliError> {
@@ -95,7 +81,13 @@ mod tests {
             Duration::from_secs(12 * 3600)
         );
         assert_eq!(parse_duration("45").unwrap(), Duration::from_secs(45));
-        assert!(parse_duration("3w").is_err());
+        // Weeks and fractions, as every other duration flag takes them.
+        assert_eq!(
+            parse_duration("2w").unwrap(),
+            Duration::from_secs(14 * 86_400)
+        );
+        assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
         assert!(parse_duration("d").is_err());
+        assert!(parse_duration("2 fortnights").is_err());
     }
 }
