@@ -1,0 +1,280 @@
+//! Issue 18, the hand-written utilities replaced by crates, end to end through the binary:
+//! one duration grammar (humantime) on every flag and key, byte sizes with units (bytesize),
+//! `--version` with the commit, completions and man pages from the clap definition
+//! (clap_complete, clap_mangen), tables with headers (comfy-table) and progress bars on a
+//! terminal only (indicatif).
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tokenvault");
+
+/// The binary with no inherited tokenvault settings, run in `cwd`.
+fn tokenvault(cwd: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(cwd).env_remove("RUST_LOG");
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("TOKENVAULT_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[track_caller]
+fn ok(out: Output) -> String {
+    let (stdout, stderr) = text(&out);
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{stdout}\n{stderr}",
+        out.status.code()
+    );
+    stdout
+}
+
+/// A fresh vault in `dir/data` with its master key in `dir/mk`.
+fn init(dir: &Path) {
+    ok(tokenvault(dir)
+        .args(["init", "--data-dir", "data", "--generate-master-key", "mk"])
+        .output()
+        .unwrap());
+}
+
+fn admin(dir: &Path, args: &[&str]) -> Output {
+    tokenvault(dir)
+        .args(args)
+        .args(["--data-dir", "data", "--master-key-file", "mk"])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn every_duration_flag_takes_the_same_grammar() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    init(dir);
+
+    // `purge --older-than 2w` was refused while `--key-max-age 2w` worked.
+    let out = ok(admin(
+        dir,
+        &["purge", "--deleted", "--older-than", "2w", "--json"],
+    ));
+    assert!(out.contains("\"deleted_removed\":0"), "{out}");
+    ok(admin(dir, &["purge", "--expired", "--older-than", "1.5d"]));
+    let bad = admin(dir, &["purge", "--deleted", "--older-than", "2 fortnights"]);
+    assert_eq!(bad.status.code(), Some(2), "{:?}", text(&bad));
+
+    // `--request-timeout 1.5s` was refused while `bench -d 1.5s` worked.
+    let check = |args: &[&str]| {
+        ok(tokenvault(dir)
+            .args(["config", "check", "--no-files"])
+            .args(args)
+            .output()
+            .unwrap())
+    };
+    let out = check(&["--request-timeout", "1.5s", "--key-max-age", "2w"]);
+    assert!(out.contains("request_timeout = \"1500ms\""), "{out}");
+    assert!(out.contains("max_age = \"2w\""), "{out}");
+    // Bare seconds still work on the flag, and fractions of them.
+    let out = check(&["--request-timeout", "2.5"]);
+    assert!(out.contains("request_timeout = \"2500ms\""), "{out}");
+
+    // The same grammar in the file.
+    std::fs::write(
+        dir.join("tv.toml"),
+        "[limits]\nrequest_timeout = \"1m 30s\"\n[key_rotation]\nmax_age = \"12weeks\"\n",
+    )
+    .unwrap();
+    let out = check(&["--config", "tv.toml"]);
+    assert!(out.contains("request_timeout = \"90s\""), "{out}");
+    assert!(out.contains("max_age = \"12w\""), "{out}");
+}
+
+#[test]
+fn byte_sizes_take_units_and_raw_integers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let check = |args: &[&str], env: Option<&str>| {
+        let mut cmd = tokenvault(dir);
+        cmd.args(["config", "check", "--no-files"]).args(args);
+        if let Some(v) = env {
+            cmd.env("TOKENVAULT_MAX_STORAGE_BYTES", v);
+        }
+        cmd.output().unwrap()
+    };
+    for (file_value, bytes) in [
+        ("\"10GiB\"", "10737418240"),
+        ("10737418240", "10737418240"),
+        ("\"512 MiB\"", "536870912"),
+    ] {
+        std::fs::write(
+            dir.join("tv.toml"),
+            format!("[limits]\nmax_storage_bytes = {file_value}\n"),
+        )
+        .unwrap();
+        let out = ok(check(&["--config", "tv.toml"], None));
+        assert!(
+            out.contains(&format!("max_storage_bytes = {bytes}")),
+            "{file_value}: {out}"
+        );
+    }
+    let out = ok(check(&["--max-storage-bytes", "2GiB"], None));
+    assert!(out.contains("max_storage_bytes = 2147483648"), "{out}");
+    let out = ok(check(&[], Some("64MB")));
+    assert!(out.contains("max_storage_bytes = 64000000"), "{out}");
+    // Under the 1 MiB floor, with a unit or without: refused.
+    let small = check(&["--max-storage-bytes", "1KiB"], None);
+    assert!(!small.status.success(), "{:?}", text(&small));
+    assert!(
+        text(&small).1.contains("max_storage_bytes"),
+        "{:?}",
+        text(&small)
+    );
+    let junk = check(&["--max-storage-bytes", "lots"], None);
+    assert_eq!(junk.status.code(), Some(2), "{:?}", text(&junk));
+}
+
+#[test]
+fn version_names_the_commit() {
+    let out = ok(Command::new(BIN).arg("--version").output().unwrap());
+    let version = out.trim();
+    let prefix = format!("tokenvault {} (", env!("CARGO_PKG_VERSION"));
+    assert!(
+        version.starts_with(&prefix) && version.ends_with(')'),
+        "{version}"
+    );
+    let commit = &version[prefix.len()..version.len() - 1];
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    match (head, std::env::var("TOKENVAULT_GIT_COMMIT")) {
+        // A build argument names the commit (container builds without .git).
+        (_, Ok(given)) if !given.is_empty() => assert_eq!(commit, given.trim()),
+        (Some(head), _) => assert_eq!(commit, head, "{version}"),
+        (None, _) => assert_eq!(commit, "unknown", "{version}"),
+    }
+}
+
+#[test]
+fn completions_and_man_pages_come_from_the_clap_definition() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = ok(tokenvault(dir)
+            .args(["completions", shell])
+            .output()
+            .unwrap());
+        // Subcommands and their flags, straight from the definition.
+        for word in ["tokenvault", "purge", "older-than", "rewrap"] {
+            assert!(out.contains(word), "{shell}: {word} missing");
+        }
+    }
+    let bash = ok(tokenvault(dir)
+        .args(["completions", "bash"])
+        .output()
+        .unwrap());
+    std::fs::write(dir.join("tokenvault.bash"), &bash).unwrap();
+    if let Ok(out) = Command::new("bash")
+        .arg("-n")
+        .arg(dir.join("tokenvault.bash"))
+        .output()
+    {
+        assert!(out.status.success(), "bash -n: {:?}", text(&out));
+    }
+    let bad = tokenvault(dir)
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+
+    let page = ok(tokenvault(dir).arg("man").output().unwrap());
+    assert!(page.contains(".TH tokenvault 1"), "{page}");
+    assert!(page.contains(env!("CARGO_PKG_VERSION")), "{page}");
+    for sub in ["purge", "keys", "completions"] {
+        assert!(page.contains(sub), "{sub} missing from the man page");
+    }
+    ok(tokenvault(dir)
+        .args(["man", "--out-dir", "man"])
+        .output()
+        .unwrap());
+    let purge = std::fs::read_to_string(dir.join("man/tokenvault-purge.1")).unwrap();
+    assert!(purge.contains("older\\-than"), "{purge}");
+    assert!(dir.join("man/tokenvault-keys-rewrap.1").exists());
+    assert!(dir.join("man/tokenvault.1").exists());
+}
+
+#[test]
+fn tables_have_headers_and_audit_tail_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    init(dir);
+    ok(admin(
+        dir,
+        &["clients", "add", "shop", "--roles", "tokenize"],
+    ));
+
+    let tail = ok(admin(dir, &["audit", "tail"]));
+    let lines: Vec<&str> = tail.lines().collect();
+    assert!(
+        lines[0].starts_with("SEQ  TIME") && lines[0].contains("PRINCIPAL"),
+        "{tail}"
+    );
+    assert!(lines.iter().any(|l| l.contains("client_add")), "{tail}");
+    // Columns line up under the header.
+    let col = lines[0].find("ACTION").unwrap();
+    let row = lines.iter().find(|l| l.contains("client_add")).unwrap();
+    assert_eq!(row.find("client_add"), Some(col), "{tail}");
+    assert!(lines.iter().all(|l| !l.ends_with(' ')), "{tail:?}");
+
+    let keys = ok(admin(dir, &["keys", "list"]));
+    assert!(keys.starts_with("VERSION  STATE"), "{keys}");
+    let clients = ok(admin(dir, &["clients", "list"]));
+    assert!(
+        clients.lines().next().unwrap().starts_with("NAME"),
+        "{clients}"
+    );
+}
+
+#[test]
+fn rewrap_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    init(dir);
+
+    // Off a terminal: plain lines, no carriage returns or escape codes in the log.
+    let out = admin(dir, &["keys", "rewrap"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        !stderr.contains('\r') && !stderr.contains('\x1b'),
+        "{stderr:?}"
+    );
+
+    // On a terminal (util-linux `script` gives the command a pty): an indicatif bar.
+    let cmd = format!("{BIN} keys rewrap --data-dir data --master-key-file mk");
+    let Ok(pty) = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .output()
+    else {
+        eprintln!("no `script` here: the terminal half is not checked");
+        return;
+    };
+    let screen = String::from_utf8_lossy(&pty.stdout);
+    assert!(pty.status.success(), "{screen}");
+    assert!(screen.contains("rewrap [00:00:"), "{screen:?}");
+    assert!(screen.contains('█'), "a drawn bar: {screen:?}");
+    assert!(screen.contains("re-encrypted 0 rows"), "{screen:?}");
+}
