@@ -31,11 +31,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// `TOKENVAULT_GIT_COMMIT` for the crate: the build environment's value (a container build
-/// without `.git` passes it as a build argument), else `git rev-parse`, else `unknown`. A
-/// missing git, or a source tarball, never fails the build.
+/// `TOKENVAULT_GIT_COMMIT` for the crate: the build environment's `GIT_COMMIT` (a container
+/// build without `.git` passes it as a build argument; CI systems often set it), else
+/// `git rev-parse`, else `unknown`. A missing git, or a source tarball, never fails the build.
 fn git_commit() {
-    println!("cargo:rerun-if-env-changed=TOKENVAULT_GIT_COMMIT");
+    println!("cargo:rerun-if-env-changed=GIT_COMMIT");
     let git = |args: &[&str]| {
         Command::new("git")
             .args(args)
@@ -46,7 +46,7 @@ fn git_commit() {
             .map(|s| s.trim().to_owned())
             .filter(|s| !s.is_empty())
     };
-    let commit = std::env::var("TOKENVAULT_GIT_COMMIT")
+    let commit = std::env::var("GIT_COMMIT")
         .ok()
         .map(|c| c.trim().to_owned())
         .filter(|c| !c.is_empty() && c.chars().all(|ch| ch.is_ascii_alphanumeric()))

@@ -158,7 +158,7 @@ fn version_names_the_commit() {
         .ok()
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
-    match (head, std::env::var("TOKENVAULT_GIT_COMMIT")) {
+    match (head, std::env::var("GIT_COMMIT")) {
         // A build argument names the commit (container builds without .git).
         (_, Ok(given)) if !given.is_empty() => assert_eq!(commit, given.trim()),
         (Some(head), _) => assert_eq!(commit, head, "{version}"),
@@ -277,4 +277,135 @@ fn rewrap_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere() {
     assert!(screen.contains("rewrap [00:00:"), "{screen:?}");
     assert!(screen.contains('█'), "a drawn bar: {screen:?}");
     assert!(screen.contains("re-encrypted 0 rows"), "{screen:?}");
+}
+
+/// The image's HEALTHCHECK, run as written in deploy/Dockerfile against a `serve` child that
+/// requires client certificates: the environment the Dockerfile documents
+/// (TOKENVAULT_TLS_CA, plus TOKENVAULT_CLIENT_TLS_CERT/KEY under mutual TLS) is all it needs.
+#[test]
+fn dockerfile_healthcheck_works_with_mutual_tls_as_documented() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose, SanType,
+    };
+    use std::io::BufRead;
+    use std::time::Duration;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    init(dir);
+
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "test CA");
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    std::fs::write(dir.join("ca.crt"), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
+    let issue = |sans: Vec<SanType>, usage, name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names = sans;
+        p.distinguished_name.push(DnType::CommonName, "leaf");
+        p.extended_key_usages = vec![usage];
+        let cert = p
+            .signed_by(&key, &Issuer::from_params(&ca, &ca_key))
+            .unwrap();
+        std::fs::write(dir.join(format!("{name}.crt")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    };
+    issue(
+        vec![SanType::DnsName("localhost".try_into().unwrap())],
+        ExtendedKeyUsagePurpose::ServerAuth,
+        "tls",
+    );
+    // Bound to no principal: it can reach health and nothing else.
+    issue(vec![], ExtendedKeyUsagePurpose::ClientAuth, "health");
+
+    let mut serve = tokenvault(dir)
+        .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
+        .args(["--data-dir", "data", "--master-key-file", "mk"])
+        .args([
+            "--tls-cert",
+            "tls.crt",
+            "--tls-key",
+            "tls.key",
+            "--client-ca",
+            "ca.crt",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stderr = serve.stderr.take().unwrap();
+    let _serve = Kill(serve);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            // Nested or flat JSON log lines alike.
+            for o in [&v["fields"], &v] {
+                if o["message"] == "serving" {
+                    if let Some(listen) = o["listen"].as_str() {
+                        let _ = tx.send(listen.to_owned());
+                    }
+                }
+            }
+        }
+    });
+    let listen: std::net::SocketAddr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("server did not report serving in time")
+        .parse()
+        .unwrap();
+
+    // The HEALTHCHECK's exec array, as written.
+    let dockerfile =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/Dockerfile"))
+            .unwrap();
+    let joined = dockerfile.replace("\\\n", " ");
+    let line = joined
+        .lines()
+        .find(|l| l.starts_with("HEALTHCHECK"))
+        .unwrap();
+    let argv: Vec<String> = serde_json::from_str(&line[line.find('[').unwrap()..]).unwrap();
+    assert_eq!(argv[0], "/usr/local/bin/tokenvault");
+    let argv: Vec<String> = argv[1..]
+        .iter()
+        .map(|a| a.replace(":50051", &format!(":{}", listen.port())))
+        .collect();
+    let image_env = |name: &str| {
+        let at = joined.find(&format!("{name}=")).unwrap() + name.len() + 1;
+        joined[at..].split_whitespace().next().unwrap().to_owned()
+    };
+    let ca_path = image_env("TOKENVAULT_TLS_CA");
+    assert_eq!(ca_path, "/etc/tokenvault/tls/ca.crt");
+    let check = |client_cert: bool| {
+        let mut cmd = tokenvault(dir);
+        cmd.args(&argv).env("TOKENVAULT_TLS_CA", dir.join("ca.crt"));
+        if client_cert {
+            cmd.env("TOKENVAULT_CLIENT_TLS_CERT", dir.join("health.crt"))
+                .env("TOKENVAULT_CLIENT_TLS_KEY", dir.join("health.key"));
+        }
+        cmd.output().unwrap()
+    };
+    // Without the client certificate the handshake is refused: the check fails, as it must.
+    let refused = check(false);
+    assert!(!refused.status.success(), "{:?}", text(&refused));
+    // With it, as documented: SERVING.
+    let out = ok(check(true));
+    assert_eq!(out.trim(), "SERVING");
 }
