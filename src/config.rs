@@ -486,7 +486,8 @@ impl Secrets {
     pub fn from_env() -> Secrets {
         let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
         Secrets {
-            master_key_env: set(crate::cli::common::MASTER_KEY_ENV),
+            // Read from where start-up moved it (it is no longer in the environment).
+            master_key_env: crate::cli::common::master_key_env_present(),
             api_key_env: set("TOKENVAULT_API_KEY"),
         }
     }

@@ -1,5 +1,6 @@
-//! Process hardening for the serving process: no core dumps (a core file would hold keys and
-//! PANs in clear) and, on request, memory locked so secrets are never swapped to disk.
+//! Process hardening for the serving process and every admin command: no core dumps (a core
+//! file would hold keys and PANs in clear) and, on request, memory locked so secrets are never
+//! swapped to disk.
 
 /// Sets RLIMIT_CORE to 0 and marks the process not dumpable (which also keeps other
 /// unprivileged processes from ptrace-attaching). Returns what could not be done.
@@ -27,6 +28,29 @@ pub fn disable_core_dumps() -> Vec<String> {
         }
     }
     problems
+}
+
+/// [`disable_core_dumps`] for a command that may hold a master key or card numbers (every
+/// command that opens the vault calls it before reading the key); problems are warnings.
+/// Idempotent.
+pub fn harden_process() {
+    for problem in disable_core_dumps() {
+        tracing::warn!(problem = %problem, "could not fully disable core dumps");
+    }
+}
+
+/// Whether the kernel would write a core file for this process or let an unprivileged
+/// process of the same user attach to it (`PR_GET_DUMPABLE`); None where unknown.
+pub fn dumpable() -> Option<bool> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: PR_GET_DUMPABLE takes no pointer arguments.
+        let r = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) };
+        if r >= 0 {
+            return Some(r != 0);
+        }
+    }
+    None
 }
 
 /// Locks current and future memory (`--mlock`). Fails without CAP_IPC_LOCK or a high enough

@@ -25,6 +25,8 @@ use crate::store::{
 use crate::token::{self, Token, TokenFormat};
 
 pub mod lifecycle;
+#[cfg(test)]
+mod row_format_tests;
 pub use lifecycle::{
     CheckReport, PurgeOptions, PurgeReport, RevokeReport, RewrapOptions, RewrapProgress,
     RewrapReport,
@@ -326,6 +328,16 @@ fn storage_params(cfg: &VaultConfig) -> OpenParams {
 impl Vault {
     /// Creates a new vault in `cfg.data_dir` (refuses if one exists).
     pub fn create(cfg: VaultConfig, master: &MasterKey) -> Result<Vault> {
+        Vault::create_as(cfg, master, false)
+    }
+
+    /// [`Vault::create`] for `serve --dev`, recorded in the vault: only such a vault may be
+    /// opened with the generated key file kept beside its data.
+    pub fn create_dev(cfg: VaultConfig, master: &MasterKey) -> Result<Vault> {
+        Vault::create_as(cfg, master, true)
+    }
+
+    fn create_as(cfg: VaultConfig, master: &MasterKey, dev: bool) -> Result<Vault> {
         create_private_dir(&cfg.data_dir)?;
         let vault_id = VaultId::generate();
         let (kwk, check) = master.derive(&vault_id);
@@ -336,13 +348,14 @@ impl Vault {
             wrapped_fingerprint_key: genesis.fingerprint_key,
             wrapped_audit_key: genesis.audit_key,
         };
-        sqlite::create_database(&cfg.data_dir, &header, &genesis.data_key)?;
+        sqlite::create_database(&cfg.data_dir, &header, &genesis.data_key, dev)?;
         tracing::info!(vault_id = %vault_id.to_hex(), "created vault");
         Vault::open(cfg, master)
     }
 
     /// Opens an existing vault; a wrong master key fails before anything is read or written.
     pub fn open(cfg: VaultConfig, master: &MasterKey) -> Result<Vault> {
+        refuse_writable_by_others(&cfg.data_dir)?;
         let header = sqlite::read_header(&cfg.data_dir)?;
         let vault_id = VaultId::from_slice(&header.vault_id)
             .ok_or_else(|| Error::Internal("vault id has the wrong length".into()))?;
@@ -479,14 +492,6 @@ impl Vault {
         let snapshot = self.inner.keyring.snapshot();
         let token = token::generate(req.format, &req.pan).into_string();
         let digits = req.pan.expose_digits().as_bytes();
-        let sealed = snapshot.active.seal(&token, digits);
-        // Scoped: a lookup can only ever find a token of the caller's own reuse scope.
-        let fingerprint = req.reuse_existing.then(|| {
-            self.inner
-                .keyring
-                .fingerprint_key()
-                .scoped_fingerprint(reuse_scope, digits)
-        });
         let meta = TokenMeta {
             format: req.format,
             brand: req.pan.brand(),
@@ -496,6 +501,15 @@ impl Vault {
             created_at: now_micros(),
             expires_at: req.expires_at,
         };
+        // The AAD binds the metadata too: an edited column fails authentication.
+        let sealed = snapshot.active.seal(&token, &meta.canonical(), digits);
+        // Scoped: a lookup can only ever find a token of the caller's own reuse scope.
+        let fingerprint = req.reuse_existing.then(|| {
+            self.inner
+                .keyring
+                .fingerprint_key()
+                .scoped_fingerprint(reuse_scope, digits)
+        });
         NewToken {
             token,
             sealed,
@@ -630,7 +644,18 @@ impl Vault {
                 row.key_version
             ))
         })?;
-        let digits = key.open(&row.token, &row.nonce, &row.ciphertext)?;
+        let digits = key.open(
+            row.row_format,
+            &row.token,
+            &row.bound_meta,
+            &row.nonce,
+            &row.ciphertext,
+        )?;
+        // The expiry just authenticated, checked again here rather than only in the
+        // lookup's SQL (a row's format can predate the binding; the clock moved on).
+        if row.meta.expires_at.is_some_and(|at| at <= now_micros()) {
+            return Err(Error::NotFound);
+        }
         let text = std::str::from_utf8(&digits)
             .map_err(|_| Error::DataLoss("decrypted value is not a card number".into()))?;
         let pan = crate::card::Pan::parse(text)
@@ -646,7 +671,9 @@ impl Vault {
             .lookup(vec![token.as_str().to_owned()], now_micros())
             .await?;
         let r = match rows.pop().flatten() {
-            Some(row) => Ok(token_info(&row.token, row.key_version, &row.meta)),
+            // Authenticated like a reveal (the PAN is dropped, wiped, at once): an edited
+            // row is DATA_LOSS here too, never a description of what the editor wrote.
+            Some(row) => self.reveal(row).await.map(|r| r.info),
             None => Err(Error::NotFound),
         };
         self.inner
@@ -1098,6 +1125,32 @@ fn validate_client_name(name: &str) -> Result<()> {
                 .into(),
         ))
     }
+}
+
+/// Refuses a data directory, or a database file in it, that group or others can write:
+/// whoever can write there can swap the database or its WAL under the vault.
+pub fn refuse_writable_by_others(data_dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for path in [data_dir.to_path_buf(), sqlite::db_path(data_dir)] {
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o022 != 0 {
+            let (what, fix) = if meta.is_dir() {
+                ("data directory", "700")
+            } else {
+                ("vault database", "600")
+            };
+            return Err(Error::FailedPrecondition(format!(
+                "{what} {} is writable by group or others (mode {mode:o}); refusing to use it. \
+                 Run chmod {fix} {}",
+                path.display(),
+                path.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Creates a data directory (and its parents) with owner-only access: it holds the only copy

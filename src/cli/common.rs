@@ -3,7 +3,9 @@
 //!
 //! The master key comes from `--master-key-file` / `TOKENVAULT_MASTER_KEY_FILE` or from the
 //! `TOKENVAULT_MASTER_KEY` environment variable (base64). There is deliberately no flag that
-//! carries the key itself: command lines are visible to every local user.
+//! carries the key itself: command lines are visible to every local user. The variable is
+//! moved into a zeroizing buffer and scrubbed from the environment at start-up
+//! ([`capture_master_key_env`]), and reading a key disables core dumps first.
 
 use std::path::{Path, PathBuf};
 
@@ -119,22 +121,84 @@ pub struct VaultArgs {
     pub master_key_file: Option<PathBuf>,
 }
 
+/// `TOKENVAULT_MASTER_KEY` as the process found it.
+enum EnvKey {
+    Absent,
+    NotUnicode,
+    Present(zeroize::Zeroizing<String>),
+}
+
+static ENV_KEY: std::sync::OnceLock<EnvKey> = std::sync::OnceLock::new();
+
+/// Moves `TOKENVAULT_MASTER_KEY` out of the environment into a zeroizing buffer: its bytes
+/// in the process's environment block (what `/proc/PID/environ` shows) are overwritten and
+/// the variable removed, so neither that file, a child process nor a later `getenv` sees the
+/// key. `cli::main` calls it first thing, while the process is still single-threaded.
+pub fn capture_master_key_env() {
+    env_master_key();
+}
+
+fn env_master_key() -> &'static EnvKey {
+    ENV_KEY.get_or_init(|| {
+        let Some(value) = std::env::var_os(MASTER_KEY_ENV) else {
+            return EnvKey::Absent;
+        };
+        scrub_env_value(MASTER_KEY_ENV);
+        std::env::remove_var(MASTER_KEY_ENV);
+        match value.into_string() {
+            Ok(text) => EnvKey::Present(zeroize::Zeroizing::new(text)),
+            Err(raw) => {
+                zeroize::Zeroize::zeroize(&mut raw.into_encoded_bytes());
+                EnvKey::NotUnicode
+            }
+        }
+    })
+}
+
+/// True when the process started with a non-empty `TOKENVAULT_MASTER_KEY` (captured and
+/// removed from the environment at start-up, so `std::env` no longer shows it).
+pub fn master_key_env_present() -> bool {
+    matches!(env_master_key(), EnvKey::Present(t) if !t.is_empty())
+        || matches!(env_master_key(), EnvKey::NotUnicode)
+}
+
+/// Overwrites the value of `name` in place in the environment block.
+fn scrub_env_value(name: &str) {
+    let Ok(cname) = std::ffi::CString::new(name) else {
+        return;
+    };
+    // SAFETY: getenv returns null or a pointer to the NUL-terminated value inside the
+    // environment block, which is writable process memory; strlen stays within it. Called
+    // before other threads exist (see `capture_master_key_env`).
+    unsafe {
+        let value = libc::getenv(cname.as_ptr());
+        if !value.is_null() {
+            let len = libc::strlen(value);
+            let bytes = std::slice::from_raw_parts_mut(value.cast::<u8>(), len);
+            zeroize::Zeroize::zeroize(bytes);
+        }
+    }
+}
+
 impl VaultArgs {
     /// True when a master key source was given (file option or environment).
     pub fn has_master_key_source(&self) -> bool {
-        self.master_key_file.is_some() || std::env::var_os(MASTER_KEY_ENV).is_some()
+        self.master_key_file.is_some() || !matches!(env_master_key(), EnvKey::Absent)
     }
 
+    /// Reads the master key. Disables core dumps first: every command that opens the vault
+    /// comes through here before a key is in memory.
     pub fn master_key(&self) -> Result<MasterKey, CliError> {
+        crate::hardening::harden_process();
         if let Some(path) = &self.master_key_file {
             return Ok(MasterKey::load_file(path)?);
         }
-        match std::env::var(MASTER_KEY_ENV) {
-            Ok(text) => Ok(MasterKey::from_base64(&text)?),
-            Err(std::env::VarError::NotUnicode(_)) => Err(CliError::MasterKey(format!(
+        match env_master_key() {
+            EnvKey::Present(text) => Ok(MasterKey::from_base64(text)?),
+            EnvKey::NotUnicode => Err(CliError::MasterKey(format!(
                 "{MASTER_KEY_ENV} is not valid base64"
             ))),
-            Err(std::env::VarError::NotPresent) => {
+            EnvKey::Absent => {
                 if let Some(path) = super::dev::dev_master_key(&self.data_dir) {
                     // Only a vault made by `serve --dev` has this; production vaults never
                     // fall back to a key stored beside the data.

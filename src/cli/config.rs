@@ -82,7 +82,7 @@ fn check_files(cfg: &Config, warnings: &mut Vec<String>) -> Result<(), CliError>
         // wiped) at once and never shown.
         crate::crypto::MasterKey::load_file(path)
             .map_err(|e| CliError::MasterKey(format!("storage.master_key_file: {e}")))?;
-    } else if std::env::var_os(crate::cli::common::MASTER_KEY_ENV).is_none() {
+    } else if !crate::cli::common::master_key_env_present() {
         warnings.push(
             "no master key source: set storage.master_key_file (or TOKENVAULT_MASTER_KEY_FILE, \
              --master-key-file) or TOKENVAULT_MASTER_KEY"

@@ -34,11 +34,12 @@ pub struct DevSetup {
     pub keys: Vec<(&'static str, Option<String>)>,
 }
 
-/// The generated key of a vault made by `serve --dev`: only when the dev credentials file
-/// beside it marks the directory as a development vault.
+/// The generated key of a vault made by `serve --dev`: only when the vault itself records
+/// that `serve --dev` created it. Files in the directory prove nothing: a production vault
+/// with a planted `master.key` and `dev-credentials` must still be given its key.
 pub fn dev_master_key(data_dir: &Path) -> Option<PathBuf> {
     let key = data_dir.join(MASTER_KEY_FILE);
-    (key.is_file() && data_dir.join(CREDENTIALS_FILE).is_file()).then_some(key)
+    (key.is_file() && crate::store::sqlite::is_dev_vault(data_dir).unwrap_or(false)).then_some(key)
 }
 
 /// `config` holds the vault settings (key policy, storage limit) for `args.data_dir`.
@@ -51,7 +52,15 @@ pub async fn prepare(args: &VaultArgs, config: VaultConfig) -> Result<(Vault, De
         (args.master_key()?, None)
     } else {
         let path = data_dir.join(MASTER_KEY_FILE);
-        if path.exists() {
+        if exists && !crate::store::sqlite::is_dev_vault(&data_dir).unwrap_or(false) {
+            return Err(CliError::MasterKey(format!(
+                "{} holds a vault that `serve --dev` did not create; pass its key with \
+                 --master-key-file (a key file beside the data is used only for development \
+                 vaults)",
+                data_dir.display()
+            )));
+        } else if path.exists() {
+            crate::hardening::harden_process();
             (MasterKey::load_file(&path)?, Some(path))
         } else if exists {
             return Err(CliError::MasterKey(format!(
@@ -68,7 +77,7 @@ pub async fn prepare(args: &VaultArgs, config: VaultConfig) -> Result<(Vault, De
     let vault = if exists {
         Vault::open(config, &master)?
     } else {
-        Vault::create(config, &master)?
+        Vault::create_dev(config, &master)?
     };
     match ensure_clients(&vault, &data_dir).await {
         Ok(keys) => Ok((

@@ -61,7 +61,9 @@ pub enum KeysCommand {
         json: bool,
     },
     /// Re-wrap every stored key under a new master key, in one transaction. Afterwards only
-    /// the new master key opens the vault: restart servers with it.
+    /// the new master key opens this database; the data keys themselves do not change, so
+    /// the old master key together with any older copy of the database (a backup) still
+    /// opens them and every card they seal. Reload servers with the new key (SIGHUP).
     RotateMaster {
         #[command(flatten)]
         vault: VaultArgs,
@@ -341,12 +343,25 @@ pub async fn run(cmd: KeysCommand) -> Result<(), CliError> {
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({"rotated": true, "data_keys_rewrapped": n})
+                    serde_json::json!({
+                        "rotated": true,
+                        "data_keys_rewrapped": n,
+                        "data_keys_changed": false,
+                        "old_master_with_old_backup_still_opens": true,
+                    })
                 );
             } else {
                 println!(
                     "master key rotated: {n} data keys and the fingerprint and audit keys are \
-                     re-wrapped; only the new master key opens this vault now, restart servers with it"
+                     re-wrapped under the new master key, which alone opens this database now; \
+                     send servers SIGHUP (or restart them) with it."
+                );
+                println!(
+                    "note: the data keys themselves did not change. The OLD master key together \
+                     with any older copy of this database (a backup, a snapshot) still opens \
+                     them and every card sealed under them, including cards stored later. \
+                     Destroy the old master key and those copies, or rotate the data keys \
+                     (`keys revoke` each version) if the old master key may be compromised."
                 );
             }
             Ok(())

@@ -96,6 +96,10 @@ pub enum Command {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
+    // Before anything else, while the process is single-threaded: no core dumps, and the
+    // master key moved out of the environment (see `common::env_master_key`).
+    let hardening = crate::hardening::disable_core_dumps();
+    common::capture_master_key_env();
     let cli = Cli::parse();
     // `serve` reads its configuration file before logging starts, for its [logging] section.
     let (level, format) = match logging_settings(&cli) {
@@ -108,6 +112,9 @@ pub fn main() -> ExitCode {
     if let Err(e) = init_tracing(level, format) {
         eprintln!("error: {e}");
         return ExitCode::from(e.exit_code());
+    }
+    for problem in hardening {
+        tracing::warn!(problem = %problem, "could not fully disable core dumps");
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

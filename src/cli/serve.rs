@@ -83,9 +83,7 @@ pub fn check_transport(addr: SocketAddr, tls: bool, dev: bool) -> Result<(), Cli
 
 /// Disables core dumps and, with `mlock`, locks memory; problems are warnings.
 fn harden(mlock: bool) {
-    for problem in crate::hardening::disable_core_dumps() {
-        tracing::warn!(problem = %problem, "could not fully disable core dumps");
-    }
+    crate::hardening::harden_process();
     if mlock {
         match crate::hardening::lock_memory() {
             Ok(()) => tracing::info!("process memory locked"),
@@ -215,7 +213,7 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
 fn master_key_path(args: &VaultArgs, dev: bool) -> Option<std::path::PathBuf> {
     match &args.master_key_file {
         Some(path) => Some(path.clone()),
-        None if dev && std::env::var_os(crate::cli::common::MASTER_KEY_ENV).is_none() => {
+        None if dev && !crate::cli::common::master_key_env_present() => {
             Some(args.data_dir.join(dev::MASTER_KEY_FILE))
         }
         None => None,

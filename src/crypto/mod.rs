@@ -4,7 +4,7 @@
 //! the vault id as salt and fixed versioned labels, a [`KeyWrappingKey`] and a [`KeyCheck`].
 //! Random [`SecretKey`]s (data, fingerprint, audit) are stored only wrapped under the
 //! key-wrapping key. A [`DataKey`] seals each PAN with AES-256-GCM, a fresh 96-bit nonce and
-//! AAD binding the ciphertext to its token and key version. Every decryption failure is the
+//! AAD binding the ciphertext to its token, key version and metadata (row format 2). Every decryption failure is the
 //! same opaque [`DecryptError`].
 //!
 //! # Key hierarchy
@@ -40,7 +40,8 @@
 //! | `tokenvault/v1/kwk`                | HKDF info          | 32-byte key-wrapping key                                     |
 //! | `tokenvault/v1/key-check`          | HKDF info          | 32-byte [`KeyCheck`]                                          |
 //! | `tokenvault/v1/wrap/`              | AES-GCM AAD prefix | `…wrap/` ‖ `data` ‖ version u32 BE, or `fingerprint`, or `audit` |
-//! | `tokenvault/v1/pan`                | AES-GCM AAD prefix | `…pan` ‖ version u32 BE ‖ token bytes                        |
+//! | `tokenvault/v1/pan`                | AES-GCM AAD prefix | `…pan` ‖ version u32 BE ‖ token bytes (row format 1)         |
+//! | `tokenvault/v2/pan`                | AES-GCM AAD prefix | `…pan` ‖ row format u32 BE ‖ version u32 BE ‖ len(token) u32 BE ‖ token ‖ canonical metadata (row format 2) |
 //! | `tokenvault/v1/fingerprint\0`      | HMAC input prefix  | label ‖ data                                                 |
 //! | `tokenvault/v1/audit\0`            | HMAC input prefix  | label ‖ len(prev) u32 BE ‖ prev MAC ‖ record                 |
 //! | `tokenvault/v1/api-key\0`          | SHA-256 prefix     | label ‖ secret                                               |
@@ -118,8 +119,20 @@ pub const LABEL_KWK: &[u8] = b"tokenvault/v1/kwk";
 pub const LABEL_KEY_CHECK: &[u8] = b"tokenvault/v1/key-check";
 /// AAD prefix for wrapped keys; the purpose encoding follows.
 pub const LABEL_WRAP: &[u8] = b"tokenvault/v1/wrap/";
-/// AAD prefix for sealed PANs; version (u32 BE) and token follow.
+/// AAD prefix for sealed PANs of row format 1; version (u32 BE) and token follow.
 pub const LABEL_PAN: &[u8] = b"tokenvault/v1/pan";
+/// AAD prefix for sealed PANs of row format 2 and later. The same length as [`LABEL_PAN`]
+/// and different from it, so no AAD of one format can be read as one of the other.
+pub const LABEL_PAN_ROW: &[u8] = b"tokenvault/v2/pan";
+
+/// Row format 1: the AAD binds the key version and the token (rows written before the
+/// metadata was bound; they keep opening, and `keys rewrap` upgrades them).
+pub const ROW_FORMAT_TOKEN_ONLY: u32 = 1;
+/// Row format 2: the AAD also binds the row's canonical metadata (format, brand, length,
+/// BIN, last four, creation and expiry time), so an edited column fails authentication.
+pub const ROW_FORMAT_BOUND_META: u32 = 2;
+/// The format every new seal uses.
+pub const ROW_FORMAT: u32 = ROW_FORMAT_BOUND_META;
 /// HMAC input prefix for PAN fingerprints.
 pub const LABEL_FINGERPRINT: &[u8] = b"tokenvault/v1/fingerprint\0";
 /// Label of the scoped reuse fingerprint (see [`FingerprintKey::scoped_fingerprint`]).
@@ -460,6 +473,22 @@ fn pan_aad(version: u32, token: &str) -> Aad {
     Aad::concat(&[LABEL_PAN, &version.to_be_bytes(), token.as_bytes()])
 }
 
+/// `tokenvault/v2/pan` || row format u32 BE || version u32 BE || len(token) u32 BE || token ||
+/// metadata. Fixed-width fields first and the token length-prefixed, so the metadata (the
+/// only other variable field, itself canonical and self-delimiting) cannot absorb token
+/// bytes or the other way round.
+fn pan_row_aad(version: u32, token: &str, meta: &[u8]) -> Aad {
+    let token_len = u32::try_from(token.len()).expect("token shorter than 4 GiB");
+    Aad::concat(&[
+        LABEL_PAN_ROW,
+        &ROW_FORMAT_BOUND_META.to_be_bytes(),
+        &version.to_be_bytes(),
+        &token_len.to_be_bytes(),
+        token.as_bytes(),
+        meta,
+    ])
+}
+
 /// AES-256-GCM seal with an explicit nonce: returns ciphertext || tag. Encrypts in place in a
 /// buffer sized for the tag, so the plaintext copy is overwritten and never reallocated.
 /// The public API always passes a fresh random nonce; tests pass the published vectors' ones.
@@ -622,21 +651,41 @@ impl DataKey {
     pub fn version(&self) -> u32 {
         self.version
     }
-    /// Fresh random nonce; AAD = `tokenvault/v1/pan` || version (big endian) || token.
-    pub fn seal(&self, token: &str, plaintext: &[u8]) -> Sealed {
+    /// Fresh random nonce; sealed in [`ROW_FORMAT`]: the AAD binds this version, the token
+    /// and the row's canonical metadata `meta` (see `store::TokenMeta::canonical`).
+    pub fn seal(&self, token: &str, meta: &[u8], plaintext: &[u8]) -> Sealed {
+        let nonce: [u8; NONCE_LEN] = random_bytes();
+        let aad = pan_row_aad(self.version, token, meta);
+        let ciphertext = gcm_seal(&self.cipher, &nonce, aad.as_bytes(), plaintext);
+        Sealed { nonce, ciphertext }
+    }
+
+    /// Opens a row sealed in `row_format` (what the row says; a row whose format column was
+    /// edited fails like any other alteration). Format 1 ignores `meta`; an unknown format
+    /// is a DecryptError.
+    pub fn open(
+        &self,
+        row_format: u32,
+        token: &str,
+        meta: &[u8],
+        nonce: &[u8],
+        ciphertext: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, DecryptError> {
+        let aad = match row_format {
+            ROW_FORMAT_TOKEN_ONLY => pan_aad(self.version, token),
+            ROW_FORMAT_BOUND_META => pan_row_aad(self.version, token, meta),
+            _ => return Err(DecryptError),
+        };
+        gcm_open(&self.cipher, nonce, aad.as_bytes(), ciphertext)
+    }
+
+    /// Seals as row format 1 did, for tests of rows written before the metadata was bound.
+    #[cfg(test)]
+    pub(crate) fn seal_token_only(&self, token: &str, plaintext: &[u8]) -> Sealed {
         let nonce: [u8; NONCE_LEN] = random_bytes();
         let aad = pan_aad(self.version, token);
         let ciphertext = gcm_seal(&self.cipher, &nonce, aad.as_bytes(), plaintext);
         Sealed { nonce, ciphertext }
-    }
-    pub fn open(
-        &self,
-        token: &str,
-        nonce: &[u8],
-        ciphertext: &[u8],
-    ) -> Result<Zeroizing<Vec<u8>>, DecryptError> {
-        let aad = pan_aad(self.version, token);
-        gcm_open(&self.cipher, nonce, aad.as_bytes(), ciphertext)
     }
 }
 

@@ -300,8 +300,65 @@ fn open_known_answer() {
     let data_key = DataKey::new(7, secret(seq32(0x60)));
     let nonce = h("d0d1d2d3d4d5d6d7d8d9dadb");
     let ciphertext = h("0135ec32256818bd892f2b7bebf974bb3b6e0ae4b5e5335329d29308260c864b");
-    let pan = data_key.open("tok_abc", &nonce, &ciphertext).unwrap();
-    assert_eq!(&pan[..], b"4111111111111111");
+    // Row format 1 (AAD = label || version || token): rows written before the metadata was
+    // bound keep opening, whatever metadata the row shows.
+    for meta in [&b""[..], META] {
+        let pan = data_key
+            .open(ROW_FORMAT_TOKEN_ONLY, "tok_abc", meta, &nonce, &ciphertext)
+            .unwrap();
+        assert_eq!(&pan[..], b"4111111111111111");
+    }
+    // Claiming another row format (an edited `row_format` column) fails.
+    for format in [0, ROW_FORMAT_BOUND_META, 3, u32::MAX] {
+        assert_eq!(
+            data_key.open(format, "tok_abc", b"", &nonce, &ciphertext),
+            Err(DecryptError),
+            "{format}"
+        );
+    }
+}
+
+#[test]
+fn metadata_is_bound_by_row_format_2() {
+    let key = DataKey::new(4, SecretKey::generate());
+    let meta = crate::store::canonical_meta(1, 2, 16, "411111", "1111", 1_000, Some(2_000));
+    let sealed = key.seal("tok_m", &meta, b"4111111111111111");
+    let open =
+        |format, meta: &[u8]| key.open(format, "tok_m", meta, &sealed.nonce, &sealed.ciphertext);
+    assert_eq!(&open(ROW_FORMAT, &meta).unwrap()[..], b"4111111111111111");
+    // Every field of the metadata, changed alone, fails; so does downgrading the format.
+    let edits = [
+        crate::store::canonical_meta(2, 2, 16, "411111", "1111", 1_000, Some(2_000)),
+        crate::store::canonical_meta(1, 3, 16, "411111", "1111", 1_000, Some(2_000)),
+        crate::store::canonical_meta(1, 2, 15, "411111", "1111", 1_000, Some(2_000)),
+        crate::store::canonical_meta(1, 2, 16, "411112", "1111", 1_000, Some(2_000)),
+        crate::store::canonical_meta(1, 2, 16, "411111", "1112", 1_000, Some(2_000)),
+        crate::store::canonical_meta(1, 2, 16, "41111", "11111", 1_000, Some(2_000)),
+        crate::store::canonical_meta(1, 2, 16, "411111", "1111", 1_001, Some(2_000)),
+        crate::store::canonical_meta(1, 2, 16, "411111", "1111", 1_000, Some(2_001)),
+        crate::store::canonical_meta(1, 2, 16, "411111", "1111", 1_000, None),
+        crate::store::canonical_meta(1, 2, 16, "411111", "1111", 1_000, Some(0)),
+    ];
+    for (i, edited) in edits.iter().enumerate() {
+        assert_ne!(edited, &meta);
+        assert_eq!(open(ROW_FORMAT, edited), Err(DecryptError), "edit {i}");
+    }
+    assert_eq!(open(ROW_FORMAT_TOKEN_ONLY, &meta), Err(DecryptError));
+    // And a format-1 seal does not open as format 2.
+    let legacy = key.seal_token_only("tok_m", b"4111111111111111");
+    assert!(key
+        .open(
+            ROW_FORMAT_TOKEN_ONLY,
+            "tok_m",
+            b"",
+            &legacy.nonce,
+            &legacy.ciphertext
+        )
+        .is_ok());
+    assert_eq!(
+        key.open(ROW_FORMAT, "tok_m", b"", &legacy.nonce, &legacy.ciphertext),
+        Err(DecryptError)
+    );
 }
 
 #[test]
@@ -341,23 +398,27 @@ fn api_key_hash_known_answer() {
 
 // ---- DataKey ---------------------------------------------------------------------------
 
+/// Canonical metadata of some row, for tests where its content does not matter.
+const META: &[u8] = b"\0\0\0\0\0\0\0\x01meta";
+
 #[test]
 fn seal_open_round_trip() {
     let key = DataKey::new(3, SecretKey::generate());
     assert_eq!(key.version(), 3);
     for pan in [&b""[..], b"4111111111111111", &[0xffu8; 1000][..]] {
-        let sealed = key.seal("tok_1", pan);
+        let sealed = key.seal("tok_1", META, pan);
         assert_eq!(sealed.ciphertext.len(), pan.len() + TAG_LEN);
         let opened = key
-            .open("tok_1", &sealed.nonce, &sealed.ciphertext)
+            .open(ROW_FORMAT, "tok_1", META, &sealed.nonce, &sealed.ciphertext)
             .unwrap();
         assert_eq!(&opened[..], pan);
     }
     // Long tokens take the heap AAD path.
     let token = "x".repeat(300);
-    let sealed = key.seal(&token, b"5500000000000004");
+    let sealed = key.seal(&token, META, b"5500000000000004");
     assert_eq!(
-        &key.open(&token, &sealed.nonce, &sealed.ciphertext).unwrap()[..],
+        &key.open(ROW_FORMAT, &token, META, &sealed.nonce, &sealed.ciphertext)
+            .unwrap()[..],
         b"5500000000000004"
     );
 }
@@ -365,8 +426,8 @@ fn seal_open_round_trip() {
 #[test]
 fn seal_uses_fresh_nonces() {
     let key = DataKey::new(1, SecretKey::generate());
-    let a = key.seal("t", b"4111111111111111");
-    let b = key.seal("t", b"4111111111111111");
+    let a = key.seal("t", META, b"4111111111111111");
+    let b = key.seal("t", META, b"4111111111111111");
     assert_ne!(a.nonce, b.nonce);
     assert_ne!(a.ciphertext, b.ciphertext);
 }
@@ -374,13 +435,13 @@ fn seal_uses_fresh_nonces() {
 #[test]
 fn flipping_any_byte_fails() {
     let key = DataKey::new(1, SecretKey::generate());
-    let sealed = key.seal("tok", b"4111111111111111");
+    let sealed = key.seal("tok", META, b"4111111111111111");
     for i in 0..sealed.ciphertext.len() {
         for bit in [0x01u8, 0x80] {
             let mut ct = sealed.ciphertext.clone();
             ct[i] ^= bit;
             assert_eq!(
-                key.open("tok", &sealed.nonce, &ct),
+                key.open(ROW_FORMAT, "tok", META, &sealed.nonce, &ct),
                 Err(DecryptError),
                 "byte {i}"
             );
@@ -390,7 +451,7 @@ fn flipping_any_byte_fails() {
         let mut nonce = sealed.nonce;
         nonce[i] ^= 1;
         assert_eq!(
-            key.open("tok", &nonce, &sealed.ciphertext),
+            key.open(ROW_FORMAT, "tok", META, &nonce, &sealed.ciphertext),
             Err(DecryptError)
         );
     }
@@ -399,25 +460,46 @@ fn flipping_any_byte_fails() {
 #[test]
 fn malformed_inputs_fail() {
     let key = DataKey::new(1, SecretKey::generate());
-    let sealed = key.seal("tok", b"4111111111111111");
+    let sealed = key.seal("tok", META, b"4111111111111111");
     let ct = &sealed.ciphertext;
-    assert_eq!(key.open("tok", &sealed.nonce[..11], ct), Err(DecryptError));
     assert_eq!(
-        key.open("tok", &[sealed.nonce.as_slice(), &[0]].concat(), ct),
-        Err(DecryptError)
-    );
-    assert_eq!(key.open("tok", &[], ct), Err(DecryptError));
-    assert_eq!(key.open("tok", &sealed.nonce, &[]), Err(DecryptError));
-    assert_eq!(
-        key.open("tok", &sealed.nonce, &ct[..TAG_LEN - 1]),
+        key.open(ROW_FORMAT, "tok", META, &sealed.nonce[..11], ct),
         Err(DecryptError)
     );
     assert_eq!(
-        key.open("tok", &sealed.nonce, &ct[..ct.len() - 1]),
+        key.open(
+            ROW_FORMAT,
+            "tok",
+            META,
+            &[sealed.nonce.as_slice(), &[0]].concat(),
+            ct
+        ),
         Err(DecryptError)
     );
     assert_eq!(
-        key.open("tok", &sealed.nonce, &[ct.as_slice(), &[0]].concat()),
+        key.open(ROW_FORMAT, "tok", META, &[], ct),
+        Err(DecryptError)
+    );
+    assert_eq!(
+        key.open(ROW_FORMAT, "tok", META, &sealed.nonce, &[]),
+        Err(DecryptError)
+    );
+    assert_eq!(
+        key.open(ROW_FORMAT, "tok", META, &sealed.nonce, &ct[..TAG_LEN - 1]),
+        Err(DecryptError)
+    );
+    assert_eq!(
+        key.open(ROW_FORMAT, "tok", META, &sealed.nonce, &ct[..ct.len() - 1]),
+        Err(DecryptError)
+    );
+    assert_eq!(
+        key.open(
+            ROW_FORMAT,
+            "tok",
+            META,
+            &sealed.nonce,
+            &[ct.as_slice(), &[0]].concat()
+        ),
         Err(DecryptError)
     );
 }
@@ -425,18 +507,24 @@ fn malformed_inputs_fail() {
 #[test]
 fn swapped_token_fails() {
     let key = DataKey::new(1, SecretKey::generate());
-    let a = key.seal("tok_a", b"4111111111111111");
-    let b = key.seal("tok_b", b"5500000000000004");
+    let a = key.seal("tok_a", META, b"4111111111111111");
+    let b = key.seal("tok_b", META, b"5500000000000004");
     assert_eq!(
-        key.open("tok_b", &a.nonce, &a.ciphertext),
+        key.open(ROW_FORMAT, "tok_b", META, &a.nonce, &a.ciphertext),
         Err(DecryptError)
     );
     assert_eq!(
-        key.open("tok_a", &b.nonce, &b.ciphertext),
+        key.open(ROW_FORMAT, "tok_a", META, &b.nonce, &b.ciphertext),
         Err(DecryptError)
     );
-    assert_eq!(key.open("tok_", &a.nonce, &a.ciphertext), Err(DecryptError));
-    assert_eq!(key.open("", &a.nonce, &a.ciphertext), Err(DecryptError));
+    assert_eq!(
+        key.open(ROW_FORMAT, "tok_", META, &a.nonce, &a.ciphertext),
+        Err(DecryptError)
+    );
+    assert_eq!(
+        key.open(ROW_FORMAT, "", META, &a.nonce, &a.ciphertext),
+        Err(DecryptError)
+    );
 }
 
 #[test]
@@ -445,14 +533,16 @@ fn other_version_or_key_fails() {
     let v1 = DataKey::new(1, secret(bytes));
     let v1_same_bytes_as_v2 = DataKey::new(2, secret(bytes));
     let other_key_v1 = DataKey::new(1, SecretKey::generate());
-    let sealed = v1.seal("tok", b"4111111111111111");
-    assert!(v1.open("tok", &sealed.nonce, &sealed.ciphertext).is_ok());
+    let sealed = v1.seal("tok", META, b"4111111111111111");
+    assert!(v1
+        .open(ROW_FORMAT, "tok", META, &sealed.nonce, &sealed.ciphertext)
+        .is_ok());
     assert_eq!(
-        v1_same_bytes_as_v2.open("tok", &sealed.nonce, &sealed.ciphertext),
+        v1_same_bytes_as_v2.open(ROW_FORMAT, "tok", META, &sealed.nonce, &sealed.ciphertext),
         Err(DecryptError)
     );
     assert_eq!(
-        other_key_v1.open("tok", &sealed.nonce, &sealed.ciphertext),
+        other_key_v1.open(ROW_FORMAT, "tok", META, &sealed.nonce, &sealed.ciphertext),
         Err(DecryptError)
     );
 }
@@ -461,11 +551,11 @@ proptest! {
     #[test]
     fn prop_seal_open(token in "\\PC{0,150}", pan in proptest::collection::vec(any::<u8>(), 0..64), version: u32) {
         let key = DataKey::new(version, secret(seq32(7)));
-        let sealed = key.seal(&token, &pan);
-        let opened = key.open(&token, &sealed.nonce, &sealed.ciphertext).unwrap();
+        let sealed = key.seal(&token, META, &pan);
+        let opened = key.open(ROW_FORMAT, &token, META, &sealed.nonce, &sealed.ciphertext).unwrap();
         prop_assert_eq!(&opened[..], &pan[..]);
         let other = format!("{token}x");
-        prop_assert_eq!(key.open(&other, &sealed.nonce, &sealed.ciphertext), Err(DecryptError));
+        prop_assert_eq!(key.open(ROW_FORMAT, &other, META, &sealed.nonce, &sealed.ciphertext), Err(DecryptError));
     }
 }
 

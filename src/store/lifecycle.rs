@@ -15,7 +15,8 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use super::sqlite::{
-    bump_generation, db_path, load_key_rows, rotate_in_tx, SqliteStore, BUSY_TIMEOUT, DB_FILE,
+    bump_generation, db_path, load_key_rows, mark_destroyed, rotate_in_tx, SqliteStore,
+    BUSY_TIMEOUT, DB_FILE,
 };
 use super::{migrations, StoreFuture};
 use crate::audit::AuditEntry;
@@ -72,6 +73,18 @@ pub struct SealedRow {
     pub key_version: u32,
     pub nonce: Vec<u8>,
     pub ciphertext: Vec<u8>,
+    /// `crypto::ROW_FORMAT_*` the row says it was sealed in.
+    pub row_format: u32,
+    /// `store::canonical_meta` of the stored columns, for the AAD.
+    pub bound_meta: Vec<u8>,
+}
+
+/// The columns [`sealed_row`] reads, in its order.
+macro_rules! sealed_cols {
+    () => {
+        "id, token, key_version, nonce, ciphertext, format, brand, pan_length, bin, last4, \
+         created_at, expires_at, row_format"
+    };
 }
 
 fn store_err<T>(r: rusqlite::Result<T>) -> Result<T> {
@@ -85,23 +98,24 @@ pub(super) fn rewrap_batch(
 ) -> StoreFuture<RewrapOutcome> {
     store.admin(move |tx, keyring, st| {
         // NOT INDEXED: walk the rowid range; the key_version index would sort every batch.
-        let mut select = tx.prepare_cached(
-            "SELECT id, token, key_version, nonce, ciphertext FROM tokens NOT INDEXED \
-             WHERE id > ?1 AND key_version < ?2 AND (?3 IS NULL OR key_version = ?3) \
-             AND ciphertext IS NOT NULL ORDER BY id LIMIT ?4",
-        )?;
+        // A full rewrap also upgrades rows of an older row format under the active version.
+        let mut select = tx.prepare_cached(concat!(
+            "SELECT ",
+            sealed_cols!(),
+            " FROM tokens NOT INDEXED WHERE id > ?1 AND ciphertext IS NOT NULL AND \
+             (CASE WHEN ?3 IS NULL THEN key_version < ?2 OR row_format < ?5 \
+             ELSE key_version = ?3 AND key_version < ?2 END) ORDER BY id LIMIT ?4"
+        ))?;
         let rows = select
             .query_map(
-                params![b.after_id, b.below, b.only_version, b.limit as i64],
-                |r| {
-                    Ok(SealedRow {
-                        id: r.get(0)?,
-                        token: r.get(1)?,
-                        key_version: r.get::<_, i64>(2)? as u32,
-                        nonce: r.get(3)?,
-                        ciphertext: r.get(4)?,
-                    })
-                },
+                params![
+                    b.after_id,
+                    b.below,
+                    b.only_version,
+                    b.limit as i64,
+                    crate::crypto::ROW_FORMAT
+                ],
+                sealed_row,
             )?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         let mut out = RewrapOutcome {
@@ -110,7 +124,8 @@ pub(super) fn rewrap_batch(
             ..Default::default()
         };
         let mut update = tx.prepare_cached(
-            "UPDATE tokens SET key_version = ?2, nonce = ?3, ciphertext = ?4 WHERE id = ?1",
+            "UPDATE tokens SET key_version = ?2, nonce = ?3, ciphertext = ?4, row_format = ?5 \
+             WHERE id = ?1",
         )?;
         let mut snapshot = keyring.snapshot();
         for row in &rows {
@@ -123,23 +138,35 @@ pub(super) fn rewrap_batch(
                 out.failed.push(row.token.clone());
                 continue;
             };
-            let Ok(plain) = old.open(&row.token, &row.nonce, &row.ciphertext) else {
+            let Ok(plain) = old.open(
+                row.row_format,
+                &row.token,
+                &row.bound_meta,
+                &row.nonce,
+                &row.ciphertext,
+            ) else {
                 out.failed.push(row.token.clone());
                 continue;
             };
-            // AAD = version || token: the new seal is bound to the same token, new version.
-            let sealed = snapshot.active.seal(&row.token, &plain);
+            // The new seal binds the same token and metadata, the new version, in the
+            // current row format (a format-1 row binds its metadata from here on).
+            let sealed = snapshot.active.seal(&row.token, &row.bound_meta, &plain);
             let version = snapshot.active.version();
             update.execute(params![
                 row.id,
                 version,
                 &sealed.nonce[..],
-                sealed.ciphertext
+                sealed.ciphertext,
+                crate::crypto::ROW_FORMAT
             ])?;
             st.active_count += 1;
             *st.counts.entry(version).or_insert(0) += 1;
             out.rewrapped += 1;
             out.active_version = version;
+        }
+        if out.rewrapped > 0 {
+            // The old ciphertexts were overwritten: truncate them out of the WAL too.
+            mark_destroyed(tx)?;
         }
         if out.rewrapped > 0 || !out.failed.is_empty() {
             st.audit.push(AuditEntry::new(
@@ -201,6 +228,7 @@ pub(super) fn retire_key(store: &SqliteStore, version: u32, caller: Caller) -> S
             "UPDATE data_keys SET state = 'retired', wrapped = x'' WHERE version = ?1",
             [version],
         )?;
+        mark_destroyed(tx)?;
         bump_generation(tx)?;
         st.audit.push(AuditEntry::new(
             &caller,
@@ -271,6 +299,8 @@ pub(super) fn rotate_master(
         ] {
             tx.execute("UPDATE meta SET value = ?2 WHERE key = ?1", params![k, v])?;
         }
+        // The keys wrapped under the old master are overwritten: out of the WAL with them.
+        mark_destroyed(tx)?;
         bump_generation(tx)?;
         st.audit.push(AuditEntry::new(
             &caller,
@@ -310,12 +340,15 @@ pub(super) fn rows_by_version(store: &SqliteStore) -> StoreFuture<Vec<(u32, u64)
 }
 
 fn sealed_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SealedRow> {
+    let (row_format, bound_meta) = super::sqlite::binding_from_row(r, 5)?;
     Ok(SealedRow {
         id: r.get(0)?,
         token: r.get(1)?,
         key_version: r.get::<_, i64>(2)? as u32,
         nonce: r.get(3)?,
         ciphertext: r.get(4)?,
+        row_format,
+        bound_meta,
     })
 }
 
@@ -325,10 +358,12 @@ pub(super) fn sealed_rows(
     limit: usize,
 ) -> StoreFuture<Vec<SealedRow>> {
     store.read(move |conn| {
-        let mut stmt = conn.prepare_cached(
-            "SELECT id, token, key_version, nonce, ciphertext FROM tokens NOT INDEXED \
-             WHERE id > ?1 AND ciphertext IS NOT NULL ORDER BY id LIMIT ?2",
-        )?;
+        let mut stmt = conn.prepare_cached(concat!(
+            "SELECT ",
+            sealed_cols!(),
+            " FROM tokens NOT INDEXED WHERE id > ?1 AND ciphertext IS NOT NULL \
+             ORDER BY id LIMIT ?2"
+        ))?;
         let rows = stmt.query_map(params![after_id, limit as i64], sealed_row)?;
         store_err(rows.collect())
     })
@@ -336,11 +371,13 @@ pub(super) fn sealed_rows(
 
 pub(super) fn sample_sealed_rows(store: &SqliteStore, n: usize) -> StoreFuture<Vec<SealedRow>> {
     store.read(move |conn| {
-        let mut stmt = conn.prepare_cached(
-            "SELECT id, token, key_version, nonce, ciphertext FROM tokens WHERE id IN \
+        let mut stmt = conn.prepare_cached(concat!(
+            "SELECT ",
+            sealed_cols!(),
+            " FROM tokens WHERE id IN \
              (SELECT id FROM tokens WHERE ciphertext IS NOT NULL ORDER BY random() LIMIT ?1) \
-             ORDER BY id",
-        )?;
+             ORDER BY id"
+        ))?;
         let rows = stmt.query_map([n as i64], sealed_row)?;
         store_err(rows.collect())
     })
@@ -390,6 +427,7 @@ pub(super) fn purge_batch(
             }
         }
         if !rows.is_empty() {
+            mark_destroyed(tx)?;
             st.audit.push(AuditEntry::new(
                 &caller,
                 "purge",

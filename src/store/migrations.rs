@@ -87,7 +87,13 @@ const MIGRATIONS: &[&str] = &[
     CREATE UNIQUE INDEX audit_signing_keys_one_active ON audit_signing_keys(state)
         WHERE state = 'active';
     "#,
-    // 4 (issue 11): `reuse_existing` is scoped to the creating principal or its reuse group,
+    // 4 (issue 11): row format of each sealed PAN (crypto::ROW_FORMAT_*). Rows written before it are
+    // format 1 (AAD binds key version and token); new rows are written as 2 (AAD binds the
+    // metadata columns too). `keys rewrap` upgrades format-1 rows.
+    r#"
+    ALTER TABLE tokens ADD COLUMN row_format INTEGER NOT NULL DEFAULT 1;
+    "#,
+    // 5 (issue 11): `reuse_existing` is scoped to the creating principal or its reuse group,
     // with a per-client lookup budget. Fingerprints are now keyed by scope; the unscoped ones
     // of earlier versions would let any client find any other's token, so they are dropped:
     // those tokens stay valid for detokenize, and the next `reuse_existing` call for such a

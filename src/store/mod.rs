@@ -53,6 +53,50 @@ pub struct TokenMeta {
     pub expires_at: Option<Micros>,
 }
 
+impl TokenMeta {
+    /// The canonical bytes the ciphertext's AAD binds (row format 2).
+    pub fn canonical(&self) -> Vec<u8> {
+        canonical_meta(
+            self.format.code(),
+            self.brand.code(),
+            i64::from(self.pan_length),
+            &self.bin,
+            &self.last4,
+            self.created_at,
+            self.expires_at,
+        )
+    }
+}
+
+/// Canonical encoding of a row's metadata, from the stored column values as they are (so an
+/// out-of-range code is bound as itself, never normalised into a valid one): format i64 BE ‖
+/// brand i64 BE ‖ pan_length i64 BE ‖ len(bin) u32 BE ‖ bin ‖ len(last4) u32 BE ‖ last4 ‖
+/// created_at i64 BE ‖ expiry flag u8 (0 none, 1 some) ‖ expires_at i64 BE (0 when none).
+/// Fixed-width fields and length prefixes: no two rows share an encoding.
+pub fn canonical_meta(
+    format: i64,
+    brand: i64,
+    pan_length: i64,
+    bin: &str,
+    last4: &str,
+    created_at: i64,
+    expires_at: Option<i64>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 * 5 + 4 * 2 + 1 + bin.len() + last4.len());
+    out.extend_from_slice(&format.to_be_bytes());
+    out.extend_from_slice(&brand.to_be_bytes());
+    out.extend_from_slice(&pan_length.to_be_bytes());
+    for text in [bin, last4] {
+        let len = u32::try_from(text.len()).unwrap_or(u32::MAX);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(text.as_bytes());
+    }
+    out.extend_from_slice(&created_at.to_be_bytes());
+    out.push(u8::from(expires_at.is_some()));
+    out.extend_from_slice(&expires_at.unwrap_or(0).to_be_bytes());
+    out
+}
+
 /// A live token as the writer stored or found it.
 #[derive(Clone, Debug)]
 pub struct StoredToken {
@@ -70,6 +114,10 @@ pub struct TokenRow {
     pub nonce: Vec<u8>,
     pub ciphertext: Vec<u8>,
     pub meta: TokenMeta,
+    /// `crypto::ROW_FORMAT_*` the row says it was sealed in.
+    pub row_format: u32,
+    /// [`canonical_meta`] of the stored columns, for the AAD.
+    pub bound_meta: Vec<u8>,
 }
 
 /// A principal as stored, with its API key hash.

@@ -6,6 +6,11 @@
 //! caller is answered only after the `COMMIT` of the group holding its write returned. A
 //! failed commit fails every request of its group and acknowledges none.
 //!
+//! Destruction: every connection runs with `secure_delete=ON`, and a commit that destroys
+//! data bumps `destroy_seq` in `meta`; the checkpointer of every process with the vault open
+//! then truncates the WAL (and opening a vault truncates it too), so destroyed ciphertexts
+//! leave every file of the data directory within a few checkpoint ticks.
+//!
 //! Other processes (the admin CLI) may change keys and clients while a server runs. Such
 //! changes bump the `generation` counter in `meta`, which a running vault polls to reload
 //! clients and keys. The writer itself reads the active key version at the start of each
@@ -82,8 +87,53 @@ fn duplicate(e: &Error) -> Error {
     }
 }
 
+/// `secure_delete=ON`, read back: SQLite then overwrites deleted cells and freed pages with
+/// zeros, so a destroyed ciphertext does not linger in the free space of a page. It is a
+/// per-connection setting, so every connection the store opens goes through here.
+pub(super) fn enable_secure_delete(conn: &Connection) -> Result<()> {
+    let on: i64 = conn.query_row("PRAGMA secure_delete = ON", [], |r| r.get(0))?;
+    if on != 1 {
+        return Err(Error::Unavailable(format!(
+            "could not enable secure_delete (got {on})"
+        )));
+    }
+    Ok(())
+}
+
+/// Counts a commit that destroyed data (a ciphertext, a wrapped key), in the same
+/// transaction. Every process with the vault open watches the counter and truncates the WAL
+/// once it moved, so the old bytes leave the WAL too ([`SqliteStore::start_prober`]).
+pub(super) fn mark_destroyed(tx: &Transaction<'_>) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO meta(key, value) VALUES ('destroy_seq', 1) \
+         ON CONFLICT(key) DO UPDATE SET value = value + 1",
+    )?
+    .execute([])?;
+    Ok(())
+}
+
+fn read_destroy_seq(conn: &Connection) -> Result<i64> {
+    Ok(conn
+        .prepare_cached("SELECT value FROM meta WHERE key = 'destroy_seq'")?
+        .query_row([], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0))
+}
+
+/// `wal_checkpoint(TRUNCATE)`: copies every frame back and truncates the WAL to zero bytes.
+/// True when it completed; false when a reader or writer (of any process) kept it from
+/// finishing within the connection's busy timeout.
+pub(super) fn checkpoint_truncate(conn: &Connection) -> Result<bool> {
+    let (busy, log, done): (i64, i64, i64) =
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?;
+    Ok(busy == 0 && log <= 0 && done <= 0)
+}
+
 pub(super) fn set_pragmas(conn: &Connection, max_storage_bytes: Option<u64>) -> Result<()> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    enable_secure_delete(conn)?;
     let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(Error::Unavailable(format!(
@@ -122,6 +172,7 @@ pub fn read_header(data_dir: &Path) -> Result<VaultHeader> {
     )
     .map_err(|e| Error::Unavailable(format!("cannot open {}: {e}", path.display())))?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    enable_secure_delete(&conn)?;
     let version = migrations::check_not_newer(&conn)?;
     if version < 1 {
         return Err(Error::FailedPrecondition(format!(
@@ -144,11 +195,28 @@ pub fn read_header(data_dir: &Path) -> Result<VaultHeader> {
     })
 }
 
+/// True when `serve --dev` created the vault in `data_dir` (recorded in its `meta` at
+/// creation); false for every other vault, whatever files sit beside it.
+pub fn is_dev_vault(data_dir: &Path) -> Result<bool> {
+    let conn = Connection::open_with_flags(db_path(data_dir), OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let dev: Option<i64> = conn
+        .query_row("SELECT value FROM meta WHERE key = 'dev_vault'", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    Ok(dev == Some(1))
+}
+
 /// Creates the database of a new vault with its header and first data key.
+///
+/// `dev` records that `serve --dev` created it: only such a vault may be opened with the
+/// generated key file beside its data ([`is_dev_vault`]).
 pub fn create_database(
     data_dir: &Path,
     header: &VaultHeader,
     wrapped_data_key: &[u8],
+    dev: bool,
 ) -> Result<()> {
     let path = db_path(data_dir);
     if path.exists() {
@@ -189,6 +257,9 @@ pub fn create_database(
         "INSERT INTO meta(key, value) VALUES ('created_at', ?1)",
         [now],
     )?;
+    if dev {
+        tx.execute("INSERT INTO meta(key, value) VALUES ('dev_vault', 1)", [])?;
+    }
     tx.execute(
         "INSERT INTO data_keys(version, wrapped, state, created_at) VALUES (1, ?1, 'active', ?2)",
         params![wrapped_data_key, now],
@@ -254,6 +325,27 @@ fn meta_from_row(r: &rusqlite::Row<'_>, base: usize) -> rusqlite::Result<TokenMe
     })
 }
 
+/// Row format and [`super::canonical_meta`] of a row, from the raw values of the metadata
+/// columns at `base` (in [`meta_cols!`] order) followed by `row_format`.
+pub(super) fn binding_from_row(
+    r: &rusqlite::Row<'_>,
+    base: usize,
+) -> rusqlite::Result<(u32, Vec<u8>)> {
+    let bin: String = r.get(base + 3)?;
+    let last4: String = r.get(base + 4)?;
+    let meta = super::canonical_meta(
+        r.get(base)?,
+        r.get(base + 1)?,
+        r.get(base + 2)?,
+        &bin,
+        &last4,
+        r.get(base + 5)?,
+        r.get(base + 6)?,
+    );
+    let format = u32::try_from(r.get::<_, i64>(base + 7)?).unwrap_or(u32::MAX);
+    Ok((format, meta))
+}
+
 /// The metadata columns, as a macro so statements are `&'static str` (no per-row formatting).
 macro_rules! meta_cols {
     () => {
@@ -270,12 +362,13 @@ const SQL_REUSE: &str = concat!(
 const SQL_INSERT_TOKEN: &str = concat!(
     "INSERT INTO tokens(token, key_version, nonce, ciphertext, fingerprint, ",
     meta_cols!(),
-    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) ON CONFLICT(token) DO NOTHING"
+    ", row_format) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
+     ON CONFLICT(token) DO NOTHING"
 );
 const SQL_LOOKUP: &str = concat!(
     "SELECT token, key_version, nonce, ciphertext, ",
     meta_cols!(),
-    " FROM tokens WHERE token = ?1 AND deleted_at IS NULL AND ciphertext IS NOT NULL \
+    ", row_format FROM tokens WHERE token = ?1 AND deleted_at IS NULL AND ciphertext IS NOT NULL \
      AND (expires_at IS NULL OR expires_at > ?2)"
 );
 
@@ -542,6 +635,9 @@ impl Writer {
                         )?
                         .execute(params![token, now_micros()])?
                         > 0;
+                    if deleted {
+                        mark_destroyed(&tx)?;
+                    }
                     let outcome = if deleted { "OK" } else { "NOT_FOUND" };
                     st.audit.push(AuditEntry::new(&caller, "delete", &token, outcome, ""));
                     Outcome::Delete(deleted)
@@ -971,9 +1067,11 @@ fn insert_token(
         }
         if item.key_version != st.active_version {
             let snapshot = keyring.snapshot();
-            item.sealed = snapshot
-                .active
-                .seal(&item.token, item.pan.expose_digits().as_bytes());
+            item.sealed = snapshot.active.seal(
+                &item.token,
+                &item.meta.canonical(),
+                item.pan.expose_digits().as_bytes(),
+            );
             item.key_version = snapshot.active.version();
         }
         // Never seal under a version that is not the active one.
@@ -994,6 +1092,7 @@ fn insert_token(
             m.last4,
             m.created_at,
             m.expires_at,
+            crate::crypto::ROW_FORMAT,
         ])?;
         // A sealed PAN counts against its version even if the row lost a token collision:
         // the nonce was drawn.
@@ -1010,9 +1109,11 @@ fn insert_token(
         // Collision: draw again; the AAD binds the token, so re-seal too.
         item.token = token::generate(m.format, &item.pan).into_string();
         let snapshot = keyring.snapshot();
-        item.sealed = snapshot
-            .active
-            .seal(&item.token, item.pan.expose_digits().as_bytes());
+        item.sealed = snapshot.active.seal(
+            &item.token,
+            &item.meta.canonical(),
+            item.pan.expose_digits().as_bytes(),
+        );
         item.key_version = snapshot.active.version();
     }
     Ok(Err(Error::ResourceExhausted(format!(
@@ -1042,6 +1143,7 @@ impl ReadPool {
                 OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )?;
             conn.busy_timeout(BUSY_TIMEOUT)?;
+            enable_secure_delete(&conn)?;
             conn.pragma_update(None, "query_only", true)?;
             conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
             // Every commit of the writer invalidates a reader's page cache, and clearing a
@@ -1103,6 +1205,43 @@ impl ReadPool {
 }
 
 // ---------------------------------------------------------------------------------------
+// The checkpointer
+
+/// How often the prober checkpoints.
+const PROBE_TICK: Duration = Duration::from_millis(100);
+/// How long one checkpoint waits for readers and the writer; short, because a TRUNCATE
+/// checkpoint holds off new writers while it waits.
+const CHECKPOINT_BUSY_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// One checkpoint: TRUNCATE while the destroy counter is ahead of the last truncation (or
+/// none happened yet), PASSIVE otherwise. Returns the counter value truncated at.
+fn checkpoint_tick(conn: &Connection, truncated_at: Option<i64>) -> Option<i64> {
+    let seq = match read_destroy_seq(conn) {
+        Ok(seq) => seq,
+        Err(e) => {
+            tracing::debug!(error = %e, "reading the destroy counter");
+            return truncated_at;
+        }
+    };
+    if truncated_at == Some(seq) {
+        // PASSIVE never blocks the writer or readers; the writer restarts the WAL from its
+        // start once everything in it has been copied back.
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::debug!(error = %e, "checkpoint");
+        }
+        return truncated_at;
+    }
+    match checkpoint_truncate(conn) {
+        Ok(true) => Some(seq),
+        Ok(false) => truncated_at,
+        Err(e) => {
+            tracing::debug!(error = %e, "truncating checkpoint");
+            truncated_at
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // The store
 
 pub struct SqliteStore {
@@ -1148,6 +1287,14 @@ impl SqliteStore {
         };
         migrations::migrate(&mut conn)?;
         prepare_audit(&mut conn, &keyring)?;
+        // A process killed after a destroying commit and before its WAL was truncated left
+        // the old bytes in the WAL: truncate before serving (briefly, as another process may
+        // be busy with the vault; then the prober keeps trying).
+        conn.busy_timeout(Duration::from_millis(200))?;
+        if !checkpoint_truncate(&conn)? {
+            tracing::debug!("WAL not truncated at open; the checkpointer retries");
+        }
+        conn.busy_timeout(p.busy_timeout)?;
         let reads = ReadPool::start(&path, p.read_connections)?;
         let healthy = Arc::new(AtomicBool::new(true));
         let (tx, rx) = mpsc::channel(p.writer_queue.max(1));
@@ -1179,6 +1326,10 @@ impl SqliteStore {
     ///
     /// The same thread checkpoints the WAL into the database file. The writer's automatic
     /// checkpoint is off, so the fsyncs of a checkpoint never sit in a commit's latency.
+    /// Normally it checkpoints PASSIVE (never blocks anyone). Once a commit of any process
+    /// destroyed data (the `destroy_seq` counter moved, see [`mark_destroyed`]), it runs
+    /// `wal_checkpoint(TRUNCATE)` every tick until one completes: the destroyed bytes are
+    /// then gone from the WAL, and `secure_delete` has zeroed them in the database file.
     fn start_prober(&self, path: &Path) {
         let Some(tx) = self.sender() else { return };
         let stop = self.stop_probe.clone();
@@ -1186,25 +1337,26 @@ impl SqliteStore {
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
+        .map_err(Error::from)
         .and_then(|c| {
-            c.busy_timeout(Duration::from_millis(50))?;
+            c.busy_timeout(CHECKPOINT_BUSY_TIMEOUT)?;
             c.pragma_update(None, "synchronous", "FULL")?;
+            enable_secure_delete(&c)?;
             Ok(c)
         });
+        if let Err(e) = &checkpointer {
+            tracing::error!(error = %e, "cannot open the checkpointer connection");
+        }
         let handle = std::thread::Builder::new()
             .name("tokenvault-probe".into())
             .spawn(move || {
                 let mut last = Instant::now();
+                // None: truncate once at start too, whatever the counter says.
+                let mut truncated_at: Option<i64> = None;
                 while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(100));
+                    std::thread::sleep(PROBE_TICK);
                     if let Ok(c) = &checkpointer {
-                        // PASSIVE never blocks the writer or readers; the writer restarts the
-                        // WAL from its start once everything in it has been copied back.
-                        if let Err(e) =
-                            c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-                        {
-                            tracing::debug!(error = %e, "checkpoint");
-                        }
+                        truncated_at = checkpoint_tick(c, truncated_at);
                     }
                     if last.elapsed() >= Duration::from_secs(1) {
                         last = Instant::now();
@@ -1213,6 +1365,11 @@ impl SqliteStore {
                             break;
                         }
                     }
+                }
+                // Last chance for this process's own destroying commits (a CLI exits
+                // right after them); another process with the vault open carries on.
+                if let Ok(c) = &checkpointer {
+                    checkpoint_tick(c, truncated_at);
                 }
             });
         if let Ok(h) = handle {
@@ -1297,6 +1454,7 @@ pub fn query_clients(conn: &Connection) -> Result<Vec<ClientRow>> {
 pub fn initial_clients(data_dir: &Path) -> Result<Vec<ClientRow>> {
     let conn = Connection::open_with_flags(db_path(data_dir), OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    enable_secure_delete(&conn)?;
     query_clients(&conn)
 }
 
@@ -1304,6 +1462,7 @@ pub fn initial_clients(data_dir: &Path) -> Result<Vec<ClientRow>> {
 pub fn initial_key_rows(data_dir: &Path) -> Result<Vec<KeyRow>> {
     let conn = Connection::open_with_flags(db_path(data_dir), OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    enable_secure_delete(&conn)?;
     load_key_rows(&conn)
 }
 
@@ -1327,12 +1486,15 @@ impl Storage for SqliteStore {
             for t in &tokens {
                 let row = stmt
                     .query_row(params![t, now], |r| {
+                        let (row_format, bound_meta) = binding_from_row(r, 4)?;
                         Ok(TokenRow {
                             token: r.get(0)?,
                             key_version: r.get::<_, i64>(1)? as u32,
                             nonce: r.get(2)?,
                             ciphertext: r.get(3)?,
                             meta: meta_from_row(r, 4)?,
+                            row_format,
+                            bound_meta,
                         })
                     })
                     .optional()?;

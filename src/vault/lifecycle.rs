@@ -248,8 +248,9 @@ impl Vault {
     }
 
     /// Re-wraps every stored key under the new master key in one transaction. Afterwards
-    /// only `new` opens the vault. Close this vault afterwards: it holds the old master's
-    /// wrapping key and will refuse to create key versions.
+    /// only `new` opens this database; the data keys are unchanged, so the old master and an
+    /// older copy of the database still open them. Close this vault afterwards: it holds the
+    /// old master's wrapping key and will refuse to create key versions.
     pub async fn rotate_master(&self, caller: &Caller, new: &MasterKey) -> Result<u32> {
         let id = self.inner.store.vault_id().await?;
         let id = VaultId::from_slice(&id)
@@ -295,7 +296,16 @@ impl Vault {
                 report.checked += 1;
                 let ok = snapshot
                     .get(row.key_version)
-                    .and_then(|key| key.open(&row.token, &row.nonce, &row.ciphertext).ok())
+                    .and_then(|key| {
+                        key.open(
+                            row.row_format,
+                            &row.token,
+                            &row.bound_meta,
+                            &row.nonce,
+                            &row.ciphertext,
+                        )
+                        .ok()
+                    })
                     .is_some_and(|digits| {
                         std::str::from_utf8(&digits)
                             .is_ok_and(|t| crate::card::Pan::parse(t).is_ok())
