@@ -409,3 +409,42 @@ fn dockerfile_healthcheck_works_with_mutual_tls_as_documented() {
     let out = ok(check(true));
     assert_eq!(out.trim(), "SERVING");
 }
+
+/// `tokenize` on a terminal (a pty from util-linux `script`): rpassword prompts, the card
+/// number typed is not echoed, and it is read (the command goes on to dial the server).
+#[test]
+fn tokenize_on_a_terminal_reads_the_card_without_echo() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let pan = "4111111111111111";
+    // Port 9 (discard) on loopback: nothing listens, the dial fails fast after the read.
+    let cmd = format!("{BIN} tokenize --addr http://127.0.0.1:9 --api-key tvk_test");
+    let Ok(mut child) = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .current_dir(tmp.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        eprintln!("no `script` here: not checked");
+        return;
+    };
+    // Typed after the prompt is up (echo is off by then), as a person would.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(format!("{pan}\n").as_bytes()).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        screen.contains("Card number (input hidden): "),
+        "{screen:?}"
+    );
+    assert!(screen.contains("cannot reach the server"), "{screen:?}");
+    assert!(
+        !screen.contains(pan),
+        "the card number was echoed: {screen:?}"
+    );
+}
