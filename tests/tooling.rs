@@ -71,6 +71,39 @@ fn every_duration_flag_takes_the_same_grammar() {
     let bad = admin(dir, &["purge", "--deleted", "--older-than", "2 fortnights"]);
     assert_eq!(bad.status.code(), Some(2), "{:?}", text(&bad));
 
+    // `tokenize --expires-in` took bare seconds only: the duration is parsed (the command
+    // goes on to dial the server), a bad one is a usage error.
+    let tokenize = |expires: &str| {
+        let mut child = tokenvault(dir)
+            .args([
+                "tokenize",
+                "--addr",
+                "http://127.0.0.1:9",
+                "--api-key",
+                "tvk_x",
+            ])
+            .args(["--expires-in", expires])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        let _ = child.stdin.take().unwrap().write_all(b"4111111111111111\n");
+        child.wait_with_output().unwrap()
+    };
+    for good in ["30d", "2w", "3600"] {
+        let out = tokenize(good);
+        assert!(
+            text(&out).1.contains("cannot reach the server"),
+            "{good}: {:?}",
+            text(&out)
+        );
+    }
+    for bad in ["1.5s", "2 fortnights", "200years"] {
+        assert_eq!(tokenize(bad).status.code(), Some(2), "{bad}");
+    }
+
     // `--request-timeout 1.5s` was refused while `bench -d 1.5s` worked.
     let check = |args: &[&str]| {
         ok(tokenvault(dir)

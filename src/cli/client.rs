@@ -103,8 +103,8 @@ pub struct TokenizeArgs {
     /// Return the existing live token for this card and format instead of a new one.
     #[arg(long)]
     pub reuse_existing: bool,
-    /// Make the token expire this many seconds from now.
-    #[arg(long, value_name = "SECONDS")]
+    /// Make the token expire this long from now: seconds, or e.g. 90m, 30d, 2w.
+    #[arg(long, value_name = "DURATION", value_parser = parse_expires_in)]
     pub expires_in: Option<u32>,
     /// Print the full response as JSON.
     #[arg(long)]
@@ -295,6 +295,16 @@ async fn connect(args: &ConnectArgs) -> Result<Client, CliError> {
     }
     let auth = BearerAuth::new(key).map_err(|e| CliError::Usage(e.into()))?;
     Ok(with_auth(channel(&args.addr, &args.tls).await?, auth))
+}
+
+/// `--expires-in`: the one duration grammar ([`crate::config::parse_timeout`]), in whole
+/// seconds.
+fn parse_expires_in(text: &str) -> Result<u32, String> {
+    let d = crate::config::parse_timeout(text)?;
+    if d.subsec_nanos() != 0 {
+        return Err(format!("{text:?}: whole seconds only"));
+    }
+    u32::try_from(d.as_secs()).map_err(|_| format!("{text:?}: at most {} seconds", u32::MAX))
 }
 
 /// One card number from standard input, in a buffer that is wiped on drop. Refuses more
