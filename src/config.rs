@@ -151,8 +151,12 @@ pub struct LimitsSection {
     /// Requests in flight on one connection; 0 means no limit.
     pub max_concurrent_per_connection: usize,
     /// Largest size of the vault database in bytes (SQLite `max_page_count`); unset means
-    /// unlimited. Beyond it tokenize answers RESOURCE_EXHAUSTED.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// unlimited. Beyond it tokenize answers RESOURCE_EXHAUSTED. An integer or e.g. `"10GiB"`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "optional_byte_size"
+    )]
     pub max_storage_bytes: Option<u64>,
 }
 
@@ -533,40 +537,35 @@ fn listen_host_port(listen: &str) -> Option<(String, u16)> {
     (!host.is_empty() && !host.contains(char::is_whitespace)).then(|| (host.to_owned(), port))
 }
 
-/// Parses `90d`, `12h`, `30m`, `45s`, `500ms`, `2w` (one number and one unit).
+/// The one duration grammar of every flag and configuration key: humantime's, e.g. `90d`,
+/// `12h`, `30m`, `45s`, `500ms`, `2w`, `1.5s`, `1h 30m`. A unit is required, so a bare `90`
+/// in a file is never silently read as seconds when days were meant.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("{t:?}: missing unit (ms, s, m, h, d or w)"))?;
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{t:?}: expected a number followed by a unit, e.g. 90d"))?;
-    let secs = |mul: u64| {
-        n.checked_mul(mul)
-            .map(Duration::from_secs)
-            .ok_or_else(|| format!("{t:?}: too large"))
-    };
-    match unit.trim() {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => secs(1),
-        "m" => secs(60),
-        "h" => secs(3600),
-        "d" => secs(86_400),
-        "w" => secs(7 * 86_400),
-        u => Err(format!(
-            "{t:?}: unknown unit {u:?} (use ms, s, m, h, d or w)"
-        )),
-    }
+    humantime::parse_duration(t).map_err(|e| {
+        format!("{t:?}: {e}; expected a duration such as 90d, 12h, 30m, 1.5s or 500ms")
+    })
 }
 
-/// A bare number of seconds (as `serve --request-timeout`) or a duration with a unit.
+/// A bare number of seconds (`30`, `1.5`, as the flags have always taken) or a duration
+/// with a unit ([`parse_duration`]).
 pub fn parse_timeout(text: &str) -> Result<Duration, String> {
-    match text.trim().parse::<u64>() {
-        Ok(secs) => Ok(Duration::from_secs(secs)),
-        Err(_) => parse_duration(text),
+    let t = text.trim();
+    let bare = !t.is_empty() && t.chars().all(|c| c.is_ascii_digit() || c == '.');
+    if bare {
+        // Still humantime's grammar (and range checks), just with the unit spelled out.
+        return parse_duration(&format!("{t}s"));
     }
+    parse_duration(t)
+}
+
+/// A byte size: a raw integer (`10737418240`) or a number with a unit (`10GiB`, `512 MiB`,
+/// `1.5GB`; binary units are powers of 1024, decimal ones of 1000), parsed by bytesize.
+pub fn parse_byte_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    t.parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("{t:?}: {e}; expected bytes such as 10737418240, 10GiB or 512MiB"))
 }
 
 /// `never` (or `off`) or a duration.
@@ -601,6 +600,35 @@ mod duration_text {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;
         parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `max_storage_bytes` and friends: an integer or a string with a unit in the file; written
+/// back as the integer so `config check` output stays a valid file for older builds.
+mod optional_byte_size {
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(u64),
+        Text(String),
+    }
+
+    pub fn serialize<S: Serializer>(b: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match b {
+            Some(b) => s.serialize_u64(*b),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(Some(n)),
+            Raw::Text(t) => parse_byte_size(&t)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+        }
     }
 }
 
@@ -690,8 +718,8 @@ pub struct ConfigArgs {
     /// [file: limits.request_timeout].
     #[arg(long, env = "TOKENVAULT_REQUEST_TIMEOUT", value_name = "DURATION", value_parser = parse_timeout)]
     pub request_timeout: Option<Duration>,
-    /// Largest database size in bytes [file: limits.max_storage_bytes].
-    #[arg(long, env = "TOKENVAULT_MAX_STORAGE_BYTES", value_name = "BYTES")]
+    /// Largest database size: bytes, or e.g. 10GiB, 512MiB [file: limits.max_storage_bytes].
+    #[arg(long, env = "TOKENVAULT_MAX_STORAGE_BYTES", value_name = "BYTES", value_parser = parse_byte_size)]
     pub max_storage_bytes: Option<u64>,
     /// Encryptions per data-key version before rotation [file: key_rotation.max_encryptions].
     #[arg(long, env = "TOKENVAULT_KEY_MAX_ENCRYPTIONS", value_name = "N")]
@@ -872,8 +900,10 @@ mod tests {
 
     #[test]
     fn bad_values_are_errors_that_name_the_key() {
-        let err = Config::from_toml("[key_rotation]\nmax_age = \"90 days\"").unwrap_err();
+        let err = Config::from_toml("[key_rotation]\nmax_age = \"90 dayz\"").unwrap_err();
         assert!(err.contains("max_age"), "{err}");
+        let err = Config::from_toml("[limits]\nmax_storage_bytes = \"huge\"").unwrap_err();
+        assert!(err.contains("max_storage_bytes"), "{err}");
         let err = Config::from_toml("[limits]\nmax_batch_items = \"many\"").unwrap_err();
         assert!(err.contains("max_batch_items"), "{err}");
         let err = Config::from_toml("[metrics]\nlisten = \"nowhere\"").unwrap_err();
@@ -984,23 +1014,61 @@ mod tests {
             parse_duration(" 2w ").unwrap(),
             Duration::from_secs(14 * 86_400)
         );
+        // One grammar (humantime's) for every flag and key: fractions and compounds too.
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
         for bad in [
             "",
             "d",
             "90",
-            "1.5h",
             "-1s",
-            "5 years",
+            "1.5.2s",
+            "5 parsecs",
             "99999999999999999999d",
         ] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+        assert_eq!(parse_timeout("1.5").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_timeout("1.5s").unwrap(), Duration::from_millis(1500));
+        assert!(parse_timeout(".").is_err());
         assert_eq!(parse_optional_duration("never").unwrap(), None);
         assert_eq!(parse_timeout("30").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_timeout("250ms").unwrap(), Duration::from_millis(250));
         for d in ["90d", "36h", "30s", "1500ms", "2w", "90m"] {
             assert_eq!(format_duration(parse_duration(d).unwrap()), d);
         }
+    }
+
+    #[test]
+    fn byte_sizes_with_units_and_raw_integers() {
+        for (text, bytes) in [
+            ("10737418240", 10u64 << 30),
+            ("10GiB", 10 << 30),
+            ("10 GiB", 10 << 30),
+            ("512MiB", 512 << 20),
+            ("2GB", 2_000_000_000),
+        ] {
+            assert_eq!(parse_byte_size(text).unwrap(), bytes, "{text}");
+        }
+        for bad in ["", "ten", "10 parsecs", "-1GiB"] {
+            assert!(parse_byte_size(bad).is_err(), "{bad}");
+        }
+        let file = |v: &str| Config::from_toml(&format!("[limits]\nmax_storage_bytes = {v}"));
+        for v in ["10737418240", "\"10GiB\"", "\"10737418240\""] {
+            assert_eq!(
+                file(v).unwrap().limits.max_storage_bytes,
+                Some(10 << 30),
+                "{v}"
+            );
+        }
+        assert!(file("\"lots\"").is_err());
+        // Units still meet the floor.
+        let small = file("\"1KiB\"").unwrap();
+        assert!(small.validate().is_err());
+        // Written back as the integer: the rendered file reads the same everywhere.
+        let text = file("\"10GiB\"").unwrap().render(&Secrets::default());
+        assert!(text.contains("max_storage_bytes = 10737418240"), "{text}");
     }
 
     #[test]

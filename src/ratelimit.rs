@@ -3,6 +3,18 @@
 //! that does not fit the remaining budget is refused whole (RESOURCE_EXHAUSTED, audited by
 //! the caller) and takes nothing, and a request larger than the bucket itself (one second's
 //! worth) can never pass, however long the client waits.
+//!
+//! Why not the `governor` crate (issue 18 asked): its `check_n` does admit a batch all or
+//! nothing, and refuses one larger than the burst for ever (`InsufficientCapacity`), so that
+//! part would carry over. What it cannot do is the rate being an argument of each call: a
+//! governor limiter has one fixed `Quota` (a keyed limiter, one for all keys), while here
+//! every principal has its own rate (or the server default), passed in with each request from
+//! the principal table a running server keeps re-reading, so it can change at run time.
+//! With governor that means a limiter per
+//! (principal, rate) rebuilt on every change, and a rebuilt limiter starts full: lowering or
+//! raising a rate would hand a principal a fresh burst on top of what it just spent. This
+//! bucket keeps its level across a rate change (`a_rate_change_keeps_the_spent_budget`),
+//! in ~20 lines.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -139,6 +151,21 @@ mod tests {
         assert!(!rl.try_take("p", None, 41));
         assert!(rl.try_take("p", None, 40));
         assert!(!rl.try_take("p", None, 1));
+    }
+
+    #[test]
+    fn a_rate_change_keeps_the_spent_budget() {
+        let rl = RateLimiter::new(None);
+        let slow = Some(Rate { per_second: 10.0 });
+        let fast = Some(Rate { per_second: 20.0 });
+        assert!(rl.try_take("p", slow, 10));
+        assert!(!rl.try_take("p", slow, 1));
+        // The rate is raised at run time: the new capacity fills at the new rate, it is not
+        // handed out at once (a rebuilt governor limiter would admit 20 here).
+        assert!(!rl.try_take("p", fast, 10));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(rl.try_take("p", fast, 5));
+        assert!(!rl.try_take("p", fast, 10));
     }
 
     #[test]

@@ -491,14 +491,25 @@ async fn prefill(
             Ok::<_, BenchError>(tokens)
         }));
     }
+    // A bar on a terminal (indicatif), a plain line a second otherwise.
+    let bar = (cfg.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .then(|| crate::cli::common::progress_bar("prefill", "tokens"));
+    if let Some(bar) = &bar {
+        bar.set_length(n as u64);
+    }
     let reporter = cfg.progress.then(|| {
         let done = done.clone();
+        let bar = bar.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.tick().await;
             loop {
                 tick.tick().await;
                 let d = done.load(Ordering::Relaxed);
+                if let Some(bar) = &bar {
+                    bar.set_position(d);
+                    continue;
+                }
                 eprintln!(
                     "[prefill {:>4.0}s] {}/{} tokens ({:.0}/s)",
                     started.elapsed().as_secs_f64(),
@@ -520,6 +531,10 @@ async fn prefill(
     }
     if let Some(r) = reporter {
         r.abort();
+    }
+    if let Some(bar) = bar {
+        bar.set_position(tokens.len() as u64);
+        crate::cli::common::finish_bar(&bar);
     }
     match failure {
         Some(e) => Err(e),
@@ -882,8 +897,11 @@ pub async fn run(cfg: BenchConfig) -> Result<BenchReport, BenchError> {
             Err(e) => return Err(BenchError::Failed(format!("a load task failed: {e}"))),
         }
     }
-    if let Some(p) = progress {
-        p.abort();
+    if let Some((task, bar)) = progress {
+        task.abort();
+        if let Some(bar) = bar {
+            crate::cli::common::finish_bar(&bar);
+        }
     }
     if let Some(s) = stopper {
         s.abort();
@@ -973,13 +991,35 @@ fn build_report(
     }
 }
 
+/// Progress of the run: an indicatif bar on a terminal (over the requests, or over the
+/// warm-up and measured time), a plain line a second otherwise (no escape codes in logs).
 fn spawn_progress(
     shared: Arc<Shared>,
     started: Instant,
     batch: bool,
     batch_size: usize,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
+) -> (JoinHandle<()>, Option<indicatif::ProgressBar>) {
+    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        let bar = crate::cli::common::progress_bar("bench", "requests");
+        match (shared.limit, shared.deadline) {
+            (Some(n), _) => bar.set_length(n),
+            // Time mode: the bar counts milliseconds of the run.
+            (None, Some(d)) => {
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "bench [{elapsed_precise}] {wide_bar} {percent}% of the run, {msg}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                bar.set_length(d.duration_since(started).as_millis() as u64)
+            }
+            (None, None) => {}
+        }
+        bar
+    });
+    let task_bar = bar.clone();
+    let task = tokio::spawn(async move {
+        let bar = task_bar;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.tick().await;
         let (mut last_done, mut last_at) = (0u64, Instant::now());
@@ -1002,15 +1042,28 @@ fn spawn_progress(
             } else {
                 String::new()
             };
+            let failed = group(shared.failed.load(Ordering::Relaxed));
+            if let Some(bar) = &bar {
+                match shared.limit {
+                    Some(_) => bar.set_position(done),
+                    None => bar.set_position(now.duration_since(started).as_millis() as u64),
+                }
+                bar.set_message(format!(
+                    "{phase}: {} ops/s{pans}, {} done, {failed} failed",
+                    group(rate.round() as u64),
+                    group(done)
+                ));
+                continue;
+            }
             eprintln!(
-                "[{:>5.1}s {phase}] {} ops/s{pans}, {} done, {} failed",
+                "[{:>5.1}s {phase}] {} ops/s{pans}, {} done, {failed} failed",
                 now.duration_since(started).as_secs_f64(),
                 group(rate.round() as u64),
                 group(done),
-                group(shared.failed.load(Ordering::Relaxed)),
             );
         }
-    })
+    });
+    (task, bar)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::Subcommand;
 
-use super::common::{CliError, VaultArgs};
+use super::common::{print_table, CliError, VaultArgs};
 use crate::audit::{self, AuditRecord, CheckpointLines, TrailReport, TrailVerifier, Verification};
 use crate::crypto::AuditPublicKey;
 use crate::vault::{now_micros, Caller, Vault};
@@ -152,23 +152,38 @@ pub async fn run(cmd: AuditCommand) -> Result<(), CliError> {
             let result = tail(&vault, lines).await;
             vault.close().await;
             let records = result?;
-            for r in records {
-                println!(
-                    "{:>8}  {}  {:<12} {:<20} {:<18} {:<20} {}{}",
-                    r.seq,
-                    r.time_rfc3339(),
-                    r.action,
-                    r.principal,
-                    r.outcome,
-                    r.peer,
-                    r.subject,
-                    if r.reason.is_empty() {
-                        String::new()
-                    } else {
-                        format!("  reason={:?}", r.reason)
-                    }
-                );
-            }
+            let rows: Vec<Vec<String>> = records
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.seq.to_string(),
+                        r.time_rfc3339(),
+                        r.action.to_string(),
+                        r.principal.to_string(),
+                        r.outcome.to_string(),
+                        r.peer.to_string(),
+                        r.subject.to_string(),
+                        if r.reason.is_empty() {
+                            String::new()
+                        } else {
+                            format!("{:?}", r.reason)
+                        },
+                    ]
+                })
+                .collect();
+            print_table(
+                &[
+                    "SEQ",
+                    "TIME",
+                    "ACTION",
+                    "PRINCIPAL",
+                    "OUTCOME",
+                    "PEER",
+                    "SUBJECT",
+                    "REASON",
+                ],
+                &rows,
+            );
             Ok(())
         }
         AuditCommand::PublicKey { vault, all, json } => {

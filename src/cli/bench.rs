@@ -132,24 +132,10 @@ pub struct BenchArgs {
     pub quiet: bool,
 }
 
-/// `10s`, `500ms`, `2m`, `1.5s`, or plain seconds.
+/// `10s`, `500ms`, `2m`, `1.5s`, or plain seconds: the one duration grammar
+/// ([`crate::config::parse_timeout`]).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
-        Some(i) => (&s[..i], s[i..].trim()),
-        None => (s, "s"),
-    };
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("`{s}`: expected a duration such as 10s, 500ms or 2m"))?;
-    let secs = match unit {
-        "ms" => value / 1000.0,
-        "s" => value,
-        "m" | "min" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use ms, s, m or h)")),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}`: out of range"))
+    crate::config::parse_timeout(s)
 }
 
 impl BenchArgs {
@@ -244,6 +230,9 @@ mod tests {
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
         assert!(parse_duration("ten").is_err());
-        assert!(parse_duration("3d").is_err());
+        assert_eq!(
+            parse_duration("3d").unwrap(),
+            Duration::from_secs(3 * 86_400)
+        );
     }
 }

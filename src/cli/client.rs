@@ -4,7 +4,7 @@
 //! `tokenize` reads the card number from standard input, never from the command line (which
 //! other local users can see and shells keep in history); on a terminal it is not echoed.
 
-use std::io::{BufRead, Read};
+use std::io::Read;
 
 use clap::{Args, ValueEnum};
 use zeroize::Zeroizing;
@@ -103,8 +103,8 @@ pub struct TokenizeArgs {
     /// Return the existing live token for this card and format instead of a new one.
     #[arg(long)]
     pub reuse_existing: bool,
-    /// Make the token expire this many seconds from now.
-    #[arg(long, value_name = "SECONDS")]
+    /// Make the token expire this long from now: seconds, or e.g. 90m, 30d, 2w.
+    #[arg(long, value_name = "DURATION", value_parser = parse_expires_in)]
     pub expires_in: Option<u32>,
     /// Print the full response as JSON.
     #[arg(long)]
@@ -297,6 +297,16 @@ async fn connect(args: &ConnectArgs) -> Result<Client, CliError> {
     Ok(with_auth(channel(&args.addr, &args.tls).await?, auth))
 }
 
+/// `--expires-in`: the one duration grammar ([`crate::config::parse_timeout`]), in whole
+/// seconds.
+fn parse_expires_in(text: &str) -> Result<u32, String> {
+    let d = crate::config::parse_timeout(text)?;
+    if d.subsec_nanos() != 0 {
+        return Err(format!("{text:?}: whole seconds only"));
+    }
+    u32::try_from(d.as_secs()).map_err(|_| format!("{text:?}: at most {} seconds", u32::MAX))
+}
+
 /// One card number from standard input, in a buffer that is wiped on drop. Refuses more
 /// than one line so a file of cards is not silently cut to its first.
 fn read_pan() -> Result<Zeroizing<String>, CliError> {
@@ -305,11 +315,17 @@ fn read_pan() -> Result<Zeroizing<String>, CliError> {
     // Capacity reserved up front so the buffer never reallocates (leaving unwiped copies).
     let mut text = Zeroizing::new(String::with_capacity(LIMIT + 1));
     let read = if std::io::IsTerminal::is_terminal(&stdin) {
-        eprint!("Card number (input hidden): ");
-        let _echo = EchoOff::stdin();
-        let r = stdin.lock().take(LIMIT as u64).read_line(&mut text);
-        eprintln!();
-        r
+        // rpassword prompts on the terminal with echo off and restores it afterwards, also
+        // on error; its line is wiped as soon as it is copied.
+        rpassword::prompt_password("Card number (input hidden): ").map(|line| {
+            let line = Zeroizing::new(line);
+            let mut end = line.len().min(LIMIT);
+            while !line.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.push_str(&line[..end]);
+            end
+        })
     } else {
         stdin.lock().take(LIMIT as u64).read_to_string(&mut text)
     };
@@ -328,48 +344,6 @@ fn read_pan() -> Result<Zeroizing<String>, CliError> {
     let mut pan = Zeroizing::new(String::with_capacity(first.len()));
     pan.push_str(first);
     Ok(pan)
-}
-
-/// Turns terminal echo off for as long as it lives.
-struct EchoOff {
-    #[cfg(unix)]
-    saved: Option<libc::termios>,
-}
-
-impl EchoOff {
-    fn stdin() -> EchoOff {
-        #[cfg(unix)]
-        {
-            // SAFETY: termios is plain data; tcgetattr/tcsetattr only read and write it and
-            // the terminal settings of fd 0.
-            unsafe {
-                let mut t: libc::termios = std::mem::zeroed();
-                if libc::tcgetattr(libc::STDIN_FILENO, &mut t) != 0 {
-                    return EchoOff { saved: None };
-                }
-                let saved = t;
-                t.c_lflag &= !libc::ECHO;
-                if libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &t) != 0 {
-                    return EchoOff { saved: None };
-                }
-                EchoOff { saved: Some(saved) }
-            }
-        }
-        #[cfg(not(unix))]
-        EchoOff {}
-    }
-}
-
-impl Drop for EchoOff {
-    fn drop(&mut self) {
-        #[cfg(unix)]
-        if let Some(saved) = &self.saved {
-            // SAFETY: restores the settings read in `stdin()`.
-            unsafe {
-                libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, saved);
-            }
-        }
-    }
 }
 
 fn brand_name(value: i32) -> String {

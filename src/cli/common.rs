@@ -269,29 +269,61 @@ pub fn format_time(micros: Micros) -> String {
 
 /// Prints rows as left-aligned columns under `header`.
 pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
+    println!("{}", render_table(header, rows));
+}
+
+/// `header` and `rows` as plain, borderless columns (comfy-table): two spaces between
+/// columns, no trailing spaces, no line-wrapping, so `awk`/`cut` keep working on it.
+pub fn render_table(header: &[&str], rows: &[Vec<String>]) -> String {
+    use comfy_table::{presets, CellAlignment, ContentArrangement, Table};
+    let mut table = Table::new();
+    table
+        .load_preset(presets::NOTHING)
+        .remove_style(comfy_table::TableComponent::HeaderLines)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(header.iter().copied())
+        .add_rows(rows.iter().cloned());
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 2));
+        column.set_cell_alignment(CellAlignment::Left);
     }
-    let line = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        println!("{}", padded.join("  ").trim_end());
-    };
-    line(header.to_vec());
-    for row in rows {
-        line(row.iter().map(String::as_str).collect());
-    }
+    table.trim_fmt()
+}
+
+/// A terminal progress bar on standard error: `what [=====>   ] done/total unit ...`.
+pub fn progress_bar(what: &str, unit: &str) -> indicatif::ProgressBar {
+    let template = format!(
+        "{what} [{{elapsed_precise}}] {{wide_bar}} {{human_pos}}/{{human_len}} {unit} ({{percent}}%), {{per_sec}}, ETA {{eta}}, {{msg}}"
+    );
+    let style = indicatif::ProgressStyle::with_template(&template)
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr())
+        .with_style(style)
+}
+
+/// Leaves a finished bar on screen and ends its line, so what follows starts on its own.
+pub fn finish_bar(bar: &indicatif::ProgressBar) {
+    bar.finish();
+    eprintln!();
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tables_align_columns_under_the_header() {
+        let rows = vec![
+            vec!["1".to_owned(), "active".to_owned(), "x".to_owned()],
+            vec!["12".to_owned(), "decrypt-only".to_owned(), String::new()],
+        ];
+        let text = render_table(&["VERSION", "STATE", "NOTE"], &rows);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines[0], "VERSION  STATE         NOTE", "{text}");
+        assert_eq!(lines[1], "1        active        x", "{text}");
+        assert_eq!(lines[2], "12       decrypt-only", "{text}");
+    }
 
     #[test]
     fn exit_codes_are_distinct_by_kind() {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::Subcommand;
 
-use super::common::{format_time, print_table, CliError, VaultArgs};
+use super::common::{format_time, print_table, progress_bar, CliError, VaultArgs};
 use crate::crypto::MasterKey;
 use crate::vault::lifecycle::DEFAULT_BATCH;
 use crate::vault::{now_micros, Caller, KeyState, RewrapOptions, RewrapProgress};
@@ -121,17 +121,19 @@ impl StopsBetweenBatches {
     }
 }
 
-/// Progress on standard error: a rewritten line on a terminal, a line per ~second otherwise.
+/// Progress on standard error: an indicatif bar on a terminal, a plain line per ~second
+/// otherwise (no carriage returns or escape codes in log files).
 pub struct ProgressPrinter {
-    tty: bool,
+    bar: Option<indicatif::ProgressBar>,
     quiet: bool,
     last: Option<Instant>,
 }
 
 impl ProgressPrinter {
     pub fn new(quiet: bool) -> ProgressPrinter {
+        let tty = std::io::stderr().is_terminal();
         ProgressPrinter {
-            tty: std::io::stderr().is_terminal(),
+            bar: (tty && !quiet).then(|| progress_bar("rewrap", "rows")),
             quiet,
             last: None,
         }
@@ -141,10 +143,16 @@ impl ProgressPrinter {
         if self.quiet {
             return;
         }
+        if let Some(bar) = &self.bar {
+            bar.set_length(p.total);
+            bar.set_position(p.done);
+            bar.set_message(format!("{} failed", p.failed));
+            return;
+        }
         let due = self
             .last
             .map_or(true, |t| t.elapsed() >= Duration::from_secs(1));
-        if !self.tty && !due && p.done < p.total {
+        if !due && p.done < p.total {
             return;
         }
         self.last = Some(Instant::now());
@@ -159,20 +167,15 @@ impl ProgressPrinter {
         } else {
             100.0
         };
-        let line = format!(
+        eprintln!(
             "rewrap: {}/{} rows ({pct:.1}%), {rate:.0} rows/s, ETA {eta}, {} failed",
             p.done, p.total, p.failed
         );
-        if self.tty {
-            eprint!("\r{line}\x1b[K");
-        } else {
-            eprintln!("{line}");
-        }
     }
 
     pub fn finish(&self) {
-        if self.tty && !self.quiet && self.last.is_some() {
-            eprintln!();
+        if let Some(bar) = &self.bar {
+            super::common::finish_bar(bar);
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod check;
 pub mod client;
 pub mod clients;
 pub mod common;
+pub mod completions;
 pub mod config;
 pub mod dev;
 pub mod init;
@@ -26,7 +27,7 @@ use common::{exit, CliError};
 #[derive(Parser)]
 #[command(
     name = "tokenvault",
-    version,
+    version = crate::VERSION,
     about = "Tokenization vault for payment card numbers"
 )]
 pub struct Cli {
@@ -87,6 +88,10 @@ pub enum Command {
     Purge(purge::PurgeArgs),
     /// Load-test a server (or one started in-process) and report throughput and latency.
     Bench(bench::BenchArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(completions::CompletionsArgs),
+    /// Print the man page, or write one per subcommand with --out-dir.
+    Man(completions::ManArgs),
 }
 
 /// Entry point of the binary.
@@ -179,6 +184,8 @@ pub async fn run(command: Command) -> Result<(), CliError> {
         Command::Backup(args) => backup::backup(args).await,
         Command::Restore(args) => backup::restore(args).await,
         Command::Purge(args) => purge::run(args).await,
+        Command::Completions(args) => completions::completions(args),
+        Command::Man(args) => completions::man(args),
     }
 }
 

@@ -21,8 +21,8 @@ pub struct PurgeArgs {
     /// Remove expired tokens (by default only those expired more than 24 hours ago).
     #[arg(long)]
     pub expired: bool,
-    /// Only rows deleted or expired at least this long ago, e.g. `30d`, `12h`, `90m`, `45s`
-    /// (at most 36500d).
+    /// Only rows deleted or expired at least this long ago, e.g. `2w`, `30d`, `12h`, `90m`,
+    /// `45s` (at most 36500d).
     #[arg(long, value_name = "D", value_parser = parse_duration)]
     pub older_than: Option<Duration>,
     /// Rows per transaction.
@@ -41,26 +41,12 @@ pub struct PurgeArgs {
 /// Longest accepted `--older-than`: a century. Anything longer is a typo, not a policy.
 pub const MAX_DURATION: Duration = Duration::from_secs(36_500 * 86_400);
 
-/// `<n>[s|m|h|d]`; a bare number is seconds. At most [`MAX_DURATION`].
+/// The one duration grammar ([`crate::config::parse_timeout`], humantime's; a bare number is
+/// seconds), at most [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((i, _)) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration like 30d or 12h"))?;
-    let secs = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(format!("unknown unit `{unit}`: use s, m, h or d")),
-    };
-    match n.checked_mul(secs).map(Duration::from_secs) {
-        Some(d) if d <= MAX_DURATION => Ok(d),
-        _ => Err(format!("`{s}` is longer than 36500d (100 years)")),
+    match crate::config::parse_timeout(s)? {
+        d if d <= MAX_DURATION => Ok(d),
+        _ => Err(format!("`{}` is longer than 36500d (100 years)", s.trim())),
     }
 }
 
@@ -162,12 +148,18 @@ mod tests {
             Duration::from_secs(12 * 3600)
         );
         assert_eq!(parse_duration("45").unwrap(), Duration::from_secs(45));
-        assert!(parse_duration("3w").is_err());
+        // Weeks and fractions, as every other duration flag takes them.
+        assert_eq!(
+            parse_duration("2w").unwrap(),
+            Duration::from_secs(14 * 86_400)
+        );
+        assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
         assert!(parse_duration("d").is_err());
         // 999999999d once wrapped the cut-off into the future and purged live tokens.
         assert!(parse_duration("999999999d").is_err());
         assert!(parse_duration("18446744073709551615d").is_err());
         assert!(parse_duration("36500d").is_ok());
         assert!(parse_duration("36501d").is_err());
+        assert!(parse_duration("2 fortnights").is_err());
     }
 }

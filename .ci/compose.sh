@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# deploy/docker-compose.yml must work with both compose implementations: Debian's
+# docker-compose 1.29 (`config -q` parses and validates it with that version's own rules) and
+# the Compose Specification (today's `docker compose`), validated against the spec's JSON
+# schema vendored as .ci/compose-spec.json (compose-spec/compose-spec, schema/, Apache-2.0).
+# Installs Debian's docker-compose (which brings python3-jsonschema and python3-yaml) when
+# it is missing; needs no Docker daemon.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+file=deploy/docker-compose.yml
+
+if ! command -v docker-compose >/dev/null 2>&1; then
+  echo "--- installing Debian's docker-compose (apt)"
+  if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "error: docker-compose 1.29 is required (apt-get install docker-compose)" >&2
+    exit 1
+  fi
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null
+fi
+echo "--- $(docker-compose version --short 2>/dev/null || echo docker-compose) config -q"
+docker-compose -p tokenvault -f "$file" config -q
+echo "docker-compose: $file valid"
+
+echo "--- Compose Specification schema"
+python3 - "$file" .ci/compose-spec.json <<'PY'
+import json
+import sys
+
+import jsonschema
+import yaml
+
+with open(sys.argv[1]) as f:
+    doc = yaml.safe_load(f)
+with open(sys.argv[2]) as f:
+    schema = json.load(f)
+errors = sorted(
+    jsonschema.Draft7Validator(schema).iter_errors(doc), key=lambda e: list(e.path)
+)
+for e in errors:
+    print(f"{sys.argv[1]}: {'/'.join(map(str, e.path)) or '<root>'}: {e.message}", file=sys.stderr)
+if errors:
+    sys.exit(1)
+print(f"compose spec: {sys.argv[1]} valid")
+PY
