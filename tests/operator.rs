@@ -928,3 +928,70 @@ async fn ctrl_z_on_a_rewrap_does_not_stop_the_vault() {
         eprintln!("rewrap finished before it could be stopped");
     }
 }
+
+/// `reuse_existing` and the reveal judge expiry by the vault's time, like the lookup does: a
+/// token the vault calls expired is never handed out again, and one it calls live reveals.
+#[tokio::test]
+async fn reuse_and_reveal_judge_expiry_by_vault_time() {
+    let minute = 60_000_000i64;
+    // Clock ahead of the system clock: the token expired by vault time is not reused.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::stepped();
+    let c = clock.clone();
+    let (vault, _data, _key) = new_vault_with(dir.path(), move |cfg| cfg.clock = c);
+    let reusing = |expires_at| TokenizeRequest {
+        reuse_existing: true,
+        ..req(7, expires_at)
+    };
+    let first = vault
+        .tokenize(&caller(), reusing(Some(vault.now() + 30 * minute)))
+        .await
+        .unwrap();
+    clock.set_step(60 * minute);
+    assert!(matches!(
+        vault
+            .detokenize(&caller(), first.token.clone(), "x".into())
+            .await,
+        Err(Error::NotFound)
+    ));
+    let again = vault.tokenize(&caller(), reusing(None)).await.unwrap();
+    assert!(
+        again.created && again.token != first.token,
+        "reuse_existing returned a token the vault calls expired"
+    );
+    vault
+        .detokenize(&caller(), again.token, "x".into())
+        .await
+        .expect("the token reuse_existing returned must reveal");
+    vault.close().await;
+    drop(vault);
+
+    // Clock behind the vault's newest record: vault time holds still, so a token it calls
+    // live reveals even after the system clock passed its expiry.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::stepped();
+    let c = clock.clone();
+    let (vault, _data, _key) = new_vault_with(dir.path(), move |cfg| cfg.clock = c);
+    vault.tokenize(&caller(), req(1, None)).await.unwrap();
+    clock.set_step(-60 * minute);
+    let soon = vault.now() + 200_000;
+    let t = vault
+        .tokenize(&caller(), reusing(Some(soon)))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        vault.now() < soon,
+        "vault time moved with the stepped-back clock"
+    );
+    vault
+        .detokenize(&caller(), t.token.clone(), "x".into())
+        .await
+        .expect("a token live by vault time must reveal");
+    let again = vault.tokenize(&caller(), reusing(None)).await.unwrap();
+    assert_eq!(
+        again.token, t.token,
+        "a token live by vault time must be reused"
+    );
+    vault.close().await;
+}

@@ -41,6 +41,9 @@ pub struct NewToken {
     pub fingerprint: Option<[u8; 32]>,
     pub reuse_existing: bool,
     pub meta: TokenMeta,
+    /// The vault's time when the request was taken: `reuse_existing` judges expiry by it (never
+    /// the system clock), as the lookup does, so it never returns a token detokenize refuses.
+    pub now: Micros,
 }
 
 /// What is stored beside the ciphertext: what PCI DSS allows to be shown.

@@ -1141,7 +1141,7 @@ fn insert_token(
         let existing = tx
             .prepare_cached(SQL_REUSE)?
             .query_row(
-                params![&fingerprint[..], item.meta.format.code(), now_micros()],
+                params![&fingerprint[..], item.meta.format.code(), item.now],
                 |r| {
                     Ok(StoredToken {
                         token: r.get(0)?,
@@ -1157,7 +1157,7 @@ fn insert_token(
         }
     }
     for _ in 0..MAX_TOKEN_DRAWS {
-        if keyring.needs_rotation(st.active_count, 1, st.active_created, now_micros()) {
+        if keyring.needs_rotation(st.active_count, 1, st.active_created, item.now) {
             if !master_is_current(tx, keyring)? {
                 return Ok(Err(Error::Unavailable(STALE_MASTER.into())));
             }
