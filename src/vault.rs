@@ -1107,6 +1107,12 @@ impl Vault {
     }
 
     /// True while storage accepts writes.
+    /// Pauses this process's background checkpoints (after waiting for one in progress) until
+    /// the pause is dropped; for a process about to stop itself (see `cli::keys`).
+    pub fn pause_checkpoints(&self) -> crate::store::CheckpointPause {
+        self.inner.store.pause_checkpoints()
+    }
+
     pub fn healthy(&self) -> bool {
         !self.inner.closed.load(Ordering::Relaxed) && self.inner.store.healthy()
     }
