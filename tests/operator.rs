@@ -1059,6 +1059,7 @@ async fn ctrl_z_after_a_destroying_batch_leaves_no_checkpoint_holding_the_lock()
     drop(reader);
     assert!(child.wait().unwrap().success());
     server.close().await;
+    eprintln!("{stops} stops after destroying batches; worst write while stopped {worst:?}");
     assert!(
         stops >= 3,
         "only {stops} stops landed before the rewrap finished"
