@@ -360,59 +360,69 @@ pub fn mask_parts(bin: &str, last4: &str, len: usize) -> String {
     out
 }
 
-/// True when `text` holds something that looks like a card number: 12 to 19 ASCII digits
-/// that pass the Luhn check, written in one piece or in groups separated by up to three
-/// spaces, tabs, dashes or dots (`4539 1462-5276.0189`). Every run of whole groups is tried,
-/// so a card written next to other numbers (`order 12 4539146252760189`) is found too; digits
-/// glued to a card without a separator make a different, longer number and are not a card.
+/// True when `text` holds something that looks like a card number: 12 to 19 decimal digits
+/// that pass the Luhn check, written in one piece or in groups separated by runs of up to
+/// three characters that are neither letters nor digits (spaces, `-`, `.`, `/`, `_`, `,`,
+/// `+`, zero-width spaces, ...: `4539 1462-5276/0189`). Digits of any Unicode script count
+/// ([`decimal_digit`]: fullwidth `４５３９`, Arabic-Indic `٤٥٣٩`, ...), so a card cannot slip
+/// past in another script. Every run of whole groups is tried, so a card written next to
+/// other numbers (`order 12 4539146252760189`) is found too; digits glued to a card without a
+/// separator make a different, longer number and are not a card; a letter ends a run.
 ///
 /// Used to keep card numbers out of stored free text (the audit `reason`): the caller
 /// refuses such text with a message that does not repeat it.
 pub fn contains_card_number(text: &str) -> bool {
     const MAX_SEPARATORS: usize = 3;
-    let is_sep = |c: char| matches!(c, ' ' | '-' | '.' | '\t' | '\u{a0}');
-    // Digit groups of the current run, as byte ranges of `text`.
+    // The current run's digits (as ASCII) and its groups as ranges of them. Sized once, so
+    // no reallocation leaves an unzeroed copy behind.
+    let mut digits = Zeroizing::new(Vec::with_capacity(text.len()));
     let mut groups: Vec<(usize, usize)> = Vec::new();
-    let mut group_start: Option<usize> = None;
+    let mut in_group = false;
     let mut seps = 0usize;
-    for (i, c) in text
-        .char_indices()
-        .chain(std::iter::once((text.len(), '\0')))
-    {
-        if c.is_ascii_digit() && i < text.len() {
-            if group_start.is_none() {
-                if seps > MAX_SEPARATORS || (seps == 0 && !groups.is_empty()) {
-                    // Too far from the previous group (or not a separator in between).
-                    if run_has_card(text, &groups) {
+    for c in text.chars().map(Some).chain(std::iter::once(None)) {
+        if let Some(d) = c.and_then(decimal_digit) {
+            if !in_group {
+                if seps > MAX_SEPARATORS {
+                    // Too far from the previous group: a new run.
+                    if run_has_card(&digits, &groups) {
                         return true;
                     }
+                    digits.clear();
                     groups.clear();
                 }
-                group_start = Some(i);
+                groups.push((digits.len(), digits.len()));
+                in_group = true;
+            }
+            digits.push(b'0' + d);
+            if let Some(g) = groups.last_mut() {
+                g.1 = digits.len();
             }
             seps = 0;
             continue;
         }
-        if let Some(start) = group_start.take() {
-            groups.push((start, i));
-        }
-        if i < text.len() && is_sep(c) && !groups.is_empty() {
-            seps += 1;
-        } else {
-            // Anything else ends the run.
-            if run_has_card(text, &groups) {
-                return true;
+        in_group = false;
+        match c {
+            Some(c) if !c.is_alphanumeric() => {
+                if !groups.is_empty() {
+                    seps += 1;
+                }
             }
-            groups.clear();
-            seps = 0;
+            // A letter (or the end) ends the run.
+            _ => {
+                if run_has_card(&digits, &groups) {
+                    return true;
+                }
+                digits.clear();
+                groups.clear();
+                seps = 0;
+            }
         }
     }
     false
 }
 
 /// Tries every sequence of consecutive whole groups of one run holding 12..=19 digits.
-fn run_has_card(text: &str, groups: &[(usize, usize)]) -> bool {
-    let bytes = text.as_bytes();
+fn run_has_card(digits: &[u8], groups: &[(usize, usize)]) -> bool {
     let mut buf = Zeroizing::new([0u8; MAX_LEN]);
     for first in 0..groups.len() {
         let mut n = 0;
@@ -420,7 +430,7 @@ fn run_has_card(text: &str, groups: &[(usize, usize)]) -> bool {
             if n + (b - a) > MAX_LEN {
                 break;
             }
-            buf[n..n + (b - a)].copy_from_slice(&bytes[a..b]);
+            buf[n..n + (b - a)].copy_from_slice(&digits[a..b]);
             n += b - a;
             if n >= MIN_LEN && luhn_valid(&buf[..n]) {
                 return true;
@@ -428,6 +438,29 @@ fn run_has_card(text: &str, groups: &[(usize, usize)]) -> bool {
         }
     }
     false
+}
+
+/// The zero of every run of Unicode decimal digits (general category Nd; each run is ten
+/// code points, 0 to 9): all of Unicode 14 (checked against its database), plus the runs
+/// Unicode 15 and 16 added (Kawi, Nag Mundari, Garay, Sunuwar, Myanmar Extended-C, Gurung
+/// Khema, Kirat Rai, Ol Onal, outlined digits). Sorted.
+const DECIMAL_DIGIT_ZEROS: [u32; 76] = [
+    0x30, 0x660, 0x6F0, 0x7C0, 0x966, 0x9E6, 0xA66, 0xAE6, 0xB66, 0xBE6, 0xC66, 0xCE6, 0xD66,
+    0xDE6, 0xE50, 0xED0, 0xF20, 0x1040, 0x1090, 0x17E0, 0x1810, 0x1946, 0x19D0, 0x1A80, 0x1A90,
+    0x1B50, 0x1BB0, 0x1C40, 0x1C50, 0xA620, 0xA8D0, 0xA900, 0xA9D0, 0xA9F0, 0xAA50, 0xABF0, 0xFF10,
+    0x104A0, 0x10D30, 0x10D40, 0x11066, 0x110F0, 0x11136, 0x111D0, 0x112F0, 0x11450, 0x114D0,
+    0x11650, 0x116C0, 0x116D0, 0x116DA, 0x11730, 0x118E0, 0x11950, 0x11BF0, 0x11C50, 0x11D50,
+    0x11DA0, 0x11F50, 0x16130, 0x16A60, 0x16AC0, 0x16B50, 0x16D70, 0x1CCF0, 0x1D7CE, 0x1D7D8,
+    0x1D7E2, 0x1D7EC, 0x1D7F6, 0x1E140, 0x1E2F0, 0x1E4F0, 0x1E5F1, 0x1E950, 0x1FBF0,
+];
+
+/// The value of a decimal digit of any script (`'7'`, `'７'`, `'٧'`, `'७'`, ...). Not
+/// superscripts, circled or other numeric signs that Unicode does not call decimal digits.
+pub fn decimal_digit(c: char) -> Option<u8> {
+    let c = c as u32;
+    let i = DECIMAL_DIGIT_ZEROS.partition_point(|&z| z <= c);
+    let d = c - DECIMAL_DIGIT_ZEROS[i.checked_sub(1)?];
+    (d < 10).then_some(d as u8)
 }
 
 #[cfg(test)]
@@ -889,8 +922,50 @@ mod tests {
             }
             assert!(!contains_card_number(text), "false alarm on {text:?}");
         }
-        // Non-ASCII digits are not card numbers for the vault either.
-        assert!(!contains_card_number("٤٥٣٩١٤٦٢٥٢٧٦٠١٨٩"));
+        // Superscripts and circled digits are not decimal digits.
+        assert!(!contains_card_number("⁴⁵³⁹¹⁴⁶²⁵²⁷⁶⁰¹⁸⁹"));
+        assert!(!contains_card_number("card 4539 / 1462 / 5276  /  0189 x")); // 5 separators
+    }
+
+    #[test]
+    fn finds_cards_behind_any_punctuation_and_in_any_script() {
+        for text in [
+            "card 4539/1462/5276/0189",
+            "card 4539_1462_5276_0189",
+            "card 4539,1462,5276,0189",
+            "card 4539+1462+5276+0189",
+            "card 4539 / 1462 / 5276 / 0189",
+            "card (4539)1462|5276*0189",
+            "card 4539\u{200b}1462\u{200b}5276\u{200b}0189",
+            "card 4539\u{2014}1462\u{2014}5276\u{2014}0189",
+            "４５３９１４６２５２７６０１８９",
+            "card ４５３９－１４６２－５２７６－０１８９",
+            "٤٥٣٩١٤٦٢٥٢٧٦٠١٨٩",
+            "۴۵۳۹۱۴۶۲۵۲۷۶۰۱۸۹",
+            "४५३९१४६२५२७६०१८९",
+            "card 4539 ١٤٦٢ ５２７６ 0189",
+            "\u{1d7d2}\u{1d7d3}\u{1d7d1}\u{1d7d7}1462 5276 0189",
+        ] {
+            assert!(contains_card_number(text), "missed in {text:?}");
+        }
+    }
+
+    #[test]
+    fn decimal_digit_table() {
+        assert!(DECIMAL_DIGIT_ZEROS.windows(2).all(|w| w[0] + 10 <= w[1]));
+        for c in (0..0x80u8).map(char::from) {
+            assert_eq!(decimal_digit(c), c.to_digit(10).map(|d| d as u8), "{c:?}");
+        }
+        for &z in &DECIMAL_DIGIT_ZEROS {
+            for k in 0..10 {
+                let c = char::from_u32(z + k).unwrap();
+                assert!(c.is_numeric(), "{:X}", z + k);
+                assert_eq!(decimal_digit(c), Some(k as u8));
+            }
+        }
+        for c in ['a', '٫', '²', '①', 'Ⅻ', ' ', '\u{10ffff}'] {
+            assert_eq!(decimal_digit(c), None, "{c:?}");
+        }
     }
 
     proptest! {
@@ -900,8 +975,12 @@ mod tests {
             before in "[a-z ,:#]{0,20}",
             after in "[a-z ,:#]{0,20}",
             seps in proptest::collection::vec(prop_oneof![
-                6 => Just(""), 1 => Just(" "), 1 => Just("-"), 1 => Just(" - "), 1 => Just(".")
+                6 => Just(""), 1 => Just(" "), 1 => Just("-"), 1 => Just(" - "), 1 => Just("."),
+                1 => Just("/"), 1 => Just("_"), 1 => Just(", "), 1 => Just("+"), 1 => Just("\u{200b}")
             ], MAX_LEN),
+            zeros in proptest::collection::vec(
+                proptest::sample::select(&DECIMAL_DIGIT_ZEROS[..]), MAX_LEN),
+            ascii in any::<bool>(),
         ) {
             let mut text = before.clone();
             text.push(' ');
@@ -909,7 +988,9 @@ mod tests {
                 if i > 0 {
                     text.push_str(seps[i]);
                 }
-                text.push(c);
+                // Each digit in ASCII or in a script of its own.
+                let d = c.to_digit(10).unwrap();
+                text.push(if ascii { c } else { char::from_u32(zeros[i] + d).unwrap() });
             }
             text.push(' ');
             text.push_str(&after);

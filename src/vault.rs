@@ -519,13 +519,14 @@ impl Vault {
         let snapshot = self.inner.keyring.snapshot();
         let token = token::generate(req.format, &req.pan).into_string();
         let digits = req.pan.expose_digits().as_bytes();
+        let now = self.now();
         let meta = TokenMeta {
             format: req.format,
             brand: req.pan.brand(),
             pan_length: req.pan.len() as u32,
             bin: req.pan.bin(),
             last4: req.pan.last4(),
-            created_at: self.now(),
+            created_at: now,
             expires_at: req.expires_at,
         };
         // The AAD binds the metadata too: an edited column fails authentication.
@@ -545,6 +546,7 @@ impl Vault {
             reuse_existing: req.reuse_existing,
             meta,
             pan: req.pan,
+            now,
         }
     }
 
@@ -679,8 +681,9 @@ impl Vault {
             &row.ciphertext,
         )?;
         // The expiry just authenticated, checked again here rather than only in the
-        // lookup's SQL (a row's format can predate the binding; the clock moved on).
-        if row.meta.expires_at.is_some_and(|at| at <= now_micros()) {
+        // lookup's SQL (a row's format can predate the binding; the clock moved on), by the
+        // same vault time: the system clock may be behind or ahead of it.
+        if row.meta.expires_at.is_some_and(|at| at <= self.now()) {
             return Err(Error::NotFound);
         }
         let text = std::str::from_utf8(&digits)
@@ -1104,6 +1107,12 @@ impl Vault {
     }
 
     /// True while storage accepts writes.
+    /// Pauses this process's background checkpoints (after waiting for one in progress) until
+    /// the pause is dropped; for a process about to stop itself (see `cli::keys`).
+    pub fn pause_checkpoints(&self) -> crate::store::CheckpointPause {
+        self.inner.store.pause_checkpoints()
+    }
+
     pub fn healthy(&self) -> bool {
         !self.inner.closed.load(Ordering::Relaxed) && self.inner.store.healthy()
     }

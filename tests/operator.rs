@@ -928,3 +928,144 @@ async fn ctrl_z_on_a_rewrap_does_not_stop_the_vault() {
         eprintln!("rewrap finished before it could be stopped");
     }
 }
+
+/// `reuse_existing` and the reveal judge expiry by the vault's time, like the lookup does: a
+/// token the vault calls expired is never handed out again, and one it calls live reveals.
+#[tokio::test]
+async fn reuse_and_reveal_judge_expiry_by_vault_time() {
+    let minute = 60_000_000i64;
+    // Clock ahead of the system clock: the token expired by vault time is not reused.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::stepped();
+    let c = clock.clone();
+    let (vault, _data, _key) = new_vault_with(dir.path(), move |cfg| cfg.clock = c);
+    let reusing = |expires_at| TokenizeRequest {
+        reuse_existing: true,
+        ..req(7, expires_at)
+    };
+    let first = vault
+        .tokenize(&caller(), reusing(Some(vault.now() + 30 * minute)))
+        .await
+        .unwrap();
+    clock.set_step(60 * minute);
+    assert!(matches!(
+        vault
+            .detokenize(&caller(), first.token.clone(), "x".into())
+            .await,
+        Err(Error::NotFound)
+    ));
+    let again = vault.tokenize(&caller(), reusing(None)).await.unwrap();
+    assert!(
+        again.created && again.token != first.token,
+        "reuse_existing returned a token the vault calls expired"
+    );
+    vault
+        .detokenize(&caller(), again.token, "x".into())
+        .await
+        .expect("the token reuse_existing returned must reveal");
+    vault.close().await;
+    drop(vault);
+
+    // Clock behind the vault's newest record: vault time holds still, so a token it calls
+    // live reveals even after the system clock passed its expiry.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::stepped();
+    let c = clock.clone();
+    let (vault, _data, _key) = new_vault_with(dir.path(), move |cfg| cfg.clock = c);
+    vault.tokenize(&caller(), req(1, None)).await.unwrap();
+    clock.set_step(-60 * minute);
+    let soon = vault.now() + 200_000;
+    let t = vault
+        .tokenize(&caller(), reusing(Some(soon)))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        vault.now() < soon,
+        "vault time moved with the stepped-back clock"
+    );
+    vault
+        .detokenize(&caller(), t.token.clone(), "x".into())
+        .await
+        .expect("a token live by vault time must reveal");
+    let again = vault.tokenize(&caller(), reusing(None)).await.unwrap();
+    assert_eq!(
+        again.token, t.token,
+        "a token live by vault time must be reused"
+    );
+    vault.close().await;
+}
+
+/// Ctrl-Z right after destroying rewrap batches: the stopped process's own checkpointer (which
+/// keeps retrying `wal_checkpoint(TRUNCATE)` after every destroying commit, holding the write
+/// lock while it waits) is quiesced before the stop, so the server still writes at once. A
+/// reader on an old snapshot keeps every TRUNCATE waiting, which makes a stop inside one likely
+/// on each of the many stops below unless the safe point waits it out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_z_after_a_destroying_batch_leaves_no_checkpoint_holding_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, key) = vault_needing_rewrap(dir.path(), 60_000).await;
+    let mut cfg = VaultConfig::new(&data);
+    cfg.busy_timeout = Duration::from_secs(2);
+    let server = Vault::open(cfg, &MasterKey::load_file(&key).unwrap()).unwrap();
+    let reader = rusqlite::Connection::open(data.join("vault.db")).unwrap();
+    reader.execute_batch("BEGIN").unwrap();
+    let _: i64 = reader
+        .query_row("SELECT COUNT(*) FROM tokens", [], |r| r.get(0))
+        .unwrap();
+    let mut child = bin()
+        .args(["keys", "rewrap", "--batch", "500", "--data-dir"])
+        .arg(&data)
+        .arg("--master-key-file")
+        .arg(&key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let state = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        stat.rsplit(')').next().unwrap_or("").trim().chars().next()
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut stops, mut worst, mut n) = (0, Duration::ZERO, 4_000_000u64);
+    while stops < 12 && child.try_wait().unwrap().is_none() {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(pid, libc::SIGTSTP) };
+        let start = Instant::now();
+        while state() != Some('T') && start.elapsed() < Duration::from_secs(5) {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if state() == Some('T') {
+            stops += 1;
+            let t = Instant::now();
+            let r = server.tokenize(&caller(), req(n, None)).await;
+            n += 1;
+            worst = worst.max(t.elapsed());
+            if let Err(e) = r {
+                // SAFETY: as above.
+                unsafe { libc::kill(pid, libc::SIGCONT) };
+                let _ = child.wait();
+                panic!("a write failed while the rewrap was stopped (stop {stops}): {e}");
+            }
+        }
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    drop(reader);
+    assert!(child.wait().unwrap().success());
+    server.close().await;
+    eprintln!("{stops} stops after destroying batches; worst write while stopped {worst:?}");
+    assert!(
+        stops >= 3,
+        "only {stops} stops landed before the rewrap finished"
+    );
+    assert!(
+        worst < Duration::from_secs(1),
+        "a write waited {worst:?} while the rewrap was stopped"
+    );
+}

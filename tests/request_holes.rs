@@ -146,6 +146,11 @@ async fn a_card_number_in_reason_is_refused_and_never_reaches_the_trail() {
         "refund to card 4539 1462 5276 0189".to_string(),
         "card 4539-1462-5276-0189 order 42".to_string(),
         format!("order 12 {pan}"),
+        // Any punctuation between groups, and digits of other scripts (review of issue 11).
+        "refund 4539/1462/5276/0189".to_string(),
+        "card 4539_1462_5276_0189".to_string(),
+        "card ４５３９１４６２５２７６０１８９".to_string(),
+        "card ٤٥٣٩ ١٤٦٢ ٥٢٧٦ ٠١٨٩".to_string(),
     ];
     for reason in &reasons {
         let status = payments
@@ -198,6 +203,10 @@ async fn a_card_number_in_reason_is_refused_and_never_reaches_the_trail() {
     for r in &records {
         let text = format!("{} {} {}", r.subject, r.reason, r.principal);
         assert!(!text.contains("4539"), "{text}");
+        assert!(
+            !text.contains("４５３９") && !text.contains("٤٥٣٩"),
+            "{text}"
+        );
         assert!(!text.contains(&pan[..8]), "{text}");
         assert!(!tokenvault::card::contains_card_number(&text), "{text}");
     }

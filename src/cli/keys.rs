@@ -88,7 +88,9 @@ pub fn state_name(state: KeyState) -> &'static str {
 /// process while its transaction holds the vault's write lock, and every server write, the
 /// audit records of reveals included, would wait until it is continued. Instead the stop is
 /// noted and taken between batches, when no transaction is open. (`kill -STOP` cannot be
-/// deferred; each batch holds the lock for at most `ADMIN_TX_BUDGET`.)
+/// deferred; each batch holds the lock for at most `ADMIN_TX_BUDGET`.) The process's own
+/// checkpointer is paused too, after any checkpoint in progress ends: a TRUNCATE checkpoint
+/// (retried after every destroying batch) holds the write lock while it waits for readers.
 pub struct StopsBetweenBatches {
     requested: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
@@ -109,13 +111,15 @@ impl StopsBetweenBatches {
     }
 
     /// Stops the process now if a stop was requested; call only between transactions.
-    pub fn safe_point(&self) {
+    /// Checkpoints of `vault` stay paused while stopped and resume once continued.
+    pub fn safe_point(&self, vault: &crate::vault::Vault) {
         if self
             .requested
             .swap(false, std::sync::atomic::Ordering::SeqCst)
         {
+            let _paused = vault.pause_checkpoints();
             eprintln!("\nstopped between batches (no lock held); `fg` to continue");
-            // SAFETY: raise has no preconditions.
+            // SAFETY: raise has no preconditions. It returns once SIGCONT arrived.
             unsafe { libc::raise(libc::SIGSTOP) };
         }
     }
@@ -266,7 +270,7 @@ pub async fn run(cmd: KeysCommand) -> Result<(), CliError> {
             let r = vault
                 .rewrap(&Caller::cli(), &opts, |p| {
                     printer.update(p);
-                    stops.safe_point();
+                    stops.safe_point(&vault);
                 })
                 .await;
             printer.finish();
@@ -344,7 +348,7 @@ pub async fn run(cmd: KeysCommand) -> Result<(), CliError> {
             let r = vault
                 .revoke_key(&Caller::cli(), version, batch as usize, |p| {
                     printer.update(p);
-                    stops.safe_point();
+                    stops.safe_point(&vault);
                 })
                 .await;
             printer.finish();

@@ -31,7 +31,7 @@ use crate::auth::Role;
 use crate::error::{Code, Error, Result};
 use crate::metrics::{self, Method};
 use crate::ratelimit::{Rate, RateLimiter};
-use crate::vault::{self, Caller, Principal, Vault};
+use crate::vault::{Caller, Principal, Vault};
 
 /// Default largest number of items in one batch request.
 pub const DEFAULT_MAX_BATCH_ITEMS: usize = 10_000;
@@ -589,7 +589,8 @@ impl TokenVaultRpc for TokenVaultService {
             let reuse = usize::from(request.get_ref().reuse_existing);
             self.take_reuse_lookups(&caller, &principal, rpc, reuse)
                 .await?;
-            let req = vault::TokenizeRequest::try_from(request.into_inner())?;
+            // `expires_at` is judged by the vault's time, as everything about expiry is.
+            let req = convert::tokenize_request(request.into_inner(), self.vault.now())?;
             let out = self.vault.tokenize(&caller, req).await?;
             Ok(Response::new(out.into()))
         })
@@ -608,7 +609,7 @@ impl TokenVaultRpc for TokenVaultService {
             let reuse = items.iter().filter(|r| r.reuse_existing).count();
             self.take_reuse_lookups(&caller, &principal, rpc, reuse)
                 .await?;
-            let now = vault::now_micros();
+            let now = self.vault.now();
             let items = items
                 .into_iter()
                 .map(|r| convert::tokenize_request(r, now))

@@ -27,6 +27,8 @@ use crate::vault::{Caller, ClientInfo, KeyVersionInfo, Micros};
 
 pub use lifecycle::{PurgeBatch, PurgeOutcome, RewrapBatch, RewrapOutcome, SealedRow};
 
+pub use sqlite::CheckpointPause;
+
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'static>>;
 
 /// A PAN prepared for insertion: token drawn, PAN sealed and fingerprinted by the caller, so
@@ -41,6 +43,9 @@ pub struct NewToken {
     pub fingerprint: Option<[u8; 32]>,
     pub reuse_existing: bool,
     pub meta: TokenMeta,
+    /// The vault's time when the request was taken: `reuse_existing` judges expiry by it (never
+    /// the system clock), as the lookup does, so it never returns a token detokenize refuses.
+    pub now: Micros,
 }
 
 /// What is stored beside the ciphertext: what PCI DSS allows to be shown.
@@ -239,6 +244,10 @@ pub trait Storage: Send + Sync + 'static {
     fn purge_batch(&self, batch: PurgeBatch, caller: Caller) -> StoreFuture<PurgeOutcome>;
     /// False after a write failed for lack of storage, until a later write succeeds.
     fn healthy(&self) -> bool;
+    /// Pauses this process's background checkpoints until the pause is dropped, after waiting
+    /// for one in progress to end: a process about to stop (Ctrl-Z) then holds no lock.
+    /// Blocks for at most one checkpoint's busy timeout.
+    fn pause_checkpoints(&self) -> CheckpointPause;
     /// Lets queued writes commit, then stops the writer and the readers.
     fn close(&self) -> StoreFuture<()>;
 }

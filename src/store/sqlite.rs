@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::sync::{mpsc as std_mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -1143,7 +1143,7 @@ fn insert_token(
         let existing = tx
             .prepare_cached(SQL_REUSE)?
             .query_row(
-                params![&fingerprint[..], item.meta.format.code(), now_micros()],
+                params![&fingerprint[..], item.meta.format.code(), item.now],
                 |r| {
                     Ok(StoredToken {
                         token: r.get(0)?,
@@ -1159,7 +1159,7 @@ fn insert_token(
         }
     }
     for _ in 0..MAX_TOKEN_DRAWS {
-        if keyring.needs_rotation(st.active_count, 1, st.active_created, now_micros()) {
+        if keyring.needs_rotation(st.active_count, 1, st.active_created, item.now) {
             if !master_is_current(tx, keyring)? {
                 return Ok(Err(Error::Unavailable(STALE_MASTER.into())));
             }
@@ -1341,6 +1341,55 @@ fn checkpoint_tick(conn: &Connection, truncated_at: Option<i64>) -> Option<i64> 
     }
 }
 
+/// Lets a process that is about to stop (Ctrl-Z between admin batches) keep its checkpointer
+/// from holding the write lock while it is stopped: a TRUNCATE checkpoint holds off every
+/// writer of the vault, the server's reveals included, while it waits for readers.
+#[derive(Default)]
+struct CheckpointGate {
+    /// (pauses outstanding, a checkpoint is running)
+    state: Mutex<(usize, bool)>,
+    changed: Condvar,
+}
+
+impl CheckpointGate {
+    /// Runs `checkpoint` unless paused; None when it was skipped.
+    fn run<T>(&self, checkpoint: impl FnOnce() -> T) -> Option<T> {
+        {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if st.0 > 0 {
+                return None;
+            }
+            st.1 = true;
+        }
+        let out = checkpoint();
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = false;
+        self.changed.notify_all();
+        Some(out)
+    }
+
+    fn pause(self: &Arc<Self>) -> CheckpointPause {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.0 += 1;
+        while st.1 {
+            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        CheckpointPause { gate: self.clone() }
+    }
+}
+
+/// While alive, this process starts no checkpoint and none is running (see
+/// [`super::Storage::pause_checkpoints`]).
+pub struct CheckpointPause {
+    gate: Arc<CheckpointGate>,
+}
+
+impl Drop for CheckpointPause {
+    fn drop(&mut self) {
+        let mut st = self.gate.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.0 -= 1;
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // The store
 
@@ -1351,6 +1400,7 @@ pub struct SqliteStore {
     healthy: Arc<AtomicBool>,
     stop_probe: Arc<AtomicBool>,
     prober: Mutex<Option<JoinHandle<()>>>,
+    checkpoints: Arc<CheckpointGate>,
 }
 
 pub struct OpenParams {
@@ -1423,6 +1473,7 @@ impl SqliteStore {
             healthy,
             stop_probe: Arc::new(AtomicBool::new(false)),
             prober: Mutex::new(None),
+            checkpoints: Arc::default(),
         };
         store.start_prober(&path, data_dir, space);
         Ok(store)
@@ -1444,6 +1495,7 @@ impl SqliteStore {
         let Some(tx) = self.sender() else { return };
         let data_dir = data_dir.to_path_buf();
         let stop = self.stop_probe.clone();
+        let gate = self.checkpoints.clone();
         let checkpointer = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -1467,7 +1519,8 @@ impl SqliteStore {
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(PROBE_TICK);
                     if let Ok(c) = &checkpointer {
-                        truncated_at = checkpoint_tick(c, truncated_at);
+                        let t = truncated_at;
+                        truncated_at = gate.run(|| checkpoint_tick(c, t)).unwrap_or(t);
                     }
                     space.measure(&data_dir);
                     if space.free.load(Ordering::Relaxed) < space::RESERVE_BYTES / 2 {
@@ -1487,7 +1540,7 @@ impl SqliteStore {
                 // Last chance for this process's own destroying commits (a CLI exits
                 // right after them); another process with the vault open carries on.
                 if let Ok(c) = &checkpointer {
-                    checkpoint_tick(c, truncated_at);
+                    gate.run(|| checkpoint_tick(c, truncated_at));
                 }
             });
         if let Ok(h) = handle {
@@ -1950,6 +2003,10 @@ impl Storage for SqliteStore {
 
     fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+    }
+
+    fn pause_checkpoints(&self) -> CheckpointPause {
+        self.checkpoints.pause()
     }
 
     fn close(&self) -> StoreFuture<()> {
