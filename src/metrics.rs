@@ -292,13 +292,9 @@ pub fn describe() {
     .set(1.0);
 }
 
-/// The commit this binary was built from: `TOKENVAULT_BUILD_COMMIT` at build time (set by
-/// the release build), else "unknown".
+/// The commit this binary was built from, as `--version` shows it (see `build.rs`).
 pub fn build_commit() -> &'static str {
-    match option_env!("TOKENVAULT_BUILD_COMMIT") {
-        Some(c) if !c.is_empty() => c,
-        _ => "unknown",
-    }
+    crate::GIT_COMMIT
 }
 
 /// The process collector (RSS, open and maximum file descriptors, CPU seconds, threads,
