@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # deploy/docker-compose.yml must work with both compose implementations: Debian's
 # docker-compose 1.29 (`config -q` parses and validates it with that version's own rules) and
-# the Compose Specification (today's `docker compose`), validated against the spec's JSON
-# schema vendored as .ci/compose-spec.json (compose-spec/compose-spec, schema/, Apache-2.0).
-# Installs Debian's docker-compose (which brings python3-jsonschema and python3-yaml) when
-# it is missing; needs no Docker daemon.
+# the Compose Specification (what today's `docker compose` implements), validated against the
+# specification's JSON schema as Debian's docker-compose package ships it
+# (compose/config/compose_spec.json). Installs Debian's docker-compose (which brings
+# python3-jsonschema and python3-yaml) when it is missing; needs no Docker daemon.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 file=deploy/docker-compose.yml
@@ -23,16 +23,19 @@ docker-compose -p tokenvault -f "$file" config -q
 echo "docker-compose: $file valid"
 
 echo "--- Compose Specification schema"
-python3 - "$file" .ci/compose-spec.json <<'PY'
+/usr/bin/python3 - "$file" <<'PY'
 import json
+import os
 import sys
 
+import compose
 import jsonschema
 import yaml
 
 with open(sys.argv[1]) as f:
     doc = yaml.safe_load(f)
-with open(sys.argv[2]) as f:
+spec = os.path.join(os.path.dirname(compose.__file__), "config", "compose_spec.json")
+with open(spec) as f:
     schema = json.load(f)
 errors = sorted(
     jsonschema.Draft7Validator(schema).iter_errors(doc), key=lambda e: list(e.path)
