@@ -892,6 +892,18 @@ fn flush_audit(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) -> Res
     Ok(())
 }
 
+/// True when an audit signing key is active.
+fn has_active_signing_key(conn: &Connection) -> Result<bool> {
+    Ok(conn
+        .query_row(
+            "SELECT 1 FROM audit_signing_keys WHERE state = 'active'",
+            [],
+            |_| Ok(true),
+        )
+        .optional()?
+        .unwrap_or(false))
+}
+
 /// Run at open, after the migrations, by whoever opens the vault first: gives records
 /// written before the hash chain existed their hashes (public data only, so no secret is
 /// needed and the result is what any verifier recomputes), and creates the first audit
@@ -907,14 +919,7 @@ fn prepare_audit(conn: &mut Connection, keyring: &Keyring) -> Result<()> {
         )
         .optional()?
         .unwrap_or(false);
-    let has_key: bool = conn
-        .query_row(
-            "SELECT 1 FROM audit_signing_keys WHERE state = 'active'",
-            [],
-            |_| Ok(true),
-        )
-        .optional()?
-        .unwrap_or(false);
+    let has_key = has_active_signing_key(conn)?;
     if !newest_unhashed && has_key {
         return Ok(());
     }
@@ -972,14 +977,7 @@ fn prepare_audit(conn: &mut Connection, keyring: &Keyring) -> Result<()> {
             "computed the audit hash chain of existing records"
         );
     }
-    let has_key: bool = tx
-        .query_row(
-            "SELECT 1 FROM audit_signing_keys WHERE state = 'active'",
-            [],
-            |_| Ok(true),
-        )
-        .optional()?
-        .unwrap_or(false);
+    let has_key = has_active_signing_key(&tx)?;
     if !has_key && master_is_current(&tx, keyring)? {
         let n: i64 = tx.query_row(
             "SELECT COALESCE(MAX(id), 0) + 1 FROM audit_signing_keys",
