@@ -66,6 +66,8 @@ pub struct ServerConfig {
     pub request_timeout: Option<Duration>,
     /// Append signed audit checkpoints to this file (O_APPEND, never rewritten).
     pub audit_checkpoint_file: Option<std::path::PathBuf>,
+    /// Log every answered request at INFO (otherwise at DEBUG): `logging.access`.
+    pub access_log: bool,
 }
 
 /// Default of [`ServerConfig::concurrency_limit_per_connection`].
@@ -95,6 +97,7 @@ impl Default for ServerConfig {
             concurrency_limit_per_connection: Some(DEFAULT_CONCURRENCY_PER_CONNECTION),
             request_timeout: Some(DEFAULT_REQUEST_TIMEOUT),
             audit_checkpoint_file: None,
+            access_log: false,
         }
     }
 }
@@ -157,7 +160,9 @@ pub async fn serve(
         reuse_rate: cfg.reuse_rate,
         anonymous_audit_rate: cfg.anonymous_audit_rate,
     };
-    let handlers = TokenVaultService::new(vault.clone(), cfg.max_batch_items).with_policy(policy);
+    let handlers = TokenVaultService::new(vault.clone(), cfg.max_batch_items)
+        .with_policy(policy)
+        .with_access_log(cfg.access_log);
     // Callers are admitted, and batch sizes counted, before a request body is decoded.
     let service = AuthGate::new(
         TokenVaultServiceServer::new(handlers.clone())
