@@ -345,6 +345,16 @@ pub fn record_group_commit(items: usize, latency: Duration, outcome: CommitOutco
     counter!(COMMITS_TOTAL, "outcome" => outcome.as_str()).increment(1);
 }
 
+/// [`crate::store::CommitObserver`]: the store reports each group commit here.
+pub fn observe_store_commit(items: usize, latency: Duration, ok: bool) {
+    let outcome = if ok {
+        CommitOutcome::Ok
+    } else {
+        CommitOutcome::Error
+    };
+    record_group_commit(items, latency, outcome);
+}
+
 /// Live tokens in the vault (set after a commit or from a periodic count).
 pub fn set_tokens_stored(count: u64) {
     gauge!(TOKENS_STORED).set(count as f64);

@@ -1,5 +1,12 @@
 //! Storage: the narrow interface the vault talks to ([`Storage`]: operations, not SQL) and
-//! its embedded SQLite implementation ([`sqlite::SqliteStore`]).
+//! its two implementations side by side: the embedded SQLite store ([`sqlite::SqliteStore`],
+//! the default) and the shared PostgreSQL store ([`postgres::PgStore`], for many stateless
+//! replicas). [`StoreLocation`] names one of them and is all the vault knows of the choice.
+//!
+//! The store persists; it does not decide. What it is handed from above: the keyring (the
+//! unwrapped keys and the rotation policy the writer applies inside its transaction, so the
+//! per-version counts stay exact), and a commit observer for metrics
+//! ([`set_commit_observer`]). The domain types it stores live in [`crate::model`].
 //!
 //! Every write goes through one writer that folds whatever is queued into one transaction
 //! (group commit) and answers callers only after `COMMIT` returned with `synchronous=FULL`.
@@ -7,7 +14,9 @@
 //! small pool of read-only connections on their own threads, never on async workers.
 //! A PostgreSQL backend can implement the same trait later.
 
+pub mod datadir;
 pub mod lifecycle;
+pub mod location;
 pub mod lock;
 pub mod migrations;
 pub mod space;
@@ -22,12 +31,47 @@ use crate::card::{Brand, Pan};
 use crate::crypto::{KeyWrappingKey, Sealed};
 use crate::error::Result;
 use crate::keyring::KeyRow;
+use crate::model::{Caller, ClientInfo, KeyVersionInfo, Micros};
 use crate::token::TokenFormat;
-use crate::vault::{Caller, ClientInfo, KeyVersionInfo, Micros};
 
 pub use lifecycle::{PurgeBatch, PurgeOutcome, RewrapBatch, RewrapOutcome, SealedRow};
 
-pub use sqlite::CheckpointPause;
+pub use location::StoreLocation;
+pub use sqlite::OpenParams;
+
+/// Called after every group commit with (requests in the group, time taken, committed).
+pub type CommitObserver = fn(usize, std::time::Duration, bool);
+
+static COMMIT_OBSERVER: std::sync::OnceLock<CommitObserver> = std::sync::OnceLock::new();
+
+/// Installs the process-wide commit observer (metrics); the first call wins.
+pub fn set_commit_observer(f: CommitObserver) {
+    let _ = COMMIT_OBSERVER.set(f);
+}
+
+pub(crate) fn observe_commit(n: usize, elapsed: std::time::Duration, ok: bool) {
+    if let Some(f) = COMMIT_OBSERVER.get() {
+        f(n, elapsed, ok);
+    }
+}
+
+/// While alive, this process starts no background maintenance that would hold a lock of the
+/// store (SQLite: a WAL checkpoint); see [`Storage::pause_checkpoints`]. A backend without
+/// such maintenance hands out an empty pause.
+pub struct CheckpointPause {
+    _guard: Option<Box<dyn Send>>,
+}
+
+impl CheckpointPause {
+    pub fn new(guard: impl Send + 'static) -> CheckpointPause {
+        CheckpointPause {
+            _guard: Some(Box::new(guard)),
+        }
+    }
+    pub fn none() -> CheckpointPause {
+        CheckpointPause { _guard: None }
+    }
+}
 
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'static>>;
 

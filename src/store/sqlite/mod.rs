@@ -33,8 +33,8 @@ use super::lifecycle::{self, PurgeBatch, PurgeOutcome, RewrapBatch, RewrapOutcom
 use super::migrations;
 use super::space;
 use super::{
-    AuditSigningKeyInfo, AuditVisitor, CheckpointSource, ClientRow, NewToken, Storage, StoreFuture,
-    StoredToken, TokenMeta, TokenRow, VaultHeader,
+    AuditSigningKeyInfo, AuditVisitor, CheckpointPause, CheckpointSource, ClientRow, NewToken,
+    Storage, StoreFuture, StoredToken, TokenMeta, TokenRow, VaultHeader,
 };
 use crate::audit::{self, canonical_bytes, AuditEntry, AuditRecord, GENESIS_MAC};
 use crate::auth::Role;
@@ -43,8 +43,8 @@ use crate::crypto::KeyWrappingKey;
 use crate::crypto::{audit_chain_hash, AuditPublicKey, AUDIT_GENESIS_HASH};
 use crate::error::{outcome_of, Error, Result};
 use crate::keyring::{KeyRow, Keyring};
+use crate::model::{now_micros, Caller, ClientInfo, KeyState, KeyVersionInfo, Micros};
 use crate::token::{self, TokenFormat};
-use crate::vault::{now_micros, Caller, ClientInfo, KeyState, KeyVersionInfo, Micros};
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "vault.db";
@@ -623,11 +623,7 @@ impl Writer {
         let (work, pending): (Vec<Work>, Vec<Pending>) =
             group.into_iter().map(WriteOp::split).unzip();
         let result = self.apply_group(work);
-        let outcome = match result {
-            Ok(_) => crate::metrics::CommitOutcome::Ok,
-            Err(_) => crate::metrics::CommitOutcome::Error,
-        };
-        crate::metrics::record_group_commit(n, started.elapsed(), outcome);
+        super::observe_commit(n, started.elapsed(), result.is_ok());
         match result {
             Ok(outcomes) => {
                 self.healthy.store(true, Ordering::Relaxed);
@@ -1371,17 +1367,17 @@ impl CheckpointGate {
         while st.1 {
             st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
-        CheckpointPause { gate: self.clone() }
+        CheckpointPause::new(GatePause { gate: self.clone() })
     }
 }
 
 /// While alive, this process starts no checkpoint and none is running (see
 /// [`super::Storage::pause_checkpoints`]).
-pub struct CheckpointPause {
+struct GatePause {
     gate: Arc<CheckpointGate>,
 }
 
-impl Drop for CheckpointPause {
+impl Drop for GatePause {
     fn drop(&mut self) {
         let mut st = self.gate.state.lock().unwrap_or_else(|e| e.into_inner());
         st.0 -= 1;
