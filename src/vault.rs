@@ -75,7 +75,11 @@ impl VaultConfig {
 
     /// Where this configuration's vault lives.
     pub fn location(&self) -> Result<StoreLocation> {
-        StoreLocation::from_config(&self.data_dir, self.store_url.as_deref())
+        StoreLocation::from_config(
+            &self.data_dir,
+            self.store_url.as_deref(),
+            self.read_connections + 2,
+        )
     }
 }
 

@@ -6,8 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{sqlite, ClientRow, OpenParams, Storage, VaultHeader};
-use crate::error::Result;
+use super::postgres::{self, PgShared, PgUrl};
+use super::{sqlite, AuditSigningKeyInfo, ClientRow, OpenParams, Storage, VaultHeader};
+use crate::error::{Error, Result};
 use crate::keyring::{KeyRow, Keyring};
 use crate::model::Micros;
 
@@ -15,19 +16,50 @@ use crate::model::Micros;
 pub enum StoreLocation {
     /// `vault.db` in this data directory.
     Sqlite(PathBuf),
+    /// A PostgreSQL database; the connection pool is made on first use and shared with the
+    /// store opened from here.
+    Postgres(PgTarget),
+}
+
+/// A PostgreSQL URL and, once used, its pool. `Debug` never shows the password.
+#[derive(Clone)]
+pub struct PgTarget {
+    url: PgUrl,
+    pool_size: usize,
+    shared: Arc<std::sync::OnceLock<Arc<PgShared>>>,
+}
+
+impl std::fmt::Debug for PgTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PgTarget({:?})", self.url)
+    }
+}
+
+impl PgTarget {
+    fn shared(&self) -> Result<Arc<PgShared>> {
+        if let Some(s) = self.shared.get() {
+            return Ok(s.clone());
+        }
+        let s = PgShared::new(&self.url, self.pool_size)?;
+        Ok(self.shared.get_or_init(|| s).clone())
+    }
 }
 
 impl StoreLocation {
     /// SQLite in `data_dir`, unless `url` names a shared database.
-    pub fn from_config(data_dir: &Path, url: Option<&str>) -> Result<StoreLocation> {
+    pub fn from_config(
+        data_dir: &Path,
+        url: Option<&str>,
+        pool_size: usize,
+    ) -> Result<StoreLocation> {
         match url.map(str::trim).filter(|u| !u.is_empty()) {
             None => Ok(StoreLocation::Sqlite(data_dir.to_path_buf())),
-            Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
-                Err(crate::error::Error::FailedPrecondition(
-                    "PostgreSQL stores are not supported by this build".into(),
-                ))
-            }
-            Some(_) => Err(crate::error::Error::InvalidArgument(
+            Some(u) if PgUrl::is_postgres(u) => Ok(StoreLocation::Postgres(PgTarget {
+                url: PgUrl::parse(u)?,
+                pool_size,
+                shared: Arc::default(),
+            })),
+            Some(_) => Err(Error::InvalidArgument(
                 "the store URL must start with postgres:// or postgresql://".into(),
             )),
         }
@@ -41,6 +73,7 @@ impl StoreLocation {
     pub fn data_dir(&self) -> Option<&Path> {
         match self {
             StoreLocation::Sqlite(dir) => Some(dir),
+            StoreLocation::Postgres(_) => None,
         }
     }
 
@@ -48,6 +81,7 @@ impl StoreLocation {
     pub fn exists(&self) -> bool {
         match self {
             StoreLocation::Sqlite(dir) => sqlite::db_path(dir).exists(),
+            StoreLocation::Postgres(t) => t.shared().map(|s| postgres::exists(&s)).unwrap_or(false),
         }
     }
 
@@ -55,6 +89,7 @@ impl StoreLocation {
     pub fn read_header(&self) -> Result<VaultHeader> {
         match self {
             StoreLocation::Sqlite(dir) => sqlite::read_header(dir),
+            StoreLocation::Postgres(t) => postgres::read_header(&t.shared()?),
         }
     }
 
@@ -64,6 +99,9 @@ impl StoreLocation {
             StoreLocation::Sqlite(dir) => {
                 sqlite::create_database(dir, header, wrapped_data_key, dev)
             }
+            StoreLocation::Postgres(t) => {
+                postgres::create(&t.shared()?, header, wrapped_data_key, dev)
+            }
         }
     }
 
@@ -71,6 +109,7 @@ impl StoreLocation {
     pub fn initial_key_rows(&self) -> Result<Vec<KeyRow>> {
         match self {
             StoreLocation::Sqlite(dir) => sqlite::initial_key_rows(dir),
+            StoreLocation::Postgres(t) => postgres::initial_key_rows(&t.shared()?),
         }
     }
 
@@ -80,6 +119,11 @@ impl StoreLocation {
             StoreLocation::Sqlite(dir) => {
                 Ok(Arc::new(sqlite::SqliteStore::open(dir, keyring, params)?))
             }
+            StoreLocation::Postgres(t) => Ok(Arc::new(postgres::PgStore::open(
+                t.shared()?,
+                keyring,
+                params,
+            )?)),
         }
     }
 
@@ -87,6 +131,7 @@ impl StoreLocation {
     pub fn initial_clients(&self) -> Result<Vec<ClientRow>> {
         match self {
             StoreLocation::Sqlite(dir) => sqlite::initial_clients(dir),
+            StoreLocation::Postgres(t) => postgres::initial_clients(&t.shared()?),
         }
     }
 
@@ -94,6 +139,31 @@ impl StoreLocation {
     pub fn newest_recorded_time(&self) -> Result<Option<Micros>> {
         match self {
             StoreLocation::Sqlite(dir) => sqlite::newest_recorded_time(dir),
+            StoreLocation::Postgres(t) => postgres::newest_recorded_time(&t.shared()?),
+        }
+    }
+
+    /// The vault id (hex) and audit signing keys, read without the master key.
+    pub fn read_audit_public_keys(&self) -> Result<(String, Vec<AuditSigningKeyInfo>)> {
+        match self {
+            StoreLocation::Sqlite(dir) => sqlite::read_audit_public_keys(dir),
+            StoreLocation::Postgres(t) => postgres::read_audit_public_keys(&t.shared()?),
+        }
+    }
+
+    /// True when `serve --dev` created the vault.
+    pub fn is_dev_vault(&self) -> Result<bool> {
+        match self {
+            StoreLocation::Sqlite(dir) => sqlite::is_dev_vault(dir),
+            StoreLocation::Postgres(t) => postgres::is_dev_vault(&t.shared()?),
+        }
+    }
+
+    /// The URL of a shared store (password hidden) or the data directory, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            StoreLocation::Sqlite(dir) => dir.display().to_string(),
+            StoreLocation::Postgres(t) => t.url.to_string(),
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod lifecycle;
 pub mod location;
 pub mod lock;
 pub mod migrations;
+pub mod postgres;
 pub mod space;
 pub mod sqlite;
 

@@ -49,7 +49,7 @@ use crate::token::{self, TokenFormat};
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "vault.db";
 /// Draws of a new token before a shaped format's space is declared exhausted.
-const MAX_TOKEN_DRAWS: usize = 32;
+pub(crate) const MAX_TOKEN_DRAWS: usize = 32;
 /// Prepared statements kept per connection.
 const STATEMENT_CACHE: usize = 64;
 /// Reads go through a memory map of the database file (the WAL is read normally).
@@ -81,7 +81,7 @@ impl From<rusqlite::Error> for Error {
 
 /// Re-creates an error for each caller of a failed group (errors are not `Clone`).
 /// Exhaustive, so every caller sees the code the group failed with.
-fn duplicate(e: &Error) -> Error {
+pub(crate) fn duplicate(e: &Error) -> Error {
     match e {
         Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
         Error::NotFound => Error::NotFound,
@@ -384,11 +384,11 @@ const SQL_LOOKUP: &str = concat!(
      AND (expires_at IS NULL OR expires_at > ?2)"
 );
 
-fn roles_to_text(roles: &[Role]) -> String {
+pub(crate) fn roles_to_text(roles: &[Role]) -> String {
     roles.iter().map(|r| r.name()).collect::<Vec<_>>().join(",")
 }
 
-fn roles_from_text(text: &str) -> Vec<Role> {
+pub(crate) fn roles_from_text(text: &str) -> Vec<Role> {
     text.split(',').filter_map(Role::parse).collect()
 }
 
@@ -809,7 +809,7 @@ fn begin_state(tx: &Transaction<'_>, keyring: &Keyring) -> Result<TxState> {
 }
 
 /// Why tokenize is refused while this process holds a master key that was rotated away.
-const STALE_MASTER: &str = "the master key was rotated by another process: reload it (SIGHUP) \
+pub(crate) const STALE_MASTER: &str = "the master key was rotated by another process: reload it (SIGHUP) \
                             or restart with the new key; tokenize is refused until then";
 
 /// False once another process rotated the master key away from the one this process holds.
