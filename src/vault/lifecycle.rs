@@ -289,10 +289,12 @@ impl Vault {
             ..Default::default()
         };
         report.integrity = self.inner.store.integrity_check().await?;
-        report.leftovers = crate::store::lifecycle::leftovers(&self.inner.data_dir)
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect();
+        if let Some(dir) = self.location().data_dir() {
+            report.leftovers = crate::store::lifecycle::leftovers(dir)
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+        }
         let keys = self.inner.store.key_rows().await?;
         let active = keys.iter().filter(|k| k.state == KeyState::Active).count();
         if active != 1 {
