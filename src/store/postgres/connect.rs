@@ -45,7 +45,7 @@ impl fmt::Display for PgUrl {
 }
 
 /// The URL with any `user:password@` reduced to `user:***@`.
-fn redact(url: &str) -> String {
+pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return "postgres://***".into();
     };
