@@ -698,7 +698,12 @@ pub struct ConfigArgs {
     pub data_dir: Option<PathBuf>,
     /// A shared PostgreSQL store instead of SQLite in the data directory; the password from
     /// PGPASSWORD [file: store.url].
-    #[arg(long, env = "TOKENVAULT_STORE_URL", value_name = "URL", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "TOKENVAULT_STORE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub store_url: Option<String>,
     /// File holding the master key [file: storage.master_key_file].
     #[arg(long, env = "TOKENVAULT_MASTER_KEY_FILE", value_name = "FILE")]

@@ -81,9 +81,9 @@ impl Store {
     fn tamper(&self, sql: &str) {
         match self {
             Store::Sqlite(dir) => {
-                let conn = rusqlite::Connection::open(
-                    tokenvault::store::sqlite::db_path(&dir.path().join("data")),
-                )
+                let conn = rusqlite::Connection::open(tokenvault::store::sqlite::db_path(
+                    &dir.path().join("data"),
+                ))
                 .unwrap();
                 conn.execute_batch(sql).unwrap();
             }
@@ -196,7 +196,10 @@ async fn reuse_existing_is_scoped(store: Store) {
         .tokenize(&other, req(PANS[0], TokenFormat::Opaque, true))
         .await
         .unwrap();
-    assert!(c.created, "another principal never finds the first one's token");
+    assert!(
+        c.created,
+        "another principal never finds the first one's token"
+    );
     assert_ne!(c.token, a.token);
     vault.close().await;
 }
@@ -211,7 +214,9 @@ async fn delete_destroys_and_is_audited(store: Store) {
     assert!(vault.delete(&caller(), t.token.clone()).await.unwrap());
     assert!(!vault.delete(&caller(), t.token.clone()).await.unwrap());
     assert!(matches!(
-        vault.detokenize(&caller(), t.token.clone(), "t".into()).await,
+        vault
+            .detokenize(&caller(), t.token.clone(), "t".into())
+            .await,
         Err(Error::NotFound)
     ));
     let records = vault.audit_records(1, 100).await.unwrap();
@@ -332,7 +337,9 @@ async fn an_altered_ciphertext_is_data_loss(store: Store) {
         b = b.token.as_str()
     ));
     assert!(matches!(
-        vault.detokenize(&caller(), a.token.clone(), "t".into()).await,
+        vault
+            .detokenize(&caller(), a.token.clone(), "t".into())
+            .await,
         Err(Error::DataLoss(_))
     ));
     vault.close().await;
@@ -462,13 +469,21 @@ async fn audit_key_rotation_and_checkpoint(store: Store) {
         .tokenize(&caller(), req(PANS[0], TokenFormat::Opaque, false))
         .await
         .unwrap();
-    let before = vault.audit_checkpoint().await.unwrap().expect("a checkpoint");
+    let before = vault
+        .audit_checkpoint()
+        .await
+        .unwrap()
+        .expect("a checkpoint");
     let (id, _public) = vault.rotate_audit_key(&caller()).await.unwrap();
     assert_eq!(id, 2);
     let keys = vault.audit_signing_keys().await.unwrap();
     assert_eq!(keys.len(), 2);
     assert!(!keys[0].active && keys[1].active);
-    let after = vault.audit_checkpoint().await.unwrap().expect("a checkpoint");
+    let after = vault
+        .audit_checkpoint()
+        .await
+        .unwrap()
+        .expect("a checkpoint");
     assert!(after.seq > before.seq);
     let v = vault.verify_audit().await.unwrap();
     assert!(v.is_ok(), "{}", v.describe());
@@ -535,7 +550,10 @@ async fn replicas_share_tokens_one_chain_and_rotate_exactly_once() {
         .into_iter()
         .filter(|r| r.action == "key_rotate")
         .count();
-    assert_eq!(rotations, 4, "each automatic rotation happened exactly once");
+    assert_eq!(
+        rotations, 4,
+        "each automatic rotation happened exactly once"
+    );
     for v in &vaults {
         let verdict = v.verify_audit().await.unwrap();
         assert!(verdict.is_ok(), "{}", verdict.describe());
@@ -559,12 +577,18 @@ async fn replicas_see_key_and_client_changes_within_a_second() {
         .unwrap();
     let v2 = vaults[0].rotate_key(&caller()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert_eq!(vaults[1].authenticate_api_key(&api_key).unwrap().name, "app");
+    assert_eq!(
+        vaults[1].authenticate_api_key(&api_key).unwrap().name,
+        "app"
+    );
     let t = vaults[1]
         .tokenize(&caller(), req(PANS[0], TokenFormat::Opaque, false))
         .await
         .unwrap();
-    assert_eq!(t.info.key_version, v2, "the other replica seals under the new version");
+    assert_eq!(
+        t.info.key_version, v2,
+        "the other replica seals under the new version"
+    );
     vaults[0].revoke_client(&caller(), "app").await.unwrap();
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert!(vaults[1].authenticate_api_key(&api_key).is_err());

@@ -140,10 +140,7 @@ async fn init(url: &str, dir: &Path) -> (std::path::PathBuf, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains("created vault in postgres://"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("created vault in postgres://"), "{stdout}");
     let master = MasterKey::load_file(&key_file).unwrap();
     let mut cfg = VaultConfig::new(dir.join("unused"));
     cfg.store_url = Some(url.to_owned());
@@ -239,7 +236,11 @@ async fn three_replicas_share_one_vault_and_survive_a_sigkill() {
                     })
                     .await
                 {
-                    Ok(r) => assert_eq!(r.into_inner().pan, pan, "another replica revealed another card"),
+                    Ok(r) => assert_eq!(
+                        r.into_inner().pan,
+                        pan,
+                        "another replica revealed another card"
+                    ),
                     Err(_) => break,
                 }
             }
@@ -311,7 +312,10 @@ async fn a_database_restart_is_unavailable_then_recovers() {
     assert!(started.elapsed() < Duration::from_secs(10), "not fast");
     let deadline = Instant::now() + Duration::from_secs(10);
     while health(&replica.addr).await != Some(ServingStatus::NotServing) {
-        assert!(Instant::now() < deadline, "health stayed SERVING without a database");
+        assert!(
+            Instant::now() < deadline,
+            "health stayed SERVING without a database"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 

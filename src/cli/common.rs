@@ -122,7 +122,12 @@ pub struct VaultArgs {
     /// A shared PostgreSQL store, postgres://USER@HOST/DB?sslmode=verify-full&sslrootcert=CA
     /// (the password from PGPASSWORD, never on the command line); without it the vault is
     /// SQLite in --data-dir.
-    #[arg(long, env = "TOKENVAULT_STORE_URL", value_name = "URL", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "TOKENVAULT_STORE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub store_url: Option<String>,
 }
 

@@ -159,6 +159,14 @@ impl StoreLocation {
         }
     }
 
+    /// This store as one end of a whole-vault copy ([`super::copy`]).
+    pub fn copy_endpoint(&self) -> Result<super::copy::Endpoint> {
+        match self {
+            StoreLocation::Sqlite(dir) => Ok(super::copy::Endpoint::Sqlite(sqlite::db_path(dir))),
+            StoreLocation::Postgres(t) => Ok(super::copy::Endpoint::Postgres(t.shared()?)),
+        }
+    }
+
     /// The URL of a shared store (password hidden) or the data directory, for messages.
     pub fn describe(&self) -> String {
         match self {

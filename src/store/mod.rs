@@ -14,6 +14,7 @@
 //! small pool of read-only connections on their own threads, never on async workers.
 //! A PostgreSQL backend can implement the same trait later.
 
+pub mod copy;
 pub mod datadir;
 pub mod lifecycle;
 pub mod location;

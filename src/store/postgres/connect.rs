@@ -29,7 +29,9 @@ enum TlsMode {
     /// `require`, `verify-ca` and `verify-full` all verify the server's certificate and
     /// name through rustls against `sslrootcert`: a TLS connection that does not is no
     /// protection against the network this is meant for.
-    Verify { root_cert: std::path::PathBuf },
+    Verify {
+        root_cert: std::path::PathBuf,
+    },
 }
 
 impl fmt::Debug for PgUrl {
@@ -142,11 +144,7 @@ impl PgUrl {
             }
         }
         config.connect_timeout(CONNECT_TIMEOUT);
-        Ok(PgUrl {
-            config,
-            tls,
-            shown,
-        })
+        Ok(PgUrl { config, tls, shown })
     }
 
     /// A bounded pool of connections; nothing connects until the first use.

@@ -43,8 +43,8 @@ use super::{
 };
 use crate::audit::{self, canonical_bytes, AuditEntry, AuditRecord, GENESIS_MAC};
 use crate::card::Brand;
-use crate::crypto::{audit_chain_hash, AuditPublicKey, KeyPurpose, KeyWrappingKey};
 use crate::crypto::AUDIT_GENESIS_HASH;
+use crate::crypto::{audit_chain_hash, AuditPublicKey, KeyPurpose, KeyWrappingKey};
 use crate::error::{outcome_of, Error, Result};
 use crate::keyring::{KeyRow, Keyring};
 use crate::model::{now_micros, Caller, ClientInfo, KeyState, KeyVersionInfo, Micros};
@@ -98,8 +98,15 @@ impl PgShared {
         }))
     }
 
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
     fn handle(&self) -> &tokio::runtime::Handle {
-        self.rt.as_ref().expect("runtime lives as long as PgShared").handle()
+        self.rt
+            .as_ref()
+            .expect("runtime lives as long as PgShared")
+            .handle()
     }
 
     /// Runs `fut` on the store's runtime; usable from any runtime or none.
@@ -142,7 +149,7 @@ pub fn read_header(shared: &Arc<PgShared>) -> Result<VaultHeader> {
     let shown = shared.url.to_string();
     shared.block(async move {
         let client = PgShared::client(&pool).await?;
-        let version = schema::check_not_newer(schema::version(&client).await?)?;
+        let version = schema::check_not_newer(schema::version(&**client).await?)?;
         if version < 1 {
             return Err(Error::FailedPrecondition(format!(
                 "no vault at {shown} (run `tokenvault init --store-url …` first)"
@@ -176,7 +183,7 @@ pub fn exists(shared: &Arc<PgShared>) -> bool {
     shared
         .block(async move {
             let client = PgShared::client(&pool).await?;
-            if schema::version(&client).await? < 1 {
+            if schema::version(&**client).await? < 1 {
                 return Ok(false);
             }
             Ok(client
@@ -340,11 +347,13 @@ async fn load_key_rows(c: &impl tokio_postgres::GenericClient) -> Result<Vec<Key
 }
 
 async fn read_counter(c: &impl tokio_postgres::GenericClient, key: &str) -> Result<i64> {
-    Ok(c.query_opt("SELECT value FROM counters WHERE key = $1", &[&key])
-        .await
-        .map_err(map_err)?
-        .map(|r| r.get(0))
-        .unwrap_or(0))
+    Ok(
+        c.query_opt("SELECT value FROM counters WHERE key = $1", &[&key])
+            .await
+            .map_err(map_err)?
+            .map(|r| r.get(0))
+            .unwrap_or(0),
+    )
 }
 
 async fn bump_generation(tx: &Transaction<'_>) -> Result<()> {
@@ -606,10 +615,16 @@ async fn flush_audit(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) 
     }
     let n = st.audit.len();
     let (mut seqs, mut ats) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    let (mut principals, mut peers, mut actions) =
-        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-    let (mut subjects, mut outcomes, mut reasons) =
-        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut principals, mut peers, mut actions) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut subjects, mut outcomes, mut reasons) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
     let (mut macs, mut hashes) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for mut entry in st.audit.drain(..) {
         entry.at = entry.at.max(st.audit_at);
@@ -643,7 +658,15 @@ async fn flush_audit(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) 
     tx.execute(
         &stmt,
         &[
-            &seqs, &ats, &principals, &peers, &actions, &subjects, &outcomes, &reasons, &macs,
+            &seqs,
+            &ats,
+            &principals,
+            &peers,
+            &actions,
+            &subjects,
+            &outcomes,
+            &reasons,
+            &macs,
             &hashes,
         ],
     )
@@ -673,7 +696,11 @@ async fn rotate_in_tx(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState)
     .map_err(map_err)?;
     tx.execute(
         "INSERT INTO data_keys(version, wrapped, state, created_at) VALUES ($1, $2, 'active', $3)",
-        &[&i64::from(version), &keyring.new_wrapped_data_key(version), &now],
+        &[
+            &i64::from(version),
+            &keyring.new_wrapped_data_key(version),
+            &now,
+        ],
     )
     .await
     .map_err(map_err)?;
@@ -887,7 +914,10 @@ impl Writer {
                         (WriteOp::Audit { reply, .. }, Outcome::Audit) => {
                             let _ = reply.send(Ok(()));
                         }
-                        (op, _) => fail(op, Error::Internal("writer outcome of the wrong kind".into())),
+                        (op, _) => fail(
+                            op,
+                            Error::Internal("writer outcome of the wrong kind".into()),
+                        ),
                     }
                 }
             }
@@ -1089,7 +1119,10 @@ impl PgStore {
 /// Creates the first audit signing key if there is none (by whichever replica opens first).
 async fn prepare_audit(client: &mut deadpool_postgres::Object, keyring: &Keyring) -> Result<()> {
     let has_key = client
-        .query_opt("SELECT 1 FROM audit_signing_keys WHERE state = 'active'", &[])
+        .query_opt(
+            "SELECT 1 FROM audit_signing_keys WHERE state = 'active'",
+            &[],
+        )
         .await
         .map_err(map_err)?
         .is_some();
@@ -1101,13 +1134,19 @@ async fn prepare_audit(client: &mut deadpool_postgres::Object, keyring: &Keyring
         .await
         .map_err(map_err)?;
     let has_key = tx
-        .query_opt("SELECT 1 FROM audit_signing_keys WHERE state = 'active'", &[])
+        .query_opt(
+            "SELECT 1 FROM audit_signing_keys WHERE state = 'active'",
+            &[],
+        )
         .await
         .map_err(map_err)?
         .is_some();
     if !has_key && master_is_current(&tx, keyring).await? {
         let n: i64 = tx
-            .query_one("SELECT COALESCE(MAX(id), 0) + 1 FROM audit_signing_keys", &[])
+            .query_one(
+                "SELECT COALESCE(MAX(id), 0) + 1 FROM audit_signing_keys",
+                &[],
+            )
             .await
             .map_err(map_err)?
             .get(0);
@@ -1115,7 +1154,12 @@ async fn prepare_audit(client: &mut deadpool_postgres::Object, keyring: &Keyring
         tx.execute(
             "INSERT INTO audit_signing_keys(id, public_key, wrapped, state, created_at) \
              VALUES ($1, $2, $3, 'active', $4)",
-            &[&n, &key.public_key().to_bytes().to_vec(), &wrapped, &now_micros()],
+            &[
+                &n,
+                &key.public_key().to_bytes().to_vec(),
+                &wrapped,
+                &now_micros(),
+            ],
         )
         .await
         .map_err(map_err)?;
@@ -1177,10 +1221,7 @@ impl Storage for PgStore {
                     (row.token.clone(), row)
                 })
                 .collect();
-            Ok(tokens
-                .iter()
-                .map(|t| found.get(t).cloned())
-                .collect())
+            Ok(tokens.iter().map(|t| found.get(t).cloned()).collect())
         })
     }
 
@@ -1309,8 +1350,13 @@ impl Storage for PgStore {
                     bump_generation(&tx).await?;
                 }
                 let outcome = if n > 0 { "OK" } else { "NOT_FOUND" };
-                st.audit
-                    .push(AuditEntry::new(&caller, "client_revoke", &name, outcome, ""));
+                st.audit.push(AuditEntry::new(
+                    &caller,
+                    "client_revoke",
+                    &name,
+                    outcome,
+                    "",
+                ));
                 n > 0
             })
         })
@@ -1324,7 +1370,9 @@ impl Storage for PgStore {
         self.read(move |client| async move {
             let rows = client
                 .query(
-                    &format!("SELECT {AUDIT_COLS} FROM audit WHERE seq >= $1 ORDER BY seq LIMIT $2"),
+                    &format!(
+                        "SELECT {AUDIT_COLS} FROM audit WHERE seq >= $1 ORDER BY seq LIMIT $2"
+                    ),
                     &[&(from as i64), &(limit as i64)],
                 )
                 .await
@@ -1513,7 +1561,12 @@ impl Storage for PgStore {
                     out.last_id = Some(last.id);
                     seen += rows.len();
                     for row in &rows {
-                        if keyring.needs_rotation(st.active_count, 1, st.active_created, now_micros()) {
+                        if keyring.needs_rotation(
+                            st.active_count,
+                            1,
+                            st.active_created,
+                            now_micros(),
+                        ) {
                             rotate_in_tx(&tx, &keyring, st).await?;
                             snapshot = keyring.snapshot();
                         }
@@ -1559,8 +1612,16 @@ impl Storage for PgStore {
                         &caller,
                         "key_rewrap",
                         &format!("key v{}", out.active_version),
-                        if out.failed.is_empty() { "OK" } else { "DATA_LOSS" },
-                        &format!("{} rows re-sealed, {} failed", out.rewrapped, out.failed.len()),
+                        if out.failed.is_empty() {
+                            "OK"
+                        } else {
+                            "DATA_LOSS"
+                        },
+                        &format!(
+                            "{} rows re-sealed, {} failed",
+                            out.rewrapped,
+                            out.failed.len()
+                        ),
                     ));
                 }
                 out
@@ -1650,7 +1711,11 @@ impl Storage for PgStore {
                     if row.state == KeyState::Retired {
                         continue;
                     }
-                    let w = keyring.rewrap_under(&new_kwk, &row.wrapped, KeyPurpose::Data(row.version))?;
+                    let w = keyring.rewrap_under(
+                        &new_kwk,
+                        &row.wrapped,
+                        KeyPurpose::Data(row.version),
+                    )?;
                     tx.execute(
                         "UPDATE data_keys SET wrapped = $2 WHERE version = $1",
                         &[&i64::from(row.version), &w],
@@ -1660,12 +1725,19 @@ impl Storage for PgStore {
                     rewrapped += 1;
                 }
                 let signing = tx
-                    .query("SELECT id, wrapped FROM audit_signing_keys WHERE wrapped IS NOT NULL", &[])
+                    .query(
+                        "SELECT id, wrapped FROM audit_signing_keys WHERE wrapped IS NOT NULL",
+                        &[],
+                    )
                     .await
                     .map_err(map_err)?;
                 for r in &signing {
                     let (id, wrapped): (i64, Vec<u8>) = (r.get(0), r.get(1));
-                    let w = keyring.rewrap_under(&new_kwk, &wrapped, KeyPurpose::AuditSigning(id as u32))?;
+                    let w = keyring.rewrap_under(
+                        &new_kwk,
+                        &wrapped,
+                        KeyPurpose::AuditSigning(id as u32),
+                    )?;
                     tx.execute(
                         "UPDATE audit_signing_keys SET wrapped = $2 WHERE id = $1",
                         &[&id, &w],
@@ -1673,7 +1745,8 @@ impl Storage for PgStore {
                     .await
                     .map_err(map_err)?;
                 }
-                let fingerprint = keyring.rewrap_under(&new_kwk, &fingerprint, KeyPurpose::Fingerprint)?;
+                let fingerprint =
+                    keyring.rewrap_under(&new_kwk, &fingerprint, KeyPurpose::Fingerprint)?;
                 let audit_key = keyring.rewrap_under(&new_kwk, &audit_key, KeyPurpose::Audit)?;
                 for (k, v) in [
                     ("wrapped_fingerprint_key", &fingerprint),
@@ -1779,7 +1852,9 @@ impl Storage for PgStore {
                 .map_err(map_err)?
                 .get(0);
             if orphans > 0 {
-                problems.push(format!("{orphans} rows name a key version that does not exist"));
+                problems.push(format!(
+                    "{orphans} rows name a key version that does not exist"
+                ));
             }
             let head = client
                 .query_one(
@@ -1789,7 +1864,8 @@ impl Storage for PgStore {
                 )
                 .await
                 .map_err(map_err)?;
-            let (head_seq, max_seq, count): (i64, i64, i64) = (head.get(0), head.get(1), head.get(2));
+            let (head_seq, max_seq, count): (i64, i64, i64) =
+                (head.get(0), head.get(1), head.get(2));
             if head_seq != max_seq || count != max_seq {
                 problems.push(format!(
                     "audit head {head_seq}, newest record {max_seq}, {count} records"
@@ -1799,13 +1875,17 @@ impl Storage for PgStore {
         })
     }
 
-    fn backup_to(&self, _out: PathBuf) -> StoreFuture<u64> {
-        Box::pin(async {
-            Err(Error::FailedPrecondition(
-                "`backup` of a PostgreSQL store is not available in this build: use the \
-                 database's own backups (pg_basebackup / PITR)"
-                    .into(),
-            ))
+    /// The portable snapshot format: a SQLite vault file, written from one REPEATABLE READ
+    /// snapshot (see [`super::copy`]), so `restore` takes it whatever store it came from.
+    fn backup_to(&self, out: PathBuf) -> StoreFuture<u64> {
+        let shared = self.shared.clone();
+        let (reply, rx) = oneshot::channel();
+        std::thread::spawn(move || {
+            let _ = reply.send(backup_to_file(&shared, &out));
+        });
+        Box::pin(async move {
+            rx.await
+                .map_err(|_| Error::Internal("the backup thread stopped".into()))?
         })
     }
 
@@ -1920,6 +2000,31 @@ impl Drop for PgStore {
             .unwrap_or_else(|e| e.into_inner())
             .take();
     }
+}
+
+fn backup_to_file(shared: &Arc<PgShared>, out: &std::path::Path) -> Result<u64> {
+    if out.exists() {
+        return Err(Error::AlreadyExists(format!(
+            "{} already exists",
+            out.display()
+        )));
+    }
+    let tmp = PathBuf::from(format!("{}.partial-{}", out.display(), std::process::id()));
+    super::copy::copy(
+        &super::copy::Endpoint::Postgres(shared.clone()),
+        &super::copy::Endpoint::Sqlite(tmp.clone()),
+        |_| {},
+    )?;
+    std::fs::rename(&tmp, out).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::Unavailable(format!("cannot move the backup to {}: {e}", out.display()))
+    })?;
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::Unavailable(format!("fsync {}: {e}", dir.display())))?;
+    }
+    Ok(std::fs::metadata(out).map(|m| m.len()).unwrap_or(0))
 }
 
 async fn recorded_head(c: &impl tokio_postgres::GenericClient) -> Result<Option<(u64, Vec<u8>)>> {

@@ -7,6 +7,7 @@
 //! SQLite list (`store::migrations`) that changes what the store keeps needs its twin here.
 
 use deadpool_postgres::Client;
+use tokio_postgres::GenericClient;
 
 use super::connect::map_err;
 use crate::error::{Error, Result};
@@ -102,7 +103,7 @@ const MIGRATIONS: &[&str] = &[
 pub const LATEST: i64 = MIGRATIONS.len() as i64;
 
 /// The schema version of the database; 0 when the vault's tables do not exist.
-pub async fn version(client: &Client) -> Result<i64> {
+pub async fn version(client: &impl GenericClient) -> Result<i64> {
     let exists: bool = client
         .query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[])
         .await
@@ -133,7 +134,7 @@ pub fn check_not_newer(v: i64) -> Result<i64> {
 /// SELECT/INSERT/UPDATE/DELETE alone opens an up-to-date vault.
 pub async fn migrate(client: &mut Client) -> Result<()> {
     loop {
-        if check_not_newer(version(client).await?)? == LATEST {
+        if check_not_newer(version(&***client).await?)? == LATEST {
             return Ok(());
         }
         let tx = client.transaction().await.map_err(map_err)?;

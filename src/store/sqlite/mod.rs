@@ -809,7 +809,8 @@ fn begin_state(tx: &Transaction<'_>, keyring: &Keyring) -> Result<TxState> {
 }
 
 /// Why tokenize is refused while this process holds a master key that was rotated away.
-pub(crate) const STALE_MASTER: &str = "the master key was rotated by another process: reload it (SIGHUP) \
+pub(crate) const STALE_MASTER: &str =
+    "the master key was rotated by another process: reload it (SIGHUP) \
                             or restart with the new key; tokenize is refused until then";
 
 /// False once another process rotated the master key away from the one this process holds.
