@@ -644,3 +644,66 @@ async fn a_database_restart_fails_fast_then_recovers_without_a_restart() {
     assert!(vault.verify_audit().await.unwrap().is_ok());
     vault.close().await;
 }
+
+/// `serve` and the admin commands need only SELECT/INSERT/UPDATE/DELETE (the README's
+/// GRANTs); only `init` (and a migration) needs to create tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_with_only_dml_grants_runs_the_vault() {
+    let Some(store) = Store::postgres() else {
+        return;
+    };
+    let Store::Postgres { cluster, url, dir } = &store else {
+        unreachable!()
+    };
+    let key = MasterKey::generate();
+    Vault::create(store.config(), &key).unwrap().close().await;
+    let db = pg::db_of(url).to_owned();
+    let role = format!("{db}_app");
+    // The README's GRANTs, verbatim apart from the names.
+    cluster.sql(
+        &db,
+        &format!(
+            "CREATE ROLE {role} LOGIN; \
+             GRANT CONNECT ON DATABASE {db} TO {role}; \
+             GRANT USAGE ON SCHEMA public TO {role}; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}; \
+             GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role};"
+        ),
+    );
+    let mut cfg = VaultConfig::new(dir.path().join("unused"));
+    cfg.store_url = Some(format!(
+        "postgres://{role}@127.0.0.1:{}/{db}",
+        cluster.port
+    ));
+    let vault = Vault::open(cfg, &key).unwrap();
+    let t = vault
+        .tokenize(&caller(), req(PANS[0], TokenFormat::Opaque, false))
+        .await
+        .unwrap();
+    vault
+        .add_client(&caller(), "app", &[Role::Tokenize], None)
+        .await
+        .unwrap();
+    vault.rotate_key(&caller()).await.unwrap();
+    vault
+        .rewrap(&caller(), &RewrapOptions::default(), |_| {})
+        .await
+        .unwrap();
+    assert!(vault.retire_key(&caller(), 1).await.unwrap());
+    vault.rotate_audit_key(&caller()).await.unwrap();
+    vault.delete(&caller(), t.token).await.unwrap();
+    let opts = PurgeOptions {
+        deleted: true,
+        expired: false,
+        older_than: None,
+        batch: 100,
+    };
+    assert_eq!(vault.purge(&caller(), &opts).await.unwrap().deleted, 1);
+    assert!(vault.verify_audit().await.unwrap().is_ok());
+    // And it cannot create anything.
+    vault.close().await;
+    let denied = std::panic::catch_unwind(|| {
+        cluster.sql(&db, &format!("SET ROLE {role}; CREATE TABLE sneaky (x int)"));
+    });
+    assert!(denied.is_err(), "the serve role could create a table");
+}
