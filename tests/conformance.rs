@@ -671,10 +671,7 @@ async fn a_role_with_only_dml_grants_runs_the_vault() {
         ),
     );
     let mut cfg = VaultConfig::new(dir.path().join("unused"));
-    cfg.store_url = Some(format!(
-        "postgres://{role}@127.0.0.1:{}/{db}",
-        cluster.port
-    ));
+    cfg.store_url = Some(format!("postgres://{role}@127.0.0.1:{}/{db}", cluster.port));
     let vault = Vault::open(cfg, &key).unwrap();
     let t = vault
         .tokenize(&caller(), req(PANS[0], TokenFormat::Opaque, false))
@@ -703,7 +700,10 @@ async fn a_role_with_only_dml_grants_runs_the_vault() {
     // And it cannot create anything.
     vault.close().await;
     let denied = std::panic::catch_unwind(|| {
-        cluster.sql(&db, &format!("SET ROLE {role}; CREATE TABLE sneaky (x int)"));
+        cluster.sql(
+            &db,
+            &format!("SET ROLE {role}; CREATE TABLE sneaky (x int)"),
+        );
     });
     assert!(denied.is_err(), "the serve role could create a table");
 }

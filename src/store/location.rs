@@ -18,7 +18,7 @@ pub enum StoreLocation {
     Sqlite(PathBuf),
     /// A PostgreSQL database; the connection pool is made on first use and shared with the
     /// store opened from here.
-    Postgres(PgTarget),
+    Postgres(Box<PgTarget>),
 }
 
 /// A PostgreSQL URL and, once used, its pool. `Debug` never shows the password.
@@ -54,11 +54,11 @@ impl StoreLocation {
     ) -> Result<StoreLocation> {
         match url.map(str::trim).filter(|u| !u.is_empty()) {
             None => Ok(StoreLocation::Sqlite(data_dir.to_path_buf())),
-            Some(u) if PgUrl::is_postgres(u) => Ok(StoreLocation::Postgres(PgTarget {
+            Some(u) if PgUrl::is_postgres(u) => Ok(StoreLocation::Postgres(Box::new(PgTarget {
                 url: PgUrl::parse(u)?,
                 pool_size,
                 shared: Arc::default(),
-            })),
+            }))),
             Some(_) => Err(Error::InvalidArgument(
                 "the store URL must start with postgres:// or postgresql://".into(),
             )),
