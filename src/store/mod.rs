@@ -12,7 +12,6 @@
 //! (group commit) and answers callers only after `COMMIT` returned with `synchronous=FULL`.
 //! Audit records ride in the same transactions as the data they describe. Reads run on a
 //! small pool of read-only connections on their own threads, never on async workers.
-//! A PostgreSQL backend can implement the same trait later.
 
 pub mod copy;
 pub mod datadir;
@@ -215,6 +214,24 @@ pub struct CheckpointSource {
 /// Called for each audit record of a snapshot walk, in ascending order.
 pub type AuditVisitor = Box<dyn FnMut(&AuditRecord) + Send>;
 
+/// What every store provides. Adding a method means implementing it in both backends:
+///
+/// - **SQLite** (`sqlite/`): writes go through the single writer (`SqliteStore::admin` for
+///   admin work: one immediate transaction between serving groups, with `begin_state` /
+///   `finish_state` around it so the audit chain and key counts stay in step), reads through
+///   the read pool; a commit that destroys data calls `mark_destroyed`, one that changes
+///   keys or clients `bump_generation`.
+/// - **PostgreSQL** (`postgres/`): writes run in their own transaction that begins with
+///   `begin_state` (it locks the `audit_head` row FOR UPDATE: the one lock that orders every
+///   writer of every replica) and ends with `finish_state` (the `admin_tx!` macro does both);
+///   reads on a pooled connection, in one REPEATABLE READ transaction when they must agree
+///   with each other; a change to keys or clients bumps `counters.generation`. New tables
+///   need a migration in `postgres/schema.rs` beside the SQLite one, the GRANTs in the
+///   README cover them, and `store/copy.rs` must copy them (it refuses unknown tables).
+///
+/// Both: the audit record of a change rides in the change's transaction (push it on
+/// `TxState::audit`), errors are `crate::error::Error` (PostgreSQL ones through
+/// `postgres::connect::map_err`), and `tests/conformance.rs` gets one body for the behaviour.
 pub trait Storage: Send + Sync + 'static {
     /// Inserts (or, with `reuse_existing`, finds) tokens and appends one audit record per
     /// item, all in one group commit. One result per item, in order.
