@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use crate::crypto::{
     audit_chain_hash, AuditKey, AuditPublicKey, AuditSigningKey, AUDIT_GENESIS_HASH,
 };
-use crate::vault::{Caller, Micros};
+use crate::model::{Caller, Micros};
 
 /// MAC that precedes the first record.
 pub const GENESIS_MAC: [u8; 32] = [0u8; 32];

@@ -66,6 +66,7 @@ pub enum ConfigError {
 pub struct Config {
     pub server: ServerSection,
     pub storage: StorageSection,
+    pub store: StoreSection,
     pub tls: TlsSection,
     pub limits: LimitsSection,
     pub key_rotation: KeyRotationSection,
@@ -109,6 +110,16 @@ impl Default for StorageSection {
             master_key_file: None,
         }
     }
+}
+
+/// `[store]`: a shared PostgreSQL store instead of SQLite in `storage.data_dir`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// `postgres://USER@HOST/DB?sslmode=verify-full&sslrootcert=CA`; the password comes
+    /// from `PGPASSWORD` (keep it out of this file).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 /// TLS server certificate and key (PEM), and for mutual TLS the CA that signs client
@@ -259,6 +270,7 @@ pub struct Overrides {
     pub mlock: Option<bool>,
     pub access_log: Option<bool>,
     pub data_dir: Option<PathBuf>,
+    pub store_url: Option<String>,
     pub master_key_file: Option<PathBuf>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -325,6 +337,10 @@ impl Config {
             &o.max_concurrent_per_connection,
         );
         set(&mut self.storage.data_dir, &o.data_dir);
+        if let Some(url) = &o.store_url {
+            // An empty value (TOKENVAULT_STORE_URL=) means SQLite.
+            self.store.url = (!url.trim().is_empty()).then(|| url.clone());
+        }
         set_some(&mut self.storage.master_key_file, &o.master_key_file);
         set_some(&mut self.tls.cert, &o.tls_cert);
         set_some(&mut self.tls.key, &o.tls_key);
@@ -496,6 +512,7 @@ impl Config {
     /// The vault settings this configuration describes.
     pub fn vault_config(&self) -> crate::vault::VaultConfig {
         let mut v = crate::vault::VaultConfig::new(&self.storage.data_dir);
+        v.store_url = self.store.url.clone();
         v.key_policy = self.key_rotation.key_policy();
         v.max_storage_bytes = self.limits.max_storage_bytes;
         v.max_wal_bytes = self.limits.max_wal_bytes;
@@ -505,7 +522,15 @@ impl Config {
     /// The effective configuration as TOML, followed by a `[secrets]` table that says which
     /// secret sources are set without showing them.
     pub fn render(&self, secrets: &Secrets) -> String {
-        let mut text = toml::to_string(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"));
+        // Never show a password that was put in the store URL.
+        let mut shown = self.clone();
+        shown.store.url = shown
+            .store
+            .url
+            .as_deref()
+            .map(crate::store::postgres::connect::redact);
+        let mut text =
+            toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"));
         if !text.ends_with('\n') {
             text.push('\n');
         }
@@ -696,6 +721,15 @@ pub struct ConfigArgs {
     /// Directory holding the vault database [file: storage.data_dir].
     #[arg(long, env = "TOKENVAULT_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// A shared PostgreSQL store instead of SQLite in the data directory; the password from
+    /// PGPASSWORD [file: store.url].
+    #[arg(
+        long,
+        env = "TOKENVAULT_STORE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub store_url: Option<String>,
     /// File holding the master key [file: storage.master_key_file].
     #[arg(long, env = "TOKENVAULT_MASTER_KEY_FILE", value_name = "FILE")]
     pub master_key_file: Option<PathBuf>,
@@ -808,6 +842,7 @@ impl ConfigArgs {
         Overrides {
             listen: self.listen.clone(),
             data_dir: self.data_dir.clone(),
+            store_url: self.store_url.clone(),
             master_key_file: self.master_key_file.clone(),
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),

@@ -14,7 +14,7 @@ use crate::crypto::{
     AuditKey, AuditSigningKey, DataKey, FingerprintKey, KeyPurpose, KeyWrappingKey, SecretKey,
 };
 use crate::error::{Error, Result};
-use crate::vault::{KeyPolicy, KeyState, Micros};
+use crate::model::{KeyPolicy, KeyState, Micros};
 
 /// A `data_keys` row as stored.
 #[derive(Clone, Debug)]
@@ -24,24 +24,6 @@ pub struct KeyRow {
     pub state: KeyState,
     pub created_at: Micros,
     pub encryptions: u64,
-}
-
-impl KeyState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KeyState::Active => "active",
-            KeyState::DecryptOnly => "decrypt_only",
-            KeyState::Retired => "retired",
-        }
-    }
-    pub fn parse(s: &str) -> Option<KeyState> {
-        match s {
-            "active" => Some(KeyState::Active),
-            "decrypt_only" => Some(KeyState::DecryptOnly),
-            "retired" => Some(KeyState::Retired),
-            _ => None,
-        }
-    }
 }
 
 /// The unwrapped data keys of one moment.

@@ -12,6 +12,7 @@ pub mod hardening;
 pub mod keyring;
 pub mod logging;
 pub mod metrics;
+pub mod model;
 pub mod probes;
 pub mod ratelimit;
 pub mod store;

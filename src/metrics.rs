@@ -360,11 +360,21 @@ pub fn record_group_commit(items: usize, latency: Duration, outcome: CommitOutco
     counter!(COMMITS_TOTAL, "outcome" => outcome.as_str()).increment(1);
 }
 
-/// The writer reset the WAL (or tried to: `done` false when readers or another
-/// process kept the checkpoint from finishing).
+/// [`crate::store::WalResetObserver`]: the writer reset the WAL (or tried to: `done` false
+/// when readers or another process kept the checkpoint from finishing).
 pub fn record_wal_reset(latency: Duration, done: bool) {
     histogram!(WAL_RESET_DURATION).record(latency.as_secs_f64());
     counter!(WAL_RESETS, "outcome" => if done { "done" } else { "busy" }).increment(1);
+}
+
+/// [`crate::store::CommitObserver`]: the store reports each group commit here.
+pub fn observe_store_commit(items: usize, latency: Duration, ok: bool) {
+    let outcome = if ok {
+        CommitOutcome::Ok
+    } else {
+        CommitOutcome::Error
+    };
+    record_group_commit(items, latency, outcome);
 }
 
 /// Live tokens in the vault (set after a commit or from a periodic count).

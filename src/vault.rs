@@ -18,10 +18,9 @@ use crate::crypto::{self, AuditPublicKey, MasterKey, VaultId};
 use crate::error::{outcome_of, Error, Result};
 use crate::keyring::{Genesis, Keyring};
 use crate::store::lock::DirLock;
-use crate::store::sqlite::{self, OpenParams, SqliteStore};
 use crate::store::{
-    AuditSigningKeyInfo, ClientRow, NewToken, Storage, StoredToken, TokenMeta, TokenRow,
-    VaultHeader,
+    AuditSigningKeyInfo, ClientRow, NewToken, OpenParams, Storage, StoreLocation, StoredToken,
+    TokenMeta, TokenRow, VaultHeader,
 };
 use crate::token::{self, Token, TokenFormat};
 
@@ -29,36 +28,15 @@ pub mod clock;
 pub mod lifecycle;
 #[cfg(test)]
 mod row_format_tests;
+pub use crate::model::{
+    now_micros, Caller, ClientInfo, KeyPolicy, KeyState, KeyVersionInfo, Micros,
+};
+pub use crate::store::datadir::{check_data_dir, create_private_dir, refuse_writable_by_others};
 pub use clock::{Clock, VaultTime, EXPIRED_PURGE_GRACE};
 pub use lifecycle::{
     CheckReport, PurgeOptions, PurgePlan, PurgeReport, RevokeReport, RewrapOptions, RewrapProgress,
     RewrapReport,
 };
-
-/// Microseconds since the Unix epoch, UTC. The one time representation of the domain.
-pub type Micros = i64;
-
-/// The system clock (negative before 1970). The vault's own decisions use its [`Clock`].
-pub fn now_micros() -> Micros {
-    clock::system_micros()
-}
-
-/// How long a data-key version may be used before the vault rotates it.
-#[derive(Clone, Debug)]
-pub struct KeyPolicy {
-    /// Encryptions per version; well under the 2^32 bound of NIST SP 800-38D for random nonces.
-    pub max_encryptions: u64,
-    pub max_age: Option<Duration>,
-}
-
-impl Default for KeyPolicy {
-    fn default() -> Self {
-        KeyPolicy {
-            max_encryptions: 1 << 30,
-            max_age: Some(Duration::from_secs(90 * 86400)),
-        }
-    }
-}
 
 #[derive(Clone, Debug)]
 pub struct VaultConfig {
@@ -78,6 +56,8 @@ pub struct VaultConfig {
     pub busy_timeout: Duration,
     /// Where expiry and retention read the time (tests step it); see [`clock`].
     pub clock: Clock,
+    /// A shared PostgreSQL store (`postgres://…`); None = SQLite in `data_dir`.
+    pub store_url: Option<String>,
 }
 
 impl VaultConfig {
@@ -92,53 +72,17 @@ impl VaultConfig {
             max_wal_bytes: None,
             busy_timeout: Duration::from_secs(10),
             clock: Clock::system(),
+            store_url: None,
         }
     }
-}
 
-/// Who is asking, for authorisation and the audit trail.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Caller {
-    pub principal: String,
-    /// Peer address, or "cli" / "local" for admin commands.
-    pub peer: String,
-    /// The client's named reuse group, if an admin gave it one (see [`Caller::reuse_scope`]).
-    pub reuse_group: Option<String>,
-}
-
-impl Caller {
-    pub fn new(principal: impl Into<String>, peer: impl Into<String>) -> Caller {
-        Caller {
-            principal: principal.into(),
-            peer: peer.into(),
-            reuse_group: None,
-        }
-    }
-    pub fn with_reuse_group(mut self, group: Option<String>) -> Caller {
-        self.reuse_group = group;
-        self
-    }
-    /// Whose `reuse_existing` tokens this caller may find: its own, or its reuse group's.
-    /// Principal names and group names live in different namespaces.
-    pub fn reuse_scope(&self) -> String {
-        match &self.reuse_group {
-            Some(group) => format!("group:{group}"),
-            None => format!("principal:{}", self.principal),
-        }
-    }
-    /// An admin command run from the CLI by the local OS user.
-    pub fn cli() -> Caller {
-        // Attribute admin actions to the OS account that ran them, even without $USER
-        // (cron, containers): fall back to the numeric uid.
-        let user = std::env::var("USER")
-            .or_else(|_| std::env::var("LOGNAME"))
-            // SAFETY: getuid has no preconditions and cannot fail.
-            .unwrap_or_else(|_| format!("uid-{}", unsafe { libc::getuid() }));
-        Caller {
-            principal: format!("cli:{user}"),
-            peer: "local".into(),
-            reuse_group: None,
-        }
+    /// Where this configuration's vault lives.
+    pub fn location(&self) -> Result<StoreLocation> {
+        StoreLocation::from_config(
+            &self.data_dir,
+            self.store_url.as_deref(),
+            self.read_connections + 2,
+        )
     }
 }
 
@@ -176,39 +120,6 @@ pub struct Tokenized {
 pub struct Revealed {
     pub pan: Pan,
     pub info: TokenInfo,
-}
-
-/// State of a data-key version.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KeyState {
-    Active,
-    DecryptOnly,
-    Retired,
-}
-
-#[derive(Clone, Debug)]
-pub struct KeyVersionInfo {
-    pub version: u32,
-    pub state: KeyState,
-    pub created_at: Micros,
-    pub encryptions: u64,
-    pub max_encryptions: u64,
-    pub rows: u64,
-}
-
-#[derive(Clone, Debug)]
-pub struct ClientInfo {
-    pub name: String,
-    pub roles: Vec<Role>,
-    pub cert_identity: Option<String>,
-    /// Own detokenize limit in reveals per second; None = the server-wide default.
-    pub detokenize_rate: Option<f64>,
-    /// Own `reuse_existing` budget in lookups per second; None = the server-wide default.
-    pub reuse_rate: Option<f64>,
-    /// Named reuse group: clients of one group find each other's `reuse_existing` tokens.
-    pub reuse_group: Option<String>,
-    pub created_at: Micros,
-    pub revoked_at: Option<Micros>,
 }
 
 /// Per-client settings an admin chooses at `clients add`.
@@ -266,6 +177,7 @@ struct Inner {
     watching: AtomicBool,
     closed: AtomicBool,
     data_dir: PathBuf,
+    location: StoreLocation,
     time: VaultTime,
     /// The data directory's lock, held shared while this vault is open (see `store::lock`);
     /// released by `close`.
@@ -350,9 +262,15 @@ impl Vault {
     }
 
     fn create_as(cfg: VaultConfig, master: &MasterKey, dev: bool) -> Result<Vault> {
-        check_data_dir(&cfg.data_dir)?;
-        create_private_dir(&cfg.data_dir)?;
-        let lock = DirLock::shared(&cfg.data_dir)?;
+        let location = cfg.location()?;
+        let lock = match location.data_dir() {
+            Some(dir) => {
+                check_data_dir(dir)?;
+                create_private_dir(dir)?;
+                Some(DirLock::shared(dir)?)
+            }
+            None => None,
+        };
         let vault_id = VaultId::generate();
         let (kwk, check) = master.derive(&vault_id);
         let genesis = Genesis::generate(&kwk);
@@ -362,36 +280,48 @@ impl Vault {
             wrapped_fingerprint_key: genesis.fingerprint_key,
             wrapped_audit_key: genesis.audit_key,
         };
-        sqlite::create_database(&cfg.data_dir, &header, &genesis.data_key, dev)?;
+        location.create(&header, &genesis.data_key, dev)?;
         tracing::info!(vault_id = %vault_id.to_hex(), "created vault");
-        Vault::open_locked(cfg, master, Some(lock))
+        Vault::open_locked(cfg, location, master, lock)
     }
 
     /// Opens an existing vault; a wrong master key fails before anything is read or written.
     /// Refused while a restore holds the data directory (see `store::lock`).
     pub fn open(cfg: VaultConfig, master: &MasterKey) -> Result<Vault> {
-        check_data_dir(&cfg.data_dir)?;
-        refuse_writable_by_others(&cfg.data_dir)?;
-        let present = sqlite::db_path(&cfg.data_dir).exists()
-            || cfg.data_dir.join(crate::store::lock::LOCK_FILE).exists();
-        // Without either there is no vault, and `read_header` says so.
-        let lock = present
-            .then(|| DirLock::shared(&cfg.data_dir))
-            .transpose()?;
-        Vault::open_locked(cfg, master, lock)
+        let location = cfg.location()?;
+        let lock = match location.data_dir() {
+            Some(dir) => {
+                check_data_dir(dir)?;
+                refuse_writable_by_others(dir)?;
+                let present = location.exists() || dir.join(crate::store::lock::LOCK_FILE).exists();
+                // Without either there is no vault, and `read_header` says so.
+                present.then(|| DirLock::shared(dir)).transpose()?
+            }
+            None => None,
+        };
+        Vault::open_locked(cfg, location, master, lock)
     }
 
-    fn open_locked(cfg: VaultConfig, master: &MasterKey, lock: Option<DirLock>) -> Result<Vault> {
-        // On a full disk SQLite cannot even map its index: give back the reserve first.
-        crate::store::space::release_reserve_if_low(&cfg.data_dir);
-        let header = sqlite::read_header(&cfg.data_dir)?;
+    fn open_locked(
+        cfg: VaultConfig,
+        location: StoreLocation,
+        master: &MasterKey,
+        lock: Option<DirLock>,
+    ) -> Result<Vault> {
+        if let Some(dir) = location.data_dir() {
+            // On a full disk SQLite cannot even map its index: give back the reserve first.
+            crate::store::space::release_reserve_if_low(dir);
+        }
+        crate::store::set_commit_observer(crate::metrics::observe_store_commit);
+        crate::store::set_wal_reset_observer(crate::metrics::record_wal_reset);
+        let header = location.read_header()?;
         let vault_id = VaultId::from_slice(&header.vault_id)
             .ok_or_else(|| Error::Internal("vault id has the wrong length".into()))?;
         let (kwk, check) = master.derive(&vault_id);
         if !check.matches(&header.key_check) {
             return Err(Error::WrongMasterKey);
         }
-        let rows = sqlite::initial_key_rows(&cfg.data_dir)?;
+        let rows = location.initial_key_rows()?;
         let keyring = Arc::new(Keyring::new(
             kwk,
             &header.wrapped_fingerprint_key,
@@ -399,13 +329,13 @@ impl Vault {
             &rows,
             cfg.key_policy.clone(),
         )?);
-        let store = SqliteStore::open(&cfg.data_dir, keyring.clone(), &storage_params(&cfg))?;
+        let store = location.open(keyring.clone(), &storage_params(&cfg))?;
         // After the store opened: it applies pending migrations the client query relies on.
-        let clients = sqlite::initial_clients(&cfg.data_dir)?;
-        let newest = sqlite::newest_recorded_time(&cfg.data_dir)?;
+        let clients = location.initial_clients()?;
+        let newest = location.newest_recorded_time()?;
         let vault = Vault {
             inner: Arc::new(Inner {
-                store: Arc::new(store),
+                store,
                 keyring,
                 clients: RwLock::new(Arc::new(ClientCache::build(clients))),
                 clients_confirmed_ms: AtomicU64::new(0),
@@ -413,6 +343,7 @@ impl Vault {
                 watching: AtomicBool::new(false),
                 closed: AtomicBool::new(false),
                 data_dir: cfg.data_dir.clone(),
+                location,
                 time: VaultTime::new(cfg.clock.clone(), newest),
                 lock: std::sync::Mutex::new(lock),
             }),
@@ -423,7 +354,7 @@ impl Vault {
 
     /// True when `data_dir` holds a vault database.
     pub fn exists(data_dir: &Path) -> bool {
-        sqlite::db_path(data_dir).exists()
+        StoreLocation::sqlite(data_dir).exists()
     }
 
     /// Picks up key and client changes made by other processes within [`WATCH_INTERVAL`].
@@ -1083,8 +1014,8 @@ impl Vault {
     /// (serve calls it on SIGHUP). Refused, changing nothing, unless the key matches the
     /// vault's stored key check; afterwards key versions created under the new master load.
     pub async fn reload_master_key(&self, master: &MasterKey) -> Result<()> {
-        let dir = self.inner.data_dir.clone();
-        let header = tokio::task::spawn_blocking(move || sqlite::read_header(&dir))
+        let location = self.inner.location.clone();
+        let header = tokio::task::spawn_blocking(move || location.read_header())
             .await
             .map_err(|e| Error::Internal(format!("read header: {e}")))??;
         let vault_id = VaultId::from_slice(&header.vault_id)
@@ -1103,6 +1034,11 @@ impl Vault {
     /// (see [`clock`]). Expiry is judged by it.
     pub fn now(&self) -> Micros {
         self.inner.time.now()
+    }
+
+    /// Where this vault's store is.
+    pub fn location(&self) -> &StoreLocation {
+        &self.inner.location
     }
 
     /// The data directory this vault was opened from.
@@ -1182,55 +1118,4 @@ fn validate_client_name(name: &str) -> Result<()> {
                 .into(),
         ))
     }
-}
-
-/// Refuses a data directory, or a database file in it, that group or others can write:
-/// whoever can write there can swap the database or its WAL under the vault.
-pub fn refuse_writable_by_others(data_dir: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    for path in [data_dir.to_path_buf(), sqlite::db_path(data_dir)] {
-        let Ok(meta) = std::fs::metadata(&path) else {
-            continue;
-        };
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o022 != 0 {
-            let (what, fix) = if meta.is_dir() {
-                ("data directory", "700")
-            } else {
-                ("vault database", "600")
-            };
-            return Err(Error::FailedPrecondition(format!(
-                "{what} {} is writable by group or others (mode {mode:o}); refusing to use it. \
-                 Run chmod {fix} {}",
-                path.display(),
-                path.display()
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// An empty path is a configuration error, never "the current directory".
-pub fn check_data_dir(dir: &Path) -> Result<()> {
-    if dir.as_os_str().is_empty() {
-        return Err(Error::InvalidArgument(
-            "the data directory is an empty path; give a directory such as /var/lib/tokenvault"
-                .into(),
-        ));
-    }
-    Ok(())
-}
-
-/// Creates a data directory (and its parents) with owner-only access: it holds the only copy
-/// of the card data. An existing directory is left as it is.
-pub fn create_private_dir(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    if dir.exists() {
-        return Ok(());
-    }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| Error::Unavailable(format!("cannot create {}: {e}", dir.display())))
 }

@@ -187,7 +187,7 @@ pub async fn run(cmd: AuditCommand) -> Result<(), CliError> {
             Ok(())
         }
         AuditCommand::PublicKey { vault, all, json } => {
-            let (vault_id, keys) = crate::store::sqlite::read_audit_public_keys(&vault.data_dir)?;
+            let (vault_id, keys) = vault.config().location()?.read_audit_public_keys()?;
             let shown: Vec<_> = keys.iter().filter(|k| all || k.active).collect();
             if json {
                 let list: Vec<_> = shown

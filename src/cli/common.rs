@@ -119,6 +119,16 @@ pub struct VaultArgs {
     /// by `serve --dev` uses its own generated key when neither is given.
     #[arg(long, env = "TOKENVAULT_MASTER_KEY_FILE", value_name = "FILE")]
     pub master_key_file: Option<PathBuf>,
+    /// A shared PostgreSQL store, postgres://USER@HOST/DB?sslmode=verify-full&sslrootcert=CA
+    /// (the password from PGPASSWORD, never on the command line); without it the vault is
+    /// SQLite in --data-dir.
+    #[arg(
+        long,
+        env = "TOKENVAULT_STORE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub store_url: Option<String>,
 }
 
 /// `TOKENVAULT_MASTER_KEY` as the process found it.
@@ -219,7 +229,14 @@ impl VaultArgs {
     }
 
     pub fn config(&self) -> VaultConfig {
-        VaultConfig::new(&self.data_dir)
+        let mut cfg = VaultConfig::new(&self.data_dir);
+        cfg.store_url = self.shared_store_url().map(str::to_owned);
+        cfg
+    }
+
+    /// The PostgreSQL URL when one was given (an empty one means none).
+    pub fn shared_store_url(&self) -> Option<&str> {
+        self.store_url.as_deref().filter(|u| !u.trim().is_empty())
     }
 
     /// Opens the existing vault, with a clear message when there is none.
@@ -230,7 +247,10 @@ impl VaultArgs {
     /// [`Self::open`] with vault settings beyond the directory (key policy, storage limit);
     /// `config.data_dir` should be this `data_dir`.
     pub fn open_with(&self, config: VaultConfig) -> Result<Vault, CliError> {
-        require_vault(&self.data_dir)?;
+        // A shared store says itself when it holds no vault (at the header read).
+        if config.store_url.is_none() {
+            require_vault(&self.data_dir)?;
+        }
         let master = self.master_key()?;
         Ok(Vault::open(config, &master)?)
     }

@@ -90,7 +90,7 @@ fn check_files(cfg: &Config, warnings: &mut Vec<String>) -> Result<(), CliError>
         );
     }
     let dir = &cfg.storage.data_dir;
-    if !crate::vault::Vault::exists(dir) {
+    if cfg.store.url.is_none() && !crate::vault::Vault::exists(dir) {
         warnings.push(format!(
             "storage.data_dir {}: no vault there yet (run `tokenvault init`)",
             dir.display()

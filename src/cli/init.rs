@@ -20,11 +20,14 @@ pub struct InitArgs {
 
 pub async fn run(args: InitArgs) -> Result<(), CliError> {
     let data_dir = &args.vault.data_dir;
-    super::common::check_data_dir(data_dir)?;
-    if Vault::exists(data_dir) {
+    let location = args.vault.config().location()?;
+    if location.data_dir().is_some() {
+        super::common::check_data_dir(data_dir)?;
+    }
+    if location.exists() {
         return Err(CliError::Usage(format!(
             "a vault already exists in {}",
-            data_dir.display()
+            location.describe()
         )));
     }
     let (master, generated) = match &args.generate_master_key {
@@ -43,7 +46,9 @@ pub async fn run(args: InitArgs) -> Result<(), CliError> {
         None => (args.vault.master_key()?, None),
     };
 
-    create_private_dir(data_dir)?;
+    if location.data_dir().is_some() {
+        create_private_dir(data_dir)?;
+    }
     match Vault::create(args.vault.config(), &master) {
         // Let the store's threads finish before the process exits.
         Ok(vault) => vault.close().await,
@@ -55,7 +60,7 @@ pub async fn run(args: InitArgs) -> Result<(), CliError> {
             return Err(e.into());
         }
     }
-    println!("created vault in {}", data_dir.display());
+    println!("created vault in {}", location.describe());
     if let Some(path) = generated {
         println!("master key written to {} (mode 0600)", path.display());
         println!(

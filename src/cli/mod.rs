@@ -17,6 +17,7 @@ pub mod init;
 pub mod keys;
 pub mod purge;
 pub mod serve;
+pub mod store;
 
 use std::process::ExitCode;
 
@@ -86,6 +87,9 @@ pub enum Command {
     Restore(backup::RestoreArgs),
     /// Remove deleted and expired tokens (data retention).
     Purge(purge::PurgeArgs),
+    /// Move a vault between SQLite and PostgreSQL.
+    #[command(subcommand)]
+    Store(store::StoreCommand),
     /// Load-test a server (or one started in-process) and report throughput and latency.
     Bench(bench::BenchArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -184,6 +188,7 @@ pub async fn run(command: Command) -> Result<(), CliError> {
         Command::Backup(args) => backup::backup(args).await,
         Command::Restore(args) => backup::restore(args).await,
         Command::Purge(args) => purge::run(args).await,
+        Command::Store(cmd) => store::run(cmd).await,
         Command::Completions(args) => completions::completions(args),
         Command::Man(args) => completions::man(args),
     }

@@ -24,7 +24,7 @@ use crate::audit::AuditEntry;
 use crate::crypto::{KeyPurpose, KeyWrappingKey, MasterKey, VaultId};
 use crate::error::{Error, Result};
 use crate::keyring::Keyring;
-use crate::vault::{now_micros, Caller, KeyPolicy, KeyState, Micros};
+use crate::model::{now_micros, Caller, KeyPolicy, KeyState, Micros};
 
 /// One rewrap batch: rows sealed under a version below `below` (and equal to
 /// `only_version` when given), after row id `after_id`, at most `limit`.
@@ -736,7 +736,7 @@ pub fn restore_stage(
     master: &MasterKey,
     force: bool,
 ) -> Result<StagedRestore> {
-    crate::vault::check_data_dir(data_dir)?;
+    super::datadir::check_data_dir(data_dir)?;
     let src = Connection::open_with_flags(
         from,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -778,7 +778,7 @@ pub fn restore_stage(
     )?;
     let tokens: i64 = src.query_row("SELECT COUNT(*) FROM tokens", [], |r| r.get(0))?;
 
-    crate::vault::create_private_dir(data_dir)?;
+    super::datadir::create_private_dir(data_dir)?;
     // Held from here until the restored database is in place: nothing opens the vault between.
     let lock = DirLock::exclusive(data_dir)?;
     let target = db_path(data_dir);

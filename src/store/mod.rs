@@ -1,15 +1,25 @@
 //! Storage: the narrow interface the vault talks to ([`Storage`]: operations, not SQL) and
-//! its embedded SQLite implementation ([`sqlite::SqliteStore`]).
+//! its two implementations side by side: the embedded SQLite store ([`sqlite::SqliteStore`],
+//! the default) and the shared PostgreSQL store ([`postgres::PgStore`], for many stateless
+//! replicas). [`StoreLocation`] names one of them and is all the vault knows of the choice.
+//!
+//! The store persists; it does not decide. What it is handed from above: the keyring (the
+//! unwrapped keys and the rotation policy the writer applies inside its transaction, so the
+//! per-version counts stay exact), and a commit observer for metrics
+//! ([`set_commit_observer`]). The domain types it stores live in [`crate::model`].
 //!
 //! Every write goes through one writer that folds whatever is queued into one transaction
 //! (group commit) and answers callers only after `COMMIT` returned with `synchronous=FULL`.
 //! Audit records ride in the same transactions as the data they describe. Reads run on a
 //! small pool of read-only connections on their own threads, never on async workers.
-//! A PostgreSQL backend can implement the same trait later.
 
+pub mod copy;
+pub mod datadir;
 pub mod lifecycle;
+pub mod location;
 pub mod lock;
 pub mod migrations;
+pub mod postgres;
 pub mod space;
 pub mod sqlite;
 
@@ -22,12 +32,63 @@ use crate::card::{Brand, Pan};
 use crate::crypto::{KeyWrappingKey, Sealed};
 use crate::error::Result;
 use crate::keyring::KeyRow;
+use crate::model::{Caller, ClientInfo, KeyVersionInfo, Micros};
 use crate::token::TokenFormat;
-use crate::vault::{Caller, ClientInfo, KeyVersionInfo, Micros};
 
 pub use lifecycle::{PurgeBatch, PurgeOutcome, RewrapBatch, RewrapOutcome, SealedRow};
 
-pub use sqlite::CheckpointPause;
+pub use location::StoreLocation;
+pub use sqlite::OpenParams;
+
+/// Called after every group commit with (requests in the group, time taken, committed).
+pub type CommitObserver = fn(usize, std::time::Duration, bool);
+
+static COMMIT_OBSERVER: std::sync::OnceLock<CommitObserver> = std::sync::OnceLock::new();
+
+/// Installs the process-wide commit observer (metrics); the first call wins.
+pub fn set_commit_observer(f: CommitObserver) {
+    let _ = COMMIT_OBSERVER.set(f);
+}
+
+pub(crate) fn observe_commit(n: usize, elapsed: std::time::Duration, ok: bool) {
+    if let Some(f) = COMMIT_OBSERVER.get() {
+        f(n, elapsed, ok);
+    }
+}
+
+/// Called after the SQLite writer reset a WAL past its bound with (time taken, completed).
+pub type WalResetObserver = fn(std::time::Duration, bool);
+
+static WAL_RESET_OBSERVER: std::sync::OnceLock<WalResetObserver> = std::sync::OnceLock::new();
+
+/// Installs the process-wide WAL reset observer (metrics); the first call wins.
+pub fn set_wal_reset_observer(f: WalResetObserver) {
+    let _ = WAL_RESET_OBSERVER.set(f);
+}
+
+pub(crate) fn observe_wal_reset(elapsed: std::time::Duration, done: bool) {
+    if let Some(f) = WAL_RESET_OBSERVER.get() {
+        f(elapsed, done);
+    }
+}
+
+/// While alive, this process starts no background maintenance that would hold a lock of the
+/// store (SQLite: a WAL checkpoint); see [`Storage::pause_checkpoints`]. A backend without
+/// such maintenance hands out an empty pause.
+pub struct CheckpointPause {
+    _guard: Option<Box<dyn Send>>,
+}
+
+impl CheckpointPause {
+    pub fn new(guard: impl Send + 'static) -> CheckpointPause {
+        CheckpointPause {
+            _guard: Some(Box::new(guard)),
+        }
+    }
+    pub fn none() -> CheckpointPause {
+        CheckpointPause { _guard: None }
+    }
+}
 
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'static>>;
 
@@ -169,6 +230,24 @@ pub struct CheckpointSource {
 /// Called for each audit record of a snapshot walk, in ascending order.
 pub type AuditVisitor = Box<dyn FnMut(&AuditRecord) + Send>;
 
+/// What every store provides. Adding a method means implementing it in both backends:
+///
+/// - **SQLite** (`sqlite/`): writes go through the single writer (`SqliteStore::admin` for
+///   admin work: one immediate transaction between serving groups, with `begin_state` /
+///   `finish_state` around it so the audit chain and key counts stay in step), reads through
+///   the read pool; a commit that destroys data calls `mark_destroyed`, one that changes
+///   keys or clients `bump_generation`.
+/// - **PostgreSQL** (`postgres/`): writes run in their own transaction that begins with
+///   `begin_state` (it locks the `audit_head` row FOR UPDATE: the one lock that orders every
+///   writer of every replica) and ends with `finish_state` (the `admin_tx!` macro does both);
+///   reads on a pooled connection, in one REPEATABLE READ transaction when they must agree
+///   with each other; a change to keys or clients bumps `counters.generation`. New tables
+///   need a migration in `postgres/schema.rs` beside the SQLite one, the GRANTs in the
+///   README cover them, and `store/copy.rs` must copy them (it refuses unknown tables).
+///
+/// Both: the audit record of a change rides in the change's transaction (push it on
+/// `TxState::audit`), errors are `crate::error::Error` (PostgreSQL ones through
+/// `postgres::connect::map_err`), and `tests/conformance.rs` gets one body for the behaviour.
 pub trait Storage: Send + Sync + 'static {
     /// Inserts (or, with `reuse_existing`, finds) tokens and appends one audit record per
     /// item, all in one group commit. One result per item, in order.

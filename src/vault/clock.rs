@@ -27,13 +27,7 @@ pub const EXPIRED_PURGE_GRACE: Duration = Duration::from_secs(24 * 3600);
 
 /// Microseconds since the Unix epoch by the system clock; negative before 1970, saturating.
 pub fn system_micros() -> Micros {
-    let now = std::time::SystemTime::now();
-    match now.duration_since(std::time::UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
-        Err(e) => i64::try_from(e.duration().as_micros())
-            .map(|m| -m)
-            .unwrap_or(i64::MIN),
-    }
+    crate::model::now_micros()
 }
 
 /// Where a vault reads the time. Cheap to clone; clones share a step.

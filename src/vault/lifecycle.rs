@@ -289,10 +289,12 @@ impl Vault {
             ..Default::default()
         };
         report.integrity = self.inner.store.integrity_check().await?;
-        report.leftovers = crate::store::lifecycle::leftovers(&self.inner.data_dir)
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect();
+        if let Some(dir) = self.location().data_dir() {
+            report.leftovers = crate::store::lifecycle::leftovers(dir)
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+        }
         let keys = self.inner.store.key_rows().await?;
         let active = keys.iter().filter(|k| k.state == KeyState::Active).count();
         if active != 1 {
@@ -356,7 +358,11 @@ impl Vault {
     /// Refused when `out` is inside the data directory: SQLite would take a file named like
     /// `vault.db-journal` for its own, and a backup there is lost with the disk it protects.
     pub async fn backup(&self, caller: &Caller, out: &Path) -> Result<u64> {
-        let r = match outside_data_dir(out, &self.inner.data_dir) {
+        let inside = match self.location().data_dir() {
+            Some(dir) => outside_data_dir(out, dir),
+            None => Ok(()),
+        };
+        let r = match inside {
             Ok(()) => self.inner.store.backup_to(out.to_path_buf()).await,
             Err(e) => Err(e),
         };

@@ -33,8 +33,8 @@ use super::lifecycle::{self, PurgeBatch, PurgeOutcome, RewrapBatch, RewrapOutcom
 use super::migrations;
 use super::space;
 use super::{
-    AuditSigningKeyInfo, AuditVisitor, CheckpointSource, ClientRow, NewToken, Storage, StoreFuture,
-    StoredToken, TokenMeta, TokenRow, VaultHeader,
+    AuditSigningKeyInfo, AuditVisitor, CheckpointPause, CheckpointSource, ClientRow, NewToken,
+    Storage, StoreFuture, StoredToken, TokenMeta, TokenRow, VaultHeader,
 };
 use crate::audit::{self, canonical_bytes, AuditEntry, AuditRecord, GENESIS_MAC};
 use crate::auth::Role;
@@ -43,13 +43,13 @@ use crate::crypto::KeyWrappingKey;
 use crate::crypto::{audit_chain_hash, AuditPublicKey, AUDIT_GENESIS_HASH};
 use crate::error::{outcome_of, Error, Result};
 use crate::keyring::{KeyRow, Keyring};
+use crate::model::{now_micros, Caller, ClientInfo, KeyState, KeyVersionInfo, Micros};
 use crate::token::{self, TokenFormat};
-use crate::vault::{now_micros, Caller, ClientInfo, KeyState, KeyVersionInfo, Micros};
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "vault.db";
 /// Draws of a new token before a shaped format's space is declared exhausted.
-const MAX_TOKEN_DRAWS: usize = 32;
+pub(crate) const MAX_TOKEN_DRAWS: usize = 32;
 /// Prepared statements kept per connection.
 const STATEMENT_CACHE: usize = 64;
 /// Reads go through a memory map of the database file (the WAL is read normally).
@@ -81,7 +81,7 @@ impl From<rusqlite::Error> for Error {
 
 /// Re-creates an error for each caller of a failed group (errors are not `Clone`).
 /// Exhaustive, so every caller sees the code the group failed with.
-fn duplicate(e: &Error) -> Error {
+pub(crate) fn duplicate(e: &Error) -> Error {
     match e {
         Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
         Error::NotFound => Error::NotFound,
@@ -384,11 +384,11 @@ const SQL_LOOKUP: &str = concat!(
      AND (expires_at IS NULL OR expires_at > ?2)"
 );
 
-fn roles_to_text(roles: &[Role]) -> String {
+pub(crate) fn roles_to_text(roles: &[Role]) -> String {
     roles.iter().map(|r| r.name()).collect::<Vec<_>>().join(",")
 }
 
-fn roles_from_text(text: &str) -> Vec<Role> {
+pub(crate) fn roles_from_text(text: &str) -> Vec<Role> {
     text.split(',').filter_map(Role::parse).collect()
 }
 
@@ -639,7 +639,7 @@ impl Writer {
         }
         let started = Instant::now();
         let done = checkpoint_truncate(&self.conn);
-        crate::metrics::record_wal_reset(started.elapsed(), matches!(done, Ok(true)));
+        super::observe_wal_reset(started.elapsed(), matches!(done, Ok(true)));
         match done {
             Ok(true) => {}
             Ok(false) => tracing::debug!(wal_bytes = meta.len(), "WAL reset postponed: busy"),
@@ -652,11 +652,7 @@ impl Writer {
         let (work, pending): (Vec<Work>, Vec<Pending>) =
             group.into_iter().map(WriteOp::split).unzip();
         let result = self.apply_group(work);
-        let outcome = match result {
-            Ok(_) => crate::metrics::CommitOutcome::Ok,
-            Err(_) => crate::metrics::CommitOutcome::Error,
-        };
-        crate::metrics::record_group_commit(n, started.elapsed(), outcome);
+        super::observe_commit(n, started.elapsed(), result.is_ok());
         match result {
             Ok(outcomes) => {
                 self.healthy.store(true, Ordering::Relaxed);
@@ -842,7 +838,8 @@ fn begin_state(tx: &Transaction<'_>, keyring: &Keyring) -> Result<TxState> {
 }
 
 /// Why tokenize is refused while this process holds a master key that was rotated away.
-const STALE_MASTER: &str = "the master key was rotated by another process: reload it (SIGHUP) \
+pub(crate) const STALE_MASTER: &str =
+    "the master key was rotated by another process: reload it (SIGHUP) \
                             or restart with the new key; tokenize is refused until then";
 
 /// False once another process rotated the master key away from the one this process holds.
@@ -1400,17 +1397,17 @@ impl CheckpointGate {
         while st.1 {
             st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
-        CheckpointPause { gate: self.clone() }
+        CheckpointPause::new(GatePause { gate: self.clone() })
     }
 }
 
 /// While alive, this process starts no checkpoint and none is running (see
 /// [`super::Storage::pause_checkpoints`]).
-pub struct CheckpointPause {
+struct GatePause {
     gate: Arc<CheckpointGate>,
 }
 
-impl Drop for CheckpointPause {
+impl Drop for GatePause {
     fn drop(&mut self) {
         let mut st = self.gate.state.lock().unwrap_or_else(|e| e.into_inner());
         st.0 -= 1;

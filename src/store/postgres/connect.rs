@@ -1,0 +1,273 @@
+//! Connecting to PostgreSQL: the URL (with `sslmode`/`sslrootcert` handled here, through
+//! rustls), the password (from the URL or `PGPASSWORD`, never logged or shown), the
+//! `application_name`, and a bounded connection pool.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+
+use crate::error::{Error, Result};
+
+/// How long opening a connection or waiting for a free one may take before UNAVAILABLE.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A PostgreSQL store URL, parsed. `Debug` and `Display` never show the password.
+#[derive(Clone)]
+pub struct PgUrl {
+    config: tokio_postgres::Config,
+    tls: TlsMode,
+    /// The URL without its password, for messages.
+    shown: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum TlsMode {
+    Disable,
+    /// `require`, `verify-ca` and `verify-full` all verify the server's certificate and
+    /// name through rustls against `sslrootcert`: a TLS connection that does not is no
+    /// protection against the network this is meant for.
+    Verify {
+        root_cert: std::path::PathBuf,
+    },
+}
+
+impl fmt::Debug for PgUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+impl fmt::Display for PgUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+/// The URL with any `user:password@` reduced to `user:***@`.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "postgres://***".into();
+    };
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => authority.to_string(),
+    };
+    // Query parameters may carry a password too (`?password=`).
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let q: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", q.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    format!("{scheme}://{authority}{tail}")
+}
+
+impl PgUrl {
+    pub fn is_postgres(url: &str) -> bool {
+        url.starts_with("postgres://") || url.starts_with("postgresql://")
+    }
+
+    pub fn parse(url: &str) -> Result<PgUrl> {
+        let shown = redact(url);
+        let bad = |why: &str| Error::InvalidArgument(format!("store URL {shown}: {why}"));
+        if !Self::is_postgres(url) {
+            return Err(bad("must start with postgres:// or postgresql://"));
+        }
+        // tokio-postgres knows neither `sslrootcert` nor the verify modes: take them out.
+        let (base, query) = match url.split_once('?') {
+            Some((b, q)) => (b, q),
+            None => (url, ""),
+        };
+        let mut kept = Vec::new();
+        let (mut sslmode, mut root) = (None::<String>, None::<String>);
+        for kv in query.split('&').filter(|s| !s.is_empty()) {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            match k {
+                "sslmode" => sslmode = Some(v.to_string()),
+                "sslrootcert" => root = Some(v.to_string()),
+                _ => kept.push(kv),
+            }
+        }
+        let rebuilt = if kept.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        let mut config = tokio_postgres::Config::from_str(&rebuilt)
+            .map_err(|_| bad("not a valid PostgreSQL connection URL"))?;
+        let tls = match sslmode.as_deref() {
+            None | Some("disable") => TlsMode::Disable,
+            Some("require") | Some("verify-ca") | Some("verify-full") => {
+                let root_cert = root.ok_or_else(|| {
+                    bad("sslmode needs sslrootcert=FILE (the CA that signed the server's certificate)")
+                })?;
+                TlsMode::Verify {
+                    root_cert: root_cert.into(),
+                }
+            }
+            Some("prefer") | Some("allow") => {
+                return Err(bad(
+                    "sslmode=prefer/allow may silently fall back to plain text; use \
+                     verify-full (or disable on a Unix socket or loopback)",
+                ))
+            }
+            Some(_) => return Err(bad("unknown sslmode")),
+        };
+        if config.get_application_name().is_none() {
+            config.application_name("tokenvault");
+        }
+        if config.get_password().is_none() {
+            if let Ok(p) = std::env::var("PGPASSWORD") {
+                config.password(p);
+            }
+        }
+        if config.get_user().is_none() {
+            if let Ok(u) = std::env::var("PGUSER").or_else(|_| std::env::var("USER")) {
+                config.user(u);
+            }
+        }
+        config.connect_timeout(CONNECT_TIMEOUT);
+        Ok(PgUrl { config, tls, shown })
+    }
+
+    /// A bounded pool of connections; nothing connects until the first use.
+    pub fn pool(&self, max_size: usize) -> Result<Pool> {
+        let mgr_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &self.tls {
+            TlsMode::Disable => {
+                Manager::from_config(self.config.clone(), tokio_postgres::NoTls, mgr_config)
+            }
+            TlsMode::Verify { root_cert } => {
+                let tls = tls_connector(root_cert)?;
+                Manager::from_config(self.config.clone(), tls, mgr_config)
+            }
+        };
+        Pool::builder(manager)
+            .max_size(max_size.max(1))
+            .wait_timeout(Some(CONNECT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| Error::Internal(format!("database pool: {e}")))
+    }
+}
+
+fn tls_connector(root_cert: &std::path::Path) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(root_cert).map_err(|e| {
+        Error::FailedPrecondition(format!("sslrootcert {}: {e}", root_cert.display()))
+    })?;
+    for cert in certs {
+        let cert = cert.map_err(|e| {
+            Error::FailedPrecondition(format!("sslrootcert {}: {e}", root_cert.display()))
+        })?;
+        roots
+            .add(cert)
+            .map_err(|e| Error::FailedPrecondition(format!("sslrootcert: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(Error::FailedPrecondition(format!(
+            "sslrootcert {} holds no certificate",
+            root_cert.display()
+        )));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Internal(format!("tls: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// Maps a database error: a lost or refused connection (the database restarting, a network
+/// fault) is UNAVAILABLE so clients retry elsewhere; a full disk is RESOURCE_EXHAUSTED.
+/// Messages never carry the URL or the password (tokio-postgres never puts them there).
+pub fn map_err(e: tokio_postgres::Error) -> Error {
+    use tokio_postgres::error::SqlState;
+    if let Some(db) = e.as_db_error() {
+        let code = db.code();
+        if *code == SqlState::DISK_FULL || *code == SqlState::OUT_OF_MEMORY {
+            return Error::ResourceExhausted("the database is out of space".into());
+        }
+        if *code == SqlState::ADMIN_SHUTDOWN
+            || *code == SqlState::CRASH_SHUTDOWN
+            || *code == SqlState::CANNOT_CONNECT_NOW
+            || *code == SqlState::T_R_SERIALIZATION_FAILURE
+            || *code == SqlState::T_R_DEADLOCK_DETECTED
+            || *code == SqlState::LOCK_NOT_AVAILABLE
+            || *code == SqlState::READ_ONLY_SQL_TRANSACTION
+            || *code == SqlState::QUERY_CANCELED
+            || code.code().starts_with("08")
+        {
+            return Error::Unavailable(format!("database: {}", db.message()));
+        }
+        if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+            return Error::Unavailable(format!("database: {}", db.message()));
+        }
+        return Error::Internal(format!("database: {} ({})", db.message(), code.code()));
+    }
+    // No server error: the connection itself failed or closed.
+    Error::Unavailable(format!("database connection: {e}"))
+}
+
+pub fn map_pool_err(e: deadpool_postgres::PoolError) -> Error {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => map_err(e),
+        other => Error::Unavailable(format!("database connection: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_password_never_shows() {
+        for url in [
+            "postgres://vault:s3cr3t-pw@db.example:5432/vault?sslmode=disable",
+            "postgresql://vault@db/vault?password=s3cr3t-pw",
+        ] {
+            let u = PgUrl::parse(url).unwrap();
+            assert!(!format!("{u:?} {u}").contains("s3cr3t-pw"), "{u:?}");
+        }
+        let e = PgUrl::parse("postgres://vault:s3cr3t-pw@db/vault?sslmode=bogus").unwrap_err();
+        assert!(!e.to_string().contains("s3cr3t-pw"));
+    }
+
+    #[test]
+    fn tls_modes() {
+        assert!(PgUrl::parse("postgres://db/v?sslmode=verify-full").is_err());
+        assert!(PgUrl::parse("postgres://db/v?sslmode=prefer").is_err());
+        let u = PgUrl::parse("postgres://db/v?sslmode=verify-full&sslrootcert=/ca.pem").unwrap();
+        assert_eq!(
+            u.tls,
+            TlsMode::Verify {
+                root_cert: "/ca.pem".into()
+            }
+        );
+        assert_eq!(u.config.get_application_name(), Some("tokenvault"));
+    }
+}

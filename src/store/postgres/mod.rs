@@ -1,0 +1,2039 @@
+//! The shared PostgreSQL store: any number of stateless `tokenvault serve` replicas on one
+//! database.
+//!
+//! Each replica folds its queued serving writes into one transaction (group commit) on a
+//! pooled connection and answers callers only after `COMMIT` returned; the vault never
+//! weakens `synchronous_commit` (and refuses a session where it is `off`).
+//!
+//! One audit trail for the whole vault, ordered by the database: every writing transaction,
+//! serving group or admin operation, of every replica, first locks the one `audit_head`
+//! row (`SELECT … FOR UPDATE`). Chain extension, the active key's encryption counts and
+//! rotation decisions are thereby serialised by the database: no gaps, no forks, automatic
+//! rotation exactly once, exact per-version counts. The lock is held for one group's
+//! transaction only, so replicas interleave groups.
+//!
+//! Changes to keys and clients bump the `generation` counter, which every replica's vault
+//! polls (every 250 ms) to reload them. All database I/O runs on a small runtime owned by
+//! the store, so the store works the same from async servers and from the blocking CLI.
+
+pub mod connect;
+pub mod schema;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{Pool, Transaction};
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::Row;
+
+pub use connect::PgUrl;
+use connect::{map_err, map_pool_err};
+
+use super::lifecycle::{
+    PurgeBatch, PurgeOutcome, RewrapBatch, RewrapOutcome, SealedRow, ADMIN_TX_BUDGET,
+};
+use super::sqlite::{duplicate, roles_from_text, roles_to_text, MAX_TOKEN_DRAWS, STALE_MASTER};
+use super::{
+    AuditSigningKeyInfo, AuditVisitor, CheckpointPause, CheckpointSource, ClientRow, NewToken,
+    OpenParams, Storage, StoreFuture, StoredToken, TokenMeta, TokenRow, VaultHeader,
+};
+use crate::audit::{self, canonical_bytes, AuditEntry, AuditRecord, GENESIS_MAC};
+use crate::card::Brand;
+use crate::crypto::AUDIT_GENESIS_HASH;
+use crate::crypto::{audit_chain_hash, AuditPublicKey, KeyPurpose, KeyWrappingKey};
+use crate::error::{outcome_of, Error, Result};
+use crate::keyring::{KeyRow, Keyring};
+use crate::model::{now_micros, Caller, ClientInfo, KeyState, KeyVersionInfo, Micros};
+use crate::token::{self, TokenFormat};
+
+/// Rows read per step inside an admin transaction.
+const ADMIN_CHUNK: i64 = 256;
+/// Audit records read per step of a walk.
+const WALK_CHUNK: i64 = 10_000;
+/// How often an idle replica proves the database answers (health).
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+// ---------------------------------------------------------------------------------------
+// The connection and the runtime it lives on
+
+/// The pool and the runtime its connections run on, shared by a [`StoreLocation`] and the
+/// store it opens.
+///
+/// [`StoreLocation`]: super::StoreLocation
+pub struct PgShared {
+    rt: Option<tokio::runtime::Runtime>,
+    pool: Pool,
+    url: PgUrl,
+}
+
+impl Drop for PgShared {
+    fn drop(&mut self) {
+        // Never block here: the last handle may be dropped on an async worker.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl PgShared {
+    pub fn new(url: &PgUrl, pool_size: usize) -> Result<Arc<PgShared>> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("tokenvault-pg")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Internal(format!("database runtime: {e}")))?;
+        let pool = {
+            let _guard = rt.enter();
+            url.pool(pool_size)?
+        };
+        Ok(Arc::new(PgShared {
+            rt: Some(rt),
+            pool,
+            url: url.clone(),
+        }))
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.rt
+            .as_ref()
+            .expect("runtime lives as long as PgShared")
+            .handle()
+    }
+
+    /// Runs `fut` on the store's runtime; usable from any runtime or none.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = Result<T>> + Send + 'static,
+    ) -> StoreFuture<T> {
+        let task = self.handle().spawn(fut);
+        Box::pin(async move {
+            task.await
+                .map_err(|e| Error::Internal(format!("database task: {e}")))?
+        })
+    }
+
+    /// Runs `fut` on the store's runtime and waits for it, blocking this thread (open-time
+    /// reads of a blocking caller; never called from the store's own runtime).
+    pub fn block<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.handle().spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv()
+            .map_err(|_| Error::Unavailable("the database runtime stopped".into()))?
+    }
+
+    async fn client(pool: &Pool) -> Result<deadpool_postgres::Object> {
+        pool.get().await.map_err(map_pool_err)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Open-time operations (the StoreLocation's)
+
+/// The vault's identity; FailedPrecondition when the database holds no vault.
+pub fn read_header(shared: &Arc<PgShared>) -> Result<VaultHeader> {
+    let pool = shared.pool.clone();
+    let shown = shared.url.to_string();
+    shared.block(async move {
+        let client = PgShared::client(&pool).await?;
+        let version = schema::check_not_newer(schema::version(&**client).await?)?;
+        if version < 1 {
+            return Err(Error::FailedPrecondition(format!(
+                "no vault at {shown} (run `tokenvault init --store-url …` first)"
+            )));
+        }
+        let rows = client
+            .query("SELECT key, value FROM meta", &[])
+            .await
+            .map_err(map_err)?;
+        let mut meta: HashMap<String, Vec<u8>> = rows
+            .into_iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, Vec<u8>>(1)))
+            .collect();
+        let mut get = |key: &str| -> Result<Vec<u8>> {
+            meta.remove(key).ok_or_else(|| {
+                Error::FailedPrecondition(format!("vault metadata `{key}` is missing"))
+            })
+        };
+        Ok(VaultHeader {
+            vault_id: get("vault_id")?,
+            key_check: get("key_check")?,
+            wrapped_fingerprint_key: get("wrapped_fingerprint_key")?,
+            wrapped_audit_key: get("wrapped_audit_key")?,
+        })
+    })
+}
+
+/// True when the database holds a vault.
+pub fn exists(shared: &Arc<PgShared>) -> bool {
+    let pool = shared.pool.clone();
+    shared
+        .block(async move {
+            let client = PgShared::client(&pool).await?;
+            if schema::version(&**client).await? < 1 {
+                return Ok(false);
+            }
+            Ok(client
+                .query_opt("SELECT 1 FROM meta WHERE key = 'vault_id'", &[])
+                .await
+                .map_err(map_err)?
+                .is_some())
+        })
+        .unwrap_or(false)
+}
+
+/// Creates the schema and a new vault in it; refuses a database that already holds one.
+pub fn create(
+    shared: &Arc<PgShared>,
+    header: &VaultHeader,
+    wrapped_data_key: &[u8],
+    dev: bool,
+) -> Result<()> {
+    let pool = shared.pool.clone();
+    let header = header.clone();
+    let data_key = wrapped_data_key.to_vec();
+    let shown = shared.url.to_string();
+    shared.block(async move {
+        let mut client = PgShared::client(&pool).await?;
+        schema::migrate(&mut client).await?;
+        let tx = client.transaction().await.map_err(map_err)?;
+        // Two `init`s at once: the second waits here and then sees the first's vault.
+        tx.execute("LOCK TABLE meta IN EXCLUSIVE MODE", &[])
+            .await
+            .map_err(map_err)?;
+        if tx
+            .query_opt("SELECT 1 FROM meta WHERE key = 'vault_id'", &[])
+            .await
+            .map_err(map_err)?
+            .is_some()
+        {
+            return Err(Error::AlreadyExists(format!(
+                "a vault already exists at {shown}"
+            )));
+        }
+        for (k, v) in [
+            ("vault_id", &header.vault_id),
+            ("key_check", &header.key_check),
+            ("wrapped_fingerprint_key", &header.wrapped_fingerprint_key),
+            ("wrapped_audit_key", &header.wrapped_audit_key),
+        ] {
+            tx.execute("INSERT INTO meta(key, value) VALUES ($1, $2)", &[&k, v])
+                .await
+                .map_err(map_err)?;
+        }
+        let now = now_micros();
+        for (k, v) in [
+            ("generation", 1i64),
+            ("created_at", now),
+            ("dev_vault", i64::from(dev)),
+        ] {
+            tx.execute("INSERT INTO counters(key, value) VALUES ($1, $2)", &[&k, &v])
+                .await
+                .map_err(map_err)?;
+        }
+        tx.execute(
+            "INSERT INTO audit_head(id, seq, mac, hash, at) VALUES (1, 0, $1, $2, $3)",
+            &[&&GENESIS_MAC[..], &&AUDIT_GENESIS_HASH[..], &Micros::MIN],
+        )
+        .await
+        .map_err(map_err)?;
+        tx.execute(
+            "INSERT INTO data_keys(version, wrapped, state, created_at) VALUES (1, $1, 'active', $2)",
+            &[&data_key, &now],
+        )
+        .await
+        .map_err(map_err)?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(())
+    })
+}
+
+pub fn initial_key_rows(shared: &Arc<PgShared>) -> Result<Vec<KeyRow>> {
+    let pool = shared.pool.clone();
+    shared.block(async move {
+        let client = PgShared::client(&pool).await?;
+        load_key_rows(&**client).await
+    })
+}
+
+pub fn initial_clients(shared: &Arc<PgShared>) -> Result<Vec<ClientRow>> {
+    let pool = shared.pool.clone();
+    shared.block(async move {
+        let client = PgShared::client(&pool).await?;
+        query_clients(&**client).await
+    })
+}
+
+pub fn newest_recorded_time(shared: &Arc<PgShared>) -> Result<Option<Micros>> {
+    let pool = shared.pool.clone();
+    shared.block(async move {
+        let client = PgShared::client(&pool).await?;
+        Ok(client
+            .query_opt("SELECT at FROM audit ORDER BY seq DESC LIMIT 1", &[])
+            .await
+            .map_err(map_err)?
+            .map(|r| r.get(0)))
+    })
+}
+
+/// The audit signing keys of a vault, read without the master key (they are public).
+pub fn read_audit_public_keys(
+    shared: &Arc<PgShared>,
+) -> Result<(String, Vec<AuditSigningKeyInfo>)> {
+    read_header(shared)?;
+    let pool = shared.pool.clone();
+    shared.block(async move {
+        let client = PgShared::client(&pool).await?;
+        let keys = query_signing_keys(&**client).await?;
+        if keys.is_empty() {
+            return Err(Error::FailedPrecondition(
+                "this vault has no audit signing key yet: open it once (for example \
+                 `tokenvault check`) to create one"
+                    .into(),
+            ));
+        }
+        Ok((vault_hex(&**client).await?, keys))
+    })
+}
+
+/// True when `serve --dev` created the vault.
+pub fn is_dev_vault(shared: &Arc<PgShared>) -> Result<bool> {
+    let pool = shared.pool.clone();
+    shared.block(async move {
+        let client = PgShared::client(&pool).await?;
+        Ok(read_counter(&**client, "dev_vault").await? == 1)
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Row helpers (any client or transaction)
+
+async fn load_key_rows(c: &impl tokio_postgres::GenericClient) -> Result<Vec<KeyRow>> {
+    let rows = c
+        .query(
+            "SELECT version, wrapped, state, created_at, encryptions FROM data_keys ORDER BY version",
+            &[],
+        )
+        .await
+        .map_err(map_err)?;
+    rows.iter()
+        .map(|r| {
+            let version: i64 = r.get(0);
+            let state: String = r.get(2);
+            let state = KeyState::parse(&state)
+                .ok_or_else(|| Error::Internal(format!("unknown key state for v{version}")))?;
+            Ok(KeyRow {
+                version: version as u32,
+                wrapped: r.get(1),
+                state,
+                created_at: r.get(3),
+                encryptions: r.get::<_, i64>(4) as u64,
+            })
+        })
+        .collect()
+}
+
+async fn read_counter(c: &impl tokio_postgres::GenericClient, key: &str) -> Result<i64> {
+    Ok(
+        c.query_opt("SELECT value FROM counters WHERE key = $1", &[&key])
+            .await
+            .map_err(map_err)?
+            .map(|r| r.get(0))
+            .unwrap_or(0),
+    )
+}
+
+async fn bump_generation(tx: &Transaction<'_>) -> Result<()> {
+    tx.execute(
+        "UPDATE counters SET value = value + 1 WHERE key = 'generation'",
+        &[],
+    )
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+async fn read_meta(c: &impl tokio_postgres::GenericClient, key: &str) -> Result<Vec<u8>> {
+    c.query_opt("SELECT value FROM meta WHERE key = $1", &[&key])
+        .await
+        .map_err(map_err)?
+        .map(|r| r.get(0))
+        .ok_or_else(|| Error::FailedPrecondition(format!("vault metadata `{key}` is missing")))
+}
+
+async fn vault_hex(c: &impl tokio_postgres::GenericClient) -> Result<String> {
+    Ok(audit::hex(&read_meta(c, "vault_id").await?))
+}
+
+async fn query_clients(c: &impl tokio_postgres::GenericClient) -> Result<Vec<ClientRow>> {
+    let rows = c
+        .query(
+            "SELECT name, key_id, key_hash, roles, cert_identity, created_at, revoked_at, \
+             detokenize_rate, reuse_rate, reuse_group FROM clients ORDER BY name",
+            &[],
+        )
+        .await
+        .map_err(map_err)?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let hash: Vec<u8> = r.get(2);
+            ClientRow {
+                info: ClientInfo {
+                    name: r.get(0),
+                    roles: roles_from_text(&r.get::<_, String>(3)),
+                    cert_identity: r.get(4),
+                    detokenize_rate: r.get(7),
+                    reuse_rate: r.get(8),
+                    reuse_group: r.get(9),
+                    created_at: r.get(5),
+                    revoked_at: r.get(6),
+                },
+                key_id: r.get(1),
+                key_hash: <[u8; 32]>::try_from(hash.as_slice()).unwrap_or([0u8; 32]),
+            }
+        })
+        .collect())
+}
+
+async fn query_signing_keys(
+    c: &impl tokio_postgres::GenericClient,
+) -> Result<Vec<AuditSigningKeyInfo>> {
+    let rows = c
+        .query(
+            "SELECT id, public_key, state, created_at, retired_at FROM audit_signing_keys ORDER BY id",
+            &[],
+        )
+        .await
+        .map_err(map_err)?;
+    rows.iter()
+        .map(|r| {
+            let id: i64 = r.get(0);
+            let public: Vec<u8> = r.get(1);
+            let public_key = AuditPublicKey::from_bytes(&public).ok_or_else(|| {
+                Error::DataLoss(format!("audit signing key {id} has a malformed public key"))
+            })?;
+            Ok(AuditSigningKeyInfo {
+                id: id as u32,
+                public_key,
+                active: r.get::<_, String>(2) == "active",
+                created_at: r.get(3),
+                retired_at: r.get(4),
+            })
+        })
+        .collect()
+}
+
+/// The metadata columns, in [`meta_from_row`] order.
+macro_rules! meta_cols {
+    () => {
+        "format, brand, pan_length, bin, last4, created_at, expires_at"
+    };
+}
+
+fn meta_from_row(r: &Row, base: usize) -> TokenMeta {
+    TokenMeta {
+        format: TokenFormat::from_code(r.get(base)).unwrap_or_default(),
+        brand: Brand::from_code(r.get(base + 1)),
+        pan_length: r.get::<_, i64>(base + 2) as u32,
+        bin: r.get(base + 3),
+        last4: r.get(base + 4),
+        created_at: r.get(base + 5),
+        expires_at: r.get(base + 6),
+    }
+}
+
+/// Row format and [`super::canonical_meta`] of the stored columns as they are.
+fn binding_from_row(r: &Row, base: usize) -> (u32, Vec<u8>) {
+    let bin: String = r.get(base + 3);
+    let last4: String = r.get(base + 4);
+    let meta = super::canonical_meta(
+        r.get(base),
+        r.get(base + 1),
+        r.get(base + 2),
+        &bin,
+        &last4,
+        r.get(base + 5),
+        r.get(base + 6),
+    );
+    let format = u32::try_from(r.get::<_, i64>(base + 7)).unwrap_or(u32::MAX);
+    (format, meta)
+}
+
+macro_rules! sealed_cols {
+    () => {
+        "id, token, key_version, nonce, ciphertext, format, brand, pan_length, bin, last4, \
+         created_at, expires_at, row_format"
+    };
+}
+
+fn sealed_row(r: &Row) -> SealedRow {
+    let (row_format, bound_meta) = binding_from_row(r, 5);
+    SealedRow {
+        id: r.get(0),
+        token: r.get(1),
+        key_version: r.get::<_, i64>(2) as u32,
+        nonce: r.get(3),
+        ciphertext: r.get(4),
+        row_format,
+        bound_meta,
+    }
+}
+
+fn audit_record_from_row(r: &Row) -> AuditRecord {
+    AuditRecord {
+        seq: r.get::<_, i64>(0) as u64,
+        at: r.get(1),
+        principal: r.get(2),
+        peer: r.get(3),
+        action: r.get(4),
+        subject: r.get(5),
+        outcome: r.get(6),
+        reason: r.get(7),
+        mac: r.get(8),
+        hash: r.get(9),
+    }
+}
+
+const AUDIT_COLS: &str = "seq, at, principal, peer, action, subject, outcome, reason, mac, hash";
+
+fn hash32(stored: &[u8]) -> Result<[u8; 32]> {
+    <[u8; 32]>::try_from(stored)
+        .map_err(|_| Error::DataLoss("the audit chain's head has no valid hash".into()))
+}
+
+// ---------------------------------------------------------------------------------------
+// The transaction state: the chain head (locked) and the active key's usage
+
+struct TxState {
+    audit_seq: u64,
+    audit_mac: Vec<u8>,
+    audit_hash: [u8; 32],
+    audit_at: Micros,
+    active_version: u32,
+    active_count: u64,
+    active_created: Micros,
+    counts: HashMap<u32, u64>,
+    audit: Vec<AuditEntry>,
+}
+
+/// Locks the chain head (serialising every writer of every replica), then reads the
+/// active key as committed now, reloading the keyring when another replica rotated.
+async fn begin_state(tx: &Transaction<'_>, keyring: &Keyring) -> Result<TxState> {
+    let head = tx
+        .query_one(
+            "SELECT seq, mac, hash, at FROM audit_head WHERE id = 1 FOR UPDATE",
+            &[],
+        )
+        .await
+        .map_err(map_err)?;
+    let hash: Vec<u8> = head.get(2);
+    let active = tx
+        .query_one(
+            "SELECT version, encryptions, created_at FROM data_keys WHERE state = 'active'",
+            &[],
+        )
+        .await
+        .map_err(map_err)?;
+    let active_version = active.get::<_, i64>(0) as u32;
+    if keyring.snapshot().active.version() != active_version {
+        if let Err(e) = keyring.replace(&load_key_rows(&**tx).await?) {
+            if master_is_current(tx, keyring).await? {
+                return Err(e);
+            }
+            tracing::warn!("{STALE_MASTER}");
+        }
+    }
+    let mut st = TxState {
+        audit_seq: head.get::<_, i64>(0) as u64,
+        audit_mac: head.get(1),
+        audit_hash: hash32(&hash)?,
+        audit_at: head.get(3),
+        active_version,
+        active_count: active.get::<_, i64>(1) as u64,
+        active_created: active.get(2),
+        counts: HashMap::new(),
+        audit: Vec::new(),
+    };
+    if keyring.needs_rotation(0, 0, st.active_created, now_micros())
+        && master_is_current(tx, keyring).await?
+    {
+        rotate_in_tx(tx, keyring, &mut st).await?;
+    }
+    Ok(st)
+}
+
+async fn master_is_current(tx: &Transaction<'_>, keyring: &Keyring) -> Result<bool> {
+    let wrapped = read_meta(&**tx, "wrapped_fingerprint_key").await?;
+    Ok(keyring.kwk_opens(&wrapped))
+}
+
+async fn finish_state(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) -> Result<()> {
+    for (version, n) in st.counts.drain() {
+        tx.execute(
+            "UPDATE data_keys SET encryptions = encryptions + $2 WHERE version = $1",
+            &[&i64::from(version), &(n as i64)],
+        )
+        .await
+        .map_err(map_err)?;
+    }
+    if st.audit.is_empty() {
+        return Ok(());
+    }
+    flush_audit(tx, keyring, st).await?;
+    tx.execute(
+        "UPDATE audit_head SET seq = $1, mac = $2, hash = $3, at = $4 WHERE id = 1",
+        &[
+            &(st.audit_seq as i64),
+            &st.audit_mac,
+            &&st.audit_hash[..],
+            &st.audit_at,
+        ],
+    )
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+/// Appends the pending entries, chained, in one multi-row statement.
+async fn flush_audit(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) -> Result<()> {
+    if st.audit.is_empty() {
+        return Ok(());
+    }
+    let n = st.audit.len();
+    let (mut seqs, mut ats) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut principals, mut peers, mut actions) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut subjects, mut outcomes, mut reasons) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut macs, mut hashes) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for mut entry in st.audit.drain(..) {
+        entry.at = entry.at.max(st.audit_at);
+        st.audit_at = entry.at;
+        let seq = st.audit_seq + 1;
+        let bytes = canonical_bytes(seq, &entry);
+        let mac = keyring.audit_key().chain_mac(&st.audit_mac, &bytes);
+        let hash = audit_chain_hash(&st.audit_hash, &bytes);
+        seqs.push(seq as i64);
+        ats.push(entry.at);
+        principals.push(entry.principal);
+        peers.push(entry.peer);
+        actions.push(entry.action);
+        subjects.push(entry.subject);
+        outcomes.push(entry.outcome);
+        reasons.push(entry.reason);
+        macs.push(mac.to_vec());
+        hashes.push(hash.to_vec());
+        st.audit_seq = seq;
+        st.audit_mac = mac.to_vec();
+        st.audit_hash = hash;
+    }
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO audit(seq, at, principal, peer, action, subject, outcome, reason, mac, hash) \
+             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], \
+             $6::text[], $7::text[], $8::text[], $9::bytea[], $10::bytea[])",
+        )
+        .await
+        .map_err(map_err)?;
+    tx.execute(
+        &stmt,
+        &[
+            &seqs,
+            &ats,
+            &principals,
+            &peers,
+            &actions,
+            &subjects,
+            &outcomes,
+            &reasons,
+            &macs,
+            &hashes,
+        ],
+    )
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+async fn rotate_in_tx(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) -> Result<u32> {
+    if !master_is_current(tx, keyring).await? {
+        return Err(Error::FailedPrecondition(
+            "the vault's master key was rotated; restart with the new master key".into(),
+        ));
+    }
+    let max: i64 = tx
+        .query_one("SELECT COALESCE(MAX(version), 0) FROM data_keys", &[])
+        .await
+        .map_err(map_err)?
+        .get(0);
+    let version = (max + 1) as u32;
+    let now = now_micros();
+    tx.execute(
+        "UPDATE data_keys SET state = 'decrypt_only' WHERE state = 'active'",
+        &[],
+    )
+    .await
+    .map_err(map_err)?;
+    tx.execute(
+        "INSERT INTO data_keys(version, wrapped, state, created_at) VALUES ($1, $2, 'active', $3)",
+        &[
+            &i64::from(version),
+            &keyring.new_wrapped_data_key(version),
+            &now,
+        ],
+    )
+    .await
+    .map_err(map_err)?;
+    bump_generation(tx).await?;
+    keyring.replace(&load_key_rows(&**tx).await?)?;
+    st.active_version = version;
+    st.active_count = 0;
+    st.active_created = now;
+    st.audit.push(AuditEntry::new(
+        &Caller::new("system", "local"),
+        "key_rotate",
+        &format!("key v{version}"),
+        "OK",
+        "",
+    ));
+    tracing::info!(version, "rotated data key");
+    Ok(version)
+}
+
+const SQL_REUSE: &str = concat!(
+    "SELECT token, key_version, ",
+    meta_cols!(),
+    " FROM tokens WHERE fingerprint = $1 AND format = $2 AND deleted_at IS NULL \
+     AND (expires_at IS NULL OR expires_at > $3) ORDER BY id LIMIT 1"
+);
+const SQL_INSERT_TOKEN: &str = concat!(
+    "INSERT INTO tokens(token, key_version, nonce, ciphertext, fingerprint, ",
+    meta_cols!(),
+    ", row_format) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+     ON CONFLICT (token) DO NOTHING"
+);
+const SQL_LOOKUP: &str = concat!(
+    "SELECT token, key_version, nonce, ciphertext, ",
+    meta_cols!(),
+    ", row_format FROM tokens WHERE token = ANY($1) AND deleted_at IS NULL \
+     AND ciphertext IS NOT NULL AND (expires_at IS NULL OR expires_at > $2)"
+);
+
+/// Inserts one token (or finds it, with `reuse_existing`). The outer error fails the group.
+async fn insert_token(
+    tx: &Transaction<'_>,
+    keyring: &Keyring,
+    st: &mut TxState,
+    item: &mut NewToken,
+) -> Result<Result<StoredToken>> {
+    if let (true, Some(fingerprint)) = (item.reuse_existing, &item.fingerprint) {
+        let stmt = tx.prepare_cached(SQL_REUSE).await.map_err(map_err)?;
+        let found = tx
+            .query_opt(
+                &stmt,
+                &[&&fingerprint[..], &item.meta.format.code(), &item.now],
+            )
+            .await
+            .map_err(map_err)?;
+        if let Some(r) = found {
+            return Ok(Ok(StoredToken {
+                token: r.get(0),
+                key_version: r.get::<_, i64>(1) as u32,
+                created: false,
+                meta: meta_from_row(&r, 2),
+            }));
+        }
+    }
+    let insert = tx.prepare_cached(SQL_INSERT_TOKEN).await.map_err(map_err)?;
+    for _ in 0..MAX_TOKEN_DRAWS {
+        if keyring.needs_rotation(st.active_count, 1, st.active_created, item.now) {
+            if !master_is_current(tx, keyring).await? {
+                return Ok(Err(Error::Unavailable(STALE_MASTER.into())));
+            }
+            rotate_in_tx(tx, keyring, st).await?;
+        }
+        if item.key_version != st.active_version {
+            let snapshot = keyring.snapshot();
+            item.sealed = snapshot.active.seal(
+                &item.token,
+                &item.meta.canonical(),
+                item.pan.expose_digits().as_bytes(),
+            );
+            item.key_version = snapshot.active.version();
+        }
+        if item.key_version != st.active_version {
+            return Ok(Err(Error::Unavailable(STALE_MASTER.into())));
+        }
+        let m = &item.meta;
+        let inserted = tx
+            .execute(
+                &insert,
+                &[
+                    &item.token,
+                    &i64::from(item.key_version),
+                    &&item.sealed.nonce[..],
+                    &item.sealed.ciphertext,
+                    &item.fingerprint.as_ref().map(|f| f.to_vec()),
+                    &m.format.code(),
+                    &m.brand.code(),
+                    &i64::from(m.pan_length),
+                    &m.bin,
+                    &m.last4,
+                    &m.created_at,
+                    &m.expires_at,
+                    &i64::from(crate::crypto::ROW_FORMAT),
+                ],
+            )
+            .await
+            .map_err(map_err)?;
+        // A sealed PAN counts against its version even if the row lost a collision.
+        st.active_count += 1;
+        *st.counts.entry(item.key_version).or_insert(0) += 1;
+        if inserted == 1 {
+            return Ok(Ok(StoredToken {
+                token: item.token.clone(),
+                key_version: item.key_version,
+                created: true,
+                meta: item.meta.clone(),
+            }));
+        }
+        item.token = token::generate(m.format, &item.pan).into_string();
+        let snapshot = keyring.snapshot();
+        item.sealed = snapshot.active.seal(
+            &item.token,
+            &item.meta.canonical(),
+            item.pan.expose_digits().as_bytes(),
+        );
+        item.key_version = snapshot.active.version();
+    }
+    Ok(Err(Error::ResourceExhausted(format!(
+        "no free {} token left for this card number length; use another format",
+        item.meta.format.name()
+    ))))
+}
+
+// ---------------------------------------------------------------------------------------
+// The writer: group commit of serving writes
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+enum WriteOp {
+    Tokenize {
+        items: Vec<NewToken>,
+        caller: Caller,
+        reply: Reply<Vec<Result<StoredToken>>>,
+    },
+    Delete {
+        token: String,
+        caller: Caller,
+        reply: Reply<bool>,
+    },
+    Audit {
+        entries: Vec<AuditEntry>,
+        reply: Reply<()>,
+    },
+}
+
+impl WriteOp {
+    fn weight(&self) -> usize {
+        match self {
+            WriteOp::Tokenize { items, .. } => items.len().max(1),
+            WriteOp::Audit { entries, .. } => entries.len().max(1),
+            WriteOp::Delete { .. } => 1,
+        }
+    }
+}
+
+enum Outcome {
+    Tokenize(Vec<Result<StoredToken>>),
+    Delete(bool),
+    Audit,
+}
+
+struct Writer {
+    pool: Pool,
+    keyring: Arc<Keyring>,
+    healthy: Arc<AtomicBool>,
+    max_group_items: usize,
+}
+
+impl Writer {
+    async fn run(self, mut rx: mpsc::Receiver<WriteOp>) {
+        while let Some(first) = rx.recv().await {
+            let mut weight = first.weight();
+            let mut group = vec![first];
+            while weight < self.max_group_items {
+                match rx.try_recv() {
+                    Ok(op) => {
+                        weight += op.weight();
+                        group.push(op);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit_group(group).await;
+        }
+        tracing::debug!("database writer stopped");
+    }
+
+    async fn commit_group(&self, mut group: Vec<WriteOp>) {
+        let (n, started) = (group.len(), Instant::now());
+        let result = self.apply_group(&mut group).await;
+        super::observe_commit(n, started.elapsed(), result.is_ok());
+        match result {
+            Ok(outcomes) => {
+                self.healthy.store(true, Ordering::Relaxed);
+                for (op, o) in group.into_iter().zip(outcomes) {
+                    match (op, o) {
+                        (WriteOp::Tokenize { reply, .. }, Outcome::Tokenize(r)) => {
+                            let _ = reply.send(Ok(r));
+                        }
+                        (WriteOp::Delete { reply, .. }, Outcome::Delete(d)) => {
+                            let _ = reply.send(Ok(d));
+                        }
+                        (WriteOp::Audit { reply, .. }, Outcome::Audit) => {
+                            let _ = reply.send(Ok(()));
+                        }
+                        (op, _) => fail(
+                            op,
+                            Error::Internal("writer outcome of the wrong kind".into()),
+                        ),
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "group commit failed; no request of the group is acknowledged");
+                if matches!(e, Error::Unavailable(_) | Error::ResourceExhausted(_)) {
+                    self.healthy.store(false, Ordering::Relaxed);
+                }
+                for op in group {
+                    fail(op, duplicate(&e));
+                }
+            }
+        }
+    }
+
+    async fn apply_group(&self, group: &mut [WriteOp]) -> Result<Vec<Outcome>> {
+        let keyring = &*self.keyring;
+        let mut client = PgShared::client(&self.pool).await?;
+        let tx = client.transaction().await.map_err(map_err)?;
+        let mut st = begin_state(&tx, keyring).await?;
+        let mut outcomes = Vec::with_capacity(group.len());
+        for op in group.iter_mut() {
+            outcomes.push(match op {
+                WriteOp::Tokenize { items, caller, .. } => {
+                    let mut results = Vec::with_capacity(items.len());
+                    for item in items.iter_mut() {
+                        let r = insert_token(&tx, keyring, &mut st, item).await?;
+                        let subject = r.as_ref().map(|s| s.token.as_str()).unwrap_or_default();
+                        st.audit.push(AuditEntry::new(caller, "tokenize", subject, outcome_of(&r), ""));
+                        results.push(r);
+                    }
+                    Outcome::Tokenize(results)
+                }
+                WriteOp::Delete { token, caller, .. } => {
+                    let stmt = tx
+                        .prepare_cached(
+                            "UPDATE tokens SET nonce = NULL, ciphertext = NULL, fingerprint = NULL, \
+                             deleted_at = $2 WHERE token = $1 AND deleted_at IS NULL",
+                        )
+                        .await
+                        .map_err(map_err)?;
+                    let deleted = tx
+                        .execute(&stmt, &[&*token, &now_micros()])
+                        .await
+                        .map_err(map_err)?
+                        > 0;
+                    let outcome = if deleted { "OK" } else { "NOT_FOUND" };
+                    st.audit.push(AuditEntry::new(caller, "delete", token, outcome, ""));
+                    Outcome::Delete(deleted)
+                }
+                WriteOp::Audit { entries, .. } => {
+                    st.audit.append(entries);
+                    Outcome::Audit
+                }
+            });
+        }
+        finish_state(&tx, keyring, &mut st).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(outcomes)
+    }
+}
+
+fn fail(op: WriteOp, e: Error) {
+    match op {
+        WriteOp::Tokenize { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        WriteOp::Delete { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        WriteOp::Audit { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The store
+
+pub struct PgStore {
+    shared: Arc<PgShared>,
+    keyring: Arc<Keyring>,
+    writer_tx: Mutex<Option<mpsc::Sender<WriteOp>>>,
+    writer_done: Mutex<Option<oneshot::Receiver<()>>>,
+    healthy: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl PgStore {
+    /// Applies pending migrations, checks the session keeps commits durable, makes sure an
+    /// audit signing key exists, and starts the writer and the health prober.
+    pub fn open(shared: Arc<PgShared>, keyring: Arc<Keyring>, p: &OpenParams) -> Result<PgStore> {
+        let pool = shared.pool.clone();
+        let kr = keyring.clone();
+        shared.block(async move {
+            let mut client = PgShared::client(&pool).await?;
+            schema::migrate(&mut client).await?;
+            let sync: String = client
+                .query_one("SHOW synchronous_commit", &[])
+                .await
+                .map_err(map_err)?
+                .get(0);
+            if sync == "off" {
+                return Err(Error::FailedPrecondition(
+                    "the database session has synchronous_commit=off: an acknowledged write \
+                     could be lost; set it to on (or stricter) for the vault's role"
+                        .into(),
+                ));
+            }
+            prepare_audit(&mut client, &kr).await
+        })?;
+        let healthy = Arc::new(AtomicBool::new(true));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel(p.writer_queue.max(1));
+        let (done_tx, done_rx) = oneshot::channel();
+        let writer = Writer {
+            pool: shared.pool.clone(),
+            keyring: keyring.clone(),
+            healthy: healthy.clone(),
+            max_group_items: p.max_group_items.max(1),
+        };
+        shared.handle().spawn(async move {
+            writer.run(rx).await;
+            let _ = done_tx.send(());
+        });
+        {
+            let (pool, healthy, stop) = (shared.pool.clone(), healthy.clone(), stop.clone());
+            shared.handle().spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep(PROBE_EVERY).await;
+                    let probe = async {
+                        let c = PgShared::client(&pool).await?;
+                        c.simple_query("SELECT 1").await.map_err(map_err)?;
+                        Ok::<_, Error>(())
+                    };
+                    let ok = matches!(
+                        tokio::time::timeout(connect::CONNECT_TIMEOUT, probe).await,
+                        Ok(Ok(()))
+                    );
+                    healthy.store(ok, Ordering::Relaxed);
+                }
+            });
+        }
+        Ok(PgStore {
+            shared,
+            keyring,
+            writer_tx: Mutex::new(Some(tx)),
+            writer_done: Mutex::new(Some(done_rx)),
+            healthy,
+            stop,
+        })
+    }
+
+    fn write<T: Send + 'static>(&self, make: impl FnOnce(Reply<T>) -> WriteOp) -> StoreFuture<T> {
+        let sender = self
+            .writer_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let (reply, rx) = oneshot::channel();
+        let op = make(reply);
+        Box::pin(async move {
+            let sender = sender.ok_or_else(|| Error::Unavailable("the vault is closed".into()))?;
+            sender
+                .send(op)
+                .await
+                .map_err(|_| Error::Unavailable("the vault is closed".into()))?;
+            rx.await
+                .map_err(|_| Error::Internal("the writer stopped before answering".into()))?
+        })
+    }
+
+    /// Runs an admin operation in its own transaction holding the chain head, on any
+    /// pooled connection: the database serialises it with every replica's groups.
+    fn admin<T, F, Fut>(&self, f: F) -> StoreFuture<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Keyring>, Pool) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T>> + Send + 'static,
+    {
+        let (keyring, pool) = (self.keyring.clone(), self.shared.pool.clone());
+        self.shared.spawn(f(keyring, pool))
+    }
+
+    fn read<T, F, Fut>(&self, f: F) -> StoreFuture<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(deadpool_postgres::Object) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T>> + Send + 'static,
+    {
+        let pool = self.shared.pool.clone();
+        self.shared.spawn(async move {
+            let client = PgShared::client(&pool).await?;
+            f(client).await
+        })
+    }
+}
+
+/// Creates the first audit signing key if there is none (by whichever replica opens first).
+async fn prepare_audit(client: &mut deadpool_postgres::Object, keyring: &Keyring) -> Result<()> {
+    let has_key = client
+        .query_opt(
+            "SELECT 1 FROM audit_signing_keys WHERE state = 'active'",
+            &[],
+        )
+        .await
+        .map_err(map_err)?
+        .is_some();
+    if has_key {
+        return Ok(());
+    }
+    let tx = client.transaction().await.map_err(map_err)?;
+    tx.query_one("SELECT seq FROM audit_head WHERE id = 1 FOR UPDATE", &[])
+        .await
+        .map_err(map_err)?;
+    let has_key = tx
+        .query_opt(
+            "SELECT 1 FROM audit_signing_keys WHERE state = 'active'",
+            &[],
+        )
+        .await
+        .map_err(map_err)?
+        .is_some();
+    if !has_key && master_is_current(&tx, keyring).await? {
+        let n: i64 = tx
+            .query_one(
+                "SELECT COALESCE(MAX(id), 0) + 1 FROM audit_signing_keys",
+                &[],
+            )
+            .await
+            .map_err(map_err)?
+            .get(0);
+        let (key, wrapped) = keyring.new_audit_signing_key(n as u32);
+        tx.execute(
+            "INSERT INTO audit_signing_keys(id, public_key, wrapped, state, created_at) \
+             VALUES ($1, $2, $3, 'active', $4)",
+            &[
+                &n,
+                &key.public_key().to_bytes().to_vec(),
+                &wrapped,
+                &now_micros(),
+            ],
+        )
+        .await
+        .map_err(map_err)?;
+        tracing::info!(key_id = %key.public_key().key_id(), "created the audit signing key");
+    }
+    tx.commit().await.map_err(map_err)?;
+    Ok(())
+}
+
+/// Opens a transaction on a pooled connection with the chain head locked.
+macro_rules! admin_tx {
+    ($pool:expr, $keyring:expr, |$tx:ident, $st:ident| $body:block) => {{
+        let mut client = PgShared::client(&$pool).await?;
+        let $tx = client.transaction().await.map_err(map_err)?;
+        let mut state = begin_state(&$tx, &$keyring).await?;
+        let out = {
+            let $st = &mut state;
+            $body
+        };
+        finish_state(&$tx, &$keyring, &mut state).await?;
+        $tx.commit().await.map_err(map_err)?;
+        Ok(out)
+    }};
+}
+
+impl Storage for PgStore {
+    fn tokenize(
+        &self,
+        items: Vec<NewToken>,
+        caller: Caller,
+    ) -> StoreFuture<Vec<Result<StoredToken>>> {
+        self.write(move |reply| WriteOp::Tokenize {
+            items,
+            caller,
+            reply,
+        })
+    }
+
+    fn lookup(&self, tokens: Vec<String>, now: Micros) -> StoreFuture<Vec<Option<TokenRow>>> {
+        self.read(move |client| async move {
+            let stmt = client.prepare_cached(SQL_LOOKUP).await.map_err(map_err)?;
+            let rows = client
+                .query(&stmt, &[&tokens, &now])
+                .await
+                .map_err(map_err)?;
+            let found: HashMap<String, TokenRow> = rows
+                .iter()
+                .map(|r| {
+                    let (row_format, bound_meta) = binding_from_row(r, 4);
+                    let row = TokenRow {
+                        token: r.get(0),
+                        key_version: r.get::<_, i64>(1) as u32,
+                        nonce: r.get(2),
+                        ciphertext: r.get(3),
+                        meta: meta_from_row(r, 4),
+                        row_format,
+                        bound_meta,
+                    };
+                    (row.token.clone(), row)
+                })
+                .collect();
+            Ok(tokens.iter().map(|t| found.get(t).cloned()).collect())
+        })
+    }
+
+    fn delete(&self, token: String, caller: Caller) -> StoreFuture<bool> {
+        self.write(move |reply| WriteOp::Delete {
+            token,
+            caller,
+            reply,
+        })
+    }
+
+    fn append_audit(&self, entries: Vec<AuditEntry>) -> StoreFuture<()> {
+        self.write(move |reply| WriteOp::Audit { entries, reply })
+    }
+
+    fn rotate_key(&self, caller: Caller) -> StoreFuture<u32> {
+        self.admin(move |keyring, pool| async move {
+            admin_tx!(pool, keyring, |tx, st| {
+                let v = rotate_in_tx(&tx, &keyring, st).await?;
+                if let Some(last) = st.audit.last_mut() {
+                    *last = AuditEntry::new(&caller, "key_rotate", &format!("key v{v}"), "OK", "");
+                }
+                v
+            })
+        })
+    }
+
+    fn key_rows(&self) -> StoreFuture<Vec<KeyRow>> {
+        self.read(|client| async move { load_key_rows(&**client).await })
+    }
+
+    fn key_usage(&self) -> StoreFuture<Vec<KeyVersionInfo>> {
+        self.read(|client| async move {
+            let rows = load_key_rows(&**client).await?;
+            let counts: HashMap<u32, u64> = client
+                .query(
+                    "SELECT key_version, COUNT(*) FROM tokens WHERE ciphertext IS NOT NULL \
+                     GROUP BY key_version",
+                    &[],
+                )
+                .await
+                .map_err(map_err)?
+                .iter()
+                .map(|r| (r.get::<_, i64>(0) as u32, r.get::<_, i64>(1) as u64))
+                .collect();
+            Ok(rows
+                .into_iter()
+                .map(|k| KeyVersionInfo {
+                    version: k.version,
+                    state: k.state,
+                    created_at: k.created_at,
+                    encryptions: k.encryptions,
+                    max_encryptions: 0,
+                    rows: counts.get(&k.version).copied().unwrap_or(0),
+                })
+                .collect())
+        })
+    }
+
+    fn add_client(&self, row: ClientRow, caller: Caller) -> StoreFuture<()> {
+        self.admin(move |keyring, pool| async move {
+            admin_tx!(pool, keyring, |tx, st| {
+                if tx
+                    .query_opt("SELECT 1 FROM clients WHERE name = $1", &[&row.info.name])
+                    .await
+                    .map_err(map_err)?
+                    .is_some()
+                {
+                    return Err(Error::AlreadyExists(format!(
+                        "a client named {} already exists",
+                        row.info.name
+                    )));
+                }
+                if let Some(id) = &row.info.cert_identity {
+                    if tx
+                        .query_opt("SELECT 1 FROM clients WHERE cert_identity = $1", &[id])
+                        .await
+                        .map_err(map_err)?
+                        .is_some()
+                    {
+                        return Err(Error::AlreadyExists(
+                            "that certificate identity is bound to another client".into(),
+                        ));
+                    }
+                }
+                tx.execute(
+                    "INSERT INTO clients(name, key_id, key_hash, roles, cert_identity, created_at, \
+                     detokenize_rate, reuse_rate, reuse_group) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    &[
+                        &row.info.name,
+                        &row.key_id,
+                        &row.key_hash.to_vec(),
+                        &roles_to_text(&row.info.roles),
+                        &row.info.cert_identity,
+                        &row.info.created_at,
+                        &row.info.detokenize_rate,
+                        &row.info.reuse_rate,
+                        &row.info.reuse_group,
+                    ],
+                )
+                .await
+                .map_err(map_err)?;
+                bump_generation(&tx).await?;
+                st.audit.push(AuditEntry::new(
+                    &caller,
+                    "client_add",
+                    &row.info.name,
+                    "OK",
+                    &roles_to_text(&row.info.roles),
+                ));
+            })
+        })
+    }
+
+    fn revoke_client(&self, name: String, caller: Caller) -> StoreFuture<bool> {
+        self.admin(move |keyring, pool| async move {
+            admin_tx!(pool, keyring, |tx, st| {
+                let n = tx
+                    .execute(
+                        "UPDATE clients SET revoked_at = $2 WHERE name = $1 AND revoked_at IS NULL",
+                        &[&name, &now_micros()],
+                    )
+                    .await
+                    .map_err(map_err)?;
+                if n > 0 {
+                    bump_generation(&tx).await?;
+                }
+                let outcome = if n > 0 { "OK" } else { "NOT_FOUND" };
+                st.audit.push(AuditEntry::new(
+                    &caller,
+                    "client_revoke",
+                    &name,
+                    outcome,
+                    "",
+                ));
+                n > 0
+            })
+        })
+    }
+
+    fn clients(&self) -> StoreFuture<Vec<ClientRow>> {
+        self.read(|client| async move { query_clients(&**client).await })
+    }
+
+    fn audit_records(&self, from: u64, limit: usize) -> StoreFuture<Vec<AuditRecord>> {
+        self.read(move |client| async move {
+            let rows = client
+                .query(
+                    &format!(
+                        "SELECT {AUDIT_COLS} FROM audit WHERE seq >= $1 ORDER BY seq LIMIT $2"
+                    ),
+                    &[&(from as i64), &(limit as i64)],
+                )
+                .await
+                .map_err(map_err)?;
+            Ok(rows.iter().map(audit_record_from_row).collect())
+        })
+    }
+
+    fn generation(&self) -> StoreFuture<u64> {
+        self.read(|client| async move { Ok(read_counter(&**client, "generation").await? as u64) })
+    }
+
+    fn audit_head(&self) -> StoreFuture<Option<(u64, Vec<u8>)>> {
+        self.read(|client| async move { recorded_head(&**client).await })
+    }
+
+    fn audit_walk(&self, mut visit: AuditVisitor) -> StoreFuture<Option<(u64, Vec<u8>)>> {
+        self.read(move |mut client| async move {
+            let tx = client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(map_err)?;
+            let head = recorded_head(&*tx).await?;
+            let sql = format!(
+                "SELECT {AUDIT_COLS} FROM audit WHERE seq > $1 ORDER BY seq LIMIT {WALK_CHUNK}"
+            );
+            let mut after = 0i64;
+            loop {
+                let rows = tx.query(&sql, &[&after]).await.map_err(map_err)?;
+                for r in &rows {
+                    let rec = audit_record_from_row(r);
+                    after = rec.seq as i64;
+                    visit(&rec);
+                }
+                if (rows.len() as i64) < WALK_CHUNK {
+                    break;
+                }
+            }
+            tx.commit().await.map_err(map_err)?;
+            Ok(head)
+        })
+    }
+
+    fn audit_checkpoint_source(&self) -> StoreFuture<CheckpointSource> {
+        self.read(|mut client| async move {
+            let tx = client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(map_err)?;
+            let head = tx
+                .query_one("SELECT seq, hash FROM audit_head WHERE id = 1", &[])
+                .await
+                .map_err(map_err)?;
+            let hash: Vec<u8> = head.get(1);
+            let key = tx
+                .query_opt(
+                    "SELECT id, wrapped FROM audit_signing_keys WHERE state = 'active'",
+                    &[],
+                )
+                .await
+                .map_err(map_err)?
+                .ok_or_else(|| {
+                    Error::FailedPrecondition("the vault has no audit signing key".into())
+                })?;
+            let source = CheckpointSource {
+                vault: vault_hex(&*tx).await?,
+                seq: head.get::<_, i64>(0) as u64,
+                hash: hash32(&hash)?,
+                key_id: key.get::<_, i64>(0) as u32,
+                wrapped_key: key.get(1),
+            };
+            tx.commit().await.map_err(map_err)?;
+            Ok(source)
+        })
+    }
+
+    fn audit_signing_keys(&self) -> StoreFuture<Vec<AuditSigningKeyInfo>> {
+        self.read(|client| async move { query_signing_keys(&**client).await })
+    }
+
+    fn rotate_audit_signing_key(&self, caller: Caller) -> StoreFuture<(u32, AuditPublicKey)> {
+        self.admin(move |keyring, pool| async move {
+            admin_tx!(pool, keyring, |tx, st| {
+                let old = tx
+                    .query_opt(
+                        "SELECT id, wrapped FROM audit_signing_keys WHERE state = 'active'",
+                        &[],
+                    )
+                    .await
+                    .map_err(map_err)?
+                    .ok_or_else(|| {
+                        Error::FailedPrecondition("the vault has no audit signing key".into())
+                    })?;
+                let (old_id, old_wrapped): (i64, Vec<u8>) = (old.get(0), old.get(1));
+                let old = keyring.audit_signer(old_id as u32, &old_wrapped)?;
+                let new_id = old_id + 1;
+                let (new, wrapped) = keyring.new_audit_signing_key(new_id as u32);
+                flush_audit(&tx, &keyring, st).await?;
+                let vault = vault_hex(&*tx).await?;
+                let seq = st.audit_seq + 1;
+                let old_key_id = old.public_key().key_id();
+                let message = audit::handover_message(
+                    &vault,
+                    seq,
+                    &st.audit_hash,
+                    &old_key_id,
+                    &new.public_key(),
+                );
+                let handover = old.sign(&message);
+                let now = now_micros();
+                tx.execute(
+                    "UPDATE audit_signing_keys SET state = 'retired', wrapped = NULL, retired_at = $2 \
+                     WHERE id = $1",
+                    &[&old_id, &now],
+                )
+                .await
+                .map_err(map_err)?;
+                tx.execute(
+                    "INSERT INTO audit_signing_keys(id, public_key, wrapped, state, created_at) \
+                     VALUES ($1, $2, $3, 'active', $4)",
+                    &[&new_id, &new.public_key().to_bytes().to_vec(), &wrapped, &now],
+                )
+                .await
+                .map_err(map_err)?;
+                st.audit.push(AuditEntry::new(
+                    &caller,
+                    audit::ROTATE_ACTION,
+                    &format!("audit key {new_id}"),
+                    "OK",
+                    &audit::rotation_reason(&new.public_key(), &old_key_id, &handover),
+                ));
+                (new_id as u32, new.public_key())
+            })
+        })
+    }
+
+    fn rewrap_batch(&self, b: RewrapBatch, caller: Caller) -> StoreFuture<RewrapOutcome> {
+        self.admin(move |keyring, pool| async move {
+            admin_tx!(pool, keyring, |tx, st| {
+                let started = Instant::now();
+                let select = tx
+                    .prepare_cached(concat!(
+                        "SELECT ",
+                        sealed_cols!(),
+                        " FROM tokens WHERE id > $1 AND ciphertext IS NOT NULL AND \
+                         (CASE WHEN $3::bigint IS NULL THEN key_version < $2 OR row_format < $5 \
+                         ELSE key_version = $3 AND key_version < $2 END) ORDER BY id LIMIT $4"
+                    ))
+                    .await
+                    .map_err(map_err)?;
+                let update = tx
+                    .prepare_cached(
+                        "UPDATE tokens SET key_version = $2, nonce = $3, ciphertext = $4, \
+                         row_format = $5 WHERE id = $1",
+                    )
+                    .await
+                    .map_err(map_err)?;
+                let mut out = RewrapOutcome {
+                    active_version: st.active_version,
+                    ..Default::default()
+                };
+                let mut snapshot = keyring.snapshot();
+                let (mut cursor, mut seen) = (b.after_id, 0usize);
+                let only = b.only_version.map(i64::from);
+                let row_format = i64::from(crate::crypto::ROW_FORMAT);
+                while seen < b.limit && started.elapsed() < ADMIN_TX_BUDGET {
+                    let want = ((b.limit - seen) as i64).min(ADMIN_CHUNK);
+                    let rows: Vec<SealedRow> = tx
+                        .query(
+                            &select,
+                            &[&cursor, &i64::from(b.below), &only, &want, &row_format],
+                        )
+                        .await
+                        .map_err(map_err)?
+                        .iter()
+                        .map(sealed_row)
+                        .collect();
+                    let Some(last) = rows.last() else { break };
+                    cursor = last.id;
+                    out.last_id = Some(last.id);
+                    seen += rows.len();
+                    for row in &rows {
+                        if keyring.needs_rotation(
+                            st.active_count,
+                            1,
+                            st.active_created,
+                            now_micros(),
+                        ) {
+                            rotate_in_tx(&tx, &keyring, st).await?;
+                            snapshot = keyring.snapshot();
+                        }
+                        let Some(old) = snapshot.get(row.key_version) else {
+                            out.failed.push(row.token.clone());
+                            continue;
+                        };
+                        let Ok(plain) = old.open(
+                            row.row_format,
+                            &row.token,
+                            &row.bound_meta,
+                            &row.nonce,
+                            &row.ciphertext,
+                        ) else {
+                            out.failed.push(row.token.clone());
+                            continue;
+                        };
+                        let sealed = snapshot.active.seal(&row.token, &row.bound_meta, &plain);
+                        let version = snapshot.active.version();
+                        tx.execute(
+                            &update,
+                            &[
+                                &row.id,
+                                &i64::from(version),
+                                &&sealed.nonce[..],
+                                &sealed.ciphertext,
+                                &row_format,
+                            ],
+                        )
+                        .await
+                        .map_err(map_err)?;
+                        st.active_count += 1;
+                        *st.counts.entry(version).or_insert(0) += 1;
+                        out.rewrapped += 1;
+                        out.active_version = version;
+                    }
+                    if (rows.len() as i64) < want {
+                        break;
+                    }
+                }
+                if out.rewrapped > 0 || !out.failed.is_empty() {
+                    st.audit.push(AuditEntry::new(
+                        &caller,
+                        "key_rewrap",
+                        &format!("key v{}", out.active_version),
+                        if out.failed.is_empty() {
+                            "OK"
+                        } else {
+                            "DATA_LOSS"
+                        },
+                        &format!(
+                            "{} rows re-sealed, {} failed",
+                            out.rewrapped,
+                            out.failed.len()
+                        ),
+                    ));
+                }
+                out
+            })
+        })
+    }
+
+    fn retire_key(&self, version: u32, caller: Caller) -> StoreFuture<bool> {
+        self.admin(move |keyring, pool| async move {
+            admin_tx!(pool, keyring, |tx, st| {
+                let v = i64::from(version);
+                let state: Option<String> = tx
+                    .query_opt("SELECT state FROM data_keys WHERE version = $1", &[&v])
+                    .await
+                    .map_err(map_err)?
+                    .map(|r| r.get(0));
+                match state.as_deref().and_then(KeyState::parse) {
+                    None => {
+                        return Err(Error::FailedPrecondition(format!(
+                            "there is no key version {version}"
+                        )))
+                    }
+                    Some(KeyState::Active) => {
+                        return Err(Error::FailedPrecondition(format!(
+                            "v{version} is the active version: rotate first, or use `keys revoke {version}`"
+                        )))
+                    }
+                    Some(KeyState::Retired) => false,
+                    Some(KeyState::DecryptOnly) => {
+                        let rows: i64 = tx
+                            .query_one(
+                                "SELECT COUNT(*) FROM tokens WHERE key_version = $1 AND ciphertext IS NOT NULL",
+                                &[&v],
+                            )
+                            .await
+                            .map_err(map_err)?
+                            .get(0);
+                        if rows > 0 {
+                            return Err(Error::FailedPrecondition(format!(
+                                "{rows} tokens are still sealed under v{version}; run `tokenvault keys rewrap` first"
+                            )));
+                        }
+                        tx.execute(
+                            "UPDATE data_keys SET state = 'retired', wrapped = '\\x'::bytea WHERE version = $1",
+                            &[&v],
+                        )
+                        .await
+                        .map_err(map_err)?;
+                        bump_generation(&tx).await?;
+                        st.audit.push(AuditEntry::new(
+                            &caller,
+                            "key_retire",
+                            &format!("key v{version}"),
+                            "OK",
+                            "",
+                        ));
+                        true
+                    }
+                }
+            })
+        })
+    }
+
+    fn rotate_master(
+        &self,
+        new_kwk: KeyWrappingKey,
+        new_check: Vec<u8>,
+        caller: Caller,
+    ) -> StoreFuture<u32> {
+        self.admin(move |keyring, pool| async move {
+            admin_tx!(pool, keyring, |tx, st| {
+                let old_check = read_meta(&*tx, "key_check").await?;
+                if crate::crypto::ct_eq(&old_check, &new_check) {
+                    return Err(Error::InvalidArgument(
+                        "the new master key is the vault's current master key".into(),
+                    ));
+                }
+                let fingerprint = read_meta(&*tx, "wrapped_fingerprint_key").await?;
+                if !keyring.kwk_opens(&fingerprint) {
+                    return Err(Error::FailedPrecondition(
+                        "the master key was rotated by another process meanwhile".into(),
+                    ));
+                }
+                let audit_key = read_meta(&*tx, "wrapped_audit_key").await?;
+                let mut rewrapped = 0u32;
+                for row in load_key_rows(&*tx).await? {
+                    if row.state == KeyState::Retired {
+                        continue;
+                    }
+                    let w = keyring.rewrap_under(
+                        &new_kwk,
+                        &row.wrapped,
+                        KeyPurpose::Data(row.version),
+                    )?;
+                    tx.execute(
+                        "UPDATE data_keys SET wrapped = $2 WHERE version = $1",
+                        &[&i64::from(row.version), &w],
+                    )
+                    .await
+                    .map_err(map_err)?;
+                    rewrapped += 1;
+                }
+                let signing = tx
+                    .query(
+                        "SELECT id, wrapped FROM audit_signing_keys WHERE wrapped IS NOT NULL",
+                        &[],
+                    )
+                    .await
+                    .map_err(map_err)?;
+                for r in &signing {
+                    let (id, wrapped): (i64, Vec<u8>) = (r.get(0), r.get(1));
+                    let w = keyring.rewrap_under(
+                        &new_kwk,
+                        &wrapped,
+                        KeyPurpose::AuditSigning(id as u32),
+                    )?;
+                    tx.execute(
+                        "UPDATE audit_signing_keys SET wrapped = $2 WHERE id = $1",
+                        &[&id, &w],
+                    )
+                    .await
+                    .map_err(map_err)?;
+                }
+                let fingerprint =
+                    keyring.rewrap_under(&new_kwk, &fingerprint, KeyPurpose::Fingerprint)?;
+                let audit_key = keyring.rewrap_under(&new_kwk, &audit_key, KeyPurpose::Audit)?;
+                for (k, v) in [
+                    ("wrapped_fingerprint_key", &fingerprint),
+                    ("wrapped_audit_key", &audit_key),
+                    ("key_check", &new_check),
+                ] {
+                    tx.execute("UPDATE meta SET value = $2 WHERE key = $1", &[&k, v])
+                        .await
+                        .map_err(map_err)?;
+                }
+                bump_generation(&tx).await?;
+                st.audit.push(AuditEntry::new(
+                    &caller,
+                    "master_rotate",
+                    "master key",
+                    "OK",
+                    &format!("{rewrapped} data keys, fingerprint and audit key re-wrapped"),
+                ));
+                rewrapped
+            })
+        })
+    }
+
+    fn vault_id(&self) -> StoreFuture<Vec<u8>> {
+        self.read(|client| async move { read_meta(&**client, "vault_id").await })
+    }
+
+    fn rows_by_version(&self) -> StoreFuture<Vec<(u32, u64)>> {
+        self.read(|client| async move {
+            Ok(client
+                .query(
+                    "SELECT key_version, COUNT(*) FROM tokens WHERE ciphertext IS NOT NULL \
+                     GROUP BY key_version ORDER BY key_version",
+                    &[],
+                )
+                .await
+                .map_err(map_err)?
+                .iter()
+                .map(|r| (r.get::<_, i64>(0) as u32, r.get::<_, i64>(1) as u64))
+                .collect())
+        })
+    }
+
+    fn sealed_rows(&self, after_id: i64, limit: usize) -> StoreFuture<Vec<SealedRow>> {
+        self.read(move |client| async move {
+            Ok(client
+                .query(
+                    concat!(
+                        "SELECT ",
+                        sealed_cols!(),
+                        " FROM tokens WHERE id > $1 AND ciphertext IS NOT NULL ORDER BY id LIMIT $2"
+                    ),
+                    &[&after_id, &(limit as i64)],
+                )
+                .await
+                .map_err(map_err)?
+                .iter()
+                .map(sealed_row)
+                .collect())
+        })
+    }
+
+    fn sample_sealed_rows(&self, n: usize) -> StoreFuture<Vec<SealedRow>> {
+        self.read(move |client| async move {
+            Ok(client
+                .query(
+                    concat!(
+                        "SELECT ",
+                        sealed_cols!(),
+                        " FROM tokens WHERE id IN (SELECT id FROM tokens WHERE ciphertext IS NOT NULL \
+                         ORDER BY random() LIMIT $1) ORDER BY id"
+                    ),
+                    &[&(n as i64)],
+                )
+                .await
+                .map_err(map_err)?
+                .iter()
+                .map(sealed_row)
+                .collect())
+        })
+    }
+
+    fn integrity_check(&self) -> StoreFuture<Vec<String>> {
+        // PostgreSQL checks its own pages (data checksums, amcheck by the DBA); what the
+        // vault can check is its own invariants across tables.
+        self.read(|client| async move {
+            let mut problems = Vec::new();
+            let active: i64 = client
+                .query_one("SELECT COUNT(*) FROM data_keys WHERE state = 'active'", &[])
+                .await
+                .map_err(map_err)?
+                .get(0);
+            if active != 1 {
+                problems.push(format!("{active} active data key versions (expected 1)"));
+            }
+            let orphans: i64 = client
+                .query_one(
+                    "SELECT COUNT(*) FROM tokens t WHERE ciphertext IS NOT NULL AND NOT EXISTS \
+                     (SELECT 1 FROM data_keys k WHERE k.version = t.key_version)",
+                    &[],
+                )
+                .await
+                .map_err(map_err)?
+                .get(0);
+            if orphans > 0 {
+                problems.push(format!(
+                    "{orphans} rows name a key version that does not exist"
+                ));
+            }
+            let head = client
+                .query_one(
+                    "SELECT h.seq, COALESCE((SELECT MAX(seq) FROM audit), 0), \
+                     (SELECT COUNT(*) FROM audit) FROM audit_head h WHERE h.id = 1",
+                    &[],
+                )
+                .await
+                .map_err(map_err)?;
+            let (head_seq, max_seq, count): (i64, i64, i64) =
+                (head.get(0), head.get(1), head.get(2));
+            if head_seq != max_seq || count != max_seq {
+                problems.push(format!(
+                    "audit head {head_seq}, newest record {max_seq}, {count} records"
+                ));
+            }
+            Ok(problems)
+        })
+    }
+
+    /// The portable snapshot format: a SQLite vault file, written from one REPEATABLE READ
+    /// snapshot (see [`super::copy`]), so `restore` takes it whatever store it came from.
+    fn backup_to(&self, out: PathBuf) -> StoreFuture<u64> {
+        let shared = self.shared.clone();
+        let (reply, rx) = oneshot::channel();
+        std::thread::spawn(move || {
+            let _ = reply.send(backup_to_file(&shared, &out));
+        });
+        Box::pin(async move {
+            rx.await
+                .map_err(|_| Error::Internal("the backup thread stopped".into()))?
+        })
+    }
+
+    fn purge_count(
+        &self,
+        deleted_before: Option<Micros>,
+        expired_before: Option<Micros>,
+    ) -> StoreFuture<(u64, u64)> {
+        self.read(move |client| async move {
+            let r = client
+                .query_one(
+                    "SELECT \
+                     COUNT(*) FILTER (WHERE $1::bigint IS NOT NULL AND deleted_at IS NOT NULL AND deleted_at < $1), \
+                     COUNT(*) FILTER (WHERE $2::bigint IS NOT NULL AND deleted_at IS NULL \
+                                      AND expires_at IS NOT NULL AND expires_at < $2) \
+                     FROM tokens",
+                    &[&deleted_before, &expired_before],
+                )
+                .await
+                .map_err(map_err)?;
+            Ok((r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64))
+        })
+    }
+
+    fn purge_batch(&self, b: PurgeBatch, caller: Caller) -> StoreFuture<PurgeOutcome> {
+        self.admin(move |keyring, pool| async move {
+            admin_tx!(pool, keyring, |tx, st| {
+                let started = Instant::now();
+                let select = tx
+                    .prepare_cached(
+                        "SELECT id, deleted_at IS NOT NULL FROM tokens WHERE id > $1 AND ( \
+                         ($2::bigint IS NOT NULL AND deleted_at IS NOT NULL AND deleted_at < $2) OR \
+                         ($3::bigint IS NOT NULL AND deleted_at IS NULL AND expires_at IS NOT NULL \
+                          AND expires_at < $3)) ORDER BY id LIMIT $4",
+                    )
+                    .await
+                    .map_err(map_err)?;
+                let mut out = PurgeOutcome::default();
+                let (mut cursor, mut seen) = (b.after_id, 0usize);
+                while seen < b.limit && started.elapsed() < ADMIN_TX_BUDGET {
+                    let want = ((b.limit - seen) as i64).min(ADMIN_CHUNK);
+                    let rows = tx
+                        .query(&select, &[&cursor, &b.deleted_before, &b.expired_before, &want])
+                        .await
+                        .map_err(map_err)?;
+                    let Some(last) = rows.last() else { break };
+                    cursor = last.get(0);
+                    out.last_id = Some(cursor);
+                    seen += rows.len();
+                    let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+                    tx.execute("DELETE FROM tokens WHERE id = ANY($1)", &[&ids])
+                        .await
+                        .map_err(map_err)?;
+                    for r in &rows {
+                        if r.get::<_, bool>(1) {
+                            out.deleted += 1;
+                        } else {
+                            out.expired += 1;
+                        }
+                    }
+                    if (rows.len() as i64) < want {
+                        break;
+                    }
+                }
+                if out.deleted + out.expired > 0 {
+                    st.audit.push(AuditEntry::new(
+                        &caller,
+                        "purge",
+                        "tokens",
+                        "OK",
+                        &format!("{} deleted, {} expired rows removed", out.deleted, out.expired),
+                    ));
+                }
+                out
+            })
+        })
+    }
+
+    fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    fn pause_checkpoints(&self) -> CheckpointPause {
+        CheckpointPause::none()
+    }
+
+    fn close(&self) -> StoreFuture<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.writer_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let done = self
+            .writer_done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        Box::pin(async move {
+            if let Some(done) = done {
+                let _ = done.await;
+            }
+            Ok(())
+        })
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.writer_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+}
+
+fn backup_to_file(shared: &Arc<PgShared>, out: &std::path::Path) -> Result<u64> {
+    if out.exists() {
+        return Err(Error::AlreadyExists(format!(
+            "{} already exists",
+            out.display()
+        )));
+    }
+    let tmp = PathBuf::from(format!("{}.partial-{}", out.display(), std::process::id()));
+    super::copy::copy(
+        &super::copy::Endpoint::Postgres(shared.clone()),
+        &super::copy::Endpoint::Sqlite(tmp.clone()),
+        |_| {},
+    )?;
+    std::fs::rename(&tmp, out).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::Unavailable(format!("cannot move the backup to {}: {e}", out.display()))
+    })?;
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::Unavailable(format!("fsync {}: {e}", dir.display())))?;
+    }
+    Ok(std::fs::metadata(out).map(|m| m.len()).unwrap_or(0))
+}
+
+async fn recorded_head(c: &impl tokio_postgres::GenericClient) -> Result<Option<(u64, Vec<u8>)>> {
+    let r = c
+        .query_opt("SELECT seq, mac FROM audit_head WHERE id = 1", &[])
+        .await
+        .map_err(map_err)?;
+    Ok(r.and_then(|r| {
+        let seq: i64 = r.get(0);
+        (seq > 0).then(|| (seq as u64, r.get(1)))
+    }))
+}

@@ -1,0 +1,709 @@
+//! One suite, two stores: every behaviour below is one test body run against the embedded
+//! SQLite store and against PostgreSQL (a throwaway cluster, see `pg/mod.rs`). Then the
+//! PostgreSQL-only behaviours of several replicas on one database.
+
+mod pg;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokenvault::auth::Role;
+use tokenvault::card::Pan;
+use tokenvault::crypto::MasterKey;
+use tokenvault::error::Error;
+use tokenvault::token::TokenFormat;
+use tokenvault::vault::{
+    Caller, KeyPolicy, KeyState, PurgeOptions, RewrapOptions, TokenizeRequest, Vault, VaultConfig,
+};
+
+const PANS: [&str; 4] = [
+    "4111111111111111",
+    "5555555555554444",
+    "378282246310005",
+    "6011111111111117",
+];
+
+fn req(pan: &str, format: TokenFormat, reuse: bool) -> TokenizeRequest {
+    TokenizeRequest {
+        pan: Pan::parse(pan).unwrap(),
+        format,
+        reuse_existing: reuse,
+        expires_at: None,
+    }
+}
+
+fn caller() -> Caller {
+    Caller::new("test", "local")
+}
+
+/// Where a test's vault lives; keeps its temp directory and cluster alive.
+enum Store {
+    Sqlite(tempfile::TempDir),
+    Postgres {
+        cluster: Arc<pg::Cluster>,
+        url: String,
+        dir: tempfile::TempDir,
+    },
+}
+
+impl Store {
+    fn sqlite() -> Option<Store> {
+        Some(Store::Sqlite(tempfile::tempdir().unwrap()))
+    }
+
+    fn postgres() -> Option<Store> {
+        Self::postgres_on(pg::cluster()?)
+    }
+
+    fn postgres_on(cluster: Arc<pg::Cluster>) -> Option<Store> {
+        let url = cluster.create_db();
+        Some(Store::Postgres {
+            cluster,
+            url,
+            dir: tempfile::tempdir().unwrap(),
+        })
+    }
+
+    fn config(&self) -> VaultConfig {
+        match self {
+            Store::Sqlite(dir) => VaultConfig::new(dir.path().join("data")),
+            Store::Postgres { url, dir, .. } => {
+                // No data directory is needed: point at one that does not exist.
+                let mut cfg = VaultConfig::new(dir.path().join("unused"));
+                cfg.store_url = Some(url.clone());
+                cfg
+            }
+        }
+    }
+
+    /// Runs a statement against the vault's tables, the way an attacker with database
+    /// access would (the SQL used is valid in both dialects).
+    fn tamper(&self, sql: &str) {
+        match self {
+            Store::Sqlite(dir) => {
+                let conn = rusqlite::Connection::open(tokenvault::store::sqlite::db_path(
+                    &dir.path().join("data"),
+                ))
+                .unwrap();
+                conn.execute_batch(sql).unwrap();
+            }
+            Store::Postgres { cluster, url, .. } => cluster.sql(pg::db_of(url), sql),
+        }
+    }
+}
+
+/// One test body, run against both stores (`sqlite::NAME`, `postgres::NAME`).
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(store) = super::Store::sqlite() {
+                        super::$name(store).await;
+                    }
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(store) = super::Store::postgres() {
+                        super::$name(store).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    round_trip_reopen_and_wrong_key,
+    reuse_existing_is_scoped,
+    delete_destroys_and_is_audited,
+    automatic_rotation_counts_are_exact,
+    concurrent_load_keeps_one_unbroken_chain,
+    an_edited_audit_record_is_caught,
+    an_altered_ciphertext_is_data_loss,
+    clients_add_authenticate_revoke,
+    rewrap_retire_and_check,
+    purge_removes_deleted_rows,
+    master_rotation_reopens_with_the_new_key,
+    audit_key_rotation_and_checkpoint,
+);
+
+async fn round_trip_reopen_and_wrong_key(store: Store) {
+    let key = MasterKey::generate();
+    let vault = Vault::create(store.config(), &key).unwrap();
+    assert!(matches!(
+        Vault::create(store.config(), &key).map(|_| ()),
+        Err(Error::AlreadyExists(_))
+    ));
+    let mut tokens = Vec::new();
+    for pan in PANS {
+        for format in [
+            TokenFormat::Opaque,
+            TokenFormat::PanShaped,
+            TokenFormat::PanShapedKeepBin,
+        ] {
+            let t = vault
+                .tokenize(&caller(), req(pan, format, false))
+                .await
+                .unwrap();
+            assert!(t.created);
+            let r = vault
+                .detokenize(&caller(), t.token.clone(), "test".into())
+                .await
+                .unwrap();
+            assert_eq!(r.pan.expose_digits(), pan);
+            assert_eq!(r.info, t.info);
+            tokens.push((t.token, pan));
+        }
+    }
+    vault.close().await;
+    assert!(matches!(
+        Vault::open(store.config(), &MasterKey::generate()).map(|_| ()),
+        Err(Error::WrongMasterKey)
+    ));
+    let vault = Vault::open(store.config(), &key).unwrap();
+    for (token, pan) in tokens {
+        let r = vault
+            .detokenize(&caller(), token, "test".into())
+            .await
+            .unwrap();
+        assert_eq!(r.pan.expose_digits(), pan);
+    }
+    assert!(vault.verify_audit().await.unwrap().is_ok());
+    vault.close().await;
+}
+
+async fn reuse_existing_is_scoped(store: Store) {
+    let key = MasterKey::generate();
+    let vault = Vault::create(store.config(), &key).unwrap();
+    let a = vault
+        .tokenize(&caller(), req(PANS[0], TokenFormat::Opaque, true))
+        .await
+        .unwrap();
+    let b = vault
+        .tokenize(&caller(), req(PANS[0], TokenFormat::Opaque, true))
+        .await
+        .unwrap();
+    assert!(a.created && !b.created);
+    assert_eq!(a.token, b.token);
+    let other = Caller::new("someone-else", "local");
+    let c = vault
+        .tokenize(&other, req(PANS[0], TokenFormat::Opaque, true))
+        .await
+        .unwrap();
+    assert!(
+        c.created,
+        "another principal never finds the first one's token"
+    );
+    assert_ne!(c.token, a.token);
+    vault.close().await;
+}
+
+async fn delete_destroys_and_is_audited(store: Store) {
+    let key = MasterKey::generate();
+    let vault = Vault::create(store.config(), &key).unwrap();
+    let t = vault
+        .tokenize(&caller(), req(PANS[1], TokenFormat::Opaque, false))
+        .await
+        .unwrap();
+    assert!(vault.delete(&caller(), t.token.clone()).await.unwrap());
+    assert!(!vault.delete(&caller(), t.token.clone()).await.unwrap());
+    assert!(matches!(
+        vault
+            .detokenize(&caller(), t.token.clone(), "t".into())
+            .await,
+        Err(Error::NotFound)
+    ));
+    let records = vault.audit_records(1, 100).await.unwrap();
+    let deletes: Vec<_> = records.iter().filter(|r| r.action == "delete").collect();
+    assert_eq!(deletes.len(), 2);
+    assert_eq!(deletes[0].outcome, "OK");
+    assert_eq!(deletes[1].outcome, "NOT_FOUND");
+    vault.close().await;
+}
+
+async fn automatic_rotation_counts_are_exact(store: Store) {
+    let key = MasterKey::generate();
+    let mut cfg = store.config();
+    cfg.key_policy = KeyPolicy {
+        max_encryptions: 10,
+        max_age: None,
+    };
+    let vault = Vault::create(cfg, &key).unwrap();
+    let mut handles = Vec::new();
+    for i in 0..25 {
+        let v = vault.clone();
+        handles.push(tokio::spawn(async move {
+            v.tokenize(&caller(), req(PANS[i % 4], TokenFormat::Opaque, false))
+                .await
+                .unwrap()
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let keys = vault.list_keys().await.unwrap();
+    let counts: Vec<(u32, u64, KeyState)> = keys
+        .iter()
+        .map(|k| (k.version, k.encryptions, k.state))
+        .collect();
+    assert_eq!(
+        counts,
+        vec![
+            (1, 10, KeyState::DecryptOnly),
+            (2, 10, KeyState::DecryptOnly),
+            (3, 5, KeyState::Active)
+        ]
+    );
+    let rows: u64 = keys.iter().map(|k| k.rows).sum();
+    assert_eq!(rows, 25);
+    vault.close().await;
+}
+
+async fn concurrent_load_keeps_one_unbroken_chain(store: Store) {
+    let key = MasterKey::generate();
+    let vault = Vault::create(store.config(), &key).unwrap();
+    let mut handles = Vec::new();
+    for task in 0..16 {
+        let v = vault.clone();
+        handles.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for i in 0..20 {
+                let pan = PANS[(task + i) % 4];
+                let t = v
+                    .tokenize(&caller(), req(pan, TokenFormat::Opaque, false))
+                    .await
+                    .unwrap();
+                out.push((t.token, pan));
+            }
+            out
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await.unwrap());
+    }
+    for (token, pan) in &all {
+        let r = vault
+            .detokenize(&caller(), token.clone(), "t".into())
+            .await
+            .unwrap();
+        assert_eq!(r.pan.expose_digits(), *pan);
+    }
+    let v = vault.verify_audit().await.unwrap();
+    assert!(v.is_ok(), "{}", v.describe());
+    // 320 tokenize + 320 detokenize records, numbered 1..=640 without a gap.
+    assert_eq!(vault.audit_head_seq().await.unwrap(), 640);
+    vault.close().await;
+}
+
+async fn an_edited_audit_record_is_caught(store: Store) {
+    let key = MasterKey::generate();
+    let vault = Vault::create(store.config(), &key).unwrap();
+    for pan in PANS {
+        vault
+            .tokenize(&caller(), req(pan, TokenFormat::Opaque, false))
+            .await
+            .unwrap();
+    }
+    assert!(vault.verify_audit().await.unwrap().is_ok());
+    store.tamper("UPDATE audit SET principal = 'someone-else' WHERE seq = 2");
+    let v = vault.verify_audit().await.unwrap();
+    assert!(!v.is_ok(), "an edited record passed verification");
+    vault.close().await;
+}
+
+async fn an_altered_ciphertext_is_data_loss(store: Store) {
+    let key = MasterKey::generate();
+    let vault = Vault::create(store.config(), &key).unwrap();
+    let a = vault
+        .tokenize(&caller(), req(PANS[0], TokenFormat::Opaque, false))
+        .await
+        .unwrap();
+    let b = vault
+        .tokenize(&caller(), req(PANS[1], TokenFormat::Opaque, false))
+        .await
+        .unwrap();
+    // Swap the two ciphertexts: each is bound to its own token.
+    store.tamper(&format!(
+        "UPDATE tokens SET ciphertext = (SELECT ciphertext FROM tokens WHERE token = '{b}'), \
+         nonce = (SELECT nonce FROM tokens WHERE token = '{b}') WHERE token = '{a}'",
+        a = a.token.as_str(),
+        b = b.token.as_str()
+    ));
+    assert!(matches!(
+        vault
+            .detokenize(&caller(), a.token.clone(), "t".into())
+            .await,
+        Err(Error::DataLoss(_))
+    ));
+    vault.close().await;
+}
+
+async fn clients_add_authenticate_revoke(store: Store) {
+    let key = MasterKey::generate();
+    let vault = Vault::create(store.config(), &key).unwrap();
+    let api_key = vault
+        .add_client(&caller(), "app", &[Role::Tokenize], None)
+        .await
+        .unwrap();
+    assert!(matches!(
+        vault
+            .add_client(&caller(), "app", &[Role::Tokenize], None)
+            .await,
+        Err(Error::AlreadyExists(_))
+    ));
+    assert_eq!(vault.authenticate_api_key(&api_key).unwrap().name, "app");
+    assert!(vault.revoke_client(&caller(), "app").await.unwrap());
+    assert!(!vault.revoke_client(&caller(), "app").await.unwrap());
+    assert!(vault.authenticate_api_key(&api_key).is_err());
+    let clients = vault.list_clients().await.unwrap();
+    assert!(clients[0].revoked_at.is_some());
+    vault.close().await;
+}
+
+async fn rewrap_retire_and_check(store: Store) {
+    let key = MasterKey::generate();
+    let vault = Vault::create(store.config(), &key).unwrap();
+    let mut tokens = Vec::new();
+    for pan in PANS {
+        let t = vault
+            .tokenize(&caller(), req(pan, TokenFormat::Opaque, false))
+            .await
+            .unwrap();
+        tokens.push((t.token, pan));
+    }
+    assert_eq!(vault.rotate_key(&caller()).await.unwrap(), 2);
+    assert!(matches!(
+        vault.retire_key(&caller(), 1).await,
+        Err(Error::FailedPrecondition(_))
+    ));
+    let report = vault
+        .rewrap(&caller(), &RewrapOptions::default(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(report.rewrapped, 4);
+    assert!(report.failed.is_empty());
+    assert!(vault.retire_key(&caller(), 1).await.unwrap());
+    for (token, pan) in &tokens {
+        let r = vault
+            .detokenize(&caller(), token.clone(), "t".into())
+            .await
+            .unwrap();
+        assert_eq!(r.pan.expose_digits(), *pan);
+        assert_eq!(r.info.key_version, 2);
+    }
+    let keys = vault.list_keys().await.unwrap();
+    assert_eq!(keys[0].state, KeyState::Retired);
+    assert_eq!((keys[0].encryptions, keys[1].encryptions), (4, 4));
+    let check = vault.check(true, 10).await.unwrap();
+    assert!(check.ok(), "{check:?}");
+    assert_eq!(check.checked, 4);
+    vault.close().await;
+}
+
+async fn purge_removes_deleted_rows(store: Store) {
+    let key = MasterKey::generate();
+    let vault = Vault::create(store.config(), &key).unwrap();
+    let mut tokens = Vec::new();
+    for pan in PANS {
+        tokens.push(
+            vault
+                .tokenize(&caller(), req(pan, TokenFormat::Opaque, false))
+                .await
+                .unwrap()
+                .token,
+        );
+    }
+    vault.delete(&caller(), tokens[0].clone()).await.unwrap();
+    vault.delete(&caller(), tokens[1].clone()).await.unwrap();
+    let opts = PurgeOptions {
+        deleted: true,
+        expired: false,
+        older_than: None,
+        batch: 1,
+    };
+    let report = vault.purge(&caller(), &opts).await.unwrap();
+    assert_eq!((report.deleted, report.expired), (2, 0));
+    let r = vault
+        .detokenize(&caller(), tokens[2].clone(), "t".into())
+        .await
+        .unwrap();
+    assert_eq!(r.pan.expose_digits(), PANS[2]);
+    assert!(vault.verify_audit().await.unwrap().is_ok());
+    vault.close().await;
+}
+
+async fn master_rotation_reopens_with_the_new_key(store: Store) {
+    let key = MasterKey::generate();
+    let vault = Vault::create(store.config(), &key).unwrap();
+    let t = vault
+        .tokenize(&caller(), req(PANS[3], TokenFormat::Opaque, false))
+        .await
+        .unwrap();
+    let new = MasterKey::generate();
+    assert_eq!(vault.rotate_master(&caller(), &new).await.unwrap(), 1);
+    vault.close().await;
+    assert!(matches!(
+        Vault::open(store.config(), &key).map(|_| ()),
+        Err(Error::WrongMasterKey)
+    ));
+    let vault = Vault::open(store.config(), &new).unwrap();
+    let r = vault
+        .detokenize(&caller(), t.token, "t".into())
+        .await
+        .unwrap();
+    assert_eq!(r.pan.expose_digits(), PANS[3]);
+    vault.close().await;
+}
+
+async fn audit_key_rotation_and_checkpoint(store: Store) {
+    let key = MasterKey::generate();
+    let vault = Vault::create(store.config(), &key).unwrap();
+    vault
+        .tokenize(&caller(), req(PANS[0], TokenFormat::Opaque, false))
+        .await
+        .unwrap();
+    let before = vault
+        .audit_checkpoint()
+        .await
+        .unwrap()
+        .expect("a checkpoint");
+    let (id, _public) = vault.rotate_audit_key(&caller()).await.unwrap();
+    assert_eq!(id, 2);
+    let keys = vault.audit_signing_keys().await.unwrap();
+    assert_eq!(keys.len(), 2);
+    assert!(!keys[0].active && keys[1].active);
+    let after = vault
+        .audit_checkpoint()
+        .await
+        .unwrap()
+        .expect("a checkpoint");
+    assert!(after.seq > before.seq);
+    let v = vault.verify_audit().await.unwrap();
+    assert!(v.is_ok(), "{}", v.describe());
+    vault.close().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Several replicas on one PostgreSQL database
+
+fn replicas(store: &Store, key: &MasterKey, n: usize, policy: KeyPolicy) -> Vec<Vault> {
+    let mut cfg = store.config();
+    cfg.key_policy = policy.clone();
+    let mut out = vec![Vault::create(cfg, key).unwrap()];
+    for _ in 1..n {
+        let mut cfg = store.config();
+        cfg.key_policy = policy.clone();
+        out.push(Vault::open(cfg, key).unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_tokens_one_chain_and_rotate_exactly_once() {
+    let Some(store) = Store::postgres() else {
+        return;
+    };
+    let key = MasterKey::generate();
+    let policy = KeyPolicy {
+        max_encryptions: 50,
+        max_age: None,
+    };
+    let vaults = replicas(&store, &key, 3, policy);
+    let mut handles = Vec::new();
+    for task in 0..12 {
+        let v = vaults[task % 3].clone();
+        let reader = vaults[(task + 1) % 3].clone();
+        handles.push(tokio::spawn(async move {
+            for i in 0..20 {
+                let pan = PANS[(task + i) % 4];
+                let t = v
+                    .tokenize(&caller(), req(pan, TokenFormat::Opaque, false))
+                    .await
+                    .unwrap();
+                // Detokenizable through another replica the moment tokenize answered.
+                let r = reader
+                    .detokenize(&caller(), t.token, "t".into())
+                    .await
+                    .unwrap();
+                assert_eq!(r.pan.expose_digits(), pan);
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    // 240 encryptions at 50 per version: exactly versions 1..=5, 50 each, the 5th with 40.
+    let keys = vaults[0].list_keys().await.unwrap();
+    let counts: Vec<(u32, u64)> = keys.iter().map(|k| (k.version, k.encryptions)).collect();
+    assert_eq!(counts, vec![(1, 50), (2, 50), (3, 50), (4, 50), (5, 40)]);
+    let rotations = vaults[0]
+        .audit_records(1, 10_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.action == "key_rotate")
+        .count();
+    assert_eq!(
+        rotations, 4,
+        "each automatic rotation happened exactly once"
+    );
+    for v in &vaults {
+        let verdict = v.verify_audit().await.unwrap();
+        assert!(verdict.is_ok(), "{}", verdict.describe());
+    }
+    assert_eq!(vaults[1].audit_head_seq().await.unwrap(), 240 * 2 + 4);
+    for v in vaults {
+        v.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_see_key_and_client_changes_within_a_second() {
+    let Some(store) = Store::postgres() else {
+        return;
+    };
+    let key = MasterKey::generate();
+    let vaults = replicas(&store, &key, 2, KeyPolicy::default());
+    let api_key = vaults[0]
+        .add_client(&caller(), "app", &[Role::Tokenize], None)
+        .await
+        .unwrap();
+    let v2 = vaults[0].rotate_key(&caller()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        vaults[1].authenticate_api_key(&api_key).unwrap().name,
+        "app"
+    );
+    let t = vaults[1]
+        .tokenize(&caller(), req(PANS[0], TokenFormat::Opaque, false))
+        .await
+        .unwrap();
+    assert_eq!(
+        t.info.key_version, v2,
+        "the other replica seals under the new version"
+    );
+    vaults[0].revoke_client(&caller(), "app").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(vaults[1].authenticate_api_key(&api_key).is_err());
+    for v in vaults {
+        v.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restart_fails_fast_then_recovers_without_a_restart() {
+    // A cluster of its own: the restart must not hit the other tests.
+    let Some(store) = pg::private_cluster().and_then(Store::postgres_on) else {
+        return;
+    };
+    let Store::Postgres { cluster, .. } = &store else {
+        unreachable!()
+    };
+    let key = MasterKey::generate();
+    let vault = Vault::create(store.config(), &key).unwrap();
+    let t = vault
+        .tokenize(&caller(), req(PANS[0], TokenFormat::Opaque, false))
+        .await
+        .unwrap();
+    cluster.stop_immediate();
+    let started = std::time::Instant::now();
+    let r = vault
+        .tokenize(&caller(), req(PANS[1], TokenFormat::Opaque, false))
+        .await;
+    assert!(matches!(r, Err(Error::Unavailable(_))), "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!vault.healthy(), "health reports the lost database");
+    cluster.start_again();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match vault
+            .detokenize(&caller(), t.token.clone(), "t".into())
+            .await
+        {
+            Ok(r) => {
+                assert_eq!(r.pan.expose_digits(), PANS[0]);
+                break;
+            }
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("still recovering: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("no recovery: {e}"),
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(vault.healthy());
+    assert!(vault.verify_audit().await.unwrap().is_ok());
+    vault.close().await;
+}
+
+/// `serve` and the admin commands need only SELECT/INSERT/UPDATE/DELETE (the README's
+/// GRANTs); only `init` (and a migration) needs to create tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_with_only_dml_grants_runs_the_vault() {
+    let Some(store) = Store::postgres() else {
+        return;
+    };
+    let Store::Postgres { cluster, url, dir } = &store else {
+        unreachable!()
+    };
+    let key = MasterKey::generate();
+    Vault::create(store.config(), &key).unwrap().close().await;
+    let db = pg::db_of(url).to_owned();
+    let role = format!("{db}_app");
+    // The README's GRANTs, verbatim apart from the names.
+    cluster.sql(
+        &db,
+        &format!(
+            "CREATE ROLE {role} LOGIN; \
+             GRANT CONNECT ON DATABASE {db} TO {role}; \
+             GRANT USAGE ON SCHEMA public TO {role}; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}; \
+             GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role};"
+        ),
+    );
+    let mut cfg = VaultConfig::new(dir.path().join("unused"));
+    cfg.store_url = Some(format!("postgres://{role}@127.0.0.1:{}/{db}", cluster.port));
+    let vault = Vault::open(cfg, &key).unwrap();
+    let t = vault
+        .tokenize(&caller(), req(PANS[0], TokenFormat::Opaque, false))
+        .await
+        .unwrap();
+    vault
+        .add_client(&caller(), "app", &[Role::Tokenize], None)
+        .await
+        .unwrap();
+    vault.rotate_key(&caller()).await.unwrap();
+    vault
+        .rewrap(&caller(), &RewrapOptions::default(), |_| {})
+        .await
+        .unwrap();
+    assert!(vault.retire_key(&caller(), 1).await.unwrap());
+    vault.rotate_audit_key(&caller()).await.unwrap();
+    vault.delete(&caller(), t.token).await.unwrap();
+    let opts = PurgeOptions {
+        deleted: true,
+        expired: false,
+        older_than: None,
+        batch: 100,
+    };
+    assert_eq!(vault.purge(&caller(), &opts).await.unwrap().deleted, 1);
+    assert!(vault.verify_audit().await.unwrap().is_ok());
+    // And it cannot create anything.
+    vault.close().await;
+    let denied = std::panic::catch_unwind(|| {
+        cluster.sql(
+            &db,
+            &format!("SET ROLE {role}; CREATE TABLE sneaky (x int)"),
+        );
+    });
+    assert!(denied.is_err(), "the serve role could create a table");
+}
