@@ -13,6 +13,7 @@ pub mod keyring;
 pub mod logging;
 pub mod metrics;
 pub mod probes;
+pub mod proxy;
 pub mod ratelimit;
 pub mod store;
 pub mod token;
