@@ -101,6 +101,22 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     let addr = resolve_listen(&cfg.server.listen).await?;
     let tls_files = tls_files(&cfg);
     check_transport(addr, tls_files.is_some(), args.dev)?;
+    // The proxy listener follows the same transport rule; its routes' CA files are read now.
+    let proxy_addr = match &cfg.proxy.listen {
+        Some(listen) => {
+            let proxy_addr = resolve_listen(listen).await?;
+            check_transport(proxy_addr, tls_files.is_some(), args.dev)?;
+            Some(proxy_addr)
+        }
+        None => None,
+    };
+    let proxy_routes = cfg
+        .proxy
+        .routes
+        .iter()
+        .map(crate::proxy::Route::load)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(CliError::Usage)?;
     let tls = match tls_files {
         Some(files) => Some(TlsReloader::new(files).map_err(|e| CliError::Usage(e.to_string()))?),
         None => None,
@@ -145,11 +161,13 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
         // `/readyz` answers 200 from here on while storage is writable.
         crate::probes::probes().attach(vault.clone());
     }
+    let (proxy_stop, mut proxy_stopped) = tokio::sync::watch::channel(false);
     let shutdown = match shutdown_signal() {
         Ok(s) => {
             async move {
                 s.await;
                 crate::probes::probes().set_stopping();
+                let _ = proxy_stop.send(true);
             }
         }
         Err(e) => {
@@ -163,6 +181,34 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
             vault.close().await;
             return Err(CliError::Other(format!("cannot listen on {addr}: {e}")));
         }
+    };
+    let proxy_task = match proxy_addr {
+        Some(proxy_addr) => {
+            let proxy_listener = match TcpListener::bind(proxy_addr).await {
+                Ok(l) => l,
+                Err(e) => {
+                    vault.close().await;
+                    return Err(CliError::Other(format!(
+                        "cannot listen on {proxy_addr} (proxy): {e}"
+                    )));
+                }
+            };
+            let proxy_cfg = crate::proxy::ProxyConfig {
+                routes: proxy_routes,
+                tls: tls.clone(),
+                require_client_cert_and_key: cfg.tls.require_cert_and_key,
+                detokenize_rate,
+            };
+            Some(tokio::spawn(crate::proxy::serve(
+                proxy_listener,
+                vault.clone(),
+                proxy_cfg,
+                async move {
+                    let _ = proxy_stopped.wait_for(|stop| *stop).await;
+                },
+            )))
+        }
+        None => None,
     };
     // Renewed certificates are picked up without a signal (after the metrics install, so the
     // expiry gauge is published).
@@ -225,6 +271,9 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
         task.abort();
     }
     if let Some(task) = gauges {
+        task.abort();
+    }
+    if let Some(task) = proxy_task {
         task.abort();
     }
     result?;
