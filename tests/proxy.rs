@@ -152,7 +152,9 @@ impl Processor {
                         let log = log.clone();
                         let db = db.clone();
                         async move {
-                            Ok::<_, std::convert::Infallible>(processor_answer(req, &db, &log, addr).await)
+                            Ok::<_, std::convert::Infallible>(
+                                processor_answer(req, &db, &log, addr).await,
+                            )
                         }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -161,7 +163,11 @@ impl Processor {
                 });
             }
         });
-        Processor { addr, ca_file, seen }
+        Processor {
+            addr,
+            ca_file,
+            seen,
+        }
     }
 
     fn seen(&self) -> Vec<Seen> {
@@ -170,8 +176,9 @@ impl Processor {
 }
 
 fn committed_reveals(db: &Path) -> i64 {
-    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .unwrap();
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
     conn.busy_timeout(Duration::from_secs(10)).unwrap();
     conn.query_row(
         "SELECT count(*) FROM audit WHERE action = 'proxy_detokenize' AND outcome = 'OK'",
@@ -352,7 +359,12 @@ impl Fixture {
     }
 
     fn key(&self, name: &str) -> String {
-        self.keys.iter().find(|(n, _)| *n == name).unwrap().1.clone()
+        self.keys
+            .iter()
+            .find(|(n, _)| *n == name)
+            .unwrap()
+            .1
+            .clone()
     }
 
     /// POST (or `method`) over HTTP/1.1 as `principal` (None: no credentials).
@@ -364,33 +376,8 @@ impl Fixture {
         headers: &[(&str, &str)],
         body: &str,
     ) -> (StatusCode, HeaderMap, String) {
-        let tcp = TcpStream::connect(self.addr).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", self.addr.to_string());
-        if let Some(p) = principal {
-            req = req.header("proxy-authorization", format!("Bearer {}", self.key(p)));
-        }
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let req = req.body(Full::new(Bytes::from(body.to_owned()))).unwrap();
-        let resp = tokio::time::timeout(WAIT, sender.send_request(req))
-            .await
-            .expect("proxy answers in time")
-            .unwrap();
-        let (parts, body) = resp.into_parts();
-        let body = body.collect().await.unwrap().to_bytes();
-        (
-            parts.status,
-            parts.headers,
-            String::from_utf8(body.to_vec()).unwrap(),
-        )
+        let key = principal.map(|p| self.key(p));
+        call_at(self.addr, key.as_deref(), method, path, headers, body).await
     }
 
     fn placeholder(&self, filter: &str) -> String {
@@ -406,6 +393,44 @@ impl Fixture {
             .filter(|r| r.action == action)
             .collect()
     }
+}
+
+/// A request over HTTP/1.1 to the proxy at `addr`, with `key` as the proxy credential.
+async fn call_at(
+    addr: SocketAddr,
+    key: Option<&str>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (StatusCode, HeaderMap, String) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
+    if let Some(key) = key {
+        req = req.header("proxy-authorization", format!("Bearer {key}"));
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(Bytes::from(body.to_owned()))).unwrap();
+    let resp = tokio::time::timeout(WAIT, sender.send_request(req))
+        .await
+        .expect("proxy answers in time")
+        .unwrap();
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8(body.to_vec()).unwrap(),
+    )
 }
 
 fn no_card(text: &str) -> bool {
@@ -480,8 +505,16 @@ async fn processor_gets_the_pan_and_the_worker_only_tokens_both_ways() {
     let requests = f.audit("proxy_request").await;
     assert_eq!(requests.len(), 1);
     assert_eq!(requests[0].subject, "");
-    assert!(requests[0].reason.contains("upstream 200"), "{}", requests[0].reason);
-    assert!(requests[0].reason.contains("4 substituted"), "{}", requests[0].reason);
+    assert!(
+        requests[0].reason.contains("upstream 200"),
+        "{}",
+        requests[0].reason
+    );
+    assert!(
+        requests[0].reason.contains("4 substituted"),
+        "{}",
+        requests[0].reason
+    );
 }
 
 #[tokio::test]
@@ -536,12 +569,28 @@ async fn unknown_routes_strangers_and_missing_roles_are_refused() {
     let f = Fixture::start().await;
     let body = format!(r#"{{"number":"{}"}}"#, f.placeholder(""));
     let cases = [
-        (Some("payments"), "/v1/proxy/nosuch/charges", StatusCode::NOT_FOUND),
+        (
+            Some("payments"),
+            "/v1/proxy/nosuch/charges",
+            StatusCode::NOT_FOUND,
+        ),
         (Some("payments"), "/v1/other", StatusCode::NOT_FOUND),
-        (Some("outsider"), "/v1/proxy/psp/charges", StatusCode::FORBIDDEN),
-        (Some("noproxy"), "/v1/proxy/psp/charges", StatusCode::FORBIDDEN),
+        (
+            Some("outsider"),
+            "/v1/proxy/psp/charges",
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            Some("noproxy"),
+            "/v1/proxy/psp/charges",
+            StatusCode::FORBIDDEN,
+        ),
         // The proxy role without detokenize: no card may be substituted.
-        (Some("proxyonly"), "/v1/proxy/psp/charges", StatusCode::FORBIDDEN),
+        (
+            Some("proxyonly"),
+            "/v1/proxy/psp/charges",
+            StatusCode::FORBIDDEN,
+        ),
         (None, "/v1/proxy/psp/charges", StatusCode::UNAUTHORIZED),
     ];
     for (who, path, want) in cases {
@@ -564,21 +613,63 @@ async fn bad_tokens_and_placeholders_answer_4xx_and_nothing_is_forwarded() {
     let good = f.placeholder("");
     let cases: Vec<(String, Vec<(&str, String)>, &str, StatusCode)> = vec![
         // Unknown token, alone and next to a good one.
-        (format!(r#"{{"n":"{unknown}"}}"#), vec![], "/v1/proxy/psp/c", StatusCode::UNPROCESSABLE_ENTITY),
-        (format!(r#"{{"a":"{good}","b":"{unknown}"}}"#), vec![], "/v1/proxy/psp/c", StatusCode::UNPROCESSABLE_ENTITY),
+        (
+            format!(r#"{{"n":"{unknown}"}}"#),
+            vec![],
+            "/v1/proxy/psp/c",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            format!(r#"{{"a":"{good}","b":"{unknown}"}}"#),
+            vec![],
+            "/v1/proxy/psp/c",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
         // Malformed placeholders.
-        ("{{tokenvault:nope}}".into(), vec![], "/v1/proxy/psp/c", StatusCode::BAD_REQUEST),
-        (format!("{{{{tokenvault:{}|first6}}}}", f.token), vec![], "/v1/proxy/psp/c", StatusCode::BAD_REQUEST),
-        (format!("{{{{tokenvault:{}", f.token), vec![], "/v1/proxy/psp/c", StatusCode::BAD_REQUEST),
+        (
+            "{{tokenvault:nope}}".into(),
+            vec![],
+            "/v1/proxy/psp/c",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            format!("{{{{tokenvault:{}|first6}}}}", f.token),
+            vec![],
+            "/v1/proxy/psp/c",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            format!("{{{{tokenvault:{}", f.token),
+            vec![],
+            "/v1/proxy/psp/c",
+            StatusCode::BAD_REQUEST,
+        ),
         // A card number where a token belongs.
-        (format!("{{{{tokenvault:{PAN}}}}}"), vec![], "/v1/proxy/psp/c", StatusCode::BAD_REQUEST),
+        (
+            format!("{{{{tokenvault:{PAN}}}}}"),
+            vec![],
+            "/v1/proxy/psp/c",
+            StatusCode::BAD_REQUEST,
+        ),
         // A placeholder in a header the route does not allow, and in the query.
-        ("{}".into(), vec![("x-other", good.clone())], "/v1/proxy/psp/c", StatusCode::BAD_REQUEST),
-        ("{}".into(), vec![], "/v1/proxy/psp/c?card=%7B%7Btokenvault%3Ax%7D%7D", StatusCode::BAD_REQUEST),
+        (
+            "{}".into(),
+            vec![("x-other", good.clone())],
+            "/v1/proxy/psp/c",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "{}".into(),
+            vec![],
+            "/v1/proxy/psp/c?card=%7B%7Btokenvault%3Ax%7D%7D",
+            StatusCode::BAD_REQUEST,
+        ),
     ];
     for (body, headers, path, want) in cases {
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let (status, _, answer) = f.call(Some("payments"), "POST", path, &headers, &body).await;
+        let (status, _, answer) = f
+            .call(Some("payments"), "POST", path, &headers, &body)
+            .await;
         assert_eq!(status, want, "{body}: {answer}");
         assert!(no_card(&answer), "{answer}");
     }
@@ -611,10 +702,19 @@ async fn paths_cannot_escape_the_route_base() {
 async fn redirects_are_not_followed() {
     let f = Fixture::start().await;
     let (status, headers, _) = f
-        .call(Some("payments"), "POST", "/v1/proxy/psp/redirect", &[], "{}")
+        .call(
+            Some("payments"),
+            "POST",
+            "/v1/proxy/psp/redirect",
+            &[],
+            "{}",
+        )
         .await;
     assert_eq!(status, StatusCode::FOUND);
-    assert!(headers["location"].to_str().unwrap().ends_with("/base/stolen"));
+    assert!(headers["location"]
+        .to_str()
+        .unwrap()
+        .ends_with("/base/stolen"));
     let paths: Vec<String> = f.processor.seen().into_iter().map(|s| s.path).collect();
     assert_eq!(paths, ["/base/redirect"]);
 }
@@ -639,7 +739,9 @@ async fn upstream_failures_are_502_and_504_without_card_data() {
     let paths: Vec<String> = f.processor.seen().into_iter().map(|s| s.path).collect();
     assert_eq!(paths, ["/base/slow", "/base/gzip"]);
     let requests = f.audit("proxy_request").await;
-    assert!(requests.iter().any(|r| r.outcome == "HTTP 502" && r.reason.contains("not reached")));
+    assert!(requests
+        .iter()
+        .any(|r| r.outcome == "HTTP 502" && r.reason.contains("not reached")));
     assert!(requests.iter().any(|r| r.outcome == "HTTP 504"));
 }
 
@@ -726,7 +828,10 @@ async fn mutual_tls_and_http2_identify_the_worker_by_its_certificate() {
     let body = format!(r#"{{"number":"{}"}}"#, f.placeholder(""));
     let req = Request::builder()
         .method("POST")
-        .uri(format!("https://127.0.0.1:{}/v1/proxy/psp/charges", f.addr.port()))
+        .uri(format!(
+            "https://127.0.0.1:{}/v1/proxy/psp/charges",
+            f.addr.port()
+        ))
         .body(Full::new(Bytes::from(body)))
         .unwrap();
     let resp = tokio::time::timeout(WAIT, sender.send_request(req))
@@ -744,7 +849,10 @@ async fn mutual_tls_and_http2_identify_the_worker_by_its_certificate() {
         Ok(mut sender) => {
             let req = Request::builder()
                 .method("POST")
-                .uri(format!("https://127.0.0.1:{}/v1/proxy/psp/charges", f.addr.port()))
+                .uri(format!(
+                    "https://127.0.0.1:{}/v1/proxy/psp/charges",
+                    f.addr.port()
+                ))
                 .body(Full::new(Bytes::from_static(b"{}")))
                 .unwrap();
             sender.send_request(req).await.is_err()
@@ -753,4 +861,125 @@ async fn mutual_tls_and_http2_identify_the_worker_by_its_certificate() {
     assert!(refused);
     assert_eq!(f.processor.seen().len(), 1);
     drop(f.dir);
+}
+
+/// Kills the child on drop, so a failing test leaves no server behind.
+struct ServeChild(std::process::Child);
+
+impl Drop for ServeChild {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn serve_with_a_proxy_route_from_the_config_file() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let key_file = dir.path().join("master.key");
+    let master = MasterKey::generate();
+    master.write_new_file(&key_file).unwrap();
+    let vault = Vault::create(VaultConfig::new(&data), &master).unwrap();
+    let api_key = vault
+        .add_client(
+            &Caller::cli(),
+            "payments",
+            &[Role::Proxy, Role::Detokenize],
+            None,
+        )
+        .await
+        .unwrap();
+    let token = vault
+        .tokenize(
+            &Caller::new("checkout", "test"),
+            TokenizeRequest {
+                pan: Pan::parse(PAN).unwrap(),
+                format: TokenFormat::Opaque,
+                reuse_existing: false,
+                expires_at: None,
+            },
+        )
+        .await
+        .unwrap()
+        .token
+        .into_string();
+    vault.close().await;
+    let processor = Processor::start(dir.path(), tokenvault::store::sqlite::db_path(&data)).await;
+    let config = write(
+        dir.path(),
+        "tokenvault.toml",
+        &format!(
+            r#"
+            [proxy]
+            listen = "127.0.0.1:0"
+            [[proxy.routes]]
+            name = "psp"
+            upstream = "https://{}/base"
+            ca_file = "{}"
+            methods = ["POST"]
+            principals = ["payments"]
+            timeout = "5s"
+            max_body = "64KiB"
+            "#,
+            processor.addr,
+            processor.ca_file.display()
+        ),
+    );
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tokenvault"))
+        .args([
+            "--log-format",
+            "json",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+        ])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--master-key-file")
+        .arg(&key_file)
+        .env_remove("TOKENVAULT_MASTER_KEY")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let child = ServeChild(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if v["message"] == "proxy serving" {
+                    let _ = tx.send(v["listen"].as_str().unwrap_or("").to_owned());
+                }
+            }
+        }
+    });
+    let addr: SocketAddr = tokio::task::spawn_blocking(move || rx.recv_timeout(WAIT))
+        .await
+        .unwrap()
+        .expect("the proxy did not report serving in time")
+        .parse()
+        .unwrap();
+    let body = format!(r#"{{"number":"{{{{tokenvault:{token}}}}}"}}"#);
+    let (status, _, answer) = call_at(
+        addr,
+        Some(&api_key),
+        "POST",
+        "/v1/proxy/psp/charges",
+        &[],
+        &body,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert!(no_card(&answer) && answer.contains("tok_"), "{answer}");
+    let seen = processor.seen();
+    assert_eq!(seen[0].body, format!(r#"{{"number":"{PAN}"}}"#));
+    assert_eq!(seen[0].audited_at_arrival, 1);
+    drop(child);
 }

@@ -128,10 +128,14 @@ impl Upstream {
             .trim_end_matches(']')
             .to_owned();
         if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
-            return Err(format!("upstream {url:?}: credentials in the URL are not allowed"));
+            return Err(format!(
+                "upstream {url:?}: credentials in the URL are not allowed"
+            ));
         }
         if uri.query().is_some() {
-            return Err(format!("upstream {url:?}: a query is not allowed in the base"));
+            return Err(format!(
+                "upstream {url:?}: a query is not allowed in the base"
+            ));
         }
         if !https && !is_loopback_host(&host) {
             return Err(format!(
@@ -153,7 +157,8 @@ impl Upstream {
 }
 
 fn is_loopback_host(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost") || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// True for a route name usable as one path segment.
@@ -200,7 +205,7 @@ impl ProxySection {
             let upstream = Upstream::parse(&r.upstream).map_err(at)?;
             if upstream.https && r.ca_file.is_none() {
                 return Err(at(
-                    "ca_file is required: the route trusts only the CA it names".to_owned()
+                    "ca_file is required: the route trusts only the CA it names".to_owned(),
                 ));
             }
             if r.ca_file.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
@@ -286,7 +291,10 @@ mod tests {
     #[test]
     fn upstreams() {
         let u = Upstream::parse("https://api.psp.example:8443/v2/").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.base_path.as_str()), ("api.psp.example", 8443, "/v2"));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.base_path.as_str()),
+            ("api.psp.example", 8443, "/v2")
+        );
         assert!(Upstream::parse("http://127.0.0.1:9000").is_ok());
         assert!(Upstream::parse("http://localhost:9000").is_ok());
         for bad in [

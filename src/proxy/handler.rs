@@ -150,7 +150,10 @@ pub async fn handle(
             (json_error(r.status, &r.message), outcome)
         }
     };
-    let route_name = progress.route.as_ref().map_or("unknown", |r| r.name.as_str());
+    let route_name = progress
+        .route
+        .as_ref()
+        .map_or("unknown", |r| r.name.as_str());
     crate::metrics::record_proxy_request(
         route_name,
         response.status().as_u16(),
@@ -219,10 +222,9 @@ fn authenticate(state: &State, conn: &Conn, headers: &HeaderMap) -> Result<Princ
         let text = v
             .to_str()
             .map_err(|_| Error::Unauthenticated("malformed proxy-authorization header"))?;
-        let (scheme, key) = text
-            .trim()
-            .split_once(' ')
-            .ok_or(Error::Unauthenticated("malformed proxy-authorization header"))?;
+        let (scheme, key) = text.trim().split_once(' ').ok_or(Error::Unauthenticated(
+            "malformed proxy-authorization header",
+        ))?;
         if !scheme.eq_ignore_ascii_case("bearer") || key.trim().is_empty() {
             return Err(Error::Unauthenticated(
                 "proxy-authorization must be: Bearer <api key>",
@@ -365,7 +367,10 @@ async fn proxy(
     let too_large = || {
         Refusal::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body is larger than this route's limit of {} bytes", route.max_body),
+            format!(
+                "request body is larger than this route's limit of {} bytes",
+                route.max_body
+            ),
         )
     };
     let declared = req
@@ -422,7 +427,9 @@ async fn proxy(
             );
             return Err(refusal_of(&e));
         }
-        let own = principal.detokenize_rate.map(|per_second| Rate { per_second });
+        let own = principal
+            .detokenize_rate
+            .map(|per_second| Rate { per_second });
         let n = u32::try_from(all.len()).unwrap_or(u32::MAX);
         if !state.reveals.try_take(&principal.name, own, n) {
             crate::metrics::record_rate_limited(crate::metrics::Method::Other);
@@ -498,13 +505,13 @@ async fn proxy(
             Some((_, _, found)) => {
                 let vals = &header_values[next_value..next_value + found.len()];
                 next_value += found.len();
-                let text = zeroize::Zeroizing::new(placeholder::substitute(
-                    value.as_bytes(),
-                    found,
-                    vals,
-                ));
+                let text =
+                    zeroize::Zeroizing::new(placeholder::substitute(value.as_bytes(), found, vals));
                 let mut v = HeaderValue::from_bytes(&text).map_err(|_| {
-                    Refusal::new(StatusCode::BAD_REQUEST, "bad header value after substitution")
+                    Refusal::new(
+                        StatusCode::BAD_REQUEST,
+                        "bad header value after substitution",
+                    )
                 })?;
                 // Kept out of HPACK tables and Debug output.
                 v.set_sensitive(true);
@@ -521,7 +528,10 @@ async fn proxy(
             .map_err(|_| Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, "bad upstream host"))?,
     );
     // The response is scanned for card numbers: it must come back uncompressed.
-    headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
     drop(values);
 
     // 7. Send, read the whole response within the route's timeout.
@@ -549,7 +559,11 @@ async fn proxy(
             ))
         }
         Ok(Err(UpstreamError(why))) => {
-            tracing::warn!(route = route.name.as_str(), error = why.as_str(), "proxy upstream failed");
+            tracing::warn!(
+                route = route.name.as_str(),
+                error = why.as_str(),
+                "proxy upstream failed"
+            );
             return Err(Refusal::new(
                 StatusCode::BAD_GATEWAY,
                 "the upstream could not be reached or its answer was unusable",
@@ -590,7 +604,10 @@ async fn proxy(
         let mut reqs = Vec::with_capacity(cards.len());
         for c in &cards {
             let pan = crate::card::Pan::parse(&c.digits).map_err(|_| {
-                Refusal::new(StatusCode::BAD_GATEWAY, "could not tokenize the upstream's answer")
+                Refusal::new(
+                    StatusCode::BAD_GATEWAY,
+                    "could not tokenize the upstream's answer",
+                )
             })?;
             reqs.push(TokenizeRequest {
                 pan,
@@ -633,9 +650,8 @@ async fn proxy(
             Some((_, found)) => {
                 let toks = &header_tokens[next_token..next_token + found.len()];
                 next_token += found.len();
-                HeaderValue::from_bytes(&scan::replace(value.as_bytes(), found, toks)).map_err(
-                    |_| Refusal::new(StatusCode::BAD_GATEWAY, "bad upstream header"),
-                )?
+                HeaderValue::from_bytes(&scan::replace(value.as_bytes(), found, toks))
+                    .map_err(|_| Refusal::new(StatusCode::BAD_GATEWAY, "bad upstream header"))?
             }
             None => value.clone(),
         };

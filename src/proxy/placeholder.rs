@@ -96,10 +96,7 @@ pub fn find(text: &[u8]) -> Result<Vec<Placeholder>, Malformed> {
 }
 
 fn parse_one(text: &[u8], start: usize, s: &Syntax) -> Result<Placeholder, Malformed> {
-    let bad = |why| Malformed {
-        offset: start,
-        why,
-    };
+    let bad = |why| Malformed { offset: start, why };
     if !starts_with_ci(&text[start..], s.open) {
         return Err(bad("it must begin with {{tokenvault: in lower case"));
     }
@@ -176,7 +173,11 @@ mod tests {
             found.iter().map(|p| p.part).collect::<Vec<_>>(),
             [Part::Pan, Part::Last4, Part::Bin]
         );
-        let out = substitute(body.as_bytes(), &found, &["4111111111111111", "1111", "411111"]);
+        let out = substitute(
+            body.as_bytes(),
+            &found,
+            &["4111111111111111", "1111", "411111"],
+        );
         assert_eq!(
             String::from_utf8(out).unwrap(),
             r#"{"number":"4111111111111111","l4":"1111"} card=411111"#
@@ -196,7 +197,10 @@ mod tests {
             format!("%7B%7Btokenvault%3A{TOK}}}}}"),
         ] {
             let err = find(bad.as_bytes()).unwrap_err().to_string();
-            assert!(!err.contains("4111111111111111") && !err.contains(TOK), "{err}");
+            assert!(
+                !err.contains("4111111111111111") && !err.contains(TOK),
+                "{err}"
+            );
         }
     }
 

@@ -121,7 +121,10 @@ mod tests {
     #[test]
     fn finds_cards_in_all_their_spellings() {
         assert_eq!(spans(r#"{"pan":"4111111111111111"}"#), ["4111111111111111"]);
-        assert_eq!(spans("card 4111 1111 1111 1111 ok"), ["4111 1111 1111 1111"]);
+        assert_eq!(
+            spans("card 4111 1111 1111 1111 ok"),
+            ["4111 1111 1111 1111"]
+        );
         assert_eq!(spans("4111-1111-1111-1111"), ["4111-1111-1111-1111"]);
         assert_eq!(spans("x4111111111111111y"), ["4111111111111111"]);
         // Beside another number, and two cards in one body.
