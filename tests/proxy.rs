@@ -30,7 +30,7 @@ use tokenvault::crypto::MasterKey;
 use tokenvault::grpc::tls::{TlsFiles, TlsReloader};
 use tokenvault::proxy::config::RouteSection;
 use tokenvault::proxy::{ProxyConfig, Route};
-use tokenvault::ratelimit::Rate;
+use tokenvault::ratelimit::{Rate, RateLimiter};
 use tokenvault::token::TokenFormat;
 use tokenvault::vault::{Caller, ClientLimits, TokenizeRequest, Vault, VaultConfig};
 
@@ -248,6 +248,8 @@ struct Fixture {
     addr: SocketAddr,
     keys: Vec<(&'static str, String)>,
     token: String,
+    /// The reveal budget, to share with a gRPC server.
+    limiter: Arc<RateLimiter>,
     _stop: oneshot::Sender<()>,
 }
 
@@ -331,6 +333,7 @@ impl Fixture {
             route("down", format!("https://{down}/base"), &processor.ca_file),
         ];
         let routes = sections.iter().map(|s| Route::load(s).unwrap()).collect();
+        let limiter = Arc::new(RateLimiter::new(Some(Rate { per_second: 1000.0 })));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -341,7 +344,8 @@ impl Fixture {
                 routes,
                 tls,
                 require_client_cert_and_key: false,
-                detokenize_rate: Some(Rate { per_second: 1000.0 }),
+                detokenize_rate: None,
+                detokenize_limiter: Some(limiter.clone()),
             },
             async {
                 let _ = stopped.await;
@@ -354,6 +358,7 @@ impl Fixture {
             addr,
             keys,
             token,
+            limiter,
             _stop: stop,
         }
     }
@@ -766,6 +771,50 @@ async fn every_substitution_counts_against_the_reveal_rate() {
         .await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(f.processor.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn grpc_reveals_and_proxy_substitutions_share_one_budget() {
+    use tokenvault::grpc::client::{with_auth, BearerAuth};
+    use tokenvault::grpc::pb;
+    let f = Fixture::start().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_addr = listener.local_addr().unwrap();
+    tokio::spawn(tokenvault::grpc::server::serve(
+        listener,
+        f.vault.clone(),
+        tokenvault::grpc::server::ServerConfig {
+            detokenize_limiter: Some(f.limiter.clone()),
+            ..Default::default()
+        },
+        std::future::pending::<()>(),
+    ));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc_addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = with_auth(channel, BearerAuth::new(Some(&f.key("limited"))).unwrap());
+    // `limited` may reveal 2 per second: one by gRPC leaves room for one substitution.
+    client
+        .detokenize(pb::DetokenizeRequest {
+            token: f.token.clone(),
+            reason: "refund".into(),
+        })
+        .await
+        .unwrap();
+    let p = f.placeholder("");
+    let (status, _, _) = f
+        .call(
+            Some("limited"),
+            "POST",
+            "/v1/proxy/psp/c",
+            &[],
+            &format!(r#"["{p}","{p}"]"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(f.processor.seen().is_empty());
 }
 
 #[tokio::test]

@@ -182,6 +182,8 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
             return Err(CliError::Other(format!("cannot listen on {addr}: {e}")));
         }
     };
+    // One detokenize budget per principal for gRPC reveals and proxy substitutions.
+    let reveal_budget = Arc::new(crate::ratelimit::RateLimiter::new(detokenize_rate));
     let proxy_task = match proxy_addr {
         Some(proxy_addr) => {
             let proxy_listener = match TcpListener::bind(proxy_addr).await {
@@ -198,6 +200,7 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
                 tls: tls.clone(),
                 require_client_cert_and_key: cfg.tls.require_cert_and_key,
                 detokenize_rate,
+                detokenize_limiter: Some(reveal_budget.clone()),
             };
             Some(tokio::spawn(crate::proxy::serve(
                 proxy_listener,
@@ -247,6 +250,7 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
             .then_some(limits.max_concurrent_per_connection),
         request_timeout: (!limits.request_timeout.is_zero()).then_some(limits.request_timeout),
         tls,
+        detokenize_limiter: Some(reveal_budget),
         // `--dev` keeps checkpoints beside the data unless told otherwise, so the audit
         // commands have something to verify against.
         audit_checkpoint_file: cfg.audit.checkpoint_file.clone().or_else(|| {

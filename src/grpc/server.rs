@@ -66,6 +66,9 @@ pub struct ServerConfig {
     pub request_timeout: Option<Duration>,
     /// Append signed audit checkpoints to this file (O_APPEND, never rewritten).
     pub audit_checkpoint_file: Option<std::path::PathBuf>,
+    /// The detokenize buckets, when shared with the proxy (`serve --proxy-listen`); `None`
+    /// = the service's own, at `detokenize_rate`.
+    pub detokenize_limiter: Option<Arc<crate::ratelimit::RateLimiter>>,
 }
 
 /// Default of [`ServerConfig::concurrency_limit_per_connection`].
@@ -95,6 +98,7 @@ impl Default for ServerConfig {
             concurrency_limit_per_connection: Some(DEFAULT_CONCURRENCY_PER_CONNECTION),
             request_timeout: Some(DEFAULT_REQUEST_TIMEOUT),
             audit_checkpoint_file: None,
+            detokenize_limiter: None,
         }
     }
 }
@@ -157,7 +161,11 @@ pub async fn serve(
         reuse_rate: cfg.reuse_rate,
         anonymous_audit_rate: cfg.anonymous_audit_rate,
     };
-    let handlers = TokenVaultService::new(vault.clone(), cfg.max_batch_items).with_policy(policy);
+    let mut handlers =
+        TokenVaultService::new(vault.clone(), cfg.max_batch_items).with_policy(policy);
+    if let Some(limiter) = &cfg.detokenize_limiter {
+        handlers = handlers.with_detokenize_limiter(limiter.clone());
+    }
     // Callers are admitted, and batch sizes counted, before a request body is decoded.
     let service = AuthGate::new(
         TokenVaultServiceServer::new(handlers.clone())

@@ -38,7 +38,7 @@ pub struct State {
     vault: Vault,
     routes: HashMap<String, Arc<Route>>,
     require_both: bool,
-    reveals: RateLimiter,
+    reveals: Arc<RateLimiter>,
     refusal_audit: RateLimiter,
 }
 
@@ -47,13 +47,13 @@ impl State {
         vault: Vault,
         routes: HashMap<String, Arc<Route>>,
         require_both: bool,
-        detokenize_rate: Option<Rate>,
+        reveals: Arc<RateLimiter>,
     ) -> State {
         State {
             vault,
             routes,
             require_both,
-            reveals: RateLimiter::new(detokenize_rate),
+            reveals,
             refusal_audit: RateLimiter::new(Some(Rate {
                 per_second: REFUSAL_AUDIT_PER_SECOND,
             })),

@@ -40,7 +40,7 @@ use tokio_stream::StreamExt;
 
 use crate::error::{Error, Result};
 use crate::grpc::tls::TlsReloader;
-use crate::ratelimit::Rate;
+use crate::ratelimit::{Rate, RateLimiter};
 use crate::vault::Vault;
 pub use route::Route;
 
@@ -60,6 +60,9 @@ pub struct ProxyConfig {
     /// Reveal limit of principals without their own; `None` = unlimited. Every
     /// substituted placeholder counts as one reveal.
     pub detokenize_rate: Option<Rate>,
+    /// The gRPC server's detokenize buckets, so reveals through either count against one
+    /// budget; `None` = the proxy's own, at `detokenize_rate`.
+    pub detokenize_limiter: Option<Arc<RateLimiter>>,
 }
 
 /// Serves the proxy on `listener` until `shutdown` completes; then stops accepting
@@ -81,7 +84,8 @@ pub async fn serve(
         vault,
         routes,
         cfg.require_client_cert_and_key,
-        cfg.detokenize_rate,
+        cfg.detokenize_limiter
+            .unwrap_or_else(|| Arc::new(RateLimiter::new(cfg.detokenize_rate))),
     ));
     tracing::info!(listen = %local, tls = cfg.tls.is_some(), routes = state.route_count(), "proxy serving");
     tokio::pin!(shutdown);
