@@ -6,8 +6,9 @@
 //! the store can call them unconditionally.
 //!
 //! **No PAN, token, API key, principal or reason ever becomes a label.** Labels come only from
-//! fixed sets: [`Method`] (the RPC names), the gRPC code names, the commit outcome, and key
-//! version numbers. The recording functions take those types, not strings, so a caller cannot
+//! fixed sets: [`Method`] (the RPC names), the gRPC code names, the commit outcome, key
+//! version numbers, and the proxy's route names (from the configuration file, never from a
+//! request) and status classes. The recording functions take those types, not strings, so a caller cannot
 //! pass request data by mistake.
 
 use std::net::SocketAddr;

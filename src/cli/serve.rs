@@ -12,6 +12,10 @@
 //! `--metrics-listen` (or `[metrics] listen`) Prometheus metrics are served on their own
 //! plain-HTTP listener, installed before the vault opens, and the gauges that need store
 //! queries are refreshed by a background task ([`crate::metrics::spawn_gauge_refresher`]).
+//!
+//! With `--proxy-listen` (or `[proxy] listen`) the detokenizing forward proxy
+//! ([`crate::proxy`]) serves beside gRPC, under the same transport rule and TLS files, with
+//! one detokenize budget per principal for both; it stops accepting at the shutdown signal.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
