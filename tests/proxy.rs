@@ -326,7 +326,7 @@ impl Fixture {
         slow.timeout = Duration::from_millis(300);
         let mut pinned = route("pinned", base.clone(), &processor.ca_file);
         pinned.pin_sha256 = Some("00".repeat(32));
-        let sections = vec![
+        let sections = [
             route("psp", base.clone(), &processor.ca_file),
             slow,
             pinned,
@@ -616,7 +616,9 @@ async fn bad_tokens_and_placeholders_answer_4xx_and_nothing_is_forwarded() {
     let f = Fixture::start().await;
     let unknown = "{{tokenvault:tok_ZZZZZZZZZZZZZZZZZZZZZZZZ}}";
     let good = f.placeholder("");
-    let cases: Vec<(String, Vec<(&str, String)>, &str, StatusCode)> = vec![
+    /// Body, extra headers, path, expected status.
+    type Case<'a> = (String, Vec<(&'a str, String)>, &'a str, StatusCode);
+    let cases: Vec<Case> = vec![
         // Unknown token, alone and next to a good one.
         (
             format!(r#"{{"n":"{unknown}"}}"#),
