@@ -626,6 +626,26 @@ mod tests {
     }
 
     #[test]
+    fn proxy_requests_by_route_and_status_class() {
+        let text = render(|| {
+            record_proxy_request("psp", 200, Some(201), Duration::from_millis(40));
+            record_proxy_request("psp", 502, None, Duration::from_millis(1));
+        });
+        assert!(text.contains(
+            r#"tokenvault_proxy_requests_total{route="psp",status_class="2xx",upstream_class="2xx"} 1"#
+        ), "{text}");
+        assert!(text.contains(
+            r#"tokenvault_proxy_requests_total{route="psp",status_class="5xx",upstream_class="none"} 1"#
+        ), "{text}");
+        assert!(
+            text.contains(
+                r#"tokenvault_proxy_request_duration_seconds_bucket{route="psp",le="0.05"} 2"#
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn method_from_path() {
         for m in Method::ALL.into_iter().filter(|m| *m != Method::Other) {
             let path = format!("/{}/{}", crate::grpc::SERVICE_NAME, m.as_str());

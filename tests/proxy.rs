@@ -324,12 +324,16 @@ impl Fixture {
         let base = format!("https://{}/base", processor.addr);
         let mut slow = route("slow", base.clone(), &processor.ca_file);
         slow.timeout = Duration::from_millis(300);
+        // A route trusting another CA: the processor's certificate must not pass.
+        let other_ca = write(dir.path(), "other-ca.pem", &Ca::new("another CA").pem);
+        let wrong_ca = route("wrongca", base.clone(), &other_ca);
         let mut pinned = route("pinned", base.clone(), &processor.ca_file);
         pinned.pin_sha256 = Some("00".repeat(32));
         let sections = [
             route("psp", base.clone(), &processor.ca_file),
             slow,
             pinned,
+            wrong_ca,
             route("down", format!("https://{down}/base"), &processor.ca_file),
         ];
         let routes = sections.iter().map(|s| Route::load(s).unwrap()).collect();
@@ -548,9 +552,11 @@ async fn form_bodies_and_encoded_placeholders_are_substituted() {
 }
 
 #[tokio::test]
-async fn an_echoed_card_comes_back_as_the_callers_own_token_each_time() {
+async fn an_echoed_card_comes_back_as_a_fresh_token_each_time() {
     let f = Fixture::start().await;
-    // No placeholder at all: the processor itself sends a card number back.
+    // No placeholder at all: the worker sends a card number it guesses, and the processor
+    // echoes it. A reused token would tell the worker whether it guessed a card it has seen
+    // tokenized before; a fresh one tells it nothing.
     let body = r#"{"note":"card 4111 1111 1111 1111 on file"}"#;
     let mut tokens = Vec::new();
     for _ in 0..2 {
@@ -565,8 +571,19 @@ async fn an_echoed_card_comes_back_as_the_callers_own_token_each_time() {
             .unwrap();
         tokens.push(answer[at..at + len].to_owned());
     }
-    // Under the caller's reuse scope: the same card gives the same token.
-    assert_eq!(tokens[0], tokens[1]);
+    assert_ne!(tokens[0], tokens[1]);
+    assert_ne!(tokens[0], f.token);
+    // Each is a real token of that card, as the caller's: an authorised reveal finds it.
+    let revealed = f
+        .vault
+        .detokenize(
+            &Caller::new("payments", "test"),
+            tokenvault::token::Token::parse(&tokens[1]).unwrap(),
+            "check".into(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(revealed.pan.expose_digits(), PAN);
 }
 
 #[tokio::test]
@@ -671,6 +688,13 @@ async fn bad_tokens_and_placeholders_answer_4xx_and_nothing_is_forwarded() {
             "/v1/proxy/psp/c?card=%7B%7Btokenvault%3Ax%7D%7D",
             StatusCode::BAD_REQUEST,
         ),
+        // A compressed body, whose placeholders could not be seen.
+        (
+            good.clone(),
+            vec![("content-encoding", "gzip".to_owned())],
+            "/v1/proxy/psp/c",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
     ];
     for (body, headers, path, want) in cases {
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -733,6 +757,7 @@ async fn upstream_failures_are_502_and_504_without_card_data() {
     for (path, want) in [
         ("/v1/proxy/down/charges", StatusCode::BAD_GATEWAY),
         ("/v1/proxy/pinned/charges", StatusCode::BAD_GATEWAY),
+        ("/v1/proxy/wrongca/charges", StatusCode::BAD_GATEWAY),
         ("/v1/proxy/slow/slow", StatusCode::GATEWAY_TIMEOUT),
         ("/v1/proxy/psp/gzip", StatusCode::BAD_GATEWAY),
     ] {
@@ -741,8 +766,8 @@ async fn upstream_failures_are_502_and_504_without_card_data() {
         assert!(no_card(&answer), "{answer}");
         assert!(!answer.contains(&f.token), "{answer}");
     }
-    // The pinned route's TLS failed before anything was sent; the slow and gzip requests
-    // reached the processor.
+    // The pinned and wrong-CA routes' TLS failed before anything was sent; the slow and
+    // gzip requests reached the processor.
     let paths: Vec<String> = f.processor.seen().into_iter().map(|s| s.path).collect();
     assert_eq!(paths, ["/base/slow", "/base/gzip"]);
     let requests = f.audit("proxy_request").await;

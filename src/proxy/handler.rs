@@ -272,8 +272,9 @@ async fn refuse_early(state: &State, caller: &Caller, err: &Error) {
 }
 
 /// Hop-by-hop and proxy-owned request headers that are never forwarded.
-const DROP_REQUEST: [&str; 12] = [
+const DROP_REQUEST: [&str; 13] = [
     "connection",
+    "expect",
     "keep-alive",
     "proxy-authorization",
     "proxy-authenticate",
@@ -380,6 +381,17 @@ async fn proxy(
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > route.max_body as u64) {
         return Err(too_large());
+    }
+    // Placeholders in a compressed body could not be found (nor substituted).
+    let compressed = req
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    if compressed {
+        return Err(Refusal::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "compressed request bodies are not supported: send the body uncompressed",
+        ));
     }
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, route.max_body).collect().await {
@@ -609,10 +621,13 @@ async fn proxy(
                     "could not tokenize the upstream's answer",
                 )
             })?;
+            // Always a fresh token, never `reuse_existing`: the worker chooses what an
+            // echoing processor sends back, so a reused token would tell it whether a card
+            // it guessed is one it has seen before (a card oracle).
             reqs.push(TokenizeRequest {
                 pan,
                 format: TokenFormat::Opaque,
-                reuse_existing: true,
+                reuse_existing: false,
                 expires_at: None,
             });
         }
