@@ -1059,3 +1059,59 @@ async fn serve_with_a_proxy_route_from_the_config_file() {
     assert_eq!(seen[0].audited_at_arrival, 1);
     drop(child);
 }
+
+/// A writer that collects everything the tracing subscriber prints.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn no_card_number_in_the_log_of_proxied_requests() {
+    let capture = Capture::default();
+    let sink = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || sink.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        // One thread: every task (proxy, processor, client) logs to this subscriber.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let f = Fixture::start().await;
+            let p = f.placeholder("");
+            let body = format!(r#"{{"number":"{p}","note":"4111 1111 1111 1111"}}"#);
+            for path in [
+                "/v1/proxy/psp/charges",
+                "/v1/proxy/down/charges",
+                "/v1/proxy/wrongca/charges",
+                "/v1/proxy/psp/gzip",
+            ] {
+                let headers = [("x-card-number", p.as_str())];
+                f.call(Some("payments"), "POST", path, &headers, &body)
+                    .await;
+            }
+            assert!(f.processor.seen()[0].body.contains(PAN));
+        });
+    });
+    let out = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        out.contains("proxy request"),
+        "the capture holds the proxy's lines"
+    );
+    assert!(
+        !out.contains(PAN) && !out.contains("4111 1111 1111 1111"),
+        "a card number reached the log"
+    );
+}
