@@ -22,6 +22,8 @@ pub const REQUEST_DURATION: &str = "tokenvault_grpc_request_duration_seconds";
 pub const GROUP_COMMIT_ITEMS: &str = "tokenvault_store_group_commit_items";
 pub const COMMIT_DURATION: &str = "tokenvault_store_commit_duration_seconds";
 pub const COMMITS_TOTAL: &str = "tokenvault_store_commits_total";
+pub const WAL_RESETS: &str = "tokenvault_store_wal_resets_total";
+pub const WAL_RESET_DURATION: &str = "tokenvault_store_wal_reset_duration_seconds";
 pub const TOKENS_STORED: &str = "tokenvault_tokens_stored";
 pub const KEY_ENCRYPTIONS: &str = "tokenvault_key_encryptions_total";
 pub const KEY_ENCRYPTION_LIMIT: &str = "tokenvault_key_encryption_limit";
@@ -172,6 +174,7 @@ pub fn builder() -> PrometheusBuilder {
     let b = PrometheusBuilder::new();
     let b = set(b, REQUEST_DURATION, LATENCY_BUCKETS);
     let b = set(b, COMMIT_DURATION, COMMIT_BUCKETS);
+    let b = set(b, WAL_RESET_DURATION, COMMIT_BUCKETS);
     let b = set(b, PROXY_REQUEST_DURATION, LATENCY_BUCKETS);
     set(b, GROUP_COMMIT_ITEMS, GROUP_BUCKETS)
 }
@@ -228,6 +231,15 @@ pub fn describe() {
         "time of one group commit, BEGIN to COMMIT returned"
     );
     describe_counter!(COMMITS_TOTAL, "group commits by outcome");
+    describe_counter!(
+        WAL_RESETS,
+        "WAL resets by the writer once the WAL passed its bound, by outcome (done, busy)"
+    );
+    describe_histogram!(
+        WAL_RESET_DURATION,
+        Unit::Seconds,
+        "time the writer paused to copy the WAL back and truncate it"
+    );
     describe_gauge!(TOKENS_STORED, "live tokens in the vault");
     describe_counter!(
         KEY_ENCRYPTIONS,
@@ -295,6 +307,9 @@ pub fn describe() {
     for outcome in [CommitOutcome::Ok, CommitOutcome::Error] {
         counter!(COMMITS_TOTAL, "outcome" => outcome.as_str()).increment(0);
     }
+    for outcome in ["done", "busy"] {
+        counter!(WAL_RESETS, "outcome" => outcome).increment(0);
+    }
     for outcome in ["ok", "error"] {
         counter!(TLS_RELOADS, "outcome" => outcome).increment(0);
     }
@@ -357,6 +372,13 @@ pub fn record_group_commit(items: usize, latency: Duration, outcome: CommitOutco
     histogram!(GROUP_COMMIT_ITEMS).record(items as f64);
     histogram!(COMMIT_DURATION).record(latency.as_secs_f64());
     counter!(COMMITS_TOTAL, "outcome" => outcome.as_str()).increment(1);
+}
+
+/// The writer reset the WAL (or tried to: `done` false when readers or another
+/// process kept the checkpoint from finishing).
+pub fn record_wal_reset(latency: Duration, done: bool) {
+    histogram!(WAL_RESET_DURATION).record(latency.as_secs_f64());
+    counter!(WAL_RESETS, "outcome" => if done { "done" } else { "busy" }).increment(1);
 }
 
 /// Live tokens in the vault (set after a commit or from a periodic count).

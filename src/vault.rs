@@ -72,6 +72,8 @@ pub struct VaultConfig {
     pub writer_queue: usize,
     /// Storage size limit in bytes (SQLite `max_page_count`); None = unlimited.
     pub max_storage_bytes: Option<u64>,
+    /// WAL size past which the writer resets it; None: 64 MiB (1/16 of the storage limit).
+    pub max_wal_bytes: Option<u64>,
     /// How long a write waits for a lock held by another process before UNAVAILABLE.
     pub busy_timeout: Duration,
     /// Where expiry and retention read the time (tests step it); see [`clock`].
@@ -87,6 +89,7 @@ impl VaultConfig {
             max_group_items: 4096,
             writer_queue: 1024,
             max_storage_bytes: None,
+            max_wal_bytes: None,
             busy_timeout: Duration::from_secs(10),
             clock: Clock::system(),
         }
@@ -329,6 +332,7 @@ fn storage_params(cfg: &VaultConfig) -> OpenParams {
         max_group_items: cfg.max_group_items,
         writer_queue: cfg.writer_queue,
         max_storage_bytes: cfg.max_storage_bytes,
+        max_wal_bytes: cfg.max_wal_bytes,
         busy_timeout: cfg.busy_timeout,
     }
 }

@@ -146,3 +146,88 @@ async fn refuses_bad_configuration_and_reports_auth_errors() {
     assert_eq!(report.errors_by_code.get("UNAUTHENTICATED"), Some(&10));
     server.stop().await.expect("clean stop");
 }
+
+/// The no-op reference (issue 14) answers the same contract for every op the load generator
+/// drives, and `--compare` reports both sides and their ratio from one command.
+#[test]
+fn compare_runs_the_reference_and_the_target_in_one_command() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokenvault"))
+        .args([
+            "bench",
+            "--compare",
+            "--rounds",
+            "2",
+            "--in-process",
+            "--op",
+            "detokenize",
+            "-n",
+            "200",
+            "--warmup",
+            "0s",
+            "-c",
+            "8",
+            "--pan-pool",
+            "1000",
+            "--json",
+            "-q",
+        ])
+        .env_remove("TOKENVAULT_ADDR")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for side in ["reference", "target"] {
+        let runs = v[side].as_array().unwrap();
+        assert_eq!(runs.len(), 2, "{v}");
+        for r in runs {
+            assert_eq!(r["ok"], 200, "{r}");
+            assert_eq!(r["errors"], 0, "{r}");
+        }
+    }
+    let (reference, target) = (
+        v["reference_median"].as_f64().unwrap(),
+        v["target_median"].as_f64().unwrap(),
+    );
+    assert!(reference > 0.0 && target > 0.0, "{v}");
+    assert!((v["ratio"].as_f64().unwrap() - target / reference).abs() < 1e-9);
+    // The reference and the vault each answered on their own port.
+    assert_ne!(v["reference"][0]["addr"], v["target"][0]["addr"]);
+
+    for op in ["tokenize", "tokenize-batch", "detokenize-batch", "mixed"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokenvault"))
+            .args([
+                "bench",
+                "--reference",
+                "--op",
+                op,
+                "-n",
+                "50",
+                "--warmup",
+                "0s",
+            ])
+            .args([
+                "-c",
+                "4",
+                "--batch-size",
+                "10",
+                "--pan-pool",
+                "100",
+                "--json",
+                "-q",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{op}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(r["errors"], 0, "{op}: {r}");
+        assert_eq!(r["item_errors"], 0, "{op}: {r}");
+    }
+}

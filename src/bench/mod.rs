@@ -15,6 +15,7 @@
 //! nor the PANs a server returns.
 
 pub mod pans;
+pub mod reference;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -370,7 +371,7 @@ impl BenchReport {
 }
 
 /// 1234567 -> "1,234,567".
-fn group(n: u64) -> String {
+pub fn group(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
     for (i, c) in s.chars().enumerate() {

@@ -1,5 +1,7 @@
 //! `tokenvault bench`: a load generator that speaks real gRPC to any tokenvault server, or
-//! to one it starts in-process over a throw-away vault (`--in-process`). The work is done by
+//! to one it starts in-process over a throw-away vault (`--in-process`), or to the no-op
+//! reference server (`--reference`; `--compare` runs it beside the target and prints the
+//! ratio, the figure issue 14's goals are stated in). The work is done by
 //! [`crate::bench`]; this file maps the command line onto it and prints the report.
 //!
 //! The generated card numbers are never printed, nor the card numbers a server reveals.
@@ -10,7 +12,8 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 
 use super::common::CliError;
-use crate::bench::{self, BenchConfig, BenchError, InProcessServer, Op, Stop};
+use crate::bench::reference::ReferenceServer;
+use crate::bench::{self, group, BenchConfig, BenchError, BenchReport, InProcessServer, Op, Stop};
 use crate::grpc::pb;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -83,6 +86,21 @@ pub struct BenchArgs {
     /// Start a server in this process on 127.0.0.1:0 over a temporary vault, and bench it.
     #[arg(long, alias = "self-serve")]
     pub in_process: bool,
+    /// Bench the no-op reference server (the same gRPC contract answering fixed responses,
+    /// no work) in this process instead of a vault: what gRPC itself costs here.
+    #[arg(long, conflicts_with_all = ["in_process", "compare"])]
+    pub reference: bool,
+    /// Bench the no-op reference and then the target (--in-process or --addr), alternating
+    /// for --rounds rounds, and report the target's throughput as a share of the reference's.
+    #[arg(long)]
+    pub compare: bool,
+    /// Rounds of a --compare run (reference then target in each); medians are compared.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
+    pub rounds: u64,
+    /// Serve the no-op reference on this address until interrupted (to bench it from
+    /// another process, like a real server); nothing else runs.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["in_process", "compare", "reference"])]
+    pub serve_reference: Option<std::net::SocketAddr>,
     /// What each request does.
     #[arg(long, value_enum, default_value_t = OpArg::Tokenize)]
     pub op: OpArg,
@@ -185,6 +203,57 @@ impl From<BenchError> for CliError {
 }
 
 pub async fn run(args: BenchArgs) -> Result<(), CliError> {
+    if let Some(listen) = args.serve_reference {
+        let server = ReferenceServer::start(listen).await?;
+        eprintln!(
+            "bench: no-op reference server on {}; Ctrl-C stops it",
+            server.addr
+        );
+        let _ = tokio::signal::ctrl_c().await;
+        return Ok(server.stop().await?);
+    }
+    if args.compare {
+        return compare(args).await;
+    }
+    let report = if args.reference {
+        measure_reference(&args).await?
+    } else {
+        measure_target(&args).await?
+    };
+    if args.json {
+        println!("{}", to_json(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    if report.errors > 0 {
+        return Err(CliError::Other(format!(
+            "{} requests failed",
+            report.errors
+        )));
+    }
+    Ok(())
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String, CliError> {
+    serde_json::to_string_pretty(value)
+        .map_err(|e| CliError::Other(format!("cannot encode the report: {e}")))
+}
+
+/// One run against the no-op reference, started in this process for the run.
+async fn measure_reference(args: &BenchArgs) -> Result<BenchReport, CliError> {
+    let server = ReferenceServer::start(([127, 0, 0, 1], 0).into()).await?;
+    if !args.quiet {
+        eprintln!("bench: no-op reference server on {}", server.addr);
+    }
+    // The reference checks no key; the load generator wants one to send.
+    let cfg = args.config(server.url(), Some("reference".into()));
+    let result = bench::run(cfg).await;
+    server.stop().await?;
+    Ok(result?)
+}
+
+/// One run against the target: a vault started in this process, or `--addr`.
+async fn measure_target(args: &BenchArgs) -> Result<BenchReport, CliError> {
     let (server, cfg) = if args.in_process {
         let server = InProcessServer::start().await?;
         let cfg = args.config(server.url(), Some(server.api_key.clone()));
@@ -202,19 +271,78 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
     if let Some(server) = server {
         server.stop().await?;
     }
-    let report = result?;
-    if args.json {
-        let text = serde_json::to_string_pretty(&report)
-            .map_err(|e| CliError::Other(format!("cannot encode the report: {e}")))?;
-        println!("{text}");
-    } else {
-        print!("{}", report.render());
+    Ok(result?)
+}
+
+/// `--compare`: what one side did in each round, and the ratio of the medians.
+#[derive(serde::Serialize)]
+struct Comparison {
+    reference: Vec<BenchReport>,
+    target: Vec<BenchReport>,
+    /// Median throughput (PANs/s for batch runs, ops/s otherwise) of each side.
+    reference_median: f64,
+    target_median: f64,
+    /// target_median / reference_median.
+    ratio: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
-    if report.errors > 0 {
-        return Err(CliError::Other(format!(
-            "{} requests failed",
-            report.errors
-        )));
+}
+
+/// Throughput as compared: card numbers per second (equal to ops/s for single calls).
+fn throughput(r: &BenchReport) -> f64 {
+    r.pans_per_s
+}
+
+async fn compare(args: BenchArgs) -> Result<(), CliError> {
+    let (mut reference, mut target) = (Vec::new(), Vec::new());
+    for round in 1..=args.rounds {
+        if !args.quiet {
+            eprintln!("bench: round {round} of {}", args.rounds);
+        }
+        reference.push(measure_reference(&args).await?);
+        target.push(measure_target(&args).await?);
+    }
+    let reference_median = median(reference.iter().map(throughput).collect());
+    let target_median = median(target.iter().map(throughput).collect());
+    let ratio = if reference_median > 0.0 {
+        target_median / reference_median
+    } else {
+        0.0
+    };
+    let failed: u64 = reference.iter().chain(&target).map(|r| r.errors).sum();
+    let c = Comparison {
+        reference,
+        target,
+        reference_median,
+        target_median,
+        ratio,
+    };
+    if args.json {
+        println!("{}", to_json(&c)?);
+    } else {
+        for (i, (r, t)) in c.reference.iter().zip(&c.target).enumerate() {
+            println!("round {} of {}: no-op reference", i + 1, c.reference.len());
+            print!("{}", r.render());
+            println!("round {} of {}: target", i + 1, c.target.len());
+            print!("{}", t.render());
+        }
+        println!(
+            "compare: target {} /s vs no-op reference {} /s (medians of {}): ratio {:.2}",
+            group(c.target_median.round() as u64),
+            group(c.reference_median.round() as u64),
+            c.target.len(),
+            c.ratio
+        );
+    }
+    if failed > 0 {
+        return Err(CliError::Other(format!("{failed} requests failed")));
     }
     Ok(())
 }

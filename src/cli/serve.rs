@@ -247,6 +247,7 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     let limits = &cfg.limits;
     let server_cfg = ServerConfig {
         max_batch_items: limits.max_batch_items,
+        access_log: cfg.logging.access,
         require_client_cert_and_key: cfg.tls.require_cert_and_key,
         detokenize_rate,
         reuse_rate,

@@ -66,6 +66,8 @@ pub struct ServerConfig {
     pub request_timeout: Option<Duration>,
     /// Append signed audit checkpoints to this file (O_APPEND, never rewritten).
     pub audit_checkpoint_file: Option<std::path::PathBuf>,
+    /// Log every answered request at INFO (otherwise at DEBUG): `logging.access`.
+    pub access_log: bool,
     /// The detokenize buckets, when shared with the proxy (`serve --proxy-listen`); `None`
     /// = the service's own, at `detokenize_rate`.
     pub detokenize_limiter: Option<Arc<crate::ratelimit::RateLimiter>>,
@@ -98,6 +100,7 @@ impl Default for ServerConfig {
             concurrency_limit_per_connection: Some(DEFAULT_CONCURRENCY_PER_CONNECTION),
             request_timeout: Some(DEFAULT_REQUEST_TIMEOUT),
             audit_checkpoint_file: None,
+            access_log: false,
             detokenize_limiter: None,
         }
     }
@@ -161,8 +164,9 @@ pub async fn serve(
         reuse_rate: cfg.reuse_rate,
         anonymous_audit_rate: cfg.anonymous_audit_rate,
     };
-    let mut handlers =
-        TokenVaultService::new(vault.clone(), cfg.max_batch_items).with_policy(policy);
+    let mut handlers = TokenVaultService::new(vault.clone(), cfg.max_batch_items)
+        .with_policy(policy)
+        .with_access_log(cfg.access_log);
     if let Some(limiter) = &cfg.detokenize_limiter {
         handlers = handlers.with_detokenize_limiter(limiter.clone());
     }
