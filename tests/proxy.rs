@@ -1007,6 +1007,8 @@ async fn serve_with_a_proxy_route_from_the_config_file() {
         .args([
             "--log-format",
             "json",
+            "--log-level",
+            "trace",
             "serve",
             "--listen",
             "127.0.0.1:0",
@@ -1026,9 +1028,14 @@ async fn serve_with_a_proxy_route_from_the_config_file() {
     let stderr = child.stderr.take().unwrap();
     let child = ServeChild(child);
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    // Everything the server logs, at TRACE, every crate: no card number may be in it.
+    let log = Arc::new(Mutex::new(String::new()));
+    let log_sink = log.clone();
+    let reader = std::thread::spawn(move || {
         for line in std::io::BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
+            log_sink.lock().unwrap().push_str(&line);
+            log_sink.lock().unwrap().push('\n');
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
                 if v["message"] == "proxy serving" {
                     let _ = tx.send(v["listen"].as_str().unwrap_or("").to_owned());
@@ -1057,61 +1064,38 @@ async fn serve_with_a_proxy_route_from_the_config_file() {
     let seen = processor.seen();
     assert_eq!(seen[0].body, format!(r#"{{"number":"{PAN}"}}"#));
     assert_eq!(seen[0].audited_at_arrival, 1);
+    // More requests for the log: a card in a header the route does not allow, an echoed
+    // card written in groups, a compressed answer.
+    let p = format!("{{{{tokenvault:{token}}}}}");
+    for (path, headers, body) in [
+        (
+            "/v1/proxy/psp/charges",
+            vec![("x-other", p.as_str())],
+            "{}".to_owned(),
+        ),
+        (
+            "/v1/proxy/psp/echo",
+            vec![],
+            r#"{"n":"4111 1111 1111 1111"}"#.to_owned(),
+        ),
+        ("/v1/proxy/psp/gzip", vec![], body.clone()),
+    ] {
+        call_at(addr, Some(&api_key), "POST", path, &headers, &body).await;
+    }
+    // SIGTERM: the server shuts down and its log ends.
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    tokio::task::spawn_blocking(move || reader.join().unwrap())
+        .await
+        .unwrap();
     drop(child);
-}
-
-/// A writer that collects everything the tracing subscriber prints.
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-#[test]
-fn no_card_number_in_the_log_of_proxied_requests() {
-    let capture = Capture::default();
-    let sink = capture.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || sink.clone())
-        .finish();
-    tracing::subscriber::with_default(subscriber, || {
-        // One thread: every task (proxy, processor, client) logs to this subscriber.
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let f = Fixture::start().await;
-            let p = f.placeholder("");
-            let body = format!(r#"{{"number":"{p}","note":"4111 1111 1111 1111"}}"#);
-            for path in [
-                "/v1/proxy/psp/charges",
-                "/v1/proxy/down/charges",
-                "/v1/proxy/wrongca/charges",
-                "/v1/proxy/psp/gzip",
-            ] {
-                let headers = [("x-card-number", p.as_str())];
-                f.call(Some("payments"), "POST", path, &headers, &body)
-                    .await;
-            }
-            assert!(f.processor.seen()[0].body.contains(PAN));
-        });
-    });
-    let out = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let log = log.lock().unwrap().clone();
     assert!(
-        out.contains("proxy request"),
-        "the capture holds the proxy's lines"
+        log.contains("proxy request"),
+        "the log holds the proxy's lines"
     );
     assert!(
-        !out.contains(PAN) && !out.contains("4111 1111 1111 1111"),
-        "a card number reached the log"
+        !log.contains(PAN) && !log.contains("4111 1111 1111 1111"),
+        "a card number reached the server's log"
     );
 }
