@@ -18,16 +18,25 @@ pub enum Role {
     Info,
     /// DeleteToken.
     Delete,
+    /// The detokenizing forward proxy (`src/proxy`), on the routes that list the principal.
+    Proxy,
 }
 
 impl Role {
-    pub const ALL: [Role; 4] = [Role::Tokenize, Role::Detokenize, Role::Info, Role::Delete];
+    pub const ALL: [Role; 5] = [
+        Role::Tokenize,
+        Role::Detokenize,
+        Role::Info,
+        Role::Delete,
+        Role::Proxy,
+    ];
     pub fn name(self) -> &'static str {
         match self {
             Role::Tokenize => "tokenize",
             Role::Detokenize => "detokenize",
             Role::Info => "info",
             Role::Delete => "delete",
+            Role::Proxy => "proxy",
         }
     }
     pub fn parse(s: &str) -> Option<Role> {

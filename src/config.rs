@@ -73,6 +73,8 @@ pub struct Config {
     pub logging: LoggingSection,
     pub metrics: MetricsSection,
     pub audit: AuditSection,
+    /// The detokenizing forward proxy (see [`crate::proxy`]).
+    pub proxy: crate::proxy::config::ProxySection,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -290,6 +292,7 @@ pub struct Overrides {
     pub log_format: Option<LogFormat>,
     pub metrics_listen: Option<SocketAddr>,
     pub audit_checkpoint_file: Option<PathBuf>,
+    pub proxy_listen: Option<String>,
 }
 
 impl Config {
@@ -360,6 +363,7 @@ impl Config {
         set(&mut self.logging.format, &o.log_format);
         set_some(&mut self.metrics.listen, &o.metrics_listen);
         set_some(&mut self.audit.checkpoint_file, &o.audit_checkpoint_file);
+        set_some(&mut self.proxy.listen, &o.proxy_listen);
         self
     }
 
@@ -506,6 +510,11 @@ impl Config {
                 ));
             }
         }
+        warnings.extend(
+            self.proxy
+                .check(self.tls.enabled(), transport)
+                .map_err(ConfigError::Invalid)?,
+        );
         Ok(warnings)
     }
 
@@ -798,6 +807,10 @@ pub struct ConfigArgs {
     /// audit.checkpoint_file].
     #[arg(long, env = "TOKENVAULT_AUDIT_CHECKPOINT_FILE", value_name = "FILE")]
     pub audit_checkpoint_file: Option<PathBuf>,
+    /// Listen address of the detokenizing forward proxy, HOST:PORT (HTTP/1.1 and HTTP/2; TLS
+    /// as for gRPC); routes come from the file's [[proxy.routes]] [file: proxy.listen].
+    #[arg(long, env = "TOKENVAULT_PROXY_LISTEN", value_name = "HOST:PORT")]
+    pub proxy_listen: Option<String>,
     /// Lock the process memory so keys and card numbers are never swapped out (needs
     /// CAP_IPC_LOCK or a large enough RLIMIT_MEMLOCK; warns when it cannot); `--mlock` or
     /// `--mlock=false` [file: server.mlock].
@@ -863,6 +876,7 @@ impl ConfigArgs {
             log_format,
             metrics_listen: self.metrics_listen,
             audit_checkpoint_file: self.audit_checkpoint_file.clone(),
+            proxy_listen: self.proxy_listen.clone(),
         }
     }
 

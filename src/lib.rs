@@ -14,6 +14,7 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod probes;
+pub mod proxy;
 pub mod ratelimit;
 pub mod store;
 pub mod token;

@@ -6,8 +6,9 @@
 //! the store can call them unconditionally.
 //!
 //! **No PAN, token, API key, principal or reason ever becomes a label.** Labels come only from
-//! fixed sets: [`Method`] (the RPC names), the gRPC code names, the commit outcome, and key
-//! version numbers. The recording functions take those types, not strings, so a caller cannot
+//! fixed sets: [`Method`] (the RPC names), the gRPC code names, the commit outcome, key
+//! version numbers, and the proxy's route names (from the configuration file, never from a
+//! request) and status classes. The recording functions take those types, not strings, so a caller cannot
 //! pass request data by mistake.
 
 use std::net::SocketAddr;
@@ -38,6 +39,8 @@ pub const STORAGE_LIMIT: &str = "tokenvault_storage_limit_bytes";
 pub const AUDIT_WRITE_FAILURES: &str = "tokenvault_audit_write_failures_total";
 pub const TLS_CERT_EXPIRY: &str = "tokenvault_tls_certificate_expiry_timestamp_seconds";
 pub const TLS_RELOADS: &str = "tokenvault_tls_reloads_total";
+pub const PROXY_REQUESTS_TOTAL: &str = "tokenvault_proxy_requests_total";
+pub const PROXY_REQUEST_DURATION: &str = "tokenvault_proxy_request_duration_seconds";
 
 /// Request latency buckets, seconds: 0.5 ms to 10 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -172,6 +175,7 @@ pub fn builder() -> PrometheusBuilder {
     let b = set(b, REQUEST_DURATION, LATENCY_BUCKETS);
     let b = set(b, COMMIT_DURATION, COMMIT_BUCKETS);
     let b = set(b, WAL_RESET_DURATION, COMMIT_BUCKETS);
+    let b = set(b, PROXY_REQUEST_DURATION, LATENCY_BUCKETS);
     set(b, GROUP_COMMIT_ITEMS, GROUP_BUCKETS)
 }
 
@@ -197,6 +201,16 @@ pub fn install(listen: SocketAddr) -> Result<PrometheusHandle, MetricsError> {
 /// Help texts and units of every metric (shown as `# HELP` lines).
 pub fn describe() {
     use ::metrics::Unit;
+    describe_counter!(
+        PROXY_REQUESTS_TOTAL,
+        "proxy requests answered, by configured route, status_class of the answer and \
+         upstream_class of the upstream's status (none: the upstream was not reached)"
+    );
+    describe_histogram!(
+        PROXY_REQUEST_DURATION,
+        Unit::Seconds,
+        "proxy request latency by route, substitution and upstream included"
+    );
     describe_counter!(
         REQUESTS_TOTAL,
         "gRPC requests answered, by grpc_service, grpc_method and grpc_code"
@@ -493,6 +507,34 @@ pub fn record_tls_reload(ok: bool, not_after: i64) {
     set_tls_cert_expiry(not_after);
 }
 
+/// One answered proxy request. `route` is a configured route's name (from the
+/// configuration file, never from the request) or `unknown`; the statuses become classes.
+pub fn record_proxy_request(
+    route: &str,
+    status: u16,
+    upstream_status: Option<u16>,
+    latency: Duration,
+) {
+    fn class(s: u16) -> &'static str {
+        match s {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        }
+    }
+    let route = route.to_owned();
+    counter!(
+        PROXY_REQUESTS_TOTAL,
+        "route" => route.clone(),
+        "status_class" => class(status),
+        "upstream_class" => upstream_status.map_or("none", class)
+    )
+    .increment(1);
+    histogram!(PROXY_REQUEST_DURATION, "route" => route).record(latency.as_secs_f64());
+}
+
 /// A request refused by a rate limit (counted per request, not per batch item).
 pub fn record_rate_limited(method: Method) {
     counter!(RATE_LIMIT_REJECTIONS, "grpc_service" => grpc_service(method), "grpc_method" => method.as_str())
@@ -613,6 +655,26 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn proxy_requests_by_route_and_status_class() {
+        let text = render(|| {
+            record_proxy_request("psp", 200, Some(201), Duration::from_millis(40));
+            record_proxy_request("psp", 502, None, Duration::from_millis(1));
+        });
+        assert!(text.contains(
+            r#"tokenvault_proxy_requests_total{route="psp",status_class="2xx",upstream_class="2xx"} 1"#
+        ), "{text}");
+        assert!(text.contains(
+            r#"tokenvault_proxy_requests_total{route="psp",status_class="5xx",upstream_class="none"} 1"#
+        ), "{text}");
+        assert!(
+            text.contains(
+                r#"tokenvault_proxy_request_duration_seconds_bucket{route="psp",le="0.05"} 2"#
+            ),
+            "{text}"
+        );
     }
 
     #[test]

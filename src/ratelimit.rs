@@ -70,6 +70,14 @@ pub struct RateLimiter {
     buckets: Mutex<HashMap<String, Bucket>>,
 }
 
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("default", &self.default)
+            .finish_non_exhaustive()
+    }
+}
+
 impl RateLimiter {
     pub fn new(default: Option<Rate>) -> RateLimiter {
         RateLimiter {

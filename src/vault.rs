@@ -566,6 +566,17 @@ impl Vault {
         caller: &Caller,
         items: Vec<(Token, String)>,
     ) -> Result<Vec<Result<Revealed>>> {
+        self.reveal_batch(caller, "detokenize", items).await
+    }
+
+    /// [`Vault::detokenize_batch`] recorded under another audit `action` (the proxy's
+    /// `proxy_detokenize`): the same lookup, checks and fail-closed audit commit.
+    pub async fn reveal_batch(
+        &self,
+        caller: &Caller,
+        action: &str,
+        items: Vec<(Token, String)>,
+    ) -> Result<Vec<Result<Revealed>>> {
         let tokens = items.iter().map(|(t, _)| t.as_str().to_owned()).collect();
         let rows = self.inner.store.lookup(tokens, self.now()).await?;
         let mut results = Vec::with_capacity(rows.len());
@@ -583,7 +594,7 @@ impl Vault {
             };
             audit.push(AuditEntry::new(
                 caller,
-                "detokenize",
+                action,
                 token.as_str(),
                 outcome_of(&r),
                 if card_in_reason { "" } else { reason },

@@ -12,6 +12,10 @@
 //! `--metrics-listen` (or `[metrics] listen`) Prometheus metrics are served on their own
 //! plain-HTTP listener, installed before the vault opens, and the gauges that need store
 //! queries are refreshed by a background task ([`crate::metrics::spawn_gauge_refresher`]).
+//!
+//! With `--proxy-listen` (or `[proxy] listen`) the detokenizing forward proxy
+//! ([`crate::proxy`]) serves beside gRPC, under the same transport rule and TLS files, with
+//! one detokenize budget per principal for both; it stops accepting at the shutdown signal.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -101,6 +105,22 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     let addr = resolve_listen(&cfg.server.listen).await?;
     let tls_files = tls_files(&cfg);
     check_transport(addr, tls_files.is_some(), args.dev)?;
+    // The proxy listener follows the same transport rule; its routes' CA files are read now.
+    let proxy_addr = match &cfg.proxy.listen {
+        Some(listen) => {
+            let proxy_addr = resolve_listen(listen).await?;
+            check_transport(proxy_addr, tls_files.is_some(), args.dev)?;
+            Some(proxy_addr)
+        }
+        None => None,
+    };
+    let proxy_routes = cfg
+        .proxy
+        .routes
+        .iter()
+        .map(crate::proxy::Route::load)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(CliError::Usage)?;
     let tls = match tls_files {
         Some(files) => Some(TlsReloader::new(files).map_err(|e| CliError::Usage(e.to_string()))?),
         None => None,
@@ -146,11 +166,13 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
         // `/readyz` answers 200 from here on while storage is writable.
         crate::probes::probes().attach(vault.clone());
     }
+    let (proxy_stop, mut proxy_stopped) = tokio::sync::watch::channel(false);
     let shutdown = match shutdown_signal() {
         Ok(s) => {
             async move {
                 s.await;
                 crate::probes::probes().set_stopping();
+                let _ = proxy_stop.send(true);
             }
         }
         Err(e) => {
@@ -164,6 +186,37 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
             vault.close().await;
             return Err(CliError::Other(format!("cannot listen on {addr}: {e}")));
         }
+    };
+    // One detokenize budget per principal for gRPC reveals and proxy substitutions.
+    let reveal_budget = Arc::new(crate::ratelimit::RateLimiter::new(detokenize_rate));
+    let proxy_task = match proxy_addr {
+        Some(proxy_addr) => {
+            let proxy_listener = match TcpListener::bind(proxy_addr).await {
+                Ok(l) => l,
+                Err(e) => {
+                    vault.close().await;
+                    return Err(CliError::Other(format!(
+                        "cannot listen on {proxy_addr} (proxy): {e}"
+                    )));
+                }
+            };
+            let proxy_cfg = crate::proxy::ProxyConfig {
+                routes: proxy_routes,
+                tls: tls.clone(),
+                require_client_cert_and_key: cfg.tls.require_cert_and_key,
+                detokenize_rate,
+                detokenize_limiter: Some(reveal_budget.clone()),
+            };
+            Some(tokio::spawn(crate::proxy::serve(
+                proxy_listener,
+                vault.clone(),
+                proxy_cfg,
+                async move {
+                    let _ = proxy_stopped.wait_for(|stop| *stop).await;
+                },
+            )))
+        }
+        None => None,
     };
     // Renewed certificates are picked up without a signal (after the metrics install, so the
     // expiry gauge is published).
@@ -203,6 +256,7 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
             .then_some(limits.max_concurrent_per_connection),
         request_timeout: (!limits.request_timeout.is_zero()).then_some(limits.request_timeout),
         tls,
+        detokenize_limiter: Some(reveal_budget),
         // `--dev` keeps checkpoints beside the data unless told otherwise, so the audit
         // commands have something to verify against.
         audit_checkpoint_file: cfg.audit.checkpoint_file.clone().or_else(|| {
@@ -227,6 +281,9 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
         task.abort();
     }
     if let Some(task) = gauges {
+        task.abort();
+    }
+    if let Some(task) = proxy_task {
         task.abort();
     }
     result?;

@@ -68,6 +68,9 @@ pub struct ServerConfig {
     pub audit_checkpoint_file: Option<std::path::PathBuf>,
     /// Log every answered request at INFO (otherwise at DEBUG): `logging.access`.
     pub access_log: bool,
+    /// The detokenize buckets, when shared with the proxy (`serve --proxy-listen`); `None`
+    /// = the service's own, at `detokenize_rate`.
+    pub detokenize_limiter: Option<Arc<crate::ratelimit::RateLimiter>>,
 }
 
 /// Default of [`ServerConfig::concurrency_limit_per_connection`].
@@ -98,6 +101,7 @@ impl Default for ServerConfig {
             request_timeout: Some(DEFAULT_REQUEST_TIMEOUT),
             audit_checkpoint_file: None,
             access_log: false,
+            detokenize_limiter: None,
         }
     }
 }
@@ -160,9 +164,12 @@ pub async fn serve(
         reuse_rate: cfg.reuse_rate,
         anonymous_audit_rate: cfg.anonymous_audit_rate,
     };
-    let handlers = TokenVaultService::new(vault.clone(), cfg.max_batch_items)
+    let mut handlers = TokenVaultService::new(vault.clone(), cfg.max_batch_items)
         .with_policy(policy)
         .with_access_log(cfg.access_log);
+    if let Some(limiter) = &cfg.detokenize_limiter {
+        handlers = handlers.with_detokenize_limiter(limiter.clone());
+    }
     // Callers are admitted, and batch sizes counted, before a request body is decoded.
     let service = AuthGate::new(
         TokenVaultServiceServer::new(handlers.clone())

@@ -214,6 +214,13 @@ impl TokenVaultService {
         self
     }
 
+    /// Shares `limiter` as the detokenize budget (with the proxy, which counts every
+    /// substituted card in the same per-principal buckets).
+    pub fn with_detokenize_limiter(mut self, limiter: Arc<RateLimiter>) -> TokenVaultService {
+        self.detokenize_limiter = limiter;
+        self
+    }
+
     /// Resolves the caller to a principal.
     ///
     /// - A verified client certificate with URI or DNS SANs must name a principal (the first

@@ -290,6 +290,19 @@ pub fn incoming(
     ReceiverStream<std::io::Result<TlsStream<TcpStream>>>,
     JoinHandle<()>,
 ) {
+    incoming_with_alpn(listener, tls, None)
+}
+
+/// [`incoming`] offering the ALPN protocols `alpn` instead of gRPC's `h2` (the proxy
+/// listener speaks HTTP/2 and HTTP/1.1 with the same certificates).
+pub fn incoming_with_alpn(
+    listener: TcpListener,
+    tls: Arc<TlsReloader>,
+    alpn: Option<Vec<Vec<u8>>>,
+) -> (
+    ReceiverStream<std::io::Result<TlsStream<TcpStream>>>,
+    JoinHandle<()>,
+) {
     let (tx, rx) = mpsc::channel(64);
     let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
     let task = tokio::spawn(async move {
@@ -312,7 +325,15 @@ pub fn incoming(
             };
             // Nagle's algorithm delays small gRPC frames by up to 40 ms.
             let _ = stream.set_nodelay(true);
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+            let config = match &alpn {
+                None => tls.current(),
+                Some(protocols) => {
+                    let mut config = (*tls.current()).clone();
+                    config.alpn_protocols.clone_from(protocols);
+                    Arc::new(config)
+                }
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
             let tx = tx.clone();
             tokio::spawn(async move {
                 let _permit = permit;
