@@ -164,6 +164,7 @@ fn the_open_path_disables_core_dumps_in_process() {
     let args = tokenvault::cli::common::VaultArgs {
         data_dir: dir.join("data"),
         master_key_file: Some(dir.join("k")),
+        master_key_pkcs11: None,
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {

@@ -133,6 +133,7 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     let vault_args = VaultArgs {
         data_dir: cfg.storage.data_dir.clone(),
         master_key_file: cfg.storage.master_key_file.clone(),
+        master_key_pkcs11: cfg.storage.master_key_pkcs11.clone(),
     };
     let (vault, dev_setup) = if args.dev {
         let (vault, setup) = dev::prepare(&vault_args, cfg.vault_config()).await?;
