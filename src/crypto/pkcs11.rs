@@ -562,6 +562,115 @@ fn check_object(session: &Session, handle: ObjectHandle, object: &str) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::{DecryptError, KeyPurpose, MasterKey, SecretKey, VaultId};
+
+    /// One SoftHSM2 token for this test process (a module is initialized once per process,
+    /// with the configuration it finds then). None outside CI when SoftHSM2 is missing.
+    fn token() -> Option<&'static (tempfile::TempDir, String)> {
+        static TOKEN: OnceLock<Option<(tempfile::TempDir, String)>> = OnceLock::new();
+        TOKEN
+            .get_or_init(|| {
+                let module = "/usr/lib/softhsm/libsofthsm2.so";
+                if !Path::new(module).exists() {
+                    assert!(
+                        std::env::var("CI").map_or(true, |v| v != "true"),
+                        "SoftHSM2 missing in CI"
+                    );
+                    eprintln!("*** SKIPPED: SoftHSM2 is not installed ***");
+                    return None;
+                }
+                let dir = tempfile::tempdir().unwrap();
+                let tokens = dir.path().join("tokens");
+                std::fs::create_dir(&tokens).unwrap();
+                let conf = dir.path().join("softhsm2.conf");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "directories.tokendir = {}\nlog.level = ERROR\n",
+                        tokens.display()
+                    ),
+                )
+                .unwrap();
+                std::env::set_var("SOFTHSM2_CONF", &conf);
+                let ok = std::process::Command::new("softhsm2-util")
+                    .args(["--init-token", "--free", "--label", "unit", "--pin", "1234"])
+                    .args(["--so-pin", "5678"])
+                    .output()
+                    .unwrap()
+                    .status
+                    .success();
+                assert!(ok, "softhsm2-util --init-token");
+                let pin = dir.path().join("pin");
+                std::fs::write(&pin, "1234\n").unwrap();
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o600)).unwrap();
+                let uri = format!(
+                    "pkcs11:token=unit;object=OBJ?module-path={module}&pin-source=file:{}",
+                    pin.display()
+                );
+                Some((dir, uri))
+            })
+            .as_ref()
+    }
+
+    fn hsm_master(object: &str) -> Option<MasterKey> {
+        let (_, uri) = token()?;
+        Some(MasterKey::open_pkcs11(&uri.replace("OBJ", object), true).unwrap())
+    }
+
+    #[test]
+    fn token_wraps_bind_purpose_and_vault_and_check_detects_a_wrong_key() {
+        let Some(master) = hsm_master("unit-a") else {
+            return;
+        };
+        let other = hsm_master("unit-b").unwrap();
+        assert!(master.is_pkcs11());
+        let (vault_a, vault_b) = (VaultId([1; 16]), VaultId([2; 16]));
+        let (kwk, check) = master.derive(&vault_a);
+        let key = SecretKey::generate();
+        let wrapped = kwk.wrap(&key, KeyPurpose::Data(3)).unwrap();
+        assert_eq!(wrapped.len(), crate::crypto::WRAPPED_KEY_LEN);
+        let back = kwk.unwrap(&wrapped, KeyPurpose::Data(3)).unwrap();
+        assert_eq!(&back.0[..], &key.0[..]);
+        // Another purpose, another vault under the same token key, another token key, or
+        // one flipped bit: the same opaque failure.
+        assert_eq!(
+            kwk.unwrap(&wrapped, KeyPurpose::Data(4)).err(),
+            Some(DecryptError)
+        );
+        let (kwk_b, check_b) = master.derive(&vault_b);
+        assert_eq!(
+            kwk_b.unwrap(&wrapped, KeyPurpose::Data(3)).err(),
+            Some(DecryptError)
+        );
+        let (kwk_other, check_other) = other.derive(&vault_a);
+        assert_eq!(
+            kwk_other.unwrap(&wrapped, KeyPurpose::Data(3)).err(),
+            Some(DecryptError)
+        );
+        for i in 0..wrapped.len() {
+            let mut bad = wrapped.clone();
+            bad[i] ^= 1;
+            assert_eq!(
+                kwk.unwrap(&bad, KeyPurpose::Data(3)).err(),
+                Some(DecryptError)
+            );
+        }
+        // The key check: made and verified by the token, bound to the vault.
+        let stored = check.to_stored().unwrap();
+        assert!(check.matches(&stored));
+        assert!(!check_b.matches(&stored));
+        assert!(!check_other.matches(&stored));
+        assert!(!check.matches(&stored[..59]));
+        // A file key never matches a token's check, nor the other way round.
+        let (_, file_check) = MasterKey::generate().derive(&vault_a);
+        assert!(!file_check.matches(&stored));
+        assert!(!check.matches(&file_check.to_stored().unwrap()));
+        // The key's bytes cannot be written out.
+        let dir = tempfile::tempdir().unwrap();
+        assert!(master.write_new_file(&dir.path().join("k")).is_err());
+        assert!(!format!("{master:?}").contains("pin"));
+    }
 
     const MODULE: &str = "?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/run/pin";
 
