@@ -15,6 +15,7 @@ pub mod config;
 pub mod dev;
 pub mod init;
 pub mod keys;
+pub mod master_key;
 pub mod purge;
 pub mod serve;
 
@@ -57,6 +58,9 @@ pub enum Command {
     /// Manage data-key versions.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// Split the master key into custodian shares, or rebuild it from them.
+    #[command(subcommand)]
+    MasterKey(master_key::MasterKeyCommand),
     /// Manage client principals and their API keys.
     #[command(subcommand)]
     Clients(clients::ClientsCommand),
@@ -170,6 +174,7 @@ pub async fn run(command: Command) -> Result<(), CliError> {
     match command {
         Command::Init(args) => init::run(args).await,
         Command::Keys(cmd) => keys::run(cmd).await,
+        Command::MasterKey(cmd) => master_key::run(cmd).await,
         Command::Clients(cmd) => clients::run(cmd).await,
         Command::Audit(cmd) => audit::run(cmd).await,
         Command::Serve(args) => serve::run(args).await,

@@ -102,6 +102,7 @@ use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 pub mod pkcs11;
+pub mod shares;
 #[cfg(test)]
 mod tests;
 
@@ -213,6 +214,8 @@ pub enum KeyError {
     Pkcs11BadObject { object: String, detail: String },
     #[error("PKCS#11 token error: {0}")]
     Pkcs11Device(String),
+    #[error("master key share: {0}")]
+    Share(String),
 }
 
 /// How long [`MasterKey::load_file`] waits for a pipe to deliver the key.
