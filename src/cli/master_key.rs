@@ -43,6 +43,53 @@ pub enum MasterKeyCommand {
     },
 }
 
+/// `tokenvault unseal`: hands one share to a sealed server.
+#[derive(clap::Args, Debug)]
+pub struct UnsealArgs {
+    /// The server's unseal socket (`serve --unseal-socket PATH`).
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// The custodian's share file; without it the share is read from standard input (never
+    /// from the command line).
+    #[arg(long, value_name = "FILE")]
+    pub share_file: Option<PathBuf>,
+}
+
+pub async fn unseal(args: UnsealArgs) -> Result<(), CliError> {
+    use std::io::Read;
+    crate::hardening::harden_process();
+    let text =
+        match &args.share_file {
+            Some(path) => {
+                // Checked locally first (permissions, format); the server checks the rest.
+                read_share_file(path)?;
+                zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| {
+                    CliError::MasterKey(format!("share file {}: {e}", path.display()))
+                })?)
+            }
+            None => {
+                let mut buf = zeroize::Zeroizing::new(Vec::with_capacity(4096));
+                std::io::stdin()
+                    .take(4097)
+                    .read_to_end(&mut buf)
+                    .map_err(|e| CliError::Other(format!("standard input: {e}")))?;
+                buf
+            }
+        };
+    let reply = crate::grpc::sealed::send_share(&args.socket, &text)
+        .await
+        .map_err(|e| CliError::Connect {
+            addr: args.socket.display().to_string(),
+            detail: e.to_string(),
+        })?;
+    println!("{reply}");
+    if reply.starts_with("refused") {
+        Err(CliError::MasterKey("the share was refused".into()))
+    } else {
+        Ok(())
+    }
+}
+
 /// The vault id recorded in `data_dir`'s header.
 pub fn vault_id(data_dir: &std::path::Path) -> Result<VaultId, CliError> {
     require_vault(data_dir)?;

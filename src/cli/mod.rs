@@ -61,6 +61,8 @@ pub enum Command {
     /// Split the master key into custodian shares, or rebuild it from them.
     #[command(subcommand)]
     MasterKey(master_key::MasterKeyCommand),
+    /// Hand one master-key share to a server started with --unseal-socket.
+    Unseal(master_key::UnsealArgs),
     /// Manage client principals and their API keys.
     #[command(subcommand)]
     Clients(clients::ClientsCommand),
@@ -175,6 +177,7 @@ pub async fn run(command: Command) -> Result<(), CliError> {
         Command::Init(args) => init::run(args).await,
         Command::Keys(cmd) => keys::run(cmd).await,
         Command::MasterKey(cmd) => master_key::run(cmd).await,
+        Command::Unseal(args) => master_key::unseal(args).await,
         Command::Clients(cmd) => clients::run(cmd).await,
         Command::Audit(cmd) => audit::run(cmd).await,
         Command::Serve(args) => serve::run(args).await,
