@@ -103,6 +103,10 @@ pub struct StorageSection {
     /// `TOKENVAULT_MASTER_KEY` environment variable; never in this file.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub master_key_file: Option<PathBuf>,
+    /// RFC 7512 URI of a master key inside a PKCS#11 token (an HSM), instead of a file:
+    /// `pkcs11:token=…;object=…?module-path=…&pin-source=file:…` (the PIN stays in its file).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub master_key_pkcs11: Option<String>,
 }
 
 impl Default for StorageSection {
@@ -110,6 +114,7 @@ impl Default for StorageSection {
         StorageSection {
             data_dir: DEFAULT_DATA_DIR.into(),
             master_key_file: None,
+            master_key_pkcs11: None,
         }
     }
 }
@@ -274,6 +279,7 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub store_url: Option<String>,
     pub master_key_file: Option<PathBuf>,
+    pub master_key_pkcs11: Option<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub client_ca: Option<PathBuf>,
@@ -345,6 +351,7 @@ impl Config {
             self.store.url = (!url.trim().is_empty()).then(|| url.clone());
         }
         set_some(&mut self.storage.master_key_file, &o.master_key_file);
+        set_some(&mut self.storage.master_key_pkcs11, &o.master_key_pkcs11);
         set_some(&mut self.tls.cert, &o.tls_cert);
         set_some(&mut self.tls.key, &o.tls_key);
         set_some(&mut self.tls.client_ca, &o.client_ca);
@@ -742,6 +749,14 @@ pub struct ConfigArgs {
     /// File holding the master key [file: storage.master_key_file].
     #[arg(long, env = "TOKENVAULT_MASTER_KEY_FILE", value_name = "FILE")]
     pub master_key_file: Option<PathBuf>,
+    /// PKCS#11 URI of the master key in an HSM [file: storage.master_key_pkcs11].
+    #[arg(
+        long,
+        env = "TOKENVAULT_MASTER_KEY_PKCS11",
+        value_name = "URI",
+        conflicts_with = "master_key_file"
+    )]
+    pub master_key_pkcs11: Option<String>,
     /// TLS certificate chain, PEM [file: tls.cert].
     #[arg(long, env = "TOKENVAULT_TLS_CERT", value_name = "FILE")]
     pub tls_cert: Option<PathBuf>,
@@ -857,6 +872,7 @@ impl ConfigArgs {
             data_dir: self.data_dir.clone(),
             store_url: self.store_url.clone(),
             master_key_file: self.master_key_file.clone(),
+            master_key_pkcs11: self.master_key_pkcs11.clone(),
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
             client_ca: self.client_ca.clone(),

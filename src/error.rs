@@ -61,7 +61,11 @@ impl From<TokenError> for Error {
 
 impl From<crate::crypto::KeyError> for Error {
     fn from(e: crate::crypto::KeyError) -> Self {
-        Error::FailedPrecondition(e.to_string())
+        match e {
+            // The token holding the master key failed mid-operation: try again later.
+            crate::crypto::KeyError::Pkcs11Device(_) => Error::Unavailable(e.to_string()),
+            e => Error::FailedPrecondition(e.to_string()),
+        }
     }
 }
 

@@ -191,9 +191,9 @@ impl Keyring {
         wrapped: &[u8],
         purpose: KeyPurpose,
     ) -> Result<Vec<u8>> {
-        self.kwk().rewrap(new, wrapped, purpose).map_err(|_| {
+        Ok(self.kwk().rewrap(new, wrapped, purpose).map_err(|_| {
             Error::DataLoss(format!("wrapped key ({purpose:?}) failed authentication"))
-        })
+        })??)
     }
 
     /// Audit signing key number `n`, unwrapped from `wrapped` unless already cached.
@@ -216,14 +216,15 @@ impl Keyring {
     }
 
     /// A fresh audit signing key number `n` and its seed wrapped for storage.
-    pub fn new_audit_signing_key(&self, n: u32) -> (AuditSigningKey, Vec<u8>) {
-        AuditSigningKey::generate_wrapped(&self.kwk(), n)
+    pub fn new_audit_signing_key(&self, n: u32) -> Result<(AuditSigningKey, Vec<u8>)> {
+        Ok(AuditSigningKey::generate_wrapped(&self.kwk(), n)?)
     }
 
     /// A fresh random data key for `version`, wrapped for storage.
-    pub fn new_wrapped_data_key(&self, version: u32) -> Vec<u8> {
-        self.kwk()
-            .wrap(&SecretKey::generate(), KeyPurpose::Data(version))
+    pub fn new_wrapped_data_key(&self, version: u32) -> Result<Vec<u8>> {
+        Ok(self
+            .kwk()
+            .wrap(&SecretKey::generate(), KeyPurpose::Data(version))?)
     }
 
     /// True when the active version must be replaced before sealing `extra` more PANs.
@@ -252,11 +253,11 @@ pub struct Genesis {
 }
 
 impl Genesis {
-    pub fn generate(kwk: &KeyWrappingKey) -> Genesis {
-        Genesis {
-            data_key: kwk.wrap(&SecretKey::generate(), KeyPurpose::Data(1)),
-            fingerprint_key: kwk.wrap(&SecretKey::generate(), KeyPurpose::Fingerprint),
-            audit_key: kwk.wrap(&SecretKey::generate(), KeyPurpose::Audit),
-        }
+    pub fn generate(kwk: &KeyWrappingKey) -> Result<Genesis> {
+        Ok(Genesis {
+            data_key: kwk.wrap(&SecretKey::generate(), KeyPurpose::Data(1))?,
+            fingerprint_key: kwk.wrap(&SecretKey::generate(), KeyPurpose::Fingerprint)?,
+            audit_key: kwk.wrap(&SecretKey::generate(), KeyPurpose::Audit)?,
+        })
     }
 }

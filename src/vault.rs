@@ -273,10 +273,10 @@ impl Vault {
         };
         let vault_id = VaultId::generate();
         let (kwk, check) = master.derive(&vault_id);
-        let genesis = Genesis::generate(&kwk);
+        let genesis = Genesis::generate(&kwk)?;
         let header = VaultHeader {
             vault_id: vault_id.0.to_vec(),
-            key_check: check.0.to_vec(),
+            key_check: check.to_stored()?,
             wrapped_fingerprint_key: genesis.fingerprint_key,
             wrapped_audit_key: genesis.audit_key,
         };

@@ -165,6 +165,7 @@ fn the_open_path_disables_core_dumps_in_process() {
         data_dir: dir.join("data"),
         master_key_file: Some(dir.join("k")),
         store_url: None,
+        master_key_pkcs11: None,
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {

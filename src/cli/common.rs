@@ -129,6 +129,16 @@ pub struct VaultArgs {
         hide_env_values = true
     )]
     pub store_url: Option<String>,
+    /// The master key inside an HSM instead: an RFC 7512 PKCS#11 URI naming the module, the
+    /// token, the key object and the PIN file, e.g.
+    /// `pkcs11:token=tokenvault;object=master?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/tokenvault/pin`.
+    #[arg(
+        long,
+        env = "TOKENVAULT_MASTER_KEY_PKCS11",
+        value_name = "URI",
+        conflicts_with = "master_key_file"
+    )]
+    pub master_key_pkcs11: Option<String>,
 }
 
 /// `TOKENVAULT_MASTER_KEY` as the process found it.
@@ -193,13 +203,23 @@ fn scrub_env_value(name: &str) {
 impl VaultArgs {
     /// True when a master key source was given (file option or environment).
     pub fn has_master_key_source(&self) -> bool {
-        self.master_key_file.is_some() || !matches!(env_master_key(), EnvKey::Absent)
+        self.master_key_file.is_some()
+            || self.master_key_pkcs11.is_some()
+            || !matches!(env_master_key(), EnvKey::Absent)
     }
 
     /// Reads the master key. Disables core dumps first: every command that opens the vault
     /// comes through here before a key is in memory.
     pub fn master_key(&self) -> Result<MasterKey, CliError> {
         crate::hardening::harden_process();
+        if let Some(uri) = &self.master_key_pkcs11 {
+            if self.master_key_file.is_some() {
+                return Err(CliError::Usage(
+                    "give the master key once: --master-key-file or --master-key-pkcs11".into(),
+                ));
+            }
+            return Ok(MasterKey::open_pkcs11(uri, false)?);
+        }
         if let Some(path) = &self.master_key_file {
             if path.as_os_str().is_empty() {
                 return Err(CliError::Usage(

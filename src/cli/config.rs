@@ -77,7 +77,11 @@ fn check_files(cfg: &Config, warnings: &mut Vec<String>) -> Result<(), CliError>
             readable(what, path)?;
         }
     }
-    if let Some(path) = &cfg.storage.master_key_file {
+    if let Some(uri) = &cfg.storage.master_key_pkcs11 {
+        // Opens the token, logs in and finds the key object: every failure has its message.
+        crate::crypto::MasterKey::open_pkcs11(uri, false)
+            .map_err(|e| CliError::MasterKey(format!("storage.master_key_pkcs11: {e}")))?;
+    } else if let Some(path) = &cfg.storage.master_key_file {
         // Loads and checks the key (permissions, length, encoding); the key is dropped (and
         // wiped) at once and never shown.
         crate::crypto::MasterKey::load_file(path)

@@ -43,7 +43,14 @@ pub async fn run(args: InitArgs) -> Result<(), CliError> {
             key.write_new_file(path)?;
             (key, Some(path))
         }
-        None => (args.vault.master_key()?, None),
+        // A key in a token is created there when the URI names no existing object.
+        None => match &args.vault.master_key_pkcs11 {
+            Some(uri) => {
+                crate::hardening::harden_process();
+                (MasterKey::open_pkcs11(uri, true)?, None)
+            }
+            None => (args.vault.master_key()?, None),
+        },
     };
 
     if location.data_dir().is_some() {

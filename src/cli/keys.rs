@@ -69,11 +69,45 @@ pub enum KeysCommand {
         vault: VaultArgs,
         /// File holding the new master key (mode 0600), e.g. from `tokenvault init`'s key
         /// generation or `openssl rand -base64 32`.
-        #[arg(long, value_name = "FILE")]
-        new_master_key_file: PathBuf,
+        #[arg(
+            long,
+            value_name = "FILE",
+            required_unless_present = "new_master_key_pkcs11",
+            conflicts_with = "new_master_key_pkcs11"
+        )]
+        new_master_key_file: Option<PathBuf>,
+        /// The new master key in an HSM: a PKCS#11 URI (see --master-key-pkcs11). The key
+        /// object is created in the token when the URI names none.
+        #[arg(long, value_name = "URI")]
+        new_master_key_pkcs11: Option<String>,
         #[arg(long)]
         json: bool,
     },
+    /// Where the master key lives (key file, environment, PKCS#11 token) and that it opens
+    /// this vault. Shows nothing secret.
+    Status {
+        #[command(flatten)]
+        vault: VaultArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Where `args` takes the master key from, for `keys status`: no key material, no PIN.
+fn master_source(args: &VaultArgs, master: &MasterKey) -> (&'static str, String) {
+    if master.is_pkcs11() {
+        return ("pkcs11", master.location());
+    }
+    match &args.master_key_file {
+        Some(path) => ("file", path.display().to_string()),
+        None if super::common::master_key_env_present() => {
+            ("environment", super::common::MASTER_KEY_ENV.to_owned())
+        }
+        None => match super::dev::dev_master_key(&args.data_dir) {
+            Some(path) => ("file (development)", path.display().to_string()),
+            None => ("unknown", String::new()),
+        },
+    }
 }
 
 pub fn state_name(state: KeyState) -> &'static str {
@@ -377,12 +411,60 @@ pub async fn run(cmd: KeysCommand) -> Result<(), CliError> {
             }
             Ok(())
         }
+        KeysCommand::Status { vault: args, json } => {
+            super::common::require_vault(&args.data_dir)?;
+            let master = args.master_key()?;
+            let (kind, location) = master_source(&args, &master);
+            // Opening proves the key: the key check passes and every stored key unwraps.
+            let vault = crate::vault::Vault::open(args.config(), &master)?;
+            let id = vault.audit_vault_id().await;
+            let keys = vault.list_keys().await;
+            vault.close().await;
+            let (id, keys) = (id?, keys?);
+            let active = keys
+                .iter()
+                .find(|k| k.state == KeyState::Active)
+                .map(|k| k.version);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "vault_id": id,
+                        "master_key": {"kind": kind, "location": location, "opens_vault": true},
+                        "active_data_key_version": active,
+                    })
+                );
+            } else {
+                println!("vault:       {id}");
+                println!("master key:  {kind}: {location}");
+                println!("             opens this vault (key check passed, stored keys unwrap)");
+                if let Some(v) = active {
+                    println!("data key:    version {v} active");
+                }
+            }
+            Ok(())
+        }
         KeysCommand::RotateMaster {
             vault,
             new_master_key_file,
+            new_master_key_pkcs11,
             json,
         } => {
-            let new = MasterKey::load_file(&new_master_key_file)?;
+            let new = match (&new_master_key_file, &new_master_key_pkcs11) {
+                (Some(path), None) => MasterKey::load_file(path)?,
+                (None, Some(uri)) => {
+                    crate::hardening::harden_process();
+                    MasterKey::open_pkcs11(uri, true)?
+                }
+                _ => {
+                    return Err(CliError::Usage(
+                        "give the new master key once: --new-master-key-file or \
+                         --new-master-key-pkcs11"
+                            .into(),
+                    ))
+                }
+            };
+            let new_location = new.location();
             let vault = vault.open()?;
             let r = vault.rotate_master(&Caller::cli(), &new).await;
             vault.close().await;
@@ -392,6 +474,7 @@ pub async fn run(cmd: KeysCommand) -> Result<(), CliError> {
                     "{}",
                     serde_json::json!({
                         "rotated": true,
+                        "new_master_key": new_location,
                         "data_keys_rewrapped": n,
                         "data_keys_changed": false,
                         "old_master_with_old_backup_still_opens": true,
@@ -403,6 +486,7 @@ pub async fn run(cmd: KeysCommand) -> Result<(), CliError> {
                      re-wrapped under the new master key, which alone opens this database now; \
                      send servers SIGHUP (or restart them) with it."
                 );
+                println!("new master key: {new_location}");
                 println!(
                     "note: the data keys themselves did not change. The OLD master key together \
                      with any older copy of this database (a backup, a snapshot) still opens \

@@ -15,6 +15,7 @@ pub mod config;
 pub mod dev;
 pub mod init;
 pub mod keys;
+pub mod master_key;
 pub mod purge;
 pub mod serve;
 pub mod store;
@@ -58,6 +59,11 @@ pub enum Command {
     /// Manage data-key versions.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// Split the master key into custodian shares, or rebuild it from them.
+    #[command(subcommand)]
+    MasterKey(master_key::MasterKeyCommand),
+    /// Hand one master-key share to a server started with --unseal-socket.
+    Unseal(master_key::UnsealArgs),
     /// Manage client principals and their API keys.
     #[command(subcommand)]
     Clients(clients::ClientsCommand),
@@ -174,6 +180,8 @@ pub async fn run(command: Command) -> Result<(), CliError> {
     match command {
         Command::Init(args) => init::run(args).await,
         Command::Keys(cmd) => keys::run(cmd).await,
+        Command::MasterKey(cmd) => master_key::run(cmd).await,
+        Command::Unseal(args) => master_key::unseal(args).await,
         Command::Clients(cmd) => clients::run(cmd).await,
         Command::Audit(cmd) => audit::run(cmd).await,
         Command::Serve(args) => serve::run(args).await,

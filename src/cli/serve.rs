@@ -41,6 +41,11 @@ pub struct ServeArgs {
     /// as needed, and print their API keys.
     #[arg(long)]
     pub dev: bool,
+    /// Start sealed, without a master key: health NOT_SERVING and every RPC UNAVAILABLE
+    /// until custodians hand in enough master-key shares on this Unix socket (mode 0600)
+    /// with `tokenvault unseal --socket PATH`.
+    #[arg(long, value_name = "PATH", conflicts_with = "dev")]
+    pub unseal_socket: Option<std::path::PathBuf>,
 }
 
 impl ServeArgs {
@@ -154,10 +159,17 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
         data_dir: cfg.storage.data_dir.clone(),
         master_key_file: cfg.storage.master_key_file.clone(),
         store_url: cfg.store.url.clone(),
+        master_key_pkcs11: cfg.storage.master_key_pkcs11.clone(),
     };
+    let mut early_listener = None;
     let (vault, dev_setup) = if args.dev {
         let (vault, setup) = dev::prepare(&vault_args, cfg.vault_config()).await?;
         (vault, Some(setup))
+    } else if let Some(socket) = &args.unseal_socket {
+        let (vault, listener) =
+            unseal_then_open(&vault_args, &cfg, addr, socket, tls.clone()).await?;
+        early_listener = Some(listener);
+        (vault, None)
     } else {
         (vault_args.open_with(cfg.vault_config())?, None)
     };
@@ -180,7 +192,11 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
             return Err(e);
         }
     };
-    let listener = match TcpListener::bind(addr).await {
+    let bound = match early_listener {
+        Some(l) => Ok(l),
+        None => TcpListener::bind(addr).await,
+    };
+    let listener = match bound {
         Ok(l) => l,
         Err(e) => {
             vault.close().await;
@@ -288,6 +304,41 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     }
     result?;
     Ok(())
+}
+
+/// Sealed start: listens at once (answering UNAVAILABLE), takes shares on `socket` until they
+/// rebuild the vault's key, then opens the vault and audits the unseal attempts.
+async fn unseal_then_open(
+    vault_args: &VaultArgs,
+    cfg: &Config,
+    addr: SocketAddr,
+    socket: &std::path::Path,
+    tls: Option<Arc<TlsReloader>>,
+) -> Result<(crate::vault::Vault, TcpListener), CliError> {
+    if vault_args.has_master_key_source() {
+        return Err(CliError::Usage(
+            "--unseal-socket starts without a master key: drop --master-key-file, \
+             --master-key-pkcs11 and TOKENVAULT_MASTER_KEY"
+                .into(),
+        ));
+    }
+    super::common::require_vault(&vault_args.data_dir)?;
+    crate::hardening::harden_process();
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| CliError::Other(format!("cannot listen on {addr}: {e}")))?;
+    let (master, attempts) =
+        crate::grpc::sealed::unseal(&listener, socket, &vault_args.data_dir, tls).await?;
+    let vault = crate::vault::Vault::open(cfg.vault_config(), &master)?;
+    drop(master);
+    for (peer, outcome, detail) in attempts {
+        let caller = crate::vault::Caller::new("unseal", peer);
+        vault
+            .audit_summary(&caller, "Unseal", outcome, &detail)
+            .await?;
+    }
+    tracing::info!("vault unsealed");
+    Ok((vault, listener))
 }
 
 /// The file the master key was read from, if it came from a file (a key in the environment

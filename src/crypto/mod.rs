@@ -101,8 +101,12 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
+pub mod pkcs11;
+pub mod shares;
 #[cfg(test)]
 mod tests;
+
+use std::sync::Arc;
 
 /// Length of every symmetric key here, in bytes.
 pub const KEY_LEN: usize = 32;
@@ -192,6 +196,26 @@ pub enum KeyError {
         #[source]
         source: std::io::Error,
     },
+    #[error("invalid PKCS#11 URI: {0}")]
+    Pkcs11Uri(String),
+    #[error("cannot load the PKCS#11 module {path}: {detail}")]
+    Pkcs11Module { path: String, detail: String },
+    #[error("no initialized PKCS#11 token with {token} in module {module}")]
+    Pkcs11TokenMissing { token: String, module: String },
+    #[error("PKCS#11 PIN source {path}: {detail}")]
+    Pkcs11PinSource { path: String, detail: String },
+    #[error("wrong PIN for PKCS#11 token {token} (read from {source_path}); the token refused the login")]
+    Pkcs11WrongPin { token: String, source_path: String },
+    #[error("the user PIN of PKCS#11 token {0} is locked (too many wrong PINs); the security officer must reset it")]
+    Pkcs11PinLocked(String),
+    #[error("no master key object labelled \"{object}\" in PKCS#11 token {token}; `tokenvault init --master-key-pkcs11 URI` creates it for a new vault")]
+    Pkcs11ObjectMissing { object: String, token: String },
+    #[error("PKCS#11 object \"{object}\" cannot be the master key: {detail}")]
+    Pkcs11BadObject { object: String, detail: String },
+    #[error("PKCS#11 token error: {0}")]
+    Pkcs11Device(String),
+    #[error("master key share: {0}")]
+    Share(String),
 }
 
 /// How long [`MasterKey::load_file`] waits for a pipe to deliver the key.
@@ -246,12 +270,52 @@ fn io_error(path: &Path, source: std::io::Error) -> KeyError {
 #[error("ciphertext failed authentication")]
 pub struct DecryptError;
 
-/// The 256-bit root secret. Never stored in the database.
-pub struct MasterKey(KeyBytes);
+/// The root secret. Never stored in the database. Either 256 bits held by this process (a
+/// key file, the environment, or rebuilt from shares) or a non-extractable key inside a
+/// PKCS#11 token, which this process can only ask to encrypt and decrypt.
+pub struct MasterKey(Master);
+
+enum Master {
+    Bytes(KeyBytes),
+    Pkcs11(Arc<pkcs11::HsmKey>),
+}
 
 impl MasterKey {
     pub fn generate() -> MasterKey {
-        MasterKey(random_key())
+        MasterKey(Master::Bytes(random_key()))
+    }
+
+    /// The key object a `pkcs11:` URI names (see [`pkcs11`]); `create` generates it in the
+    /// token when absent. Every failure (module, token, PIN, object) has its own message.
+    pub fn open_pkcs11(uri: &str, create: bool) -> Result<MasterKey, KeyError> {
+        let uri = pkcs11::Pkcs11Uri::parse(uri)?;
+        Ok(MasterKey(Master::Pkcs11(Arc::new(pkcs11::HsmKey::open(
+            &uri, create,
+        )?))))
+    }
+
+    /// Where the key lives, without anything secret: `key bytes in this process` or the
+    /// PKCS#11 token, object and module.
+    pub fn location(&self) -> String {
+        match &self.0 {
+            Master::Bytes(_) => {
+                "key bytes held by this process (file, environment or shares)".into()
+            }
+            Master::Pkcs11(k) => k.location().to_owned(),
+        }
+    }
+
+    /// True when the key lives in a PKCS#11 token.
+    pub fn is_pkcs11(&self) -> bool {
+        matches!(self.0, Master::Pkcs11(_))
+    }
+
+    /// The raw bytes of a key held in this process; `None` for a token's key.
+    fn bytes(&self) -> Option<&KeyBytes> {
+        match &self.0 {
+            Master::Bytes(b) => Some(b),
+            Master::Pkcs11(_) => None,
+        }
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<MasterKey, KeyError> {
@@ -260,7 +324,7 @@ impl MasterKey {
             KEY_LEN => {
                 let mut key = zeroed_key();
                 key.copy_from_slice(bytes);
-                Ok(MasterKey(key))
+                Ok(MasterKey(Master::Bytes(key)))
             }
             n => Err(KeyError::WrongLength(n)),
         }
@@ -384,7 +448,14 @@ impl MasterKey {
     }
 
     /// Creates `path` (which must not exist) with mode 0600 and writes the key as base64.
+    /// Refused for a key in a PKCS#11 token: its bytes never leave the token.
     pub fn write_new_file(&self, path: &Path) -> Result<(), KeyError> {
+        let Some(bytes) = self.bytes() else {
+            return Err(KeyError::Pkcs11BadObject {
+                object: self.location(),
+                detail: "a key inside a token cannot be written to a file".into(),
+            });
+        };
         let mut options = OpenOptions::new();
         // create_new = O_CREAT|O_EXCL: never overwrites, never follows a planted symlink.
         options.write(true).create_new(true);
@@ -399,7 +470,7 @@ impl MasterKey {
         // 44 base64 characters + "\n", encoded into a wiped stack buffer.
         let mut text = Zeroizing::new([0u8; 45]);
         let n = base64::engine::general_purpose::STANDARD
-            .encode_slice(&self.0[..], &mut text[..])
+            .encode_slice(&bytes[..], &mut text[..])
             .expect("base64 of 32 bytes is 44 bytes");
         text[n] = b'\n';
         if let Err(e) = file.write_all(&text[..=n]).and_then(|()| file.sync_all()) {
@@ -424,21 +495,63 @@ impl MasterKey {
         Ok(())
     }
 
-    /// HKDF-SHA256(salt = vault id, ikm = master key) with the labels `tokenvault/v1/kwk`
-    /// and `tokenvault/v1/key-check`.
+    /// Key bytes: HKDF-SHA256(salt = vault id, ikm = master key) with the labels
+    /// `tokenvault/v1/kwk` and `tokenvault/v1/key-check`. A token's key: the token itself
+    /// wraps (AES-GCM, AAD `tokenvault/v1/hsm/` ‖ vault id ‖ the wrap AAD) and the key check
+    /// is a blob the token sealed (same AAD scheme, label `tokenvault/v1/key-check`).
     pub fn derive(&self, vault_id: &VaultId) -> (KeyWrappingKey, KeyCheck) {
-        let mut kwk = zeroed_key();
-        hkdf_sha256(&vault_id.0, &self.0[..], LABEL_KWK, &mut kwk[..]);
-        let mut check = [0u8; 32];
-        hkdf_sha256(&vault_id.0, &self.0[..], LABEL_KEY_CHECK, &mut check);
-        (KeyWrappingKey::from_key(&kwk), KeyCheck(check))
+        match &self.0 {
+            Master::Bytes(bytes) => {
+                let mut kwk = zeroed_key();
+                hkdf_sha256(&vault_id.0, &bytes[..], LABEL_KWK, &mut kwk[..]);
+                let mut check = [0u8; 32];
+                hkdf_sha256(&vault_id.0, &bytes[..], LABEL_KEY_CHECK, &mut check);
+                (
+                    KeyWrappingKey::from_key(&kwk),
+                    KeyCheck(Check::Derived(check)),
+                )
+            }
+            Master::Pkcs11(key) => (
+                KeyWrappingKey(Kwk::Hsm {
+                    key: key.clone(),
+                    vault_id: *vault_id,
+                }),
+                KeyCheck(Check::Hsm {
+                    key: key.clone(),
+                    vault_id: *vault_id,
+                }),
+            ),
+        }
+    }
+}
+
+/// `key.0[..]`: the bytes of a key held in this process, for tests.
+#[cfg(test)]
+impl std::ops::Index<std::ops::RangeFull> for Master {
+    type Output = [u8];
+    fn index(&self, _: std::ops::RangeFull) -> &[u8] {
+        match self {
+            Master::Bytes(b) => &b[..],
+            Master::Pkcs11(_) => panic!("a token's key has no bytes here"),
+        }
     }
 }
 
 impl std::fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("MasterKey(<redacted>)")
+        match &self.0 {
+            Master::Bytes(_) => f.write_str("MasterKey(<redacted>)"),
+            Master::Pkcs11(k) => write!(f, "MasterKey({})", k.location()),
+        }
     }
+}
+
+/// AAD prefix of everything a token's master key seals: the vault id follows, so one token
+/// key can serve several vaults without a blob of one opening in another.
+pub const LABEL_HSM: &[u8] = b"tokenvault/v1/hsm/";
+
+fn hsm_aad(vault_id: &VaultId, inner: &[u8]) -> Aad {
+    Aad::concat(&[LABEL_HSM, &vault_id.0, inner])
 }
 
 /// HKDF-SHA256 (RFC 5869) extract-then-expand. `derive` goes through this, and the RFC test
@@ -465,15 +578,66 @@ impl VaultId {
     }
 }
 
-/// A value derived from the master key and stored in the vault, so a wrong master key is
-/// detected before anything is read or written. Reveals nothing about the key.
-#[derive(Clone, PartialEq, Eq)]
-pub struct KeyCheck(pub [u8; 32]);
+/// A value made with the master key and stored in the vault, so a wrong master key is
+/// detected before anything is read or written. Reveals nothing about the key. For key
+/// bytes: 32 derived bytes. For a token's key: 32 zero bytes sealed by the token (60 bytes,
+/// the wrapped-key format), checked by asking the token to open it.
+pub struct KeyCheck(Check);
+
+enum Check {
+    Derived([u8; 32]),
+    Hsm {
+        key: Arc<pkcs11::HsmKey>,
+        vault_id: VaultId,
+    },
+}
 
 impl KeyCheck {
-    /// Constant-time comparison with the stored value.
+    /// True when `stored` was made by this master key for this vault (constant-time
+    /// comparison, or the token's tag check). A token that cannot be used also answers false;
+    /// its error is logged.
     pub fn matches(&self, stored: &[u8]) -> bool {
-        ct_eq(&self.0, stored)
+        match &self.0 {
+            Check::Derived(check) => ct_eq(check, stored),
+            Check::Hsm { key, vault_id } => {
+                if stored.len() != WRAPPED_KEY_LEN {
+                    return false;
+                }
+                let (nonce, sealed) = stored.split_at(NONCE_LEN);
+                let aad = hsm_aad(vault_id, LABEL_KEY_CHECK);
+                let mut out = zeroed_key();
+                match key.decrypt_key(nonce, aad.as_bytes(), sealed, &mut out) {
+                    Ok(()) => ct_eq(&out[..], &[0u8; KEY_LEN]),
+                    Err(pkcs11::HsmDecryptError::Authentication) => false,
+                    Err(pkcs11::HsmDecryptError::Device(e)) => {
+                        tracing::error!(error = %e, "key check in the PKCS#11 token failed");
+                        false
+                    }
+                }
+            }
+        }
+    }
+
+    /// The value to store in a vault (a new one on every call for a token's key).
+    pub fn to_stored(&self) -> Result<Vec<u8>, KeyError> {
+        match &self.0 {
+            Check::Derived(check) => Ok(check.to_vec()),
+            Check::Hsm { key, vault_id } => {
+                let nonce: [u8; NONCE_LEN] = random_bytes();
+                let aad = hsm_aad(vault_id, LABEL_KEY_CHECK);
+                let sealed = key.encrypt(&nonce, aad.as_bytes(), &[0u8; KEY_LEN])?;
+                Ok([&nonce[..], &sealed].concat())
+            }
+        }
+    }
+
+    /// The derived bytes (key bytes only), for tests.
+    #[cfg(test)]
+    pub(crate) fn derived(&self) -> [u8; 32] {
+        match &self.0 {
+            Check::Derived(c) => *c,
+            Check::Hsm { .. } => panic!("a token's key check is not derived"),
+        }
     }
 }
 
@@ -628,28 +792,45 @@ impl std::fmt::Debug for SecretKey {
     }
 }
 
-/// AES-256-GCM key that wraps the stored keys. Derived, never stored.
-pub struct KeyWrappingKey {
-    cipher: Box<Aes256Gcm>,
+/// What wraps the stored keys: an AES-256-GCM key derived from master key bytes (never
+/// stored), or the master key inside a PKCS#11 token, used through the token.
+pub struct KeyWrappingKey(Kwk);
+
+enum Kwk {
+    Local(Box<Aes256Gcm>),
+    Hsm {
+        key: Arc<pkcs11::HsmKey>,
+        vault_id: VaultId,
+    },
 }
 
 impl KeyWrappingKey {
     fn from_key(key: &KeyBytes) -> KeyWrappingKey {
-        KeyWrappingKey {
-            cipher: new_cipher(key),
-        }
+        KeyWrappingKey(Kwk::Local(new_cipher(key)))
     }
 
-    /// nonce (12 bytes) || ciphertext || tag, AAD = `tokenvault/v1/wrap` + purpose.
-    pub fn wrap(&self, key: &SecretKey, purpose: KeyPurpose) -> Vec<u8> {
+    /// nonce (12 bytes) || ciphertext || tag, AAD = `tokenvault/v1/wrap` + purpose (for a
+    /// token's key prefixed by `tokenvault/v1/hsm/` ‖ vault id). Fails only when a token
+    /// cannot be used.
+    pub fn wrap(&self, key: &SecretKey, purpose: KeyPurpose) -> Result<Vec<u8>, KeyError> {
         let nonce: [u8; NONCE_LEN] = random_bytes();
         let aad = wrap_aad(purpose);
+        let cipher = match &self.0 {
+            Kwk::Local(cipher) => cipher,
+            Kwk::Hsm { key: hsm, vault_id } => {
+                let aad = hsm_aad(vault_id, aad.as_bytes());
+                let sealed = hsm.encrypt(&nonce, aad.as_bytes(), &key.0[..])?;
+                let mut out = Vec::with_capacity(WRAPPED_KEY_LEN);
+                out.extend_from_slice(&nonce);
+                out.extend_from_slice(&sealed);
+                return Ok(out);
+            }
+        };
         // Exact capacity: the key bytes are encrypted in place and the buffer never moves.
         let mut out = Vec::with_capacity(WRAPPED_KEY_LEN);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&key.0[..]);
-        let tag = self
-            .cipher
+        let tag = cipher
             .encrypt_in_place_detached(
                 Nonce::from_slice(&nonce),
                 aad.as_bytes(),
@@ -657,7 +838,7 @@ impl KeyWrappingKey {
             )
             .expect("a 32-byte plaintext is within GCM limits");
         out.extend_from_slice(&tag);
-        out
+        Ok(out)
     }
 
     pub fn unwrap(&self, wrapped: &[u8], purpose: KeyPurpose) -> Result<SecretKey, DecryptError> {
@@ -669,8 +850,22 @@ impl KeyWrappingKey {
         let aad = wrap_aad(purpose);
         // Decrypt straight into the key's final (boxed, zeroizing) home.
         let mut key = zeroed_key();
+        let cipher = match &self.0 {
+            Kwk::Local(cipher) => cipher,
+            Kwk::Hsm { key: hsm, vault_id } => {
+                let aad = hsm_aad(vault_id, aad.as_bytes());
+                return match hsm.decrypt_key(nonce, aad.as_bytes(), rest, &mut key) {
+                    Ok(()) => Ok(SecretKey(key)),
+                    Err(pkcs11::HsmDecryptError::Authentication) => Err(DecryptError),
+                    Err(pkcs11::HsmDecryptError::Device(e)) => {
+                        tracing::error!(error = %e, "unwrapping in the PKCS#11 token failed");
+                        Err(DecryptError)
+                    }
+                };
+            }
+        };
         key.copy_from_slice(ciphertext);
-        self.cipher
+        cipher
             .decrypt_in_place_detached(
                 Nonce::from_slice(nonce),
                 aad.as_bytes(),
@@ -690,7 +885,7 @@ impl KeyWrappingKey {
         new: &KeyWrappingKey,
         wrapped: &[u8],
         purpose: KeyPurpose,
-    ) -> Result<Vec<u8>, DecryptError> {
+    ) -> Result<Result<Vec<u8>, KeyError>, DecryptError> {
         let key = self.unwrap(wrapped, purpose)?;
         Ok(new.wrap(&key, purpose))
     }
@@ -880,10 +1075,13 @@ pub struct AuditSigningKey {
 
 impl AuditSigningKey {
     /// A fresh key and its seed wrapped under `kwk` for key number `n`.
-    pub fn generate_wrapped(kwk: &KeyWrappingKey, n: u32) -> (AuditSigningKey, Vec<u8>) {
+    pub fn generate_wrapped(
+        kwk: &KeyWrappingKey,
+        n: u32,
+    ) -> Result<(AuditSigningKey, Vec<u8>), KeyError> {
         let seed = SecretKey::generate();
-        let wrapped = kwk.wrap(&seed, KeyPurpose::AuditSigning(n));
-        (AuditSigningKey::from_seed(seed), wrapped)
+        let wrapped = kwk.wrap(&seed, KeyPurpose::AuditSigning(n))?;
+        Ok((AuditSigningKey::from_seed(seed), wrapped))
     }
 
     /// Unwraps the stored seed of key number `n`.

@@ -206,7 +206,7 @@ fn wrap_aad_encoding() {
 #[test]
 fn audit_signing_key_is_wrapped_signs_and_verifies_strictly() {
     let (kwk, _) = MasterKey::generate().derive(&VaultId::generate());
-    let (key, wrapped) = AuditSigningKey::generate_wrapped(&kwk, 1);
+    let (key, wrapped) = AuditSigningKey::generate_wrapped(&kwk, 1).unwrap();
     assert_eq!(wrapped.len(), WRAPPED_KEY_LEN);
     // Bound to its purpose and number.
     assert!(AuditSigningKey::unwrap(&kwk, &wrapped, 2).is_err());
@@ -266,7 +266,7 @@ fn pan_aad_has_version_at_fixed_offset() {
 fn derive_known_answer() {
     let (kwk, check) = kat_master().derive(&kat_vault());
     assert_eq!(
-        to_hex(&check.0),
+        to_hex(&check.derived()),
         "4ee75beb3a131c7f5edc94b99a6394c1407df532958cb02ed6a55e9a11a04991"
     );
     // The key-wrapping key is checked through a wrapped blob made with the expected KWK
@@ -572,7 +572,7 @@ fn wrap_unwrap_round_trip() {
         KeyPurpose::AuditSigning(1),
     ] {
         let key = secret(seq32(0x33));
-        let wrapped = kwk.wrap(&key, purpose);
+        let wrapped = kwk.wrap(&key, purpose).unwrap();
         assert_eq!(wrapped.len(), WRAPPED_KEY_LEN);
         assert_eq!(WRAPPED_KEY_LEN, 60);
         // The wrapped form does not contain the key bytes.
@@ -582,8 +582,8 @@ fn wrap_unwrap_round_trip() {
     }
     let key = SecretKey::generate();
     assert_ne!(
-        kwk.wrap(&key, KeyPurpose::Audit),
-        kwk.wrap(&key, KeyPurpose::Audit),
+        kwk.wrap(&key, KeyPurpose::Audit).unwrap(),
+        kwk.wrap(&key, KeyPurpose::Audit).unwrap(),
         "fresh nonce per wrap"
     );
 }
@@ -595,7 +595,7 @@ fn unwrap_wrong_purpose_version_or_master_fails() {
     let (other_kwk, _) = MasterKey::generate().derive(&vault);
     let key = SecretKey::generate();
 
-    let data = kwk.wrap(&key, KeyPurpose::Data(5));
+    let data = kwk.wrap(&key, KeyPurpose::Data(5)).unwrap();
     assert!(kwk.unwrap(&data, KeyPurpose::Data(5)).is_ok());
     for wrong in [
         KeyPurpose::Data(4),
@@ -605,7 +605,7 @@ fn unwrap_wrong_purpose_version_or_master_fails() {
     ] {
         assert_eq!(kwk.unwrap(&data, wrong).err(), Some(DecryptError));
     }
-    let fp = kwk.wrap(&key, KeyPurpose::Fingerprint);
+    let fp = kwk.wrap(&key, KeyPurpose::Fingerprint).unwrap();
     assert_eq!(kwk.unwrap(&fp, KeyPurpose::Audit).err(), Some(DecryptError));
     assert_eq!(
         kwk.unwrap(&fp, KeyPurpose::Data(0)).err(),
@@ -620,7 +620,7 @@ fn unwrap_wrong_purpose_version_or_master_fails() {
 #[test]
 fn unwrap_tampered_or_wrong_length_fails() {
     let (kwk, _) = MasterKey::generate().derive(&VaultId::generate());
-    let wrapped = kwk.wrap(&SecretKey::generate(), KeyPurpose::Audit);
+    let wrapped = kwk.wrap(&SecretKey::generate(), KeyPurpose::Audit).unwrap();
     for i in 0..wrapped.len() {
         let mut w = wrapped.clone();
         w[i] ^= 0x04;
@@ -647,13 +647,13 @@ fn derive_is_deterministic_and_vault_bound() {
     let (kwk_b, check_b) = master(bytes).derive(&vault);
     let (kwk_c, check_c) = master(bytes).derive(&VaultId([10; 16]));
     let (_, check_d) = master(seq32(0x56)).derive(&vault);
-    assert_eq!(check_a, check_b);
-    assert_ne!(check_a, check_c);
-    assert_ne!(check_a, check_d);
+    assert_eq!(check_a.derived(), check_b.derived());
+    assert_ne!(check_a.derived(), check_c.derived());
+    assert_ne!(check_a.derived(), check_d.derived());
 
     // Same KWK for the same inputs (it unwraps), a different one for another vault id.
     let key = SecretKey::generate();
-    let wrapped = kwk_a.wrap(&key, KeyPurpose::Fingerprint);
+    let wrapped = kwk_a.wrap(&key, KeyPurpose::Fingerprint).unwrap();
     assert!(kwk_b.unwrap(&wrapped, KeyPurpose::Fingerprint).is_ok());
     assert_eq!(
         kwk_c.unwrap(&wrapped, KeyPurpose::Fingerprint).err(),
@@ -663,7 +663,7 @@ fn derive_is_deterministic_and_vault_bound() {
     // The key check is independent of the KWK (different labels).
     let mut kwk_bytes = [0u8; 32];
     hkdf_sha256(&vault.0, &bytes, LABEL_KWK, &mut kwk_bytes);
-    assert_ne!(kwk_bytes, check_a.0);
+    assert_ne!(kwk_bytes, check_a.derived());
 }
 
 #[test]
@@ -672,11 +672,11 @@ fn key_check_matches() {
     let m = MasterKey::generate();
     let (_, check) = m.derive(&vault);
     let (_, again) = m.derive(&vault);
-    assert!(check.matches(&again.0));
+    assert!(check.matches(&again.derived()));
     let (_, wrong) = MasterKey::generate().derive(&vault);
-    assert!(!check.matches(&wrong.0));
-    assert!(!check.matches(&again.0[..31]));
-    assert!(!check.matches(&[again.0.as_slice(), &[0]].concat()));
+    assert!(!check.matches(&wrong.derived()));
+    assert!(!check.matches(&again.derived()[..31]));
+    assert!(!check.matches(&[again.derived().as_slice(), &[0]].concat()));
     assert!(!check.matches(&[]));
 }
 
@@ -1085,7 +1085,7 @@ fn debug_output_has_no_key_bytes() {
     let mut kwk_bytes = [0u8; 32];
     hkdf_sha256(&vault.0, &raw, LABEL_KWK, &mut kwk_bytes);
     assert_redacted(&format!("{kwk:?} {kwk:#?}"), &kwk_bytes);
-    assert_redacted(&format!("{check:?} {check:#?}"), &check.0);
+    assert_redacted(&format!("{check:?} {check:#?}"), &check.derived());
 
     let sk = secret(raw);
     assert_redacted(&format!("{sk:?} {sk:#?}"), &raw);

@@ -9,6 +9,7 @@
 pub mod client;
 pub mod convert;
 pub mod gate;
+pub mod sealed;
 pub mod server;
 pub mod service;
 pub mod status;

@@ -277,7 +277,7 @@ impl Vault {
         let n = self
             .inner
             .store
-            .rotate_master(kwk, check.0.to_vec(), caller.clone())
+            .rotate_master(kwk, check.to_stored()?, caller.clone())
             .await?;
         Ok(n)
     }

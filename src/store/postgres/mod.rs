@@ -694,13 +694,10 @@ async fn rotate_in_tx(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState)
     )
     .await
     .map_err(map_err)?;
+    let wrapped = keyring.new_wrapped_data_key(version)?;
     tx.execute(
         "INSERT INTO data_keys(version, wrapped, state, created_at) VALUES ($1, $2, 'active', $3)",
-        &[
-            &i64::from(version),
-            &keyring.new_wrapped_data_key(version),
-            &now,
-        ],
+        &[&i64::from(version), &wrapped, &now],
     )
     .await
     .map_err(map_err)?;
@@ -1150,7 +1147,7 @@ async fn prepare_audit(client: &mut deadpool_postgres::Object, keyring: &Keyring
             .await
             .map_err(map_err)?
             .get(0);
-        let (key, wrapped) = keyring.new_audit_signing_key(n as u32);
+        let (key, wrapped) = keyring.new_audit_signing_key(n as u32)?;
         tx.execute(
             "INSERT INTO audit_signing_keys(id, public_key, wrapped, state, created_at) \
              VALUES ($1, $2, $3, 'active', $4)",
@@ -1475,7 +1472,7 @@ impl Storage for PgStore {
                 let (old_id, old_wrapped): (i64, Vec<u8>) = (old.get(0), old.get(1));
                 let old = keyring.audit_signer(old_id as u32, &old_wrapped)?;
                 let new_id = old_id + 1;
-                let (new, wrapped) = keyring.new_audit_signing_key(new_id as u32);
+                let (new, wrapped) = keyring.new_audit_signing_key(new_id as u32)?;
                 flush_audit(&tx, &keyring, st).await?;
                 let vault = vault_hex(&*tx).await?;
                 let seq = st.audit_seq + 1;

@@ -1010,7 +1010,7 @@ fn prepare_audit(conn: &mut Connection, keyring: &Keyring) -> Result<()> {
             [],
             |r| r.get(0),
         )?;
-        let (key, wrapped) = keyring.new_audit_signing_key(n as u32);
+        let (key, wrapped) = keyring.new_audit_signing_key(n as u32)?;
         tx.execute(
             "INSERT INTO audit_signing_keys(id, public_key, wrapped, state, created_at) \
              VALUES (?1, ?2, ?3, 'active', ?4)",
@@ -1137,7 +1137,7 @@ pub(super) fn rotate_in_tx(
     )?;
     tx.execute(
         "INSERT INTO data_keys(version, wrapped, state, created_at) VALUES (?1, ?2, 'active', ?3)",
-        params![version, keyring.new_wrapped_data_key(version), now],
+        params![version, keyring.new_wrapped_data_key(version)?, now],
     )?;
     bump_generation(tx)?;
     keyring.replace(&load_key_rows(tx)?)?;
@@ -1938,7 +1938,7 @@ impl Storage for SqliteStore {
                 })?;
             let old = keyring.audit_signer(old_id as u32, &old_wrapped)?;
             let new_id = old_id + 1;
-            let (new, wrapped) = keyring.new_audit_signing_key(new_id as u32);
+            let (new, wrapped) = keyring.new_audit_signing_key(new_id as u32)?;
             // The handover names the rotation record's place in the chain: write whatever
             // is pending first, so that place is known.
             flush_audit(tx, keyring, st)?;
