@@ -18,17 +18,45 @@ pub enum Role {
     Info,
     /// DeleteToken.
     Delete,
+    /// Every `AdminService` method (issue 16).
+    Admin,
+    /// `AdminService`: key versions (list, rotate, rewrap, retire, revoke) and `Check`.
+    KeysAdmin,
+    /// `AdminService`: client principals (list, add, revoke).
+    ClientsAdmin,
+    /// `AdminService`: read-only audit access (verify, export, tail).
+    Auditor,
 }
 
 impl Role {
-    pub const ALL: [Role; 4] = [Role::Tokenize, Role::Detokenize, Role::Info, Role::Delete];
+    pub const ALL: [Role; 8] = [
+        Role::Tokenize,
+        Role::Detokenize,
+        Role::Info,
+        Role::Delete,
+        Role::Admin,
+        Role::KeysAdmin,
+        Role::ClientsAdmin,
+        Role::Auditor,
+    ];
     pub fn name(self) -> &'static str {
         match self {
             Role::Tokenize => "tokenize",
             Role::Detokenize => "detokenize",
             Role::Info => "info",
             Role::Delete => "delete",
+            Role::Admin => "admin",
+            Role::KeysAdmin => "keys-admin",
+            Role::ClientsAdmin => "clients-admin",
+            Role::Auditor => "auditor",
         }
+    }
+    /// The roles of `AdminService`: only an `admin` may grant them.
+    pub fn is_admin(self) -> bool {
+        matches!(
+            self,
+            Role::Admin | Role::KeysAdmin | Role::ClientsAdmin | Role::Auditor
+        )
     }
     pub fn parse(s: &str) -> Option<Role> {
         Role::ALL.iter().copied().find(|r| r.name() == s.trim())

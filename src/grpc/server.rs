@@ -23,8 +23,10 @@ use tokio_stream::StreamExt;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
+use super::admin::AdminService;
 use super::gate::AuthGate;
 use super::pb;
+use super::pb::admin_service_server::AdminServiceServer;
 use super::pb::token_vault_service_server::TokenVaultServiceServer;
 use super::service::{AuthPolicy, TokenVaultService, DEFAULT_MAX_BATCH_ITEMS};
 use super::tls::TlsReloader;
@@ -66,6 +68,9 @@ pub struct ServerConfig {
     pub request_timeout: Option<Duration>,
     /// Append signed audit checkpoints to this file (O_APPEND, never rewritten).
     pub audit_checkpoint_file: Option<std::path::PathBuf>,
+    /// Refuse `AdminService` calls authenticated by an API key alone: admin principals must
+    /// present a client certificate bound to them (mutual TLS).
+    pub require_cert_for_admin: bool,
 }
 
 /// Default of [`ServerConfig::concurrency_limit_per_connection`].
@@ -95,6 +100,7 @@ impl Default for ServerConfig {
             concurrency_limit_per_connection: Some(DEFAULT_CONCURRENCY_PER_CONNECTION),
             request_timeout: Some(DEFAULT_REQUEST_TIMEOUT),
             audit_checkpoint_file: None,
+            require_cert_for_admin: true,
         }
     }
 }
@@ -159,11 +165,21 @@ pub async fn serve(
     };
     let handlers = TokenVaultService::new(vault.clone(), cfg.max_batch_items).with_policy(policy);
     // Callers are admitted, and batch sizes counted, before a request body is decoded.
+    let admin = AdminService::new(vault.clone(), handlers.clone(), cfg.require_cert_for_admin);
     let service = AuthGate::new(
         TokenVaultServiceServer::new(handlers.clone())
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
         handlers,
+        cfg.max_batch_items,
+        max_message,
+    );
+    // The admin service on the same listener, behind the same kind of gate.
+    let admin_service = AuthGate::new(
+        AdminServiceServer::new(admin.clone())
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
+        admin,
         cfg.max_batch_items,
         max_message,
     );
@@ -232,7 +248,8 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(service);
+        .add_service(service)
+        .add_service(admin_service);
 
     // The TLS accept loop runs beside tonic and is stopped with it.
     let (tls_incoming, accept_task) = match &cfg.tls {
