@@ -1164,7 +1164,7 @@ fn base64url(bytes: &[u8]) -> String {
         .replace('_', "-")
 }
 
-fn validate_client_name(name: &str) -> Result<()> {
+pub fn validate_client_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name

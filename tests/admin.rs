@@ -130,16 +130,6 @@ impl AdminServer {
     /// plaintext (API keys only).
     async fn start(mutual: bool, require_cert_for_admin: bool) -> AdminServer {
         let dir = tempfile::tempdir().unwrap();
-        let ca = mutual.then(|| Ca::new("tokenvault admin test CA"));
-        let tls = ca.as_ref().map(|ca| {
-            let (cert, key) = ca.server_cert();
-            TlsReloader::new(TlsFiles {
-                cert: write(dir.path(), "server.pem", &cert),
-                key: write(dir.path(), "server.key", &key),
-                client_ca: Some(write(dir.path(), "client-ca.pem", &ca.pem)),
-            })
-            .unwrap()
-        });
         let master = MasterKey::generate();
         let vault = Vault::create(VaultConfig::new(dir.path().join("data")), &master).unwrap();
         let mut keys = Vec::new();
@@ -150,6 +140,28 @@ impl AdminServer {
                 .unwrap();
             keys.push((name, key));
         }
+        AdminServer::serve_on(dir, master, vault, keys, mutual, require_cert_for_admin).await
+    }
+
+    /// Serves `vault` (in `dir`/data) whose principals' keys are `keys`.
+    async fn serve_on(
+        dir: TempDir,
+        master: MasterKey,
+        vault: Vault,
+        keys: Vec<(&'static str, String)>,
+        mutual: bool,
+        require_cert_for_admin: bool,
+    ) -> AdminServer {
+        let ca = mutual.then(|| Ca::new("tokenvault admin test CA"));
+        let tls = ca.as_ref().map(|ca| {
+            let (cert, key) = ca.server_cert();
+            TlsReloader::new(TlsFiles {
+                cert: write(dir.path(), "server.pem", &cert),
+                key: write(dir.path(), "server.key", &key),
+                client_ca: Some(write(dir.path(), "client-ca.pem", &ca.pem)),
+            })
+            .unwrap()
+        });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cfg = ServerConfig {
@@ -396,10 +408,7 @@ async fn every_admin_operation_works_for_an_admin_over_mutual_tls() {
         dry_run: true,
         ..Default::default()
     };
-    let dry = within(admin.purge(purge))
-        .await
-        .unwrap()
-        .into_inner();
+    let dry = within(admin.purge(purge)).await.unwrap().into_inner();
     assert!(dry.dry_run);
     assert_eq!(dry.deleted_to_remove, 1);
     let done = within(admin.purge(pb::PurgeRequest {
@@ -786,4 +795,84 @@ async fn bad_admin_input_is_a_clear_error_and_changes_nothing() {
         .iter()
         .any(|r| r.action == "admin_add_client" && r.outcome == "INVALID_ARGUMENT"));
     server.stop().await;
+}
+
+#[tokio::test]
+async fn init_creates_the_first_admin_so_a_fresh_vault_is_administered_remotely() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tokenvault"));
+    for var in [
+        "TOKENVAULT_DATA_DIR",
+        "TOKENVAULT_MASTER_KEY_FILE",
+        "TOKENVAULT_MASTER_KEY",
+        "RUST_LOG",
+    ] {
+        cmd.env_remove(var);
+    }
+    let root_id = id(ROOT);
+    let out = cmd
+        .current_dir(dir.path())
+        .args([
+            "init",
+            "--data-dir",
+            "data",
+            "--generate-master-key",
+            "master.key",
+        ])
+        .args(["--admin", ROOT, "--admin-cert-identity", &root_id])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = text
+        .lines()
+        .find_map(|l| l.split_whitespace().find(|w| w.starts_with("tvk_")))
+        .expect("the admin key is printed")
+        .to_owned();
+    assert_eq!(text.matches("tvk_").count(), 1, "printed once");
+
+    let master = MasterKey::load_file(&dir.path().join("master.key")).unwrap();
+    let vault = Vault::open(VaultConfig::new(dir.path().join("data")), &master).unwrap();
+    let clients = vault.list_clients().await.unwrap();
+    assert_eq!(clients.len(), 1);
+    assert_eq!(clients[0].name, ROOT);
+    assert_eq!(clients[0].roles, vec![Role::Admin]);
+    assert_eq!(clients[0].cert_identity.as_deref(), Some(root_id.as_str()));
+
+    let server = AdminServer::serve_on(dir, master, vault, vec![(ROOT, key)], true, true).await;
+    let mut admin = server.admin_by_cert(ROOT).await;
+    within(admin.list_keys(pb::ListKeysRequest {}))
+        .await
+        .unwrap();
+    // The admin brings in everyone else remotely; the master key never left the server.
+    let added = within(admin.add_client(pb::AddClientRequest {
+        name: CHECKOUT.into(),
+        roles: vec!["tokenize".into()],
+        cert_identity: id(CHECKOUT),
+        ..Default::default()
+    }))
+    .await
+    .unwrap()
+    .into_inner();
+    assert!(added.api_key.starts_with("tvk_"));
+    let mut data = server.data_client(CHECKOUT).await;
+    tokenize(&mut data, 7).await;
+    server.stop().await;
+
+    // A bad admin name is a usage error before anything is created.
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokenvault"))
+        .env_remove("TOKENVAULT_MASTER_KEY")
+        .current_dir(dir.path())
+        .args(["init", "--data-dir", "data", "--generate-master-key", "k"])
+        .args(["--admin", "bad name"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!dir.path().join("data").exists());
+    assert!(!dir.path().join("k").exists());
 }
