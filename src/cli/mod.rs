@@ -16,6 +16,7 @@ pub mod dev;
 pub mod init;
 pub mod keys;
 pub mod purge;
+pub mod remote;
 pub mod serve;
 
 use std::process::ExitCode;

@@ -587,6 +587,44 @@ impl From<TrailReport> for pb::VerifyAuditResponse {
     }
 }
 
+impl TryFrom<pb::VerifyAuditResponse> for TrailReport {
+    type Error = Error;
+    fn try_from(r: pb::VerifyAuditResponse) -> Result<TrailReport> {
+        let bad = || Error::InvalidArgument("head_hash: expected 64 hex digits".into());
+        let hash = r.head_hash.as_bytes();
+        if hash.len() != 64 {
+            return Err(bad());
+        }
+        let mut head_hash = [0u8; 32];
+        for (i, pair) in hash.chunks(2).enumerate() {
+            let text = std::str::from_utf8(pair).map_err(|_| bad())?;
+            head_hash[i] = u8::from_str_radix(text, 16).map_err(|_| bad())?;
+        }
+        let verification = if r.ok {
+            Verification::Ok { records: r.records }
+        } else if r.checkpoint_line != 0 {
+            Verification::Contradicted {
+                line: r.checkpoint_line as usize,
+                seq: r.first_bad_seq,
+                why: r.why,
+            }
+        } else {
+            Verification::Broken {
+                seq: r.first_bad_seq,
+                // The reasons are a fixed set of texts; one leaked string per CLI run.
+                why: Box::leak(r.why.into_boxed_str()),
+            }
+        };
+        Ok(TrailReport {
+            verification,
+            checkpoints: r.checkpoints as usize,
+            last_checkpoint_seq: (r.last_checkpoint_seq != 0).then_some(r.last_checkpoint_seq),
+            head_seq: r.head_seq,
+            head_hash,
+        })
+    }
+}
+
 impl From<AuditRecord> for pb::AuditRecord {
     fn from(r: AuditRecord) -> pb::AuditRecord {
         pb::AuditRecord {
@@ -927,29 +965,19 @@ impl AdminRpcs for AdminService {
         &self,
         request: Request<pb::VerifyAuditRequest>,
     ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
-        self.unary(request, AdminRpc::VerifyAudit, |_, req| async move {
-            let r = async {
-                let pinned = pinned_keys(&req.public_keys)?;
-                let with_checkpoints = !req.checkpoints.is_empty();
-                let cps = audit::parse_checkpoints(&req.checkpoints);
-                let report = self.vault.verify_audit_with(cps, &pinned).await?;
-                let mut out = pb::VerifyAuditResponse::from(report);
-                out.with_checkpoints = with_checkpoints;
-                Ok(out)
-            }
-            .await;
-            let subject = match &r {
-                Ok(v) if v.ok => "OK".to_owned(),
-                Ok(v) if v.checkpoint_line != 0 => format!(
-                    "CONTRADICTS checkpoint line {} at {}",
-                    v.checkpoint_line, v.first_bad_seq
-                ),
-                Ok(v) => format!("BROKEN at {}", v.first_bad_seq),
-                Err(_) => String::new(),
-            };
-            (subject, r)
-        })
-        .await
+        let rpc = AdminRpc::VerifyAudit;
+        let admitted = self.admit_admin(&request, rpc).await?;
+        let req = request.into_inner();
+        let pinned = pinned_keys(&req.public_keys);
+        // Recorded before the walk, so the walk covers its own record, and a local
+        // `audit verify` run right after reports the same trail.
+        let pinned = self.record(&admitted.caller, rpc, "walk", pinned).await?;
+        let with_checkpoints = !req.checkpoints.is_empty();
+        let cps = audit::parse_checkpoints(&req.checkpoints);
+        let report = self.vault.verify_audit_with(cps, &pinned).await?;
+        let mut out = pb::VerifyAuditResponse::from(report);
+        out.with_checkpoints = with_checkpoints;
+        Ok(Response::new(out))
     }
 
     type ExportAuditStream = Stream<pb::ExportAuditResponse>;
