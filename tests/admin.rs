@@ -924,8 +924,9 @@ async fn the_cli_prints_the_same_in_remote_and_local_mode() {
     write(&dir, "root.pem", &cert);
     write(&dir, "root.key", &key);
     let mut data = server.data_client(CHECKOUT).await;
+    let mut tokens = Vec::new();
     for n in 0..3 {
-        tokenize(&mut data, n).await;
+        tokens.push(tokenize(&mut data, n).await);
     }
     server.vault.rotate_key(&Caller::cli()).await.unwrap();
 
@@ -1012,6 +1013,18 @@ async fn the_cli_prints_the_same_in_remote_and_local_mode() {
     )
     .await;
     assert_eq!(exported.lines().count(), 1, "{exported}");
+    data.delete_token(pb::DeleteTokenRequest {
+        token: tokens[0].clone(),
+    })
+    .await
+    .unwrap();
+    let purge = ["purge", "--deleted", "--older-than", "0s", "--json"];
+    let out = cli(&dir, remote(&[&purge[..], &["--dry-run"]].concat())).await;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["deleted_to_remove"], 1, "{out}");
+    let out = cli(&dir, remote(&[&purge[..], &["--yes"]].concat())).await;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["deleted_removed"], 1, "{out}");
     let out = cli(&dir, remote(&["backup", "--out", "remote.db"])).await;
     assert!(out.starts_with("backup written to remote.db ("), "{out}");
     assert!(std::fs::read(dir.join("remote.db"))
