@@ -26,6 +26,7 @@ use crate::store::{
 use crate::token::{self, Token, TokenFormat};
 
 pub mod clock;
+pub mod dual;
 pub mod lifecycle;
 #[cfg(test)]
 mod row_format_tests;

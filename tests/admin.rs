@@ -33,6 +33,8 @@ use tokenvault::grpc::tls::{TlsFiles, TlsReloader};
 use tokenvault::vault::{Caller, Vault, VaultConfig};
 
 const ROOT: &str = "root";
+/// A second admin, for dual control.
+const SECOND: &str = "second";
 const KEYS: &str = "keys";
 const CLIENTS: &str = "clients";
 const AUDITOR: &str = "auditor";
@@ -43,8 +45,9 @@ fn id(name: &str) -> String {
 }
 
 /// Principals of the fixture: all bound to a certificate identity.
-const PRINCIPALS: [(&str, &[Role]); 5] = [
+const PRINCIPALS: [(&str, &[Role]); 6] = [
     (ROOT, &[Role::Admin]),
+    (SECOND, &[Role::Admin]),
     (KEYS, &[Role::KeysAdmin]),
     (CLIENTS, &[Role::ClientsAdmin]),
     (AUDITOR, &[Role::Auditor]),
@@ -129,6 +132,14 @@ impl AdminServer {
     /// With `mutual`, a TLS server whose CA also issues client certificates; otherwise
     /// plaintext (API keys only).
     async fn start(mutual: bool, require_cert_for_admin: bool) -> AdminServer {
+        AdminServer::start_dual(mutual, require_cert_for_admin, None).await
+    }
+
+    async fn start_dual(
+        mutual: bool,
+        require_cert_for_admin: bool,
+        dual_control: Option<Duration>,
+    ) -> AdminServer {
         let dir = tempfile::tempdir().unwrap();
         let master = MasterKey::generate();
         let vault = Vault::create(VaultConfig::new(dir.path().join("data")), &master).unwrap();
@@ -140,7 +151,16 @@ impl AdminServer {
                 .unwrap();
             keys.push((name, key));
         }
-        AdminServer::serve_on(dir, master, vault, keys, mutual, require_cert_for_admin).await
+        AdminServer::serve_on(
+            dir,
+            master,
+            vault,
+            keys,
+            mutual,
+            require_cert_for_admin,
+            dual_control,
+        )
+        .await
     }
 
     /// Serves `vault` (in `dir`/data) whose principals' keys are `keys`.
@@ -151,6 +171,7 @@ impl AdminServer {
         keys: Vec<(&'static str, String)>,
         mutual: bool,
         require_cert_for_admin: bool,
+        dual_control: Option<Duration>,
     ) -> AdminServer {
         let ca = mutual.then(|| Ca::new("tokenvault admin test CA"));
         let tls = ca.as_ref().map(|ca| {
@@ -167,6 +188,7 @@ impl AdminServer {
         let cfg = ServerConfig {
             tls,
             require_cert_for_admin,
+            dual_control,
             ..ServerConfig::default()
         };
         let (tx, rx) = oneshot::channel::<()>();
@@ -249,13 +271,15 @@ impl AdminServer {
         self.vault.audit_records(1, 1_000_000).await.unwrap()
     }
 
-    async fn stop(mut self) {
+    /// Stops the server; returns its directory and master key for a later look.
+    async fn stop(mut self) -> (TempDir, MasterKey) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
         if let Some(h) = self.handle.take() {
             h.await.unwrap().unwrap();
         }
+        (self.dir, self.master)
     }
 }
 
@@ -512,6 +536,12 @@ async fn every_admin_operation_works_for_an_admin_over_mutual_tls() {
     // The trail names the principal of every admin call, one record per method.
     let records = server.records().await;
     for rpc in AdminRpc::ALL {
+        if matches!(
+            rpc,
+            AdminRpc::ListAdminRequests | AdminRpc::ApproveAdminRequest
+        ) {
+            continue; // dual control: see dual_control_needs_a_second_admin_within_the_window
+        }
         let r = records
             .iter()
             .find(|r| r.action == rpc.audit_action())
@@ -843,7 +873,8 @@ async fn init_creates_the_first_admin_so_a_fresh_vault_is_administered_remotely(
     assert_eq!(clients[0].roles, vec![Role::Admin]);
     assert_eq!(clients[0].cert_identity.as_deref(), Some(root_id.as_str()));
 
-    let server = AdminServer::serve_on(dir, master, vault, vec![(ROOT, key)], true, true).await;
+    let server =
+        AdminServer::serve_on(dir, master, vault, vec![(ROOT, key)], true, true, None).await;
     let mut admin = server.admin_by_cert(ROOT).await;
     within(admin.list_keys(pb::ListKeysRequest {}))
         .await
@@ -1030,5 +1061,238 @@ async fn the_cli_prints_the_same_in_remote_and_local_mode() {
     assert!(std::fs::read(dir.join("remote.db"))
         .unwrap()
         .starts_with(b"SQLite format 3\0"));
+    server.stop().await;
+}
+
+fn key_state(keys: &[tokenvault::vault::KeyVersionInfo], v: u32) -> tokenvault::vault::KeyState {
+    keys.iter().find(|k| k.version == v).unwrap().state
+}
+
+#[tokio::test]
+async fn dual_control_needs_a_second_admin_within_the_window() {
+    use tokenvault::vault::KeyState;
+    let server = AdminServer::start_dual(true, true, Some(Duration::from_secs(3600))).await;
+    let mut data = server.data_client(CHECKOUT).await;
+    tokenize(&mut data, 1).await;
+    let mut root = server.admin_by_cert(ROOT).await;
+    let mut second = server.admin_by_cert(SECOND).await;
+
+    // A revocation becomes a request; nothing happens yet.
+    let pending = within(root.revoke_key(pb::RevokeKeyRequest {
+        version: 1,
+        batch: 0,
+    }))
+    .await
+    .unwrap()
+    .into_inner();
+    let id = pending.pending_request_id.clone();
+    assert!(id.starts_with("req_"), "{pending:?}");
+    let keys = server.vault.list_keys().await.unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(key_state(&keys, 1), KeyState::Active);
+
+    // The requester cannot approve its own request.
+    let err = within(root.approve_admin_request(pb::ApproveAdminRequestRequest { id: id.clone() }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(
+        key_state(&server.vault.list_keys().await.unwrap(), 1),
+        KeyState::Active
+    );
+
+    // A keys admin may not approve a client, nor an auditor anything.
+    let mut auditor = server.admin_by_cert(AUDITOR).await;
+    let err =
+        within(auditor.approve_admin_request(pb::ApproveAdminRequestRequest { id: id.clone() }))
+            .await
+            .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // A second admin approves, and the revocation runs.
+    let approved =
+        within(second.approve_admin_request(pb::ApproveAdminRequestRequest { id: id.clone() }))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(approved.request.as_ref().unwrap().requester, ROOT);
+    assert_eq!(approved.request.as_ref().unwrap().approver, SECOND);
+    match approved.outcome.unwrap() {
+        pb::approve_admin_request_response::Outcome::RevokeKey(k) => {
+            assert_eq!(k.rotated_to, 2);
+            assert_eq!(k.rewrapped, 1);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        key_state(&server.vault.list_keys().await.unwrap(), 1),
+        KeyState::Retired
+    );
+    // Once only.
+    let err =
+        within(second.approve_admin_request(pb::ApproveAdminRequestRequest { id: id.clone() }))
+            .await
+            .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    // A client that may detokenize is a request too; one that may not is added at once.
+    let direct = within(root.add_client(pb::AddClientRequest {
+        name: "reporting".into(),
+        roles: vec!["info".into()],
+        ..Default::default()
+    }))
+    .await
+    .unwrap()
+    .into_inner();
+    assert!(direct.api_key.starts_with("tvk_") && direct.pending_request_id.is_empty());
+    let pending = within(root.add_client(pb::AddClientRequest {
+        name: "payments".into(),
+        roles: vec!["detokenize".into()],
+        ..Default::default()
+    }))
+    .await
+    .unwrap()
+    .into_inner();
+    assert!(pending.api_key.is_empty());
+    let client_id = pending.pending_request_id;
+    let names = |clients: Vec<tokenvault::vault::ClientInfo>| {
+        clients.into_iter().map(|c| c.name).collect::<Vec<_>>()
+    };
+    assert!(!names(server.vault.list_clients().await.unwrap()).contains(&"payments".to_owned()));
+    let mut keys_admin = server.admin_by_cert(KEYS).await;
+    let err = within(
+        keys_admin.approve_admin_request(pb::ApproveAdminRequestRequest {
+            id: client_id.clone(),
+        }),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::PermissionDenied,
+        "a keys admin may not add clients"
+    );
+    let listed = within(second.list_admin_requests(pb::ListAdminRequestsRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.requests.len(), 2);
+    assert!(listed
+        .requests
+        .iter()
+        .any(|r| r.id == client_id && r.approver.is_empty()));
+    let mut clients_admin = server.admin_by_cert(CLIENTS).await;
+    let approved = within(
+        clients_admin.approve_admin_request(pb::ApproveAdminRequestRequest {
+            id: client_id.clone(),
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    match approved.outcome.unwrap() {
+        pb::approve_admin_request_response::Outcome::AddClient(c) => {
+            assert!(c.api_key.starts_with("tvk_"));
+            assert!(
+                !format!("{c:?}").contains(&c.api_key[4..]),
+                "Debug redacts the key"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(names(server.vault.list_clients().await.unwrap()).contains(&"payments".to_owned()));
+
+    // Both principals are in the trail: the request, the refused self-approval, the approval.
+    let records = server.records().await;
+    let has = |principal: &str, action: &str, subject: &str, outcome: &str| {
+        records.iter().any(|r| {
+            r.principal == principal
+                && r.action == action
+                && r.subject == subject
+                && r.outcome == outcome
+        })
+    };
+    assert!(has(ROOT, "admin_request", &id, "OK"));
+    assert!(has(ROOT, "admin_approve_request", &id, "PERMISSION_DENIED"));
+    assert!(has(SECOND, "admin_approve", &id, "OK"));
+    assert!(has(SECOND, "admin_approve_request", &id, "OK"));
+    assert!(has(CLIENTS, "admin_approve", &client_id, "OK"));
+    let (dir, master) = server.stop().await;
+
+    // Requests are persisted in the vault.
+    let vault = Vault::open(VaultConfig::new(dir.path().join("data")), &master).unwrap();
+    let rows = vault.admin_requests().await.unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r.approver.is_some()));
+    vault.close().await;
+}
+
+#[tokio::test]
+async fn an_expired_request_cannot_be_approved() {
+    use tokenvault::vault::KeyState;
+    let server = AdminServer::start_dual(true, true, Some(Duration::from_millis(1))).await;
+    let mut root = server.admin_by_cert(ROOT).await;
+    let mut second = server.admin_by_cert(SECOND).await;
+    let id = within(root.revoke_key(pb::RevokeKeyRequest {
+        version: 1,
+        batch: 0,
+    }))
+    .await
+    .unwrap()
+    .into_inner()
+    .pending_request_id;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let err = within(second.approve_admin_request(pb::ApproveAdminRequestRequest { id }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("expired"), "{}", err.message());
+    assert_eq!(
+        key_state(&server.vault.list_keys().await.unwrap(), 1),
+        KeyState::Active
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_cli_requests_and_a_second_admin_approves() {
+    let server = AdminServer::start_dual(true, true, Some(Duration::from_secs(3600))).await;
+    let dir = server.dir.path().to_owned();
+    let ca = server.ca.as_ref().unwrap();
+    write(&dir, "trust.pem", &ca.pem);
+    for name in [ROOT, SECOND] {
+        let (cert, key) = ca.client_cert(Some(&id(name)));
+        write(&dir, &format!("{name}.pem"), &cert);
+        write(&dir, &format!("{name}.key"), &key);
+    }
+    let as_admin = |name: &str, cmd: &[&str]| {
+        let mut args: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
+        args.extend([
+            "--addr".to_owned(),
+            format!("https://{}", server.addr),
+            "--tls-ca".to_owned(),
+            "trust.pem".to_owned(),
+            "--tls-cert".to_owned(),
+            format!("{name}.pem"),
+            "--tls-key".to_owned(),
+            format!("{name}.key"),
+        ]);
+        args
+    };
+    let out = cli(&dir, as_admin(ROOT, &["keys", "revoke", "1"])).await;
+    let req = out.trim().to_owned();
+    assert!(req.starts_with("req_") && out.lines().count() == 1, "{out}");
+    let out = cli(&dir, as_admin(SECOND, &["admin", "requests"])).await;
+    assert!(
+        out.contains(&req) && out.contains("revoke_key") && out.contains(ROOT),
+        "{out}"
+    );
+    let out = cli(&dir, as_admin(SECOND, &["admin", "approve", &req])).await;
+    assert!(
+        out.starts_with(&format!("approved {req} of {ROOT}")),
+        "{out}"
+    );
+    let keys = server.vault.list_keys().await.unwrap();
+    assert_eq!(key_state(&keys, 1), tokenvault::vault::KeyState::Retired);
     server.stop().await;
 }

@@ -102,7 +102,12 @@ pub async fn run(cmd: ClientsCommand) -> Result<(), CliError> {
                         reuse_rate: limits.reuse_rate.unwrap_or(0.0),
                         reuse_group: limits.reuse_group.clone().unwrap_or_default(),
                     };
-                    admin.add_client(req).await?.into_inner().api_key
+                    let r = admin.add_client(req).await?.into_inner();
+                    if !r.pending_request_id.is_empty() {
+                        super::admin::print_pending(&r.pending_request_id, false);
+                        return Ok(());
+                    }
+                    r.api_key
                 }
                 None => {
                     let vault = vault.open()?;

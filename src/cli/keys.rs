@@ -348,11 +348,17 @@ pub async fn run(cmd: KeysCommand) -> Result<(), CliError> {
             json,
         } => {
             let r: RevokeReport = match remote.client().await? {
-                Some(mut admin) => admin
-                    .revoke_key(pb::RevokeKeyRequest { version, batch })
-                    .await?
-                    .into_inner()
-                    .into(),
+                Some(mut admin) => {
+                    let r = admin
+                        .revoke_key(pb::RevokeKeyRequest { version, batch })
+                        .await?
+                        .into_inner();
+                    if !r.pending_request_id.is_empty() {
+                        super::admin::print_pending(&r.pending_request_id, json);
+                        return Ok(());
+                    }
+                    r.into()
+                }
                 None => {
                     let vault = vault.open()?;
                     let mut printer = ProgressPrinter::new(json);

@@ -3,6 +3,7 @@
 //! [`init`], [`keys`], [`clients`], [`serve`] (with [`dev`] for `serve --dev`) and [`client`]
 //! (the commands that call a running server). Shared options live in [`common`].
 
+pub mod admin;
 pub mod audit;
 pub mod backup;
 pub mod bench;
@@ -61,6 +62,9 @@ pub enum Command {
     /// Manage client principals and their API keys.
     #[command(subcommand)]
     Clients(clients::ClientsCommand),
+    /// Dual-control requests of a running server: list and approve (needs --addr).
+    #[command(subcommand)]
+    Admin(admin::AdminCommand),
     /// Verify, export and read the tamper-evident audit trail.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -173,6 +177,7 @@ pub async fn run(command: Command) -> Result<(), CliError> {
         Command::Keys(cmd) => keys::run(cmd).await,
         Command::Clients(cmd) => clients::run(cmd).await,
         Command::Audit(cmd) => audit::run(cmd).await,
+        Command::Admin(cmd) => admin::run(cmd).await,
         Command::Serve(args) => serve::run(args).await,
         Command::Tokenize(args) => client::tokenize(args).await,
         Command::Detokenize(args) => client::detokenize(args).await,

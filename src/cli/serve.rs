@@ -221,6 +221,7 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
                 .then(|| vault_args.data_dir.join(DEV_CHECKPOINT_FILE))
         }),
         require_cert_for_admin: args.require_cert_for_admin.unwrap_or(!args.dev),
+        dual_control: cfg.admin.dual_control.then_some(cfg.admin.approval_window),
         ..ServerConfig::default()
     };
     let gauges = metrics_on.then(|| {

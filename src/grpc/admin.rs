@@ -31,6 +31,7 @@ use crate::auth::Role;
 use crate::crypto::AuditPublicKey;
 use crate::error::{outcome_of, Error, Result};
 use crate::metrics::Method;
+use crate::store::AdminRequestRow;
 use crate::vault::lifecycle::{
     CheckReport, PurgeOptions, PurgePlan, PurgeReport, RevokeReport, RewrapOptions, RewrapProgress,
     RewrapReport, DEFAULT_BATCH, DEFAULT_SAMPLE,
@@ -76,10 +77,12 @@ pub enum AdminRpc {
     Check,
     Purge,
     Backup,
+    ListAdminRequests,
+    ApproveAdminRequest,
 }
 
 impl AdminRpc {
-    pub const ALL: [AdminRpc; 15] = [
+    pub const ALL: [AdminRpc; 17] = [
         AdminRpc::GetStatus,
         AdminRpc::ListKeys,
         AdminRpc::RotateKey,
@@ -95,6 +98,8 @@ impl AdminRpc {
         AdminRpc::Check,
         AdminRpc::Purge,
         AdminRpc::Backup,
+        AdminRpc::ListAdminRequests,
+        AdminRpc::ApproveAdminRequest,
     ];
 
     /// The method name as in the proto.
@@ -115,6 +120,8 @@ impl AdminRpc {
             AdminRpc::Check => "Check",
             AdminRpc::Purge => "Purge",
             AdminRpc::Backup => "Backup",
+            AdminRpc::ListAdminRequests => "ListAdminRequests",
+            AdminRpc::ApproveAdminRequest => "ApproveAdminRequest",
         }
     }
 
@@ -136,6 +143,8 @@ impl AdminRpc {
             AdminRpc::Check => "admin_check",
             AdminRpc::Purge => "admin_purge",
             AdminRpc::Backup => "admin_backup",
+            AdminRpc::ListAdminRequests => "admin_list_requests",
+            AdminRpc::ApproveAdminRequest => "admin_approve_request",
         }
     }
 
@@ -157,6 +166,10 @@ impl AdminRpc {
                 &[Admin, Auditor]
             }
             AdminRpc::Purge | AdminRpc::Backup => &[Admin],
+            // The approver must also be permitted the operation itself (checked on approval).
+            AdminRpc::ListAdminRequests | AdminRpc::ApproveAdminRequest => {
+                &[Admin, KeysAdmin, ClientsAdmin]
+            }
         }
     }
 
@@ -182,6 +195,8 @@ pub struct AdminService {
     tokens: TokenVaultService,
     require_cert: bool,
     started: Instant,
+    /// Dual control: how long a request may wait for its approval; None = off.
+    dual_control: Option<Duration>,
 }
 
 impl AdminService {
@@ -192,7 +207,15 @@ impl AdminService {
             tokens,
             require_cert,
             started: Instant::now(),
+            dual_control: None,
         }
+    }
+
+    /// Turns dual control on: `keys revoke` and `clients add` of a client with the
+    /// `detokenize` role become requests a second admin approves within `window`.
+    pub fn with_dual_control(mut self, window: Option<Duration>) -> AdminService {
+        self.dual_control = window;
+        self
     }
 
     /// Authenticates, checks the certificate requirement and the role; audits refusals.
@@ -236,6 +259,97 @@ impl AdminService {
         Ok(Admitted { caller, principal })
     }
 
+    async fn revoke(
+        &self,
+        caller: &Caller,
+        version: u32,
+        batch: usize,
+    ) -> Result<pb::RevokeKeyResponse> {
+        Ok(self
+            .vault
+            .revoke_key(caller, version, batch, |_| {})
+            .await?
+            .into())
+    }
+
+    async fn add(&self, caller: &Caller, new: NewClient) -> Result<pb::AddClientResponse> {
+        let api_key = self
+            .vault
+            .add_client_with(
+                caller,
+                &new.name,
+                &new.roles,
+                new.cert_identity.as_deref(),
+                new.limits,
+            )
+            .await?;
+        Ok(pb::AddClientResponse {
+            api_key,
+            pending_request_id: String::new(),
+        })
+    }
+
+    /// Approves request `id` as `approver` and runs it.
+    async fn approve(
+        &self,
+        approver: &Admitted,
+        id: &str,
+    ) -> Result<pb::ApproveAdminRequestResponse> {
+        let requests = self.vault.admin_requests().await?;
+        let row = requests.iter().find(|r| r.id == id).ok_or_else(|| {
+            Error::FailedPrecondition("there is no admin request with that id".into())
+        })?;
+        let params: serde_json::Value = serde_json::from_str(&row.params)
+            .map_err(|_| Error::Internal("unreadable admin request parameters".into()))?;
+        // The approver must be allowed the operation itself.
+        let (rpc, new_client) = match row.operation.as_str() {
+            "revoke_key" => (AdminRpc::RevokeKey, None),
+            "add_client" => {
+                let req = add_client_request(&params)?;
+                (AdminRpc::AddClient, Some(NewClient::try_from(req)?))
+            }
+            _ => return Err(Error::Internal("unknown admin request operation".into())),
+        };
+        let admin_roles = new_client
+            .as_ref()
+            .is_some_and(|n| n.roles.iter().any(|r| r.is_admin()));
+        if !rpc.permits(&approver.principal)
+            || (admin_roles && !approver.principal.has(Role::Admin))
+        {
+            return Err(Error::PermissionDenied(format!(
+                "approving {} needs a role that permits it",
+                row.operation
+            )));
+        }
+        let approved = self
+            .vault
+            .approve_admin_request(&approver.caller, id)
+            .await?;
+        let outcome = match new_client {
+            None => {
+                let version = params["version"]
+                    .as_u64()
+                    .and_then(|v| u32::try_from(v).ok());
+                let batch = params["batch"].as_u64().map(|b| b as usize);
+                let (Some(version), Some(batch)) = (version, batch) else {
+                    return Err(Error::Internal(
+                        "unreadable admin request parameters".into(),
+                    ));
+                };
+                pb::approve_admin_request_response::Outcome::RevokeKey(
+                    self.revoke(&approver.caller, version, batch).await?,
+                )
+            }
+            Some(new) => pb::approve_admin_request_response::Outcome::AddClient(
+                self.add(&approver.caller, new).await?,
+            ),
+        };
+        Ok(pb::ApproveAdminRequestResponse {
+            request: Some(approved.into()),
+            outcome: Some(outcome),
+        })
+    }
+
     /// Records the call and its outcome; a record that cannot be written fails the call.
     async fn record<T>(
         &self,
@@ -244,28 +358,21 @@ impl AdminService {
         subject: &str,
         result: Result<T>,
     ) -> Result<T, Status> {
-        let written = match &result {
-            Ok(_) => {
-                self.vault
-                    .audit_event(caller, rpc.audit_action(), subject)
-                    .await
-            }
-            Err(e) => {
-                // An internal error's detail stays in the log (see `status`).
-                let detail = match e {
-                    Error::Internal(_) => String::new(),
-                    e => e.to_string(),
-                };
-                let detail = if subject.is_empty() {
-                    detail
-                } else {
-                    format!("{subject}: {detail}")
-                };
-                self.vault
-                    .audit_summary(caller, rpc.audit_action(), outcome_of(&result), &detail)
-                    .await
-            }
+        // An internal error's detail stays in the log (see `status`).
+        let detail = match &result {
+            Ok(_) | Err(Error::Internal(_)) => String::new(),
+            Err(e) => e.to_string(),
         };
+        let written = self
+            .vault
+            .audit_admin_call(
+                caller,
+                rpc.audit_action(),
+                subject,
+                outcome_of(&result),
+                &detail,
+            )
+            .await;
         if let Err(e) = written {
             crate::metrics::record_audit_write_failure();
             tracing::warn!(error = %e, method = rpc.method(), "could not audit an admin call");
@@ -487,6 +594,7 @@ impl std::fmt::Debug for pb::AddClientResponse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AddClientResponse")
             .field("api_key", &"<redacted>")
+            .field("pending_request_id", &self.pending_request_id)
             .finish()
     }
 }
@@ -546,6 +654,7 @@ impl From<RevokeReport> for pb::RevokeKeyResponse {
             rotated_to: r.rotated_to.unwrap_or(0),
             rewrapped: r.rewrapped,
             already_retired: r.already_retired,
+            pending_request_id: String::new(),
         }
     }
 }
@@ -748,6 +857,50 @@ fn backup_scratch() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// The parameters of an `add_client` request as stored (no secret among them).
+fn add_client_params(r: &pb::AddClientRequest) -> serde_json::Value {
+    serde_json::json!({
+        "name": r.name,
+        "roles": r.roles,
+        "cert_identity": r.cert_identity,
+        "detokenize_rate": r.detokenize_rate,
+        "reuse_rate": r.reuse_rate,
+        "reuse_group": r.reuse_group,
+    })
+}
+
+fn add_client_request(v: &serde_json::Value) -> Result<pb::AddClientRequest> {
+    let text = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+    Ok(pb::AddClientRequest {
+        name: text("name"),
+        roles: v["roles"]
+            .as_array()
+            .ok_or_else(|| Error::Internal("unreadable admin request parameters".into()))?
+            .iter()
+            .filter_map(|r| r.as_str().map(str::to_owned))
+            .collect(),
+        cert_identity: text("cert_identity"),
+        detokenize_rate: v["detokenize_rate"].as_f64().unwrap_or(0.0),
+        reuse_rate: v["reuse_rate"].as_f64().unwrap_or(0.0),
+        reuse_group: text("reuse_group"),
+    })
+}
+
+impl From<AdminRequestRow> for pb::AdminRequest {
+    fn from(r: AdminRequestRow) -> pb::AdminRequest {
+        pb::AdminRequest {
+            id: r.id,
+            operation: r.operation,
+            params: r.params,
+            requester: r.requester,
+            created_at: Some(micros_to_timestamp(r.created_at)),
+            expires_at: Some(micros_to_timestamp(r.expires_at)),
+            approver: r.approver.unwrap_or_default(),
+            approved_at: r.approved_at.map(micros_to_timestamp),
+        }
+    }
+}
+
 type Stream<T> = ReceiverStream<Result<T, Status>>;
 
 #[tonic::async_trait]
@@ -870,13 +1023,20 @@ impl AdminRpcs for AdminService {
         request: Request<pb::RevokeKeyRequest>,
     ) -> Result<Response<pb::RevokeKeyResponse>, Status> {
         self.unary(request, AdminRpc::RevokeKey, |a, req| async move {
-            let r = match batch_size(req.batch) {
-                Ok(batch) => self
-                    .vault
-                    .revoke_key(&a.caller, req.version, batch, |_| {})
-                    .await
-                    .map(Into::into),
-                Err(e) => Err(e),
+            let r = match (batch_size(req.batch), self.dual_control) {
+                (Err(e), _) => Err(e),
+                (Ok(batch), Some(window)) => {
+                    let params = serde_json::json!({"version": req.version, "batch": batch});
+                    self.vault
+                        .request_admin_op(&a.caller, "revoke_key", &params, window)
+                        .await
+                        .map(|row| pb::RevokeKeyResponse {
+                            version: req.version,
+                            pending_request_id: row.id,
+                            ..Default::default()
+                        })
+                }
+                (Ok(batch), None) => self.revoke(&a.caller, req.version, batch).await,
             };
             (format!("key v{}", req.version), r)
         })
@@ -906,6 +1066,7 @@ impl AdminRpcs for AdminService {
     ) -> Result<Response<pb::AddClientResponse>, Status> {
         self.unary(request, AdminRpc::AddClient, |a, req| async move {
             let subject = format!("client {}", req.name);
+            let params = add_client_params(&req);
             let r = async {
                 let new = NewClient::try_from(req)?;
                 // A clients-admin must not mint admins: that would be every admin right.
@@ -914,17 +1075,21 @@ impl AdminRpcs for AdminService {
                         "only an admin may grant admin roles".into(),
                     ));
                 }
-                let api_key = self
-                    .vault
-                    .add_client_with(
-                        &a.caller,
-                        &new.name,
-                        &new.roles,
-                        new.cert_identity.as_deref(),
-                        new.limits,
-                    )
-                    .await?;
-                Ok(pb::AddClientResponse { api_key })
+                match self.dual_control {
+                    Some(window) if new.roles.contains(&Role::Detokenize) => {
+                        // Validated now; the approver sees exactly these parameters.
+                        crate::vault::validate_client_name(&new.name)?;
+                        let row = self
+                            .vault
+                            .request_admin_op(&a.caller, "add_client", &params, window)
+                            .await?;
+                        Ok(pb::AddClientResponse {
+                            api_key: String::new(),
+                            pending_request_id: row.id,
+                        })
+                    }
+                    _ => self.add(&a.caller, new).await,
+                }
             }
             .await;
             (subject, r)
@@ -1106,6 +1271,38 @@ impl AdminRpcs for AdminService {
         .await
     }
 
+    async fn list_admin_requests(
+        &self,
+        request: Request<pb::ListAdminRequestsRequest>,
+    ) -> Result<Response<pb::ListAdminRequestsResponse>, Status> {
+        self.unary(request, AdminRpc::ListAdminRequests, |_, _| async {
+            let r = self
+                .vault
+                .admin_requests()
+                .await
+                .map(|rows| pb::ListAdminRequestsResponse {
+                    requests: rows.into_iter().map(Into::into).collect(),
+                });
+            (String::new(), r)
+        })
+        .await
+    }
+
+    async fn approve_admin_request(
+        &self,
+        request: Request<pb::ApproveAdminRequestRequest>,
+    ) -> Result<Response<pb::ApproveAdminRequestResponse>, Status> {
+        self.unary(
+            request,
+            AdminRpc::ApproveAdminRequest,
+            |a, req| async move {
+                let r = self.approve(&a, &req.id).await;
+                (req.id, r)
+            },
+        )
+        .await
+    }
+
     type BackupStream = Stream<pb::BackupResponse>;
 
     async fn backup(
@@ -1236,6 +1433,7 @@ mod tests {
         }
         let resp = pb::AddClientResponse {
             api_key: "tvk_secret_value".into(),
+            pending_request_id: String::new(),
         };
         assert!(!format!("{resp:?}").contains("secret"));
     }

@@ -71,6 +71,9 @@ pub struct ServerConfig {
     /// Refuse `AdminService` calls authenticated by an API key alone: admin principals must
     /// present a client certificate bound to them (mutual TLS).
     pub require_cert_for_admin: bool,
+    /// Dual control of dangerous admin operations: requests wait this long for a second
+    /// admin's approval; None = off.
+    pub dual_control: Option<Duration>,
 }
 
 /// Default of [`ServerConfig::concurrency_limit_per_connection`].
@@ -101,6 +104,7 @@ impl Default for ServerConfig {
             request_timeout: Some(DEFAULT_REQUEST_TIMEOUT),
             audit_checkpoint_file: None,
             require_cert_for_admin: true,
+            dual_control: None,
         }
     }
 }
@@ -165,7 +169,8 @@ pub async fn serve(
     };
     let handlers = TokenVaultService::new(vault.clone(), cfg.max_batch_items).with_policy(policy);
     // Callers are admitted, and batch sizes counted, before a request body is decoded.
-    let admin = AdminService::new(vault.clone(), handlers.clone(), cfg.require_cert_for_admin);
+    let admin = AdminService::new(vault.clone(), handlers.clone(), cfg.require_cert_for_admin)
+        .with_dual_control(cfg.dual_control);
     let service = AuthGate::new(
         TokenVaultServiceServer::new(handlers.clone())
             .max_decoding_message_size(max_message)
