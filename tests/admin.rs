@@ -1159,6 +1159,18 @@ async fn dual_control_needs_a_second_admin_within_the_window() {
         clients.into_iter().map(|c| c.name).collect::<Vec<_>>()
     };
     assert!(!names(server.vault.list_clients().await.unwrap()).contains(&"payments".to_owned()));
+    // A new admin would let one person approve their own requests: a request too.
+    let sock_puppet = within(root.add_client(pb::AddClientRequest {
+        name: "root-too".into(),
+        roles: vec!["admin".into()],
+        cert_identity: "spiffe://example.org/root-too".into(),
+        ..Default::default()
+    }))
+    .await
+    .unwrap()
+    .into_inner();
+    assert!(sock_puppet.api_key.is_empty() && !sock_puppet.pending_request_id.is_empty());
+    assert!(!names(server.vault.list_clients().await.unwrap()).contains(&"root-too".to_owned()));
     let mut keys_admin = server.admin_by_cert(KEYS).await;
     let err = within(
         keys_admin.approve_admin_request(pb::ApproveAdminRequestRequest {
@@ -1176,7 +1188,7 @@ async fn dual_control_needs_a_second_admin_within_the_window() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(listed.requests.len(), 2);
+    assert_eq!(listed.requests.len(), 3);
     assert!(listed
         .requests
         .iter()
@@ -1222,8 +1234,8 @@ async fn dual_control_needs_a_second_admin_within_the_window() {
     // Requests are persisted in the vault.
     let vault = Vault::open(VaultConfig::new(dir.path().join("data")), &master).unwrap();
     let rows = vault.admin_requests().await.unwrap();
-    assert_eq!(rows.len(), 2);
-    assert!(rows.iter().all(|r| r.approver.is_some()));
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows.iter().filter(|r| r.approver.is_some()).count(), 2);
     vault.close().await;
 }
 

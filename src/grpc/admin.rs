@@ -212,7 +212,8 @@ impl AdminService {
     }
 
     /// Turns dual control on: `keys revoke` and `clients add` of a client with the
-    /// `detokenize` role become requests a second admin approves within `window`.
+    /// `detokenize` role or an admin role become requests a second admin approves within
+    /// `window`.
     pub fn with_dual_control(mut self, window: Option<Duration>) -> AdminService {
         self.dual_control = window;
         self
@@ -1076,7 +1077,14 @@ impl AdminRpcs for AdminService {
                     ));
                 }
                 match self.dual_control {
-                    Some(window) if new.roles.contains(&Role::Detokenize) => {
+                    // A new admin is dangerous too: with one, a single person could approve
+                    // their own requests.
+                    Some(window)
+                        if new
+                            .roles
+                            .iter()
+                            .any(|r| *r == Role::Detokenize || r.is_admin()) =>
+                    {
                         // Validated now; the approver sees exactly these parameters.
                         crate::vault::validate_client_name(&new.name)?;
                         let row = self
