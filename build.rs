@@ -9,7 +9,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     git_commit();
 
-    let fds = protox::compile(["tokenvault/v1/tokenvault.proto"], ["proto"])?;
+    let fds = protox::compile(
+        [
+            "tokenvault/v1/tokenvault.proto",
+            "tokenvault/v1/admin.proto",
+        ],
+        ["proto"],
+    )?;
 
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(
@@ -26,6 +32,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .skip_debug([
             ".tokenvault.v1.TokenizeRequest",
             ".tokenvault.v1.DetokenizeResponse",
+            // Carries a new client's API key (shown once).
+            ".tokenvault.v1.AddClientResponse",
         ])
         .compile_fds(fds)?;
     Ok(())

@@ -20,15 +20,27 @@ pub enum Role {
     Delete,
     /// The detokenizing forward proxy (`src/proxy`), on the routes that list the principal.
     Proxy,
+    /// Every `AdminService` method (issue 16).
+    Admin,
+    /// `AdminService`: key versions (list, rotate, rewrap, retire, revoke) and `Check`.
+    KeysAdmin,
+    /// `AdminService`: client principals (list, add, revoke).
+    ClientsAdmin,
+    /// `AdminService`: read-only audit access (verify, export, tail).
+    Auditor,
 }
 
 impl Role {
-    pub const ALL: [Role; 5] = [
+    pub const ALL: [Role; 9] = [
         Role::Tokenize,
         Role::Detokenize,
         Role::Info,
         Role::Delete,
         Role::Proxy,
+        Role::Admin,
+        Role::KeysAdmin,
+        Role::ClientsAdmin,
+        Role::Auditor,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -37,7 +49,18 @@ impl Role {
             Role::Info => "info",
             Role::Delete => "delete",
             Role::Proxy => "proxy",
+            Role::Admin => "admin",
+            Role::KeysAdmin => "keys-admin",
+            Role::ClientsAdmin => "clients-admin",
+            Role::Auditor => "auditor",
         }
+    }
+    /// The roles of `AdminService`: only an `admin` may grant them.
+    pub fn is_admin(self) -> bool {
+        matches!(
+            self,
+            Role::Admin | Role::KeysAdmin | Role::ClientsAdmin | Role::Auditor
+        )
     }
     pub fn parse(s: &str) -> Option<Role> {
         Role::ALL.iter().copied().find(|r| r.name() == s.trim())

@@ -75,6 +75,7 @@ pub struct Config {
     pub audit: AuditSection,
     /// The detokenizing forward proxy (see [`crate::proxy`]).
     pub proxy: crate::proxy::config::ProxySection,
+    pub admin: AdminSection,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -267,6 +268,27 @@ pub struct AuditSection {
     /// once a second while records are written, and at shutdown); unset means none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint_file: Option<PathBuf>,
+}
+
+/// `[admin]`: the remote admin service (issue 16).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    /// `keys revoke` and `clients add` of a client with `detokenize` need a second admin's
+    /// approval (`tokenvault admin approve ID`).
+    pub dual_control: bool,
+    /// How long a request may wait for its approval.
+    #[serde(with = "duration_text")]
+    pub approval_window: Duration,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            dual_control: false,
+            approval_window: Duration::from_secs(3600),
+        }
+    }
 }
 
 /// Values from flags and environment variables (already merged by clap, flag first).

@@ -25,6 +25,7 @@ use crate::store::{
 use crate::token::{self, Token, TokenFormat};
 
 pub mod clock;
+pub mod dual;
 pub mod lifecycle;
 #[cfg(test)]
 mod row_format_tests;
@@ -1115,7 +1116,7 @@ fn base64url(bytes: &[u8]) -> String {
         .replace('_', "-")
 }
 
-fn validate_client_name(name: &str) -> Result<()> {
+pub fn validate_client_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name

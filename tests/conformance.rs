@@ -131,6 +131,7 @@ conformance!(
     purge_removes_deleted_rows,
     master_rotation_reopens_with_the_new_key,
     audit_key_rotation_and_checkpoint,
+    dual_control_requests_need_a_second_admin,
 );
 
 async fn round_trip_reopen_and_wrong_key(store: Store) {
@@ -706,4 +707,62 @@ async fn a_role_with_only_dml_grants_runs_the_vault() {
         );
     });
     assert!(denied.is_err(), "the serve role could create a table");
+}
+
+/// Dual control (issue 16) on either store: a request is persisted (a reopened vault sees
+/// it), its requester cannot approve it, a second admin can exactly once, an expired one
+/// cannot be approved, and request and approval are both audited.
+async fn dual_control_requests_need_a_second_admin(store: Store) {
+    let key = MasterKey::generate();
+    let vault = Vault::create(store.config(), &key).unwrap();
+    let alice = Caller::new("alice", "local");
+    let bob = Caller::new("bob", "local");
+    let params = serde_json::json!({ "version": 1 });
+    let req = vault
+        .request_admin_op(&alice, "revoke_key", &params, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let expired = vault
+        .request_admin_op(&alice, "revoke_key", &params, Duration::ZERO)
+        .await
+        .unwrap();
+    vault.close().await;
+
+    let vault = Vault::open(store.config(), &key).unwrap();
+    let pending = vault.admin_requests().await.unwrap();
+    assert_eq!(pending.len(), 2, "{pending:?}");
+    assert!(pending.iter().all(|r| r.approver.is_none()));
+    assert!(matches!(
+        vault.approve_admin_request(&alice, &req.id).await,
+        Err(Error::PermissionDenied(_))
+    ));
+    let approved = vault.approve_admin_request(&bob, &req.id).await.unwrap();
+    assert_eq!(approved.approver.as_deref(), Some("bob"));
+    assert_eq!(approved.operation, "revoke_key");
+    assert!(matches!(
+        vault.approve_admin_request(&bob, &req.id).await,
+        Err(Error::FailedPrecondition(_))
+    ));
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert!(matches!(
+        vault.approve_admin_request(&bob, &expired.id).await,
+        Err(Error::FailedPrecondition(_))
+    ));
+    assert!(matches!(
+        vault.approve_admin_request(&bob, "req_unknown").await,
+        Err(Error::FailedPrecondition(_))
+    ));
+    let trail = vault.audit_records(1, 1000).await.unwrap();
+    let actions: Vec<&str> = trail.iter().map(|r| r.action.as_str()).collect();
+    assert_eq!(
+        actions.iter().filter(|a| **a == "admin_request").count(),
+        2,
+        "{actions:?}"
+    );
+    assert_eq!(
+        actions.iter().filter(|a| **a == "admin_approve").count(),
+        1,
+        "{actions:?}"
+    );
+    vault.close().await;
 }

@@ -623,13 +623,14 @@ async fn upgrading_drops_unscoped_fingerprints_and_keeps_the_tokens() {
     {
         let conn =
             rusqlite::Connection::open(tokenvault::store::sqlite::db_path(&cfg.data_dir)).unwrap();
-        let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
+        // The version just before the reuse-scope migration; later migrations (appended
+        // after it) are dropped too so they apply again.
+        let version = tokenvault::store::migrations::version_of("ADD COLUMN reuse_group").unwrap();
         conn.execute_batch(&format!(
             "ALTER TABLE clients DROP COLUMN reuse_rate; \
              ALTER TABLE clients DROP COLUMN reuse_group; \
              UPDATE tokens SET fingerprint = randomblob(32); \
+             DROP TABLE IF EXISTS admin_requests; \
              PRAGMA user_version = {};",
             version - 1
         ))

@@ -11,8 +11,11 @@ use std::time::Duration;
 use clap::Subcommand;
 
 use super::common::{print_table, CliError, VaultArgs};
+use super::remote::RemoteArgs;
 use crate::audit::{self, AuditRecord, CheckpointLines, TrailReport, TrailVerifier, Verification};
 use crate::crypto::AuditPublicKey;
+use crate::grpc::convert::micros_to_timestamp;
+use crate::grpc::pb;
 use crate::vault::{now_micros, Caller, Vault};
 
 #[derive(Subcommand, Debug)]
@@ -23,6 +26,8 @@ pub enum AuditCommand {
     Verify {
         #[command(flatten)]
         vault: VaultArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
         /// Checkpoint file written by `serve --audit-checkpoint-file` (ideally a copy kept
         /// off this host): every record a checkpoint covers must be in the trail with the
         /// same hash.
@@ -51,6 +56,8 @@ pub enum AuditCommand {
     Export {
         #[command(flatten)]
         vault: VaultArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
         /// Only records at or after this time (RFC 3339, e.g. 2026-11-22T00:00:00Z). Record
         /// times never decrease along the trail, even when the clock stepped back.
         #[arg(long)]
@@ -70,6 +77,8 @@ pub enum AuditCommand {
     Tail {
         #[command(flatten)]
         vault: VaultArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
         #[arg(short = 'n', long, default_value_t = 20)]
         lines: usize,
     },
@@ -101,11 +110,32 @@ pub async fn run(cmd: AuditCommand) -> Result<(), CliError> {
     match cmd {
         AuditCommand::Verify {
             vault,
+            remote,
             checkpoints,
             public_keys,
             json,
         } => {
             let pinned = parse_keys(&public_keys)?;
+            if let Some(mut admin) = remote.client().await? {
+                // The checkpoint file is read here and sent: it is best kept off the server.
+                let text = match &checkpoints {
+                    Some(path) => std::fs::read_to_string(path).map_err(|e| {
+                        CliError::Usage(format!(
+                            "cannot read the checkpoint file {}: {e}",
+                            path.display()
+                        ))
+                    })?,
+                    None => String::new(),
+                };
+                let r = admin
+                    .verify_audit(pb::VerifyAuditRequest {
+                        checkpoints: text,
+                        public_keys,
+                    })
+                    .await?
+                    .into_inner();
+                return report(TrailReport::try_from(r)?, checkpoints.is_some(), json);
+            }
             let cps = match &checkpoints {
                 Some(path) => read_checkpoint_file(path)?,
                 None => Vec::new(),
@@ -128,6 +158,7 @@ pub async fn run(cmd: AuditCommand) -> Result<(), CliError> {
         }
         AuditCommand::Export {
             vault,
+            remote,
             since,
             action,
             since_seq,
@@ -141,17 +172,63 @@ pub async fn run(cmd: AuditCommand) -> Result<(), CliError> {
                 ),
                 None => None,
             };
+            if let Some(mut admin) = remote.client().await? {
+                if follow {
+                    return Err(CliError::Usage(
+                        "--follow is local only; with --addr, resume with --since-seq".into(),
+                    ));
+                }
+                let mut stream = admin
+                    .export_audit(pb::ExportAuditRequest {
+                        since: since.map(micros_to_timestamp),
+                        action: action.unwrap_or_default(),
+                        since_seq: since_seq.unwrap_or(0),
+                    })
+                    .await?
+                    .into_inner();
+                let io = |e: std::io::Error| CliError::Other(e.to_string());
+                while let Some(page) = stream.message().await? {
+                    let stdout = std::io::stdout();
+                    let mut out = std::io::BufWriter::new(stdout.lock());
+                    for line in &page.lines {
+                        writeln!(out, "{line}").map_err(io)?;
+                    }
+                    out.flush().map_err(io)?;
+                }
+                return Ok(());
+            }
             let filter = Filter { since, action };
             let vault = vault.open()?;
             let result = export(&vault, &filter, since_seq.unwrap_or(0), follow).await;
             vault.close().await;
             result
         }
-        AuditCommand::Tail { vault, lines } => {
-            let vault = vault.open()?;
-            let result = tail(&vault, lines).await;
-            vault.close().await;
-            let records = result?;
+        AuditCommand::Tail {
+            vault,
+            remote,
+            lines,
+        } => {
+            let records = match remote.client().await? {
+                // The service reads 0 as "the default"; locally -n 0 shows nothing.
+                Some(_) if lines == 0 => Vec::new(),
+                Some(mut admin) => {
+                    let lines = u32::try_from(lines).unwrap_or(u32::MAX);
+                    admin
+                        .tail_audit(pb::TailAuditRequest { lines })
+                        .await?
+                        .into_inner()
+                        .records
+                        .into_iter()
+                        .map(AuditRecord::try_from)
+                        .collect::<Result<Vec<_>, _>>()?
+                }
+                None => {
+                    let vault = vault.open()?;
+                    let result = tail(&vault, lines).await;
+                    vault.close().await;
+                    result?
+                }
+            };
             let rows: Vec<Vec<String>> = records
                 .iter()
                 .map(|r| {

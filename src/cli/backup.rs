@@ -7,12 +7,17 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::common::{CliError, VaultArgs};
+use super::remote::RemoteArgs;
+use crate::grpc::pb;
 use crate::vault::{Caller, Vault};
 
 #[derive(Args, Debug)]
 pub struct BackupArgs {
     #[command(flatten)]
     pub vault: VaultArgs,
+    /// With --addr the server streams the snapshot and it is written to --out here.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// The backup file to create (refused if it exists). As encrypted as the vault, and
     /// useless without the master key.
     #[arg(long, value_name = "FILE")]
@@ -37,10 +42,18 @@ pub struct RestoreArgs {
 }
 
 pub async fn backup(args: BackupArgs) -> Result<(), CliError> {
-    let vault = args.vault.open()?;
-    let r = vault.backup(&Caller::cli(), &args.out).await;
-    vault.close().await;
-    let bytes = r?;
+    let bytes = match args.remote.client().await? {
+        Some(mut admin) => {
+            let stream = admin.backup(pb::BackupRequest {}).await?.into_inner();
+            receive_backup(stream, &args.out).await?
+        }
+        None => {
+            let vault = args.vault.open()?;
+            let r = vault.backup(&Caller::cli(), &args.out).await;
+            vault.close().await;
+            r?
+        }
+    };
     if args.json {
         println!(
             "{}",
@@ -50,6 +63,48 @@ pub async fn backup(args: BackupArgs) -> Result<(), CliError> {
         println!("backup written to {} ({bytes} bytes)", args.out.display());
     }
     Ok(())
+}
+
+/// Writes a streamed backup to `out` (a new file, mode 0600); a failed or short stream
+/// removes the partial file.
+async fn receive_backup(
+    mut stream: tonic::Streaming<pb::BackupResponse>,
+    out: &std::path::Path,
+) -> Result<u64, CliError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| CliError::Other(format!("cannot create {}: {e}", out.display())))?;
+    let result = async {
+        let mut written = 0u64;
+        let mut total = None;
+        while let Some(chunk) = stream.message().await? {
+            if total.is_none() {
+                total = Some(chunk.total_bytes);
+            }
+            file.write_all(&chunk.data)
+                .map_err(|e| CliError::Other(format!("writing {}: {e}", out.display())))?;
+            written += chunk.data.len() as u64;
+        }
+        if total != Some(written) {
+            return Err(CliError::Other(format!(
+                "the backup stream ended after {written} of {} bytes",
+                total.unwrap_or(0)
+            )));
+        }
+        file.sync_all()
+            .map_err(|e| CliError::Other(format!("writing {}: {e}", out.display())))?;
+        Ok(written)
+    }
+    .await;
+    if result.is_err() {
+        let _ = std::fs::remove_file(out);
+    }
+    result
 }
 
 pub async fn restore(args: RestoreArgs) -> Result<(), CliError> {

@@ -4,12 +4,16 @@
 use clap::Args;
 
 use super::common::{CliError, VaultArgs};
-use crate::vault::lifecycle::DEFAULT_SAMPLE;
+use super::remote::RemoteArgs;
+use crate::grpc::pb;
+use crate::vault::lifecycle::{CheckReport, DEFAULT_SAMPLE};
 
 #[derive(Args, Debug)]
 pub struct CheckArgs {
     #[command(flatten)]
     pub vault: VaultArgs,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// Decrypt every row instead of a random sample.
     #[arg(long)]
     pub full: bool,
@@ -21,10 +25,33 @@ pub struct CheckArgs {
 }
 
 pub async fn run(args: CheckArgs) -> Result<(), CliError> {
-    let vault = args.vault.open()?;
-    let r = vault.check(args.full, args.sample).await;
-    vault.close().await;
-    let r = r?;
+    let r = match args.remote.client().await? {
+        Some(mut admin) => {
+            let sample = u32::try_from(args.sample)
+                .map_err(|_| CliError::Usage(format!("--sample: at most {} rows", u32::MAX)))?;
+            if sample == 0 && !args.full {
+                // The service reads 0 as "the default"; locally 0 checks no rows.
+                return Err(CliError::Usage(
+                    "--sample 0 with --addr: use --full or N > 0".into(),
+                ));
+            }
+            CheckReport::from(
+                admin
+                    .check(pb::CheckRequest {
+                        full: args.full,
+                        sample,
+                    })
+                    .await?
+                    .into_inner(),
+            )
+        }
+        None => {
+            let vault = args.vault.open()?;
+            let r = vault.check(args.full, args.sample).await;
+            vault.close().await;
+            r?
+        }
+    };
     if args.json {
         println!(
             "{}",

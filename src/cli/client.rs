@@ -65,7 +65,7 @@ pub struct TlsArgs {
 }
 
 impl TlsArgs {
-    fn files(&self) -> ClientTlsFiles {
+    pub(crate) fn files(&self) -> ClientTlsFiles {
         ClientTlsFiles {
             ca: self.tls_ca.clone(),
             cert: self.tls_cert.clone(),
@@ -267,7 +267,10 @@ pub async fn health(args: HealthArgs) -> Result<(), CliError> {
     }
 }
 
-async fn channel(addr: &str, tls: &TlsArgs) -> Result<tonic::transport::Channel, CliError> {
+pub(crate) async fn channel(
+    addr: &str,
+    tls: &TlsArgs,
+) -> Result<tonic::transport::Channel, CliError> {
     let addr = if addr.contains("://") {
         addr.to_owned()
     } else if tls.tls_ca.is_some() {

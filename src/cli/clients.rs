@@ -3,9 +3,11 @@
 use clap::Subcommand;
 
 use super::common::{format_time, print_table, CliError, VaultArgs};
+use super::remote::RemoteArgs;
 use crate::auth::Role;
+use crate::grpc::pb;
 use crate::ratelimit::Rate;
-use crate::vault::{Caller, ClientLimits};
+use crate::vault::{Caller, ClientInfo, ClientLimits};
 
 #[derive(Subcommand, Debug)]
 pub enum ClientsCommand {
@@ -13,9 +15,12 @@ pub enum ClientsCommand {
     Add {
         #[command(flatten)]
         vault: VaultArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
         /// Principal name.
         name: String,
-        /// Comma-separated roles: tokenize, detokenize, info, delete.
+        /// Comma-separated roles: tokenize, detokenize, info, delete; for AdminService:
+        /// admin, keys-admin, clients-admin, auditor.
         #[arg(long, value_delimiter = ',', required = true, value_parser = parse_role)]
         roles: Vec<Role>,
         /// Certificate identity (URI or DNS SAN) bound to this principal for mutual TLS.
@@ -40,6 +45,8 @@ pub enum ClientsCommand {
     List {
         #[command(flatten)]
         vault: VaultArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -48,6 +55,8 @@ pub enum ClientsCommand {
     Revoke {
         #[command(flatten)]
         vault: VaultArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
         /// Principal name.
         name: String,
     },
@@ -68,6 +77,7 @@ pub async fn run(cmd: ClientsCommand) -> Result<(), CliError> {
     match cmd {
         ClientsCommand::Add {
             vault,
+            remote,
             name,
             mut roles,
             cert_identity,
@@ -77,23 +87,43 @@ pub async fn run(cmd: ClientsCommand) -> Result<(), CliError> {
         } => {
             roles.sort();
             roles.dedup();
-            let vault = vault.open()?;
             let limits = ClientLimits {
                 detokenize_rate: detokenize_rate.map(|r| r.per_second),
                 reuse_rate: reuse_rate.map(|r| r.per_second),
                 reuse_group,
             };
-            let key = vault
-                .add_client_with(
-                    &Caller::cli(),
-                    &name,
-                    &roles,
-                    cert_identity.as_deref(),
-                    limits,
-                )
-                .await;
-            vault.close().await;
-            let key = key?;
+            let key = match remote.client().await? {
+                Some(mut admin) => {
+                    let req = pb::AddClientRequest {
+                        name: name.clone(),
+                        roles: roles.iter().map(|r| r.name().to_owned()).collect(),
+                        cert_identity: cert_identity.clone().unwrap_or_default(),
+                        detokenize_rate: limits.detokenize_rate.unwrap_or(0.0),
+                        reuse_rate: limits.reuse_rate.unwrap_or(0.0),
+                        reuse_group: limits.reuse_group.clone().unwrap_or_default(),
+                    };
+                    let r = admin.add_client(req).await?.into_inner();
+                    if !r.pending_request_id.is_empty() {
+                        super::admin::print_pending(&r.pending_request_id, false);
+                        return Ok(());
+                    }
+                    r.api_key
+                }
+                None => {
+                    let vault = vault.open()?;
+                    let key = vault
+                        .add_client_with(
+                            &Caller::cli(),
+                            &name,
+                            &roles,
+                            cert_identity.as_deref(),
+                            limits,
+                        )
+                        .await;
+                    vault.close().await;
+                    key?
+                }
+            };
             // The key alone on stdout, so scripts can capture it; the advice on stderr.
             println!("{key}");
             eprintln!(
@@ -102,72 +132,109 @@ pub async fn run(cmd: ClientsCommand) -> Result<(), CliError> {
             );
             Ok(())
         }
-        ClientsCommand::List { vault, json } => {
-            let vault = vault.open()?;
-            let clients = vault.list_clients().await;
-            vault.close().await;
-            let clients = clients?;
-            if json {
-                let out: Vec<serde_json::Value> = clients
-                    .iter()
-                    .map(|c| {
-                        serde_json::json!({
-                            "name": c.name,
-                            "roles": c.roles.iter().map(|r| r.name()).collect::<Vec<_>>(),
-                            "cert_identity": c.cert_identity,
-                            "detokenize_rate": c.detokenize_rate,
-                            "reuse_rate": c.reuse_rate,
-                            "reuse_group": c.reuse_group,
-                            "created_at": format_time(c.created_at),
-                            "revoked_at": c.revoked_at.map(format_time),
-                        })
-                    })
-                    .collect();
-                println!("{}", serde_json::Value::Array(out));
-            } else {
-                let rows: Vec<Vec<String>> = clients
-                    .iter()
-                    .map(|c| {
-                        vec![
-                            c.name.clone(),
-                            role_names(&c.roles),
-                            c.cert_identity.clone().unwrap_or_else(|| "-".into()),
-                            c.detokenize_rate
-                                .map_or_else(|| "-".into(), |r| Rate { per_second: r }.to_string()),
-                            c.reuse_rate
-                                .map_or_else(|| "-".into(), |r| Rate { per_second: r }.to_string()),
-                            c.reuse_group.clone().unwrap_or_else(|| "-".into()),
-                            format_time(c.created_at),
-                            c.revoked_at.map_or_else(|| "-".into(), format_time),
-                        ]
-                    })
-                    .collect();
-                print_table(
-                    &[
-                        "NAME",
-                        "ROLES",
-                        "CERT IDENTITY",
-                        "DETOKENIZE RATE",
-                        "REUSE RATE",
-                        "REUSE GROUP",
-                        "CREATED",
-                        "REVOKED",
-                    ],
-                    &rows,
-                );
-            }
+        ClientsCommand::List {
+            vault,
+            remote,
+            json,
+        } => {
+            let clients = match remote.client().await? {
+                Some(mut admin) => admin
+                    .list_clients(pb::ListClientsRequest {})
+                    .await?
+                    .into_inner()
+                    .clients
+                    .into_iter()
+                    .map(ClientInfo::try_from)
+                    .collect::<Result<Vec<_>, _>>()?,
+                None => {
+                    let vault = vault.open()?;
+                    let clients = vault.list_clients().await;
+                    vault.close().await;
+                    clients?
+                }
+            };
+            render_clients(&clients, json);
             Ok(())
         }
-        ClientsCommand::Revoke { vault, name } => {
-            let vault = vault.open()?;
-            let revoked = vault.revoke_client(&Caller::cli(), &name).await;
-            vault.close().await;
-            if revoked? {
+        ClientsCommand::Revoke {
+            vault,
+            remote,
+            name,
+        } => {
+            let revoked = match remote.client().await? {
+                Some(mut admin) => {
+                    admin
+                        .revoke_client(pb::RevokeClientRequest { name: name.clone() })
+                        .await?
+                        .into_inner()
+                        .revoked
+                }
+                None => {
+                    let vault = vault.open()?;
+                    let revoked = vault.revoke_client(&Caller::cli(), &name).await;
+                    vault.close().await;
+                    revoked?
+                }
+            };
+            if revoked {
                 println!("revoked {name}");
                 Ok(())
             } else {
                 Err(CliError::Other(format!("no live client named {name}")))
             }
         }
+    }
+}
+
+/// `clients list` output, the same in local and remote mode.
+pub fn render_clients(clients: &[ClientInfo], json: bool) {
+    if json {
+        let out: Vec<serde_json::Value> = clients
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "name": c.name,
+                    "roles": c.roles.iter().map(|r| r.name()).collect::<Vec<_>>(),
+                    "cert_identity": c.cert_identity,
+                    "detokenize_rate": c.detokenize_rate,
+                    "reuse_rate": c.reuse_rate,
+                    "reuse_group": c.reuse_group,
+                    "created_at": format_time(c.created_at),
+                    "revoked_at": c.revoked_at.map(format_time),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(out));
+    } else {
+        let rows: Vec<Vec<String>> = clients
+            .iter()
+            .map(|c| {
+                vec![
+                    c.name.clone(),
+                    role_names(&c.roles),
+                    c.cert_identity.clone().unwrap_or_else(|| "-".into()),
+                    c.detokenize_rate
+                        .map_or_else(|| "-".into(), |r| Rate { per_second: r }.to_string()),
+                    c.reuse_rate
+                        .map_or_else(|| "-".into(), |r| Rate { per_second: r }.to_string()),
+                    c.reuse_group.clone().unwrap_or_else(|| "-".into()),
+                    format_time(c.created_at),
+                    c.revoked_at.map_or_else(|| "-".into(), format_time),
+                ]
+            })
+            .collect();
+        print_table(
+            &[
+                "NAME",
+                "ROLES",
+                "CERT IDENTITY",
+                "DETOKENIZE RATE",
+                "REUSE RATE",
+                "REUSE GROUP",
+                "CREATED",
+                "REVOKED",
+            ],
+            &rows,
+        );
     }
 }

@@ -8,9 +8,12 @@ use std::time::{Duration, Instant};
 use clap::Subcommand;
 
 use super::common::{format_time, print_table, progress_bar, CliError, VaultArgs};
+use super::remote::RemoteArgs;
 use crate::crypto::MasterKey;
-use crate::vault::lifecycle::DEFAULT_BATCH;
-use crate::vault::{now_micros, Caller, KeyState, RewrapOptions, RewrapProgress};
+use crate::grpc::admin::duration_from_pb;
+use crate::grpc::pb;
+use crate::vault::lifecycle::{RevokeReport, RewrapReport, DEFAULT_BATCH};
+use crate::vault::{now_micros, Caller, KeyState, KeyVersionInfo, RewrapOptions, RewrapProgress};
 
 #[derive(Subcommand, Debug)]
 pub enum KeysCommand {
@@ -18,6 +21,8 @@ pub enum KeysCommand {
     List {
         #[command(flatten)]
         vault: VaultArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -26,12 +31,16 @@ pub enum KeysCommand {
     Rotate {
         #[command(flatten)]
         vault: VaultArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// Re-encrypt rows sealed under older versions with the active version, online and in
     /// batches; safe to interrupt and run again.
     Rewrap {
         #[command(flatten)]
         vault: VaultArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
         /// Rows per transaction.
         #[arg(long, default_value_t = DEFAULT_BATCH as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         batch: u32,
@@ -45,6 +54,8 @@ pub enum KeysCommand {
     Retire {
         #[command(flatten)]
         vault: VaultArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
         version: u32,
         #[arg(long)]
         json: bool,
@@ -54,6 +65,8 @@ pub enum KeysCommand {
     Revoke {
         #[command(flatten)]
         vault: VaultArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
         version: u32,
         #[arg(long, default_value_t = DEFAULT_BATCH as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         batch: u32,
@@ -225,139 +238,130 @@ fn age_text(created_at: i64) -> String {
 
 pub async fn run(cmd: KeysCommand) -> Result<(), CliError> {
     match cmd {
-        KeysCommand::List { vault, json } => {
-            let vault = vault.open()?;
-            let keys = vault.list_keys().await;
-            let max_age = vault.key_policy().max_age;
-            vault.close().await;
-            let keys = keys?;
-            let max_age_days = max_age.map(|a| a.as_secs_f64() / 86_400.0);
-            if json {
-                let out: Vec<serde_json::Value> = keys
-                    .iter()
-                    .map(|k| {
-                        serde_json::json!({
-                            "version": k.version,
-                            "state": state_name(k.state),
-                            "created_at": format_time(k.created_at),
-                            "age_seconds": (now_micros() - k.created_at).max(0) / 1_000_000,
-                            "max_age_seconds": max_age.map(|a| a.as_secs()),
-                            "encryptions": k.encryptions,
-                            "max_encryptions": k.max_encryptions,
-                            "rows": k.rows,
-                        })
-                    })
-                    .collect();
-                println!("{}", serde_json::Value::Array(out));
-            } else {
-                let rows: Vec<Vec<String>> = keys
-                    .iter()
-                    .map(|k| {
-                        let pct = k.encryptions as f64 * 100.0 / k.max_encryptions.max(1) as f64;
-                        vec![
-                            k.version.to_string(),
-                            state_name(k.state).to_owned(),
-                            format_time(k.created_at),
-                            match max_age_days {
-                                Some(d) => format!("{} / {d:.0}d", age_text(k.created_at)),
-                                None => age_text(k.created_at),
-                            },
-                            format!("{} / {} ({pct:.2}%)", k.encryptions, k.max_encryptions),
-                            k.rows.to_string(),
-                        ]
-                    })
-                    .collect();
-                print_table(
-                    &[
-                        "VERSION",
-                        "STATE",
-                        "CREATED",
-                        "AGE / MAX",
-                        "ENCRYPTIONS / LIMIT",
-                        "ROWS",
-                    ],
-                    &rows,
-                );
-            }
+        KeysCommand::List {
+            vault,
+            remote,
+            json,
+        } => {
+            let (keys, max_age) = match remote.client().await? {
+                Some(mut admin) => {
+                    let r = admin.list_keys(pb::ListKeysRequest {}).await?.into_inner();
+                    let keys = r
+                        .keys
+                        .into_iter()
+                        .map(KeyVersionInfo::try_from)
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let max_age = r
+                        .key_max_age
+                        .map(|d| duration_from_pb(&d, "key_max_age"))
+                        .transpose()?;
+                    (keys, max_age)
+                }
+                None => {
+                    let vault = vault.open()?;
+                    let keys = vault.list_keys().await;
+                    let max_age = vault.key_policy().max_age;
+                    vault.close().await;
+                    (keys?, max_age)
+                }
+            };
+            render_keys(&keys, max_age, json);
             Ok(())
         }
-        KeysCommand::Rotate { vault } => {
-            let vault = vault.open()?;
-            let rotated = vault.rotate_key(&Caller::cli()).await;
-            vault.close().await;
-            println!("active data key is now version {}", rotated?);
+        KeysCommand::Rotate { vault, remote } => {
+            let rotated = match remote.client().await? {
+                Some(mut admin) => {
+                    admin
+                        .rotate_key(pb::RotateKeyRequest {})
+                        .await?
+                        .into_inner()
+                        .active_version
+                }
+                None => {
+                    let vault = vault.open()?;
+                    let rotated = vault.rotate_key(&Caller::cli()).await;
+                    vault.close().await;
+                    rotated?
+                }
+            };
+            println!("active data key is now version {rotated}");
             Ok(())
         }
         KeysCommand::Rewrap {
             vault,
+            remote,
             batch,
             from_version,
             json,
         } => {
-            let vault = vault.open()?;
-            let opts = RewrapOptions {
-                batch: batch as usize,
-                only_version: from_version,
-            };
             let mut printer = ProgressPrinter::new(json);
-            let stops = StopsBetweenBatches::install();
-            let r = vault
-                .rewrap(&Caller::cli(), &opts, |p| {
-                    printer.update(p);
-                    stops.safe_point(&vault);
-                })
-                .await;
-            printer.finish();
-            vault.close().await;
-            let r = r?;
-            let rate = r.rewrapped as f64 / r.elapsed.as_secs_f64().max(1e-9);
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "rewrapped": r.rewrapped,
-                        "failed_tokens": r.failed,
-                        "active_version": r.active_version,
-                        "batches": r.batches,
-                        "seconds": r.elapsed.as_secs_f64(),
-                        "rows_per_second": rate,
-                    })
-                );
-            } else {
-                println!(
-                    "re-encrypted {} rows under v{} in {:.2}s ({rate:.0} rows/s)",
-                    r.rewrapped,
-                    r.active_version,
-                    r.elapsed.as_secs_f64()
-                );
-                if !r.failed.is_empty() {
-                    println!(
-                        "{} tokens failed authentication and were left as they were:",
-                        r.failed.len()
-                    );
-                    for t in &r.failed {
-                        println!("  {t}");
+            let r = match remote.client().await? {
+                Some(mut admin) => {
+                    let mut stream = admin
+                        .rewrap_keys(pb::RewrapKeysRequest {
+                            batch,
+                            from_version: from_version.unwrap_or(0),
+                        })
+                        .await?
+                        .into_inner();
+                    let mut report = None;
+                    while let Some(msg) = stream.message().await? {
+                        match msg.event {
+                            Some(pb::rewrap_keys_response::Event::Progress(p)) => {
+                                printer.update(&RewrapProgress::try_from(p)?);
+                            }
+                            Some(pb::rewrap_keys_response::Event::Result(r)) => {
+                                report = Some(RewrapReport::try_from(r)?);
+                            }
+                            None => {}
+                        }
                     }
+                    printer.finish();
+                    report.ok_or_else(|| {
+                        CliError::Other("the server ended the rewrap without a result".into())
+                    })?
                 }
-            }
-            if r.failed.is_empty() {
-                Ok(())
-            } else {
-                Err(CliError::Other(format!(
-                    "{} tokens could not be re-encrypted",
-                    r.failed.len()
-                )))
-            }
+                None => {
+                    let vault = vault.open()?;
+                    let opts = RewrapOptions {
+                        batch: batch as usize,
+                        only_version: from_version,
+                    };
+                    let stops = StopsBetweenBatches::install();
+                    let r = vault
+                        .rewrap(&Caller::cli(), &opts, |p| {
+                            printer.update(p);
+                            stops.safe_point(&vault);
+                        })
+                        .await;
+                    printer.finish();
+                    vault.close().await;
+                    r?
+                }
+            };
+            render_rewrap(&r, json)
         }
         KeysCommand::Retire {
             vault,
+            remote,
             version,
             json,
         } => {
-            let vault = vault.open()?;
-            let r = vault.retire_key(&Caller::cli(), version).await;
-            vault.close().await;
-            let retired = r?;
+            let retired = match remote.client().await? {
+                Some(mut admin) => {
+                    admin
+                        .retire_key(pb::RetireKeyRequest { version })
+                        .await?
+                        .into_inner()
+                        .retired
+                }
+                None => {
+                    let vault = vault.open()?;
+                    let r = vault.retire_key(&Caller::cli(), version).await;
+                    vault.close().await;
+                    r?
+                }
+            };
             if json {
                 println!(
                     "{}",
@@ -372,22 +376,38 @@ pub async fn run(cmd: KeysCommand) -> Result<(), CliError> {
         }
         KeysCommand::Revoke {
             vault,
+            remote,
             version,
             batch,
             json,
         } => {
-            let vault = vault.open()?;
-            let mut printer = ProgressPrinter::new(json);
-            let stops = StopsBetweenBatches::install();
-            let r = vault
-                .revoke_key(&Caller::cli(), version, batch as usize, |p| {
-                    printer.update(p);
-                    stops.safe_point(&vault);
-                })
-                .await;
-            printer.finish();
-            vault.close().await;
-            let r = r?;
+            let r: RevokeReport = match remote.client().await? {
+                Some(mut admin) => {
+                    let r = admin
+                        .revoke_key(pb::RevokeKeyRequest { version, batch })
+                        .await?
+                        .into_inner();
+                    if !r.pending_request_id.is_empty() {
+                        super::admin::print_pending(&r.pending_request_id, json);
+                        return Ok(());
+                    }
+                    r.into()
+                }
+                None => {
+                    let vault = vault.open()?;
+                    let mut printer = ProgressPrinter::new(json);
+                    let stops = StopsBetweenBatches::install();
+                    let r = vault
+                        .revoke_key(&Caller::cli(), version, batch as usize, |p| {
+                            printer.update(p);
+                            stops.safe_point(&vault);
+                        })
+                        .await;
+                    printer.finish();
+                    vault.close().await;
+                    r?
+                }
+            };
             if json {
                 println!(
                     "{}",
@@ -497,5 +517,99 @@ pub async fn run(cmd: KeysCommand) -> Result<(), CliError> {
             }
             Ok(())
         }
+    }
+}
+
+/// `keys list` output, the same in local and remote mode.
+pub fn render_keys(keys: &[KeyVersionInfo], max_age: Option<Duration>, json: bool) {
+    let max_age_days = max_age.map(|a| a.as_secs_f64() / 86_400.0);
+    if json {
+        let out: Vec<serde_json::Value> = keys
+            .iter()
+            .map(|k| {
+                serde_json::json!({
+                    "version": k.version,
+                    "state": state_name(k.state),
+                    "created_at": format_time(k.created_at),
+                    "age_seconds": (now_micros() - k.created_at).max(0) / 1_000_000,
+                    "max_age_seconds": max_age.map(|a| a.as_secs()),
+                    "encryptions": k.encryptions,
+                    "max_encryptions": k.max_encryptions,
+                    "rows": k.rows,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(out));
+    } else {
+        let rows: Vec<Vec<String>> = keys
+            .iter()
+            .map(|k| {
+                let pct = k.encryptions as f64 * 100.0 / k.max_encryptions.max(1) as f64;
+                vec![
+                    k.version.to_string(),
+                    state_name(k.state).to_owned(),
+                    format_time(k.created_at),
+                    match max_age_days {
+                        Some(d) => format!("{} / {d:.0}d", age_text(k.created_at)),
+                        None => age_text(k.created_at),
+                    },
+                    format!("{} / {} ({pct:.2}%)", k.encryptions, k.max_encryptions),
+                    k.rows.to_string(),
+                ]
+            })
+            .collect();
+        print_table(
+            &[
+                "VERSION",
+                "STATE",
+                "CREATED",
+                "AGE / MAX",
+                "ENCRYPTIONS / LIMIT",
+                "ROWS",
+            ],
+            &rows,
+        );
+    }
+}
+
+/// `keys rewrap` output and exit status, the same in local and remote mode.
+fn render_rewrap(r: &RewrapReport, json: bool) -> Result<(), CliError> {
+    let rate = r.rewrapped as f64 / r.elapsed.as_secs_f64().max(1e-9);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "rewrapped": r.rewrapped,
+                "failed_tokens": r.failed,
+                "active_version": r.active_version,
+                "batches": r.batches,
+                "seconds": r.elapsed.as_secs_f64(),
+                "rows_per_second": rate,
+            })
+        );
+    } else {
+        println!(
+            "re-encrypted {} rows under v{} in {:.2}s ({rate:.0} rows/s)",
+            r.rewrapped,
+            r.active_version,
+            r.elapsed.as_secs_f64()
+        );
+        if !r.failed.is_empty() {
+            println!(
+                "{} tokens failed authentication and were left as they were:",
+                r.failed.len()
+            );
+            for t in &r.failed {
+                println!("  {t}");
+            }
+        }
+    }
+    if r.failed.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Other(format!(
+            "{} tokens could not be re-encrypted",
+            r.failed.len()
+        )))
     }
 }

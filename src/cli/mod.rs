@@ -3,6 +3,7 @@
 //! [`init`], [`keys`], [`clients`], [`serve`] (with [`dev`] for `serve --dev`) and [`client`]
 //! (the commands that call a running server). Shared options live in [`common`].
 
+pub mod admin;
 pub mod audit;
 pub mod backup;
 pub mod bench;
@@ -17,6 +18,7 @@ pub mod init;
 pub mod keys;
 pub mod master_key;
 pub mod purge;
+pub mod remote;
 pub mod serve;
 pub mod store;
 
@@ -67,6 +69,9 @@ pub enum Command {
     /// Manage client principals and their API keys.
     #[command(subcommand)]
     Clients(clients::ClientsCommand),
+    /// Dual-control requests of a running server: list and approve (needs --addr).
+    #[command(subcommand)]
+    Admin(admin::AdminCommand),
     /// Verify, export and read the tamper-evident audit trail.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -184,6 +189,7 @@ pub async fn run(command: Command) -> Result<(), CliError> {
         Command::Unseal(args) => master_key::unseal(args).await,
         Command::Clients(cmd) => clients::run(cmd).await,
         Command::Audit(cmd) => audit::run(cmd).await,
+        Command::Admin(cmd) => admin::run(cmd).await,
         Command::Serve(args) => serve::run(args).await,
         Command::Tokenize(args) => client::tokenize(args).await,
         Command::Detokenize(args) => client::detokenize(args).await,

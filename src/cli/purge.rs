@@ -8,13 +8,19 @@ use std::time::Duration;
 use clap::Args;
 
 use super::common::{format_time, CliError, VaultArgs};
-use crate::vault::lifecycle::DEFAULT_BATCH;
-use crate::vault::{Caller, PurgeOptions};
+use super::remote::RemoteArgs;
+use crate::grpc::client::AdminClient;
+use crate::grpc::convert::timestamp_to_micros;
+use crate::grpc::pb;
+use crate::vault::lifecycle::{PurgePlan, PurgeReport, DEFAULT_BATCH};
+use crate::vault::{Caller, PurgeOptions, Vault};
 
 #[derive(Args, Debug)]
 pub struct PurgeArgs {
     #[command(flatten)]
     pub vault: VaultArgs,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// Remove deleted (tombstoned) tokens.
     #[arg(long)]
     pub deleted: bool,
@@ -56,20 +62,83 @@ pub async fn run(args: PurgeArgs) -> Result<(), CliError> {
             "choose what to purge: --deleted and/or --expired".into(),
         ));
     }
+    if let Some(admin) = args.remote.client().await? {
+        return purge(&mut Target::Remote(admin), &args).await;
+    }
     let vault = args.vault.open()?;
-    let r = purge(&vault, &args).await;
+    let r = purge(&mut Target::Local(&vault), &args).await;
     vault.close().await;
     r
 }
 
-async fn purge(vault: &crate::vault::Vault, args: &PurgeArgs) -> Result<(), CliError> {
+/// Where the purge runs: the database here, or a server's AdminService. Over --addr the
+/// server fixes the cut-offs again when it purges, a moment after the count shown.
+enum Target<'a> {
+    Local(&'a Vault),
+    Remote(AdminClient),
+}
+
+impl Target<'_> {
+    async fn plan(&mut self, opts: &PurgeOptions) -> Result<PurgePlan, CliError> {
+        match self {
+            Target::Local(vault) => Ok(vault.purge_plan(opts).await?),
+            Target::Remote(admin) => {
+                let r = admin.purge(purge_request(opts, true)).await?.into_inner();
+                let time = |t: Option<prost_types::Timestamp>, field| {
+                    t.map(|t| timestamp_to_micros(&t, field)).transpose()
+                };
+                Ok(PurgePlan {
+                    deleted_before: time(r.deleted_before, "deleted_before")?,
+                    expired_before: time(r.expired_before, "expired_before")?,
+                    deleted: r.deleted_to_remove,
+                    expired: r.expired_to_remove,
+                })
+            }
+        }
+    }
+
+    async fn run(
+        &mut self,
+        opts: &PurgeOptions,
+        plan: &PurgePlan,
+    ) -> Result<PurgeReport, CliError> {
+        match self {
+            Target::Local(vault) => Ok(vault
+                .purge_planned(&Caller::cli(), plan, opts.batch)
+                .await?),
+            Target::Remote(admin) => {
+                let r = admin.purge(purge_request(opts, false)).await?.into_inner();
+                Ok(PurgeReport {
+                    deleted: r.deleted_removed,
+                    expired: r.expired_removed,
+                    batches: r.batches,
+                })
+            }
+        }
+    }
+}
+
+fn purge_request(opts: &PurgeOptions, dry_run: bool) -> pb::PurgeRequest {
+    pb::PurgeRequest {
+        deleted: opts.deleted,
+        expired: opts.expired,
+        older_than: opts.older_than.map(|d| prost_types::Duration {
+            seconds: d.as_secs() as i64,
+            nanos: d.subsec_nanos() as i32,
+        }),
+        batch: u32::try_from(opts.batch).unwrap_or(u32::MAX),
+        dry_run,
+    }
+}
+
+async fn purge(target: &mut Target<'_>, args: &PurgeArgs) -> Result<(), CliError> {
     let opts = PurgeOptions {
         deleted: args.deleted,
         expired: args.expired,
         older_than: args.older_than,
         batch: args.batch.max(1),
     };
-    let plan = vault.purge_plan(&opts).await?;
+    let plan = target.plan(&opts).await?;
     let mut what = Vec::new();
     if let Some(t) = plan.deleted_before {
         what.push(format!(
@@ -115,9 +184,7 @@ async fn purge(vault: &crate::vault::Vault, args: &PurgeArgs) -> Result<(), CliE
             return Ok(());
         }
     }
-    let r = vault
-        .purge_planned(&Caller::cli(), &plan, opts.batch)
-        .await?;
+    let r = target.run(&opts, &plan).await?;
     if args.json {
         println!(
             "{}",

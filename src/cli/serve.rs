@@ -46,6 +46,19 @@ pub struct ServeArgs {
     /// with `tokenvault unseal --socket PATH`.
     #[arg(long, value_name = "PATH", conflicts_with = "dev")]
     pub unseal_socket: Option<std::path::PathBuf>,
+    /// Refuse AdminService calls authenticated by an API key alone: admin principals must
+    /// present a client certificate bound to them (`--require-cert-for-admin` or `=false`;
+    /// default: true, false with --dev).
+    #[arg(
+        long,
+        env = "TOKENVAULT_REQUIRE_CERT_FOR_ADMIN",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub require_cert_for_admin: Option<bool>,
 }
 
 impl ServeArgs {
@@ -279,6 +292,8 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
             args.dev
                 .then(|| vault_args.data_dir.join(DEV_CHECKPOINT_FILE))
         }),
+        require_cert_for_admin: args.require_cert_for_admin.unwrap_or(!args.dev),
+        dual_control: cfg.admin.dual_control.then_some(cfg.admin.approval_window),
         ..ServerConfig::default()
     };
     let gauges = metrics_on.then(|| {

@@ -10,10 +10,13 @@ use tonic::service::Interceptor;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Status};
 
+use super::pb::admin_service_client::AdminServiceClient;
 use super::pb::token_vault_service_client::TokenVaultServiceClient;
 
 /// A service client that sends `authorization: Bearer <api key>` with every call.
 pub type Client = TokenVaultServiceClient<InterceptedService<Channel, BearerAuth>>;
+/// An `AdminService` client that sends the API key (if any) with every call.
+pub type AdminClient = AdminServiceClient<InterceptedService<Channel, BearerAuth>>;
 
 /// Adds the API key to each request. The header value is marked sensitive so it never shows
 /// in debug output.
@@ -125,6 +128,12 @@ pub fn tls_endpoint(addr: &str, tls: &ClientTlsFiles) -> Result<Endpoint, String
 pub fn with_auth(channel: Channel, auth: BearerAuth) -> Client {
     // Batches can be large; accept what a server configured for big batches may send.
     TokenVaultServiceClient::with_interceptor(channel, auth)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX)
+}
+
+pub fn admin_with_auth(channel: Channel, auth: BearerAuth) -> AdminClient {
+    AdminServiceClient::with_interceptor(channel, auth)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX)
 }

@@ -1,4 +1,5 @@
-//! The gate in front of `TokenVaultService`: authenticates and authorises every call from
+//! The gate in front of `TokenVaultService` (and, through [`Admission`], `AdminService`):
+//! authenticates and authorises every call from
 //! its path and headers (API key, and the peer certificate for mutual TLS) before a byte of
 //! its body is read, so an unauthenticated or unauthorised request costs the server no
 //! decoding at all. Refusals are audited exactly as before (anonymous ones up to the
@@ -35,22 +36,63 @@ pub struct Admitted {
     pub principal: Principal,
 }
 
-/// Wraps the generated `TokenVaultServiceServer` (`inner`).
+/// What the gate needs from the service behind it: which of its methods a request path
+/// names, and how a caller is admitted to one (authenticated, authorised, refusals audited).
+pub trait Admission: Clone + Send + Sync + 'static {
+    type Rpc: Copy + Send + Sync + 'static;
+    /// The method `path` names; None for paths the service does not have.
+    fn rpc(path: &str) -> Option<Self::Rpc>;
+    /// Admits the caller of `rpc` from the request's metadata and extensions alone.
+    fn admit(&self, head: tonic::Request<()>, rpc: Self::Rpc) -> BoxFuture<Admitted, Status>;
+    /// The `method` label of the metrics.
+    fn metric(rpc: Self::Rpc) -> metrics::Method;
+    /// The method name, for the log.
+    fn method(rpc: Self::Rpc) -> &'static str;
+    /// Batch methods, whose items are counted before decoding.
+    fn is_batch(_rpc: Self::Rpc) -> bool {
+        false
+    }
+}
+
+impl Admission for TokenVaultService {
+    type Rpc = Rpc;
+    fn rpc(path: &str) -> Option<Rpc> {
+        Rpc::from_path(path)
+    }
+    fn admit(&self, head: tonic::Request<()>, rpc: Rpc) -> BoxFuture<Admitted, Status> {
+        let service = self.clone();
+        Box::pin(async move {
+            let (caller, principal) = service.admit_principal(&head, rpc).await?;
+            Ok(Admitted { caller, principal })
+        })
+    }
+    fn metric(rpc: Rpc) -> metrics::Method {
+        rpc.metric()
+    }
+    fn method(rpc: Rpc) -> &'static str {
+        rpc.method()
+    }
+    fn is_batch(rpc: Rpc) -> bool {
+        matches!(rpc, Rpc::TokenizeBatch | Rpc::DetokenizeBatch)
+    }
+}
+
+/// Wraps a generated service server (`inner`), admitting callers through `service`.
 #[derive(Clone)]
-pub struct AuthGate<S> {
+pub struct AuthGate<S, A = TokenVaultService> {
     inner: S,
-    service: TokenVaultService,
+    service: A,
     max_batch_items: usize,
     max_message_bytes: usize,
 }
 
-impl<S> AuthGate<S> {
+impl<S, A> AuthGate<S, A> {
     pub fn new(
         inner: S,
-        service: TokenVaultService,
+        service: A,
         max_batch_items: usize,
         max_message_bytes: usize,
-    ) -> AuthGate<S> {
+    ) -> AuthGate<S, A> {
         AuthGate {
             inner,
             service,
@@ -60,12 +102,13 @@ impl<S> AuthGate<S> {
     }
 }
 
-impl<S: NamedService> NamedService for AuthGate<S> {
+impl<S: NamedService, A> NamedService for AuthGate<S, A> {
     const NAME: &'static str = S::NAME;
 }
 
-impl<S> Service<http::Request<Body>> for AuthGate<S>
+impl<S, A> Service<http::Request<Body>> for AuthGate<S, A>
 where
+    A: Admission,
     S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
         + Clone
         + Send
@@ -104,7 +147,7 @@ where
             span.record("trace_id", trace_id);
         }
         let call = async move {
-            let Some(rpc) = Rpc::from_path(req.uri().path()) else {
+            let Some(rpc) = A::rpc(req.uri().path()) else {
                 // Unknown methods: tonic answers UNIMPLEMENTED without reading the body.
                 return inner.call(req).await;
             };
@@ -114,14 +157,14 @@ where
                 req.extensions().clone(),
                 (),
             );
-            let admitted = match service.admit_principal(&head, rpc).await {
-                Ok((caller, principal)) => Admitted { caller, principal },
-                Err(status) => return Ok(refused(rpc, started, status)),
+            let admitted = match service.admit(head, rpc).await {
+                Ok(admitted) => admitted,
+                Err(status) => return Ok(refused::<A>(rpc, started, status)),
             };
-            let mut req = if matches!(rpc, Rpc::TokenizeBatch | Rpc::DetokenizeBatch) {
+            let mut req = if A::is_batch(rpc) {
                 match bound_batch(req, max_items, max_bytes).await {
                     Ok(req) => req,
-                    Err(status) => return Ok(refused(rpc, started, status)),
+                    Err(status) => return Ok(refused::<A>(rpc, started, status)),
                 }
             } else {
                 req
@@ -165,10 +208,10 @@ pub fn trace_id(traceparent: &str) -> Option<&str> {
 }
 
 /// The status as a gRPC response, counted and logged like an answered call.
-fn refused(rpc: Rpc, started: Instant, status: Status) -> http::Response<Body> {
-    metrics::record_request(rpc.metric(), status.code(), started.elapsed());
+fn refused<A: Admission>(rpc: A::Rpc, started: Instant, status: Status) -> http::Response<Body> {
+    metrics::record_request(A::metric(rpc), status.code(), started.elapsed());
     tracing::info!(
-        method = rpc.method(),
+        method = A::method(rpc),
         code = ?status.code(),
         error = status.message(),
         "rpc refused before its body was read"

@@ -23,8 +23,10 @@ use tokio_stream::StreamExt;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
+use super::admin::AdminService;
 use super::gate::AuthGate;
 use super::pb;
+use super::pb::admin_service_server::AdminServiceServer;
 use super::pb::token_vault_service_server::TokenVaultServiceServer;
 use super::service::{AuthPolicy, TokenVaultService, DEFAULT_MAX_BATCH_ITEMS};
 use super::tls::TlsReloader;
@@ -71,6 +73,12 @@ pub struct ServerConfig {
     /// The detokenize buckets, when shared with the proxy (`serve --proxy-listen`); `None`
     /// = the service's own, at `detokenize_rate`.
     pub detokenize_limiter: Option<Arc<crate::ratelimit::RateLimiter>>,
+    /// Refuse `AdminService` calls authenticated by an API key alone: admin principals must
+    /// present a client certificate bound to them (mutual TLS).
+    pub require_cert_for_admin: bool,
+    /// Dual control of dangerous admin operations: requests wait this long for a second
+    /// admin's approval; None = off.
+    pub dual_control: Option<Duration>,
 }
 
 /// Default of [`ServerConfig::concurrency_limit_per_connection`].
@@ -102,6 +110,8 @@ impl Default for ServerConfig {
             audit_checkpoint_file: None,
             access_log: false,
             detokenize_limiter: None,
+            require_cert_for_admin: true,
+            dual_control: None,
         }
     }
 }
@@ -171,11 +181,22 @@ pub async fn serve(
         handlers = handlers.with_detokenize_limiter(limiter.clone());
     }
     // Callers are admitted, and batch sizes counted, before a request body is decoded.
+    let admin = AdminService::new(vault.clone(), handlers.clone(), cfg.require_cert_for_admin)
+        .with_dual_control(cfg.dual_control);
     let service = AuthGate::new(
         TokenVaultServiceServer::new(handlers.clone())
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
         handlers,
+        cfg.max_batch_items,
+        max_message,
+    );
+    // The admin service on the same listener, behind the same kind of gate.
+    let admin_service = AuthGate::new(
+        AdminServiceServer::new(admin.clone())
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
+        admin,
         cfg.max_batch_items,
         max_message,
     );
@@ -244,7 +265,8 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(service);
+        .add_service(service)
+        .add_service(admin_service);
 
     // The TLS accept loop runs beside tonic and is stopped with it.
     let (tls_incoming, accept_task) = match &cfg.tls {

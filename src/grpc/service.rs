@@ -37,7 +37,7 @@ use crate::vault::{Caller, Principal, Vault};
 pub const DEFAULT_MAX_BATCH_ITEMS: usize = 10_000;
 
 /// Principal name recorded for refused requests that carried no valid credentials.
-const ANONYMOUS: &str = "anonymous";
+pub(crate) const ANONYMOUS: &str = "anonymous";
 
 /// The RPCs of the service, with what each needs and how the audit trail names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -291,7 +291,7 @@ impl TokenVaultService {
         let principal = match self.authenticate(request) {
             Ok(p) => p,
             Err(err) => {
-                self.refuse_anonymous(&Caller::new(ANONYMOUS, peer), rpc, &err)
+                self.refuse_anonymous(&Caller::new(ANONYMOUS, peer), rpc.audit_action(), &err)
                     .await;
                 return Err(err.into());
             }
@@ -306,7 +306,8 @@ impl TokenVaultService {
                 rpc.method(),
                 roles.join(" or ")
             ));
-            self.refuse_principal(&caller, rpc, &err).await;
+            self.refuse_principal(&caller, rpc.audit_action(), &err)
+                .await;
             return Err(err.into());
         }
         Ok((caller, principal))
@@ -335,7 +336,8 @@ impl TokenVaultService {
              can never exceed one second's worth); retry later"
                 .into(),
         );
-        self.refuse_principal(caller, rpc, &err).await;
+        self.refuse_principal(caller, rpc.audit_action(), &err)
+            .await;
         Err(err.into())
     }
 
@@ -363,16 +365,17 @@ impl TokenVaultService {
              never exceed one second's worth); retry later"
                 .into(),
         );
-        self.refuse_principal(caller, rpc, &err).await;
+        self.refuse_principal(caller, rpc.audit_action(), &err)
+            .await;
         Err(err.into())
     }
 
     /// Audits a refusal of an authenticated principal while its refusal-record budget
     /// lasts; beyond it the refusal is counted, and one summary record with the count is
     /// written a second after the first uncounted one.
-    async fn refuse_principal(&self, caller: &Caller, rpc: Rpc, err: &Error) {
+    pub(crate) async fn refuse_principal(&self, caller: &Caller, action: &str, err: &Error) {
         if self.refusal_audit.try_take(&caller.principal, None, 1) {
-            self.refuse(caller, rpc, err).await;
+            self.refuse(caller, action, err).await;
             return;
         }
         let first = {
@@ -413,7 +416,7 @@ impl TokenVaultService {
 
     /// Audits a refusal of an unauthenticated caller while the server-wide anonymous budget
     /// lasts; beyond it the refusal is only counted, and the count logged now and then.
-    async fn refuse_anonymous(&self, caller: &Caller, rpc: Rpc, err: &Error) {
+    pub(crate) async fn refuse_anonymous(&self, caller: &Caller, action: &str, err: &Error) {
         if self.anonymous_audit.try_take(ANONYMOUS_BUCKET, None, 1) {
             let skipped = self.unaudited.swap(0, Ordering::Relaxed);
             if skipped > 0 {
@@ -422,7 +425,7 @@ impl TokenVaultService {
                     "unauthenticated requests refused without an audit record (rate limited)"
                 );
             }
-            self.refuse(caller, rpc, err).await;
+            self.refuse(caller, action, err).await;
         } else {
             let skipped = self.unaudited.fetch_add(1, Ordering::Relaxed) + 1;
             if skipped.is_power_of_two() {
@@ -436,13 +439,9 @@ impl TokenVaultService {
 
     /// Best-effort audit of a refused request: a failed audit write is logged, and the
     /// refusal stands either way.
-    async fn refuse(&self, caller: &Caller, rpc: Rpc, err: &Error) {
+    async fn refuse(&self, caller: &Caller, action: &str, err: &Error) {
         let outcome = err.code().as_str();
-        if let Err(audit_err) = self
-            .vault
-            .audit_refusal(caller, rpc.audit_action(), outcome)
-            .await
-        {
+        if let Err(audit_err) = self.vault.audit_refusal(caller, action, outcome).await {
             metrics::record_audit_write_failure();
             tracing::warn!(error = %audit_err, outcome, "could not audit a refused request");
         }
@@ -463,7 +462,7 @@ impl TokenVaultService {
 /// Identities (URI SANs, then DNS SANs) of the client's leaf certificate. Only a server
 /// with a client CA requests certificates, and rustls has verified the chain before the
 /// request gets here; empty without one.
-fn peer_cert_identities<T>(request: &Request<T>) -> Vec<String> {
+pub(crate) fn peer_cert_identities<T>(request: &Request<T>) -> Vec<String> {
     match request.peer_certs() {
         Some(chain) => chain
             .first()
@@ -473,7 +472,7 @@ fn peer_cert_identities<T>(request: &Request<T>) -> Vec<String> {
     }
 }
 
-fn peer_addr<T>(request: &Request<T>) -> String {
+pub(crate) fn peer_addr<T>(request: &Request<T>) -> String {
     request
         .remote_addr()
         .map_or_else(|| "unknown".to_owned(), |a| a.to_string())

@@ -103,7 +103,29 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE clients ADD COLUMN reuse_group TEXT;
     UPDATE tokens SET fingerprint = NULL WHERE fingerprint IS NOT NULL;
     "#,
+    // Dual control (issue 16): admin operations awaiting a second admin's approval.
+    r#"
+    CREATE TABLE admin_requests (
+        id          TEXT PRIMARY KEY,
+        operation   TEXT NOT NULL,
+        params      TEXT NOT NULL,
+        requester   TEXT NOT NULL,
+        created_at  INTEGER NOT NULL,
+        expires_at  INTEGER NOT NULL,
+        approver    TEXT,
+        approved_at INTEGER
+    ) STRICT;
+    "#,
 ];
+
+/// The schema version whose migration contains `marker` (for upgrade tests that rewind a
+/// database to just before one migration, whatever was appended after it).
+pub fn version_of(marker: &str) -> Option<i64> {
+    MIGRATIONS
+        .iter()
+        .position(|m| m.contains(marker))
+        .map(|i| i as i64 + 1)
+}
 
 /// The schema version this build writes.
 pub const LATEST: i64 = MIGRATIONS.len() as i64;

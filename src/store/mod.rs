@@ -196,6 +196,22 @@ pub struct ClientRow {
     pub key_hash: [u8; 32],
 }
 
+/// An admin operation under dual control, awaiting (or given) a second admin's approval.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminRequestRow {
+    pub id: String,
+    /// What is to be done, e.g. `revoke_key`, `add_client`.
+    pub operation: String,
+    /// Its parameters (JSON); never a secret.
+    pub params: String,
+    pub requester: String,
+    pub created_at: Micros,
+    /// Approval after this time is refused.
+    pub expires_at: Micros,
+    pub approver: Option<String>,
+    pub approved_at: Option<Micros>,
+}
+
 /// The vault's identity, read before anything else to check the master key.
 #[derive(Clone, Debug)]
 pub struct VaultHeader {
@@ -269,6 +285,18 @@ pub trait Storage: Send + Sync + 'static {
     fn add_client(&self, row: ClientRow, caller: Caller) -> StoreFuture<()>;
     fn revoke_client(&self, name: String, caller: Caller) -> StoreFuture<bool>;
     fn clients(&self) -> StoreFuture<Vec<ClientRow>>;
+    /// Records a dual-control request (and its audit record).
+    fn add_admin_request(&self, row: AdminRequestRow, caller: Caller) -> StoreFuture<()>;
+    /// Every dual-control request, newest first.
+    fn admin_requests(&self) -> StoreFuture<Vec<AdminRequestRow>>;
+    /// Marks request `id` approved by `approver` at `now`, atomically refusing an unknown,
+    /// already approved or expired request and the requester's own approval; returns it.
+    fn approve_admin_request(
+        &self,
+        id: String,
+        approver: Caller,
+        now: Micros,
+    ) -> StoreFuture<AdminRequestRow>;
     /// Audit records with `seq >= from`, at most `limit`, ascending.
     fn audit_records(&self, from: u64, limit: usize) -> StoreFuture<Vec<AuditRecord>>;
     /// Counter bumped by every change to keys or clients, from any process.

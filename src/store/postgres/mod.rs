@@ -38,8 +38,9 @@ use super::lifecycle::{
 };
 use super::sqlite::{duplicate, roles_from_text, roles_to_text, MAX_TOKEN_DRAWS, STALE_MASTER};
 use super::{
-    AuditSigningKeyInfo, AuditVisitor, CheckpointPause, CheckpointSource, ClientRow, NewToken,
-    OpenParams, Storage, StoreFuture, StoredToken, TokenMeta, TokenRow, VaultHeader,
+    AdminRequestRow, AuditSigningKeyInfo, AuditVisitor, CheckpointPause, CheckpointSource,
+    ClientRow, NewToken, OpenParams, Storage, StoreFuture, StoredToken, TokenMeta, TokenRow,
+    VaultHeader,
 };
 use crate::audit::{self, canonical_bytes, AuditEntry, AuditRecord, GENESIS_MAC};
 use crate::card::Brand;
@@ -1167,6 +1168,22 @@ async fn prepare_audit(client: &mut deadpool_postgres::Object, keyring: &Keyring
 }
 
 /// Opens a transaction on a pooled connection with the chain head locked.
+const ADMIN_REQUEST_SELECT: &str = "SELECT id, operation, params, requester, created_at, \
+     expires_at, approver, approved_at FROM admin_requests";
+
+fn admin_request_from_row(r: &Row) -> AdminRequestRow {
+    AdminRequestRow {
+        id: r.get(0),
+        operation: r.get(1),
+        params: r.get(2),
+        requester: r.get(3),
+        created_at: r.get(4),
+        expires_at: r.get(5),
+        approver: r.get(6),
+        approved_at: r.get(7),
+    }
+}
+
 macro_rules! admin_tx {
     ($pool:expr, $keyring:expr, |$tx:ident, $st:ident| $body:block) => {{
         let mut client = PgShared::client(&$pool).await?;
@@ -1361,6 +1378,109 @@ impl Storage for PgStore {
 
     fn clients(&self) -> StoreFuture<Vec<ClientRow>> {
         self.read(|client| async move { query_clients(&**client).await })
+    }
+
+    fn add_admin_request(&self, row: AdminRequestRow, caller: Caller) -> StoreFuture<()> {
+        self.admin(move |keyring, pool| async move {
+            admin_tx!(pool, keyring, |tx, st| {
+                tx.execute(
+                    "INSERT INTO admin_requests(id, operation, params, requester, created_at, \
+                     expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                    &[
+                        &row.id,
+                        &row.operation,
+                        &row.params,
+                        &row.requester,
+                        &row.created_at,
+                        &row.expires_at,
+                    ],
+                )
+                .await
+                .map_err(map_err)?;
+                st.audit.push(AuditEntry::new(
+                    &caller,
+                    "admin_request",
+                    &row.id,
+                    "OK",
+                    &format!("{} {}", row.operation, row.params),
+                ));
+            })
+        })
+    }
+
+    fn admin_requests(&self) -> StoreFuture<Vec<AdminRequestRow>> {
+        self.read(|client| async move {
+            let rows = client
+                .query(
+                    &format!("{ADMIN_REQUEST_SELECT} ORDER BY created_at DESC, id"),
+                    &[],
+                )
+                .await
+                .map_err(map_err)?;
+            Ok(rows.iter().map(admin_request_from_row).collect())
+        })
+    }
+
+    fn approve_admin_request(
+        &self,
+        id: String,
+        approver: Caller,
+        now: Micros,
+    ) -> StoreFuture<AdminRequestRow> {
+        self.admin(move |keyring, pool| async move {
+            admin_tx!(pool, keyring, |tx, st| {
+                // Every writing transaction holds the audit head's lock first (admin_tx), so
+                // two replicas approving the same request are serialized here.
+                let row = tx
+                    .query_opt(&format!("{ADMIN_REQUEST_SELECT} WHERE id = $1"), &[&id])
+                    .await
+                    .map_err(map_err)?
+                    .map(|r| admin_request_from_row(&r))
+                    .ok_or_else(|| {
+                        Error::FailedPrecondition("there is no admin request with that id".into())
+                    })?;
+                if row.approver.is_some() {
+                    return Err(Error::FailedPrecondition(
+                        "that request was already approved".into(),
+                    ));
+                }
+                if row.requester == approver.principal {
+                    return Err(Error::PermissionDenied(
+                        "dual control: a request must be approved by a different admin".into(),
+                    ));
+                }
+                if now > row.expires_at {
+                    return Err(Error::FailedPrecondition(
+                        "that request expired before it was approved; request it again".into(),
+                    ));
+                }
+                let n = tx
+                    .execute(
+                        "UPDATE admin_requests SET approver = $2, approved_at = $3 \
+                         WHERE id = $1 AND approver IS NULL",
+                        &[&id, &approver.principal, &now],
+                    )
+                    .await
+                    .map_err(map_err)?;
+                if n != 1 {
+                    return Err(Error::FailedPrecondition(
+                        "that request was already approved".into(),
+                    ));
+                }
+                st.audit.push(AuditEntry::new(
+                    &approver,
+                    "admin_approve",
+                    &id,
+                    "OK",
+                    &format!("{} requested by {}", row.operation, row.requester),
+                ));
+                AdminRequestRow {
+                    approver: Some(approver.principal.clone()),
+                    approved_at: Some(now),
+                    ..row
+                }
+            })
+        })
     }
 
     fn audit_records(&self, from: u64, limit: usize) -> StoreFuture<Vec<AuditRecord>> {

@@ -97,6 +97,20 @@ const MIGRATIONS: &[&str] = &[
     CREATE UNIQUE INDEX audit_signing_keys_one_active ON audit_signing_keys(state)
         WHERE state = 'active';
     "#,
+    // Dual control (issue 16), SQLite's migration 6: admin operations awaiting a second
+    // admin's approval.
+    r#"
+    CREATE TABLE admin_requests (
+        id          TEXT PRIMARY KEY,
+        operation   TEXT NOT NULL,
+        params      TEXT NOT NULL,
+        requester   TEXT NOT NULL,
+        created_at  BIGINT NOT NULL,
+        expires_at  BIGINT NOT NULL,
+        approver    TEXT,
+        approved_at BIGINT
+    );
+    "#,
 ];
 
 /// The schema version this build writes.

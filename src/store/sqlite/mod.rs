@@ -33,8 +33,8 @@ use super::lifecycle::{self, PurgeBatch, PurgeOutcome, RewrapBatch, RewrapOutcom
 use super::migrations;
 use super::space;
 use super::{
-    AuditSigningKeyInfo, AuditVisitor, CheckpointPause, CheckpointSource, ClientRow, NewToken,
-    Storage, StoreFuture, StoredToken, TokenMeta, TokenRow, VaultHeader,
+    AdminRequestRow, AuditSigningKeyInfo, AuditVisitor, CheckpointPause, CheckpointSource,
+    ClientRow, NewToken, Storage, StoreFuture, StoredToken, TokenMeta, TokenRow, VaultHeader,
 };
 use crate::audit::{self, canonical_bytes, AuditEntry, AuditRecord, GENESIS_MAC};
 use crate::auth::Role;
@@ -1622,6 +1622,19 @@ impl SqliteStore {
     }
 }
 
+fn admin_request_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AdminRequestRow> {
+    Ok(AdminRequestRow {
+        id: r.get(0)?,
+        operation: r.get(1)?,
+        params: r.get(2)?,
+        requester: r.get(3)?,
+        created_at: r.get(4)?,
+        expires_at: r.get(5)?,
+        approver: r.get(6)?,
+        approved_at: r.get(7)?,
+    })
+}
+
 /// Every client row, revoked ones included.
 pub fn query_clients(conn: &Connection) -> Result<Vec<ClientRow>> {
     let mut stmt = conn.prepare_cached(
@@ -1849,6 +1862,101 @@ impl Storage for SqliteStore {
 
     fn clients(&self) -> StoreFuture<Vec<ClientRow>> {
         self.read(query_clients)
+    }
+
+    fn add_admin_request(&self, row: AdminRequestRow, caller: Caller) -> StoreFuture<()> {
+        self.admin(move |tx, _keyring, st| {
+            tx.execute(
+                "INSERT INTO admin_requests(id, operation, params, requester, created_at, expires_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    row.id,
+                    row.operation,
+                    row.params,
+                    row.requester,
+                    row.created_at,
+                    row.expires_at
+                ],
+            )?;
+            st.audit.push(AuditEntry::new(
+                &caller,
+                "admin_request",
+                &row.id,
+                "OK",
+                &format!("{} {}", row.operation, row.params),
+            ));
+            Ok(())
+        })
+    }
+
+    fn admin_requests(&self) -> StoreFuture<Vec<AdminRequestRow>> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, operation, params, requester, created_at, expires_at, approver, \
+                 approved_at FROM admin_requests ORDER BY created_at DESC, id",
+            )?;
+            let rows = stmt.query_map([], admin_request_from_row)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(Error::from)
+        })
+    }
+
+    fn approve_admin_request(
+        &self,
+        id: String,
+        approver: Caller,
+        now: Micros,
+    ) -> StoreFuture<AdminRequestRow> {
+        self.admin(move |tx, _keyring, st| {
+            let row = tx
+                .query_row(
+                    "SELECT id, operation, params, requester, created_at, expires_at, approver, \
+                     approved_at FROM admin_requests WHERE id = ?1",
+                    [&id],
+                    admin_request_from_row,
+                )
+                .optional()?
+                .ok_or_else(|| {
+                    Error::FailedPrecondition("there is no admin request with that id".into())
+                })?;
+            if row.approver.is_some() {
+                return Err(Error::FailedPrecondition(
+                    "that request was already approved".into(),
+                ));
+            }
+            if row.requester == approver.principal {
+                return Err(Error::PermissionDenied(
+                    "dual control: a request must be approved by a different admin".into(),
+                ));
+            }
+            if now > row.expires_at {
+                return Err(Error::FailedPrecondition(
+                    "that request expired before it was approved; request it again".into(),
+                ));
+            }
+            let n = tx.execute(
+                "UPDATE admin_requests SET approver = ?2, approved_at = ?3 \
+                 WHERE id = ?1 AND approver IS NULL",
+                params![id, approver.principal, now],
+            )?;
+            if n != 1 {
+                return Err(Error::FailedPrecondition(
+                    "that request was already approved".into(),
+                ));
+            }
+            st.audit.push(AuditEntry::new(
+                &approver,
+                "admin_approve",
+                &id,
+                "OK",
+                &format!("{} requested by {}", row.operation, row.requester),
+            ));
+            Ok(AdminRequestRow {
+                approver: Some(approver.principal.clone()),
+                approved_at: Some(now),
+                ..row
+            })
+        })
     }
 
     fn audit_records(&self, from: u64, limit: usize) -> StoreFuture<Vec<AuditRecord>> {
