@@ -42,8 +42,6 @@ use crate::vault::{
 
 /// Fully qualified name of the admin service.
 pub const ADMIN_SERVICE_NAME: &str = "tokenvault.v1.AdminService";
-/// Storage backend named by `GetStatus`.
-const STORE_NAME: &str = "sqlite";
 /// Records per `ExportAudit` message.
 pub const EXPORT_PAGE: usize = 1_000;
 /// Most records `TailAudit` returns.
@@ -917,7 +915,11 @@ impl AdminRpcs for AdminService {
                 .await
                 .map(|keys| pb::GetStatusResponse {
                     version: crate::VERSION.to_owned(),
-                    store: STORE_NAME.to_owned(),
+                    store: match self.vault.location() {
+                        crate::store::StoreLocation::Sqlite(_) => "sqlite",
+                        crate::store::StoreLocation::Postgres(_) => "postgresql",
+                    }
+                    .to_owned(),
                     keys: keys.into_iter().map(Into::into).collect(),
                     sealed: false,
                     uptime: Some(pb_duration(self.started.elapsed())),

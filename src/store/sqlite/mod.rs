@@ -522,6 +522,11 @@ pub struct Writer {
     /// `vault.db-wal` and the size past which the writer resets it (see [`Writer::bound_wal`]).
     wal_path: PathBuf,
     wal_bound: u64,
+    /// The destroy counter at this writer's last completed reset (None: none yet).
+    truncated_at: Option<i64>,
+    /// Paused checkpoints ([`CheckpointPause`]) hold off this writer's resets too.
+    checkpoints: Arc<CheckpointGate>,
+    busy_timeout: Duration,
 }
 
 /// Share of the storage limit that tokenize may use; the rest is kept for audit records.
@@ -534,6 +539,10 @@ pub(super) struct SpaceGauge {
     other: std::sync::atomic::AtomicU64,
     /// Bytes available on the filesystem (u64::MAX when unknown).
     free: std::sync::atomic::AtomicU64,
+    /// Set by the writer after each group, cleared by the prober's tick: while the writer is
+    /// busy it resets the WAL itself ([`Writer::bound_wal`]), and a background PASSIVE
+    /// checkpoint would only hold the checkpoint lock and make its reset fail as busy.
+    writing: AtomicBool,
 }
 
 impl SpaceGauge {
@@ -617,33 +626,48 @@ impl Writer {
             if let Some(f) = admin.pop_front() {
                 f(&mut self);
             }
+            self.space.writing.store(true, Ordering::Relaxed);
             self.bound_wal();
         }
         tracing::debug!("writer stopped");
     }
 
-    /// Resets the WAL once it has grown past its bound. The prober's PASSIVE checkpoints
-    /// never block anyone, and so never catch up with a writer that always has the next
-    /// group queued: under sustained writes the WAL would grow for as long as the load lasts
-    /// (2.3 GB in 40 s at 22k tokenize/s), and so would recovery after a crash. Here, between
-    /// two groups, the writer itself copies the WAL back and truncates it; the few readers
+    /// Resets the WAL once it has grown past its bound, or once a commit (of any process)
+    /// destroyed data since the last reset. The prober's PASSIVE checkpoints never block
+    /// anyone, and so never catch up with a writer that always has the next group queued:
+    /// under sustained writes the WAL would grow for as long as the load lasts (2.3 GB in
+    /// 40 s at 22k tokenize/s), and so would recovery after a crash. Here, between two
+    /// groups, the writer itself copies the WAL back and truncates it; the few readers
     /// finish their point reads within the busy timeout. It costs one pause of the writer
-    /// per `wal_bound` bytes written, which shows in p99 (BENCHMARKS.md). A checkpoint kept
-    /// from finishing (a long reader, another process) is retried after the next group.
+    /// per `wal_bound` bytes written, which shows in p99 (BENCHMARKS.md). While the writer
+    /// is busy the prober stays out of its way ([`SpaceGauge::writing`]): a checkpoint of
+    /// the prober would hold the checkpoint lock and make this one fail as busy. A reset
+    /// kept from finishing (a long reader, another process) is retried after the next group.
     fn bound_wal(&mut self) {
-        let Ok(meta) = std::fs::metadata(&self.wal_path) else {
-            return;
-        };
-        if meta.len() <= self.wal_bound {
+        let len = std::fs::metadata(&self.wal_path).map_or(0, |m| m.len());
+        let seq = read_destroy_seq(&self.conn).ok();
+        let destroyed = seq.is_some() && seq != self.truncated_at;
+        if len <= self.wal_bound && !destroyed {
             return;
         }
         let started = Instant::now();
-        let done = checkpoint_truncate(&self.conn);
+        // Briefly: a reset waiting for a reader holds the write lock, and another process
+        // (a server beside this admin command) may be waiting to write.
+        let _ = self.conn.busy_timeout(CHECKPOINT_BUSY_TIMEOUT);
+        let done = self
+            .checkpoints
+            .run(|| checkpoint_truncate(&self.conn))
+            .unwrap_or(Ok(false));
+        let _ = self.conn.busy_timeout(self.busy_timeout);
         super::observe_wal_reset(started.elapsed(), matches!(done, Ok(true)));
         match done {
-            Ok(true) => {}
-            Ok(false) => tracing::debug!(wal_bytes = meta.len(), "WAL reset postponed: busy"),
-            Err(e) => tracing::warn!(error = %e, wal_bytes = meta.len(), "WAL reset failed"),
+            Ok(true) => {
+                if seq.is_some() {
+                    self.truncated_at = seq;
+                }
+            }
+            Ok(false) => tracing::debug!(wal_bytes = len, "WAL reset postponed: busy"),
+            Err(e) => tracing::warn!(error = %e, wal_bytes = len, "WAL reset failed"),
         }
     }
 
@@ -1472,11 +1496,15 @@ impl SqliteStore {
         // the old bytes in the WAL: truncate before serving (briefly, as another process may
         // be busy with the vault; then the prober keeps trying).
         conn.busy_timeout(Duration::from_millis(200))?;
-        if !checkpoint_truncate(&conn)? {
+        let truncated_at = if checkpoint_truncate(&conn)? {
+            Some(read_destroy_seq(&conn)?)
+        } else {
             tracing::debug!("WAL not truncated at open; the checkpointer retries");
-        }
+            None
+        };
         conn.busy_timeout(p.busy_timeout)?;
         let reads = ReadPool::start(&path, p.read_connections)?;
+        let checkpoints: Arc<CheckpointGate> = Arc::default();
         let healthy = Arc::new(AtomicBool::new(true));
         let (tx, rx) = mpsc::channel(p.writer_queue.max(1));
         let writer = Writer {
@@ -1490,6 +1518,9 @@ impl SqliteStore {
             data_dir: data_dir.to_path_buf(),
             wal_path: path.with_extension("db-wal"),
             wal_bound: p.max_wal_bytes.unwrap_or(journal_limit),
+            truncated_at,
+            checkpoints: checkpoints.clone(),
+            busy_timeout: p.busy_timeout,
         };
         let handle = std::thread::Builder::new()
             .name("tokenvault-writer".into())
@@ -1502,7 +1533,7 @@ impl SqliteStore {
             healthy,
             stop_probe: Arc::new(AtomicBool::new(false)),
             prober: Mutex::new(None),
-            checkpoints: Arc::default(),
+            checkpoints,
         };
         store.start_prober(&path, data_dir, space);
         Ok(store)
@@ -1549,7 +1580,11 @@ impl SqliteStore {
                     std::thread::sleep(PROBE_TICK);
                     if let Ok(c) = &checkpointer {
                         let t = truncated_at;
-                        truncated_at = gate.run(|| checkpoint_tick(c, t)).unwrap_or(t);
+                        // While the writer writes, it bounds the WAL and truncates after
+                        // destroying commits itself (`Writer::bound_wal`).
+                        if !space.writing.swap(false, Ordering::Relaxed) {
+                            truncated_at = gate.run(|| checkpoint_tick(c, t)).unwrap_or(t);
+                        }
                     }
                     space.measure(&data_dir);
                     if space.free.load(Ordering::Relaxed) < space::RESERVE_BYTES / 2 {
