@@ -255,8 +255,9 @@ struct Fixture {
 
 /// Principals: (name, roles, listed on the routes).
 const CLIENTS: [(&str, &[Role]); 5] = [
-    ("payments", &[Role::Proxy, Role::Detokenize]),
-    ("outsider", &[Role::Proxy, Role::Detokenize]),
+    // A payment worker needs the proxy role only: it cannot reveal a card over gRPC.
+    ("payments", &[Role::Proxy]),
+    ("outsider", &[Role::Proxy]),
     ("noproxy", &[Role::Detokenize]),
     ("proxyonly", &[Role::Proxy]),
     ("limited", &[Role::Proxy, Role::Detokenize]),
@@ -604,12 +605,6 @@ async fn unknown_routes_strangers_and_missing_roles_are_refused() {
         ),
         (
             Some("noproxy"),
-            "/v1/proxy/psp/charges",
-            StatusCode::FORBIDDEN,
-        ),
-        // The proxy role without detokenize: no card may be substituted.
-        (
-            Some("proxyonly"),
             "/v1/proxy/psp/charges",
             StatusCode::FORBIDDEN,
         ),
@@ -1098,4 +1093,71 @@ async fn serve_with_a_proxy_route_from_the_config_file() {
         !log.contains(PAN) && !log.contains("4111 1111 1111 1111"),
         "a card number reached the server's log"
     );
+}
+
+/// Review finding: a card sent upstream must not come back to the worker glued to other
+/// digits (a 20-digit run, or a leading digit that breaks the Luhn check), where the
+/// response scan cannot see a card. The answer is withheld instead.
+#[tokio::test]
+async fn an_echoed_card_glued_to_other_digits_is_withheld() {
+    let f = Fixture::start().await;
+    let p = f.placeholder("");
+    for body in [
+        format!(r#"{{"merchant_ref":"0000{p}"}}"#),
+        format!(r#"{{"merchant_ref":"1{p}"}}"#),
+        format!(r#"{{"merchant_ref":"{p}9"}}"#),
+    ] {
+        let (status, _, answer) = f
+            .call(Some("payments"), "POST", "/v1/proxy/psp/echo", &[], &body)
+            .await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{answer}");
+        assert!(!answer.contains(PAN), "{answer}");
+        let digits: String = answer.chars().filter(char::is_ascii_digit).collect();
+        assert!(!digits.contains(PAN), "{answer}");
+    }
+    // The processor did get the card each time (the request itself was legitimate).
+    assert_eq!(f.processor.seen().len(), 3);
+}
+
+/// Review finding: a proxy principal substitutes cards without the detokenize role, and so
+/// cannot reveal one over gRPC.
+#[tokio::test]
+async fn a_proxy_principal_cannot_detokenize_over_grpc() {
+    use tokenvault::grpc::client::{with_auth, BearerAuth};
+    use tokenvault::grpc::pb;
+    let f = Fixture::start().await;
+    let p = f.placeholder("");
+    let (status, _, answer) = f
+        .call(
+            Some("payments"),
+            "POST",
+            "/v1/proxy/psp/charges",
+            &[],
+            &format!(r#"{{"number":"{p}"}}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_addr = listener.local_addr().unwrap();
+    tokio::spawn(tokenvault::grpc::server::serve(
+        listener,
+        f.vault.clone(),
+        tokenvault::grpc::server::ServerConfig::default(),
+        std::future::pending::<()>(),
+    ));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc_addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = with_auth(channel, BearerAuth::new(Some(&f.key("payments"))).unwrap());
+    let status = client
+        .detokenize(pb::DetokenizeRequest {
+            token: f.token.clone(),
+            reason: "refund".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert!(!status.message().contains(PAN));
 }

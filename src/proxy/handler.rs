@@ -140,7 +140,12 @@ pub async fn handle(
     req: Request<hyper::body::Incoming>,
 ) -> Response<Full<Bytes>> {
     let started = Instant::now();
-    let method = req.method().clone();
+    // Logged and audited only as a standard method: a caller-chosen extension method (any
+    // token, digits included) never reaches the log or the trail.
+    let method = match req.method().as_str() {
+        m @ ("GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS") => m.to_owned(),
+        _ => "other".to_owned(),
+    };
     let mut progress = Progress::default();
     let answer = proxy(state, conn, req, &mut progress).await;
     let (response, outcome) = match answer {
@@ -433,12 +438,9 @@ async fn proxy(
     // 5. Reveal every placeholder: role, rate limit, then the vault's audited reveal.
     let mut values: Vec<zeroize::Zeroizing<String>> = Vec::with_capacity(all.len());
     if !all.is_empty() {
-        if !principal.has(Role::Detokenize) {
-            let e = Error::PermissionDenied(
-                "substituting card numbers requires the detokenize role".into(),
-            );
-            return Err(refusal_of(&e));
-        }
+        // The `proxy` role and the route's principal list (checked above) authorise the
+        // substitution; the `detokenize` role is not needed, so a payment worker can be a
+        // proxy principal that cannot reveal a card over gRPC at all.
         let own = principal
             .detokenize_rate
             .map(|per_second| Rate { per_second });
@@ -544,6 +546,14 @@ async fn proxy(
         header::ACCEPT_ENCODING,
         HeaderValue::from_static("identity"),
     );
+    // The full card numbers sent: the answer is checked for them once it is tokenized, in
+    // case the processor echoed one glued to other digits where the scan cannot see it.
+    let sent_pans: Vec<zeroize::Zeroizing<String>> = all
+        .iter()
+        .zip(values.iter())
+        .filter(|(p, _)| matches!(p.part, Part::Pan))
+        .map(|(_, v)| v.clone())
+        .collect();
     drop(values);
 
     // 7. Send, read the whole response within the route's timeout.
@@ -654,6 +664,10 @@ async fn proxy(
     } else {
         Bytes::from(scan::replace(&resp_body, &body_cards, body_tokens))
     };
+    let leaks = |bytes: &[u8]| sent_pans.iter().any(|pan| holds_digits(bytes, pan));
+    // A card sent upstream that still shows in the answer (digits of it glued to others,
+    // or split by any separator) withholds the whole answer.
+    let leaked = leaks(&out);
     let mut response = Response::new(Full::new(out));
     *response.status_mut() = head.status;
     let mut next_token = 0;
@@ -672,5 +686,18 @@ async fn proxy(
         };
         response.headers_mut().append(name.clone(), value);
     }
+    if leaked || response.headers().values().any(|v| leaks(v.as_bytes())) {
+        return Err(Refusal::new(
+            StatusCode::BAD_GATEWAY,
+            "the upstream's answer held a card number that was sent to it; it was withheld",
+        ));
+    }
     Ok(response)
+}
+
+/// Whether the digits of `text`, with everything else removed, contain `pan`.
+fn holds_digits(text: &[u8], pan: &str) -> bool {
+    let digits: zeroize::Zeroizing<Vec<u8>> =
+        zeroize::Zeroizing::new(text.iter().copied().filter(u8::is_ascii_digit).collect());
+    !pan.is_empty() && digits.windows(pan.len()).any(|w| w == pan.as_bytes())
 }

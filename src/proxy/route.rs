@@ -225,7 +225,8 @@ pub fn check_rest(rest: &str) -> Result<(), &'static str> {
     }
     let trimmed = rest.strip_suffix('/').unwrap_or(rest);
     for segment in trimmed.split('/') {
-        match segment {
+        // `..;x` is `..` to servlet containers (path parameters): judge what precedes `;`.
+        match segment.split(';').next().unwrap_or_default() {
             "" => return Err("the path may not contain an empty segment ('//')"),
             "." | ".." => return Err("the path may not contain '.' or '..' segments"),
             _ => {}
@@ -254,6 +255,8 @@ mod tests {
             "a/./b",
             "%2e%2e/admin",
             "%2E%2E/admin",
+            "..;/admin",
+            "a/..;x/admin",
             ".%2e/admin",
             "a%2fb",
             "a%5c..",
