@@ -1087,6 +1087,29 @@ async fn dual_control_needs_a_second_admin_within_the_window() {
     .into_inner();
     let id = pending.pending_request_id.clone();
     assert!(id.starts_with("req_"), "{pending:?}");
+    // Review finding: a tokenize-only client joining a reuse group is a card oracle on that
+    // group's tokens: it waits for a second admin too, and gets no key yet.
+    let grouped = within(root.add_client(pb::AddClientRequest {
+        name: "grouped".into(),
+        roles: vec!["tokenize".into()],
+        reuse_group: "checkout-group".into(),
+        ..Default::default()
+    }))
+    .await
+    .unwrap()
+    .into_inner();
+    assert!(grouped.api_key.is_empty(), "{grouped:?}");
+    assert!(
+        grouped.pending_request_id.starts_with("req_"),
+        "{grouped:?}"
+    );
+    assert!(server
+        .vault
+        .list_clients()
+        .await
+        .unwrap()
+        .iter()
+        .all(|c| c.name != "grouped"));
     let keys = server.vault.list_keys().await.unwrap();
     assert_eq!(keys.len(), 1);
     assert_eq!(key_state(&keys, 1), KeyState::Active);
@@ -1188,7 +1211,8 @@ async fn dual_control_needs_a_second_admin_within_the_window() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(listed.requests.len(), 3);
+    // The revocation, the reuse-group client and the detokenize client requests.
+    assert_eq!(listed.requests.len(), 4);
     assert!(listed
         .requests
         .iter()
@@ -1234,7 +1258,7 @@ async fn dual_control_needs_a_second_admin_within_the_window() {
     // Requests are persisted in the vault.
     let vault = Vault::open(VaultConfig::new(dir.path().join("data")), &master).unwrap();
     let rows = vault.admin_requests().await.unwrap();
-    assert_eq!(rows.len(), 3);
+    assert_eq!(rows.len(), 4);
     assert_eq!(rows.iter().filter(|r| r.approver.is_some()).count(), 2);
     vault.close().await;
 }

@@ -231,3 +231,15 @@ fn compare_runs_the_reference_and_the_target_in_one_command() {
         assert_eq!(r["item_errors"], 0, "{op}: {r}");
     }
 }
+
+/// Review finding: the no-op reference stores nothing and checks no key, so it never
+/// listens beyond loopback.
+#[test]
+fn the_reference_server_refuses_a_non_loopback_address() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokenvault"))
+        .args(["bench", "--serve-reference", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
+}

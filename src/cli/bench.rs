@@ -204,6 +204,13 @@ impl From<BenchError> for CliError {
 
 pub async fn run(args: BenchArgs) -> Result<(), CliError> {
     if let Some(listen) = args.serve_reference {
+        // It answers Tokenize without storing anything and checks no key: never beyond
+        // this machine, where a client pointed at it by mistake would send card numbers.
+        if !listen.ip().is_loopback() {
+            return Err(CliError::Usage(format!(
+                "--serve-reference {listen}: the no-op reference listens on loopback only"
+            )));
+        }
         let server = ReferenceServer::start(listen).await?;
         eprintln!(
             "bench: no-op reference server on {}; Ctrl-C stops it",

@@ -1080,12 +1080,14 @@ impl AdminRpcs for AdminService {
                 }
                 match self.dual_control {
                     // A new admin is dangerous too: with one, a single person could approve
-                    // their own requests.
+                    // their own requests. So is a client joining a reuse group: its
+                    // `reuse_existing` answers tell it which guessed cards the group holds.
                     Some(window)
-                        if new
-                            .roles
-                            .iter()
-                            .any(|r| *r == Role::Detokenize || r.is_admin()) =>
+                        if new.limits.reuse_group.is_some()
+                            || new
+                                .roles
+                                .iter()
+                                .any(|r| *r == Role::Detokenize || r.is_admin()) =>
                     {
                         // Validated now; the approver sees exactly these parameters.
                         crate::vault::validate_client_name(&new.name)?;

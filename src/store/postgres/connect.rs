@@ -130,6 +130,28 @@ impl PgUrl {
             }
             Some(_) => return Err(bad("unknown sslmode")),
         };
+        // Plain text by default only where nothing crosses a network: a Unix socket or
+        // loopback, as for the gRPC listener. Elsewhere the password, wrapped keys,
+        // ciphertexts and the audit trail would travel in clear and could be altered on the
+        // way, so plain text there must be asked for (`sslmode=disable`, e.g. a private
+        // network of containers).
+        if sslmode.is_none() {
+            let local = config.get_hosts().iter().all(|h| match h {
+                tokio_postgres::config::Host::Unix(_) => true,
+                tokio_postgres::config::Host::Tcp(name) => {
+                    name == "localhost"
+                        || name
+                            .trim_matches(|c| c == '[' || c == ']')
+                            .parse::<std::net::IpAddr>()
+                            .is_ok_and(|ip| ip.is_loopback())
+                }
+            });
+            if !local {
+                return Err(bad(
+                    "a database that is not on a Unix socket or loopback needs TLS: add                      sslmode=verify-full&sslrootcert=FILE",
+                ));
+            }
+        }
         if config.get_application_name().is_none() {
             config.application_name("tokenvault");
         }
@@ -248,11 +270,13 @@ mod tests {
     fn the_password_never_shows() {
         for url in [
             "postgres://vault:s3cr3t-pw@db.example:5432/vault?sslmode=disable",
-            "postgresql://vault@db/vault?password=s3cr3t-pw",
+            "postgresql://vault@127.0.0.1/vault?password=s3cr3t-pw",
         ] {
             let u = PgUrl::parse(url).unwrap();
             assert!(!format!("{u:?} {u}").contains("s3cr3t-pw"), "{u:?}");
         }
+        let e = PgUrl::parse("postgres://vault:s3cr3t-pw@db.example/vault").unwrap_err();
+        assert!(!e.to_string().contains("s3cr3t-pw"));
         let e = PgUrl::parse("postgres://vault:s3cr3t-pw@db/vault?sslmode=bogus").unwrap_err();
         assert!(!e.to_string().contains("s3cr3t-pw"));
     }
@@ -269,5 +293,13 @@ mod tests {
             }
         );
         assert_eq!(u.config.get_application_name(), Some("tokenvault"));
+        // Review finding: no silent plain text across a network.
+        assert!(PgUrl::parse("postgres://db.example/v").is_err());
+        assert!(PgUrl::parse("postgres://10.0.0.5/v").is_err());
+        assert!(PgUrl::parse("postgres://db.example/v?sslmode=disable").is_ok());
+        assert!(PgUrl::parse("postgres://127.0.0.1:5432/v").is_ok());
+        assert!(PgUrl::parse("postgres://[::1]:5432/v").is_ok());
+        assert!(PgUrl::parse("postgres://localhost/v").is_ok());
+        assert!(PgUrl::parse("postgres:///v?host=/run/postgresql").is_ok());
     }
 }
