@@ -524,6 +524,8 @@ pub struct Writer {
     wal_bound: u64,
     /// The destroy counter at this writer's last completed reset (None: none yet).
     truncated_at: Option<i64>,
+    /// No reset is tried before this (set after one was kept from finishing).
+    reset_backoff: Option<Instant>,
     /// Paused checkpoints ([`CheckpointPause`]) hold off this writer's resets too.
     checkpoints: Arc<CheckpointGate>,
     busy_timeout: Duration,
@@ -650,6 +652,15 @@ impl Writer {
         if len <= self.wal_bound && !destroyed {
             return;
         }
+        // After a reset kept from finishing, wait before the next try: each try may hold
+        // the write lock for up to the checkpoint's busy timeout, and a long reader (a
+        // backup, an export) can keep every try from finishing for seconds.
+        if self
+            .reset_backoff
+            .is_some_and(|until| Instant::now() < until)
+        {
+            return;
+        }
         let started = Instant::now();
         // Briefly: a reset waiting for a reader holds the write lock, and another process
         // (a server beside this admin command) may be waiting to write.
@@ -660,6 +671,7 @@ impl Writer {
             .unwrap_or(Ok(false));
         let _ = self.conn.busy_timeout(self.busy_timeout);
         super::observe_wal_reset(started.elapsed(), matches!(done, Ok(true)));
+        self.reset_backoff = (!matches!(done, Ok(true))).then(|| Instant::now() + RESET_BACKOFF);
         match done {
             Ok(true) => {
                 if seq.is_some() {
@@ -1355,6 +1367,9 @@ impl ReadPool {
 // ---------------------------------------------------------------------------------------
 // The checkpointer
 
+/// How long the writer waits after a WAL reset was kept from finishing before it tries again.
+const RESET_BACKOFF: Duration = Duration::from_millis(250);
+
 /// How often the prober checkpoints.
 const PROBE_TICK: Duration = Duration::from_millis(100);
 /// How long one checkpoint waits for readers and the writer; short, because a TRUNCATE
@@ -1519,6 +1534,7 @@ impl SqliteStore {
             wal_path: path.with_extension("db-wal"),
             wal_bound: p.max_wal_bytes.unwrap_or(journal_limit),
             truncated_at,
+            reset_backoff: None,
             checkpoints: checkpoints.clone(),
             busy_timeout: p.busy_timeout,
         };
