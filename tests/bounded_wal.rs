@@ -7,6 +7,8 @@
 //! thread samples the WAL's size. The bound is `limits.max_wal_bytes` (64 MiB by default),
 //! 2 MiB here so that a debug build fills it many times over in a few seconds.
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,27 +22,7 @@ const WAL_BOUND: u64 = 2 << 20;
 const WRITES: u64 = 40_000;
 
 fn pan(n: u64) -> Pan {
-    // 15 digits from n, then the Luhn check digit.
-    let body = format!("4{:014}", n % 100_000_000_000_000);
-    let digits: Vec<u32> = body.chars().map(|c| c.to_digit(10).unwrap()).collect();
-    let sum: u32 = digits
-        .iter()
-        .rev()
-        .enumerate()
-        .map(|(i, &d)| {
-            if i % 2 == 0 {
-                let x = d * 2;
-                if x > 9 {
-                    x - 9
-                } else {
-                    x
-                }
-            } else {
-                d
-            }
-        })
-        .sum();
-    Pan::parse(&format!("{body}{}", (10 - sum % 10) % 10)).unwrap()
+    Pan::parse(&common::test_pan(n)).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
