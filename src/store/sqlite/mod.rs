@@ -52,6 +52,8 @@ pub const DB_FILE: &str = "vault.db";
 pub(crate) const MAX_TOKEN_DRAWS: usize = 32;
 /// Prepared statements kept per connection.
 const STATEMENT_CACHE: usize = 64;
+/// Lookups of at most this many tokens run on the caller's thread (see [`ReadPool`]).
+const INLINE_LOOKUP: usize = 16;
 /// Reads go through a memory map of the database file (the WAL is read normally).
 const MMAP_SIZE: i64 = 1 << 30;
 pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -141,6 +143,21 @@ pub(super) fn checkpoint_truncate(conn: &Connection) -> Result<bool> {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
         })?;
     Ok(busy == 0 && log <= 0 && done <= 0)
+}
+
+/// `wal_checkpoint(RESTART)`: copies every frame back and makes the next commit write the
+/// WAL from its start, over the blocks the file already has. The file keeps its size (at
+/// most the journal size limit), and a commit's fsync then flushes data only: appending to
+/// a file that was truncated to zero also makes every fsync commit the file's new size to
+/// the filesystem's journal. Old frames stay in the file until overwritten, so this is for
+/// bounding the WAL only; destroyed data needs [`checkpoint_truncate`]. True when it
+/// completed (every frame copied back, no reader left on the WAL).
+fn checkpoint_restart(conn: &Connection) -> Result<bool> {
+    let (busy, log, done): (i64, i64, i64) =
+        conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?;
+    Ok(busy == 0 && log == done)
 }
 
 pub(super) fn set_pragmas(conn: &Connection, max_storage_bytes: Option<u64>) -> Result<()> {
@@ -542,8 +559,8 @@ pub(super) struct SpaceGauge {
     /// Bytes available on the filesystem (u64::MAX when unknown).
     free: std::sync::atomic::AtomicU64,
     /// Set by the writer after each group, cleared by the prober's tick: while the writer is
-    /// busy it resets the WAL itself ([`Writer::bound_wal`]), and a background PASSIVE
-    /// checkpoint would only hold the checkpoint lock and make its reset fail as busy.
+    /// busy it resets the WAL itself ([`Writer::bound_wal`]) and truncates after destroying
+    /// commits, and the prober only copies frames back (PASSIVE) ahead of those resets.
     writing: AtomicBool,
 }
 
@@ -639,17 +656,24 @@ impl Writer {
     /// anyone, and so never catch up with a writer that always has the next group queued:
     /// under sustained writes the WAL would grow for as long as the load lasts (2.3 GB in
     /// 40 s at 22k tokenize/s), and so would recovery after a crash. Here, between two
-    /// groups, the writer itself copies the WAL back and truncates it; the few readers
-    /// finish their point reads within the busy timeout. It costs one pause of the writer
-    /// per `wal_bound` bytes written, which shows in p99 (BENCHMARKS.md). While the writer
-    /// is busy the prober stays out of its way ([`SpaceGauge::writing`]): a checkpoint of
-    /// the prober would hold the checkpoint lock and make this one fail as busy. A reset
-    /// kept from finishing (a long reader, another process) is retried after the next group.
+    /// groups, the writer itself copies the rest of the WAL back and restarts it in place
+    /// (after destroying commits: truncates it); the few readers finish their point reads
+    /// within the busy timeout. It costs one pause of the writer per `wal_bound` bytes
+    /// written, which shows in p99 (BENCHMARKS.md); the prober's PASSIVE checkpoints copy
+    /// most frames back beforehand, off the writer's thread, to keep that pause short. A
+    /// reset kept from finishing (a long reader, another process) is retried later.
     fn bound_wal(&mut self) {
         let len = std::fs::metadata(&self.wal_path).map_or(0, |m| m.len());
         let seq = read_destroy_seq(&self.conn).ok();
         let destroyed = seq.is_some() && seq != self.truncated_at;
         if len <= self.wal_bound && !destroyed {
+            return;
+        }
+        // The prober's PASSIVE checkpoint is copying frames back: a reset now would wait on
+        // it (its copy and fsync), with every queued request behind the writer. Unless the
+        // WAL is well past its bound, let it finish; the reset after it has little to copy.
+        if !destroyed && len <= self.wal_bound + self.wal_bound / 4 && self.checkpoints.running()
+        {
             return;
         }
         // After a reset kept from finishing, wait before the next try: each try may hold
@@ -665,16 +689,24 @@ impl Writer {
         // Briefly: a reset waiting for a reader holds the write lock, and another process
         // (a server beside this admin command) may be waiting to write.
         let _ = self.conn.busy_timeout(CHECKPOINT_BUSY_TIMEOUT);
+        // After destroying commits the old bytes must leave the file: truncate. Otherwise
+        // restart the WAL in place (see `checkpoint_restart`).
         let done = self
             .checkpoints
-            .run(|| checkpoint_truncate(&self.conn))
+            .run(|| {
+                if destroyed {
+                    checkpoint_truncate(&self.conn)
+                } else {
+                    checkpoint_restart(&self.conn)
+                }
+            })
             .unwrap_or(Ok(false));
         let _ = self.conn.busy_timeout(self.busy_timeout);
         super::observe_wal_reset(started.elapsed(), matches!(done, Ok(true)));
         self.reset_backoff = (!matches!(done, Ok(true))).then(|| Instant::now() + RESET_BACKOFF);
         match done {
             Ok(true) => {
-                if seq.is_some() {
+                if destroyed {
                     self.truncated_at = seq;
                 }
             }
@@ -1287,9 +1319,36 @@ fn insert_token(
 
 type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
 
+/// Readers. Point reads (a Detokenize's lookup) run on the calling thread, on a connection
+/// taken from `idle`: a WAL-mode read never waits for the writer, and a point read through
+/// the memory map costs less than the two thread hand-offs of a trip to a reader thread.
+/// Longer reads (exports, checks, listings) go to the reader threads.
 struct ReadPool {
     tx: Mutex<Option<std_mpsc::SyncSender<ReadJob>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Connections for point reads; None once the vault is closed.
+    idle: Mutex<Option<Vec<Connection>>>,
+    path: PathBuf,
+}
+
+/// Point-read connections kept open: one per thread that reads at the same moment (the
+/// runtime's workers), a few more for bursts.
+const IDLE_READERS: usize = 8;
+
+fn open_reader(path: &Path) -> Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    enable_secure_delete(&conn)?;
+    conn.pragma_update(None, "query_only", true)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    // Every commit of the writer invalidates a reader's page cache, and clearing a
+    // large cache costs more than re-reading through the memory map.
+    conn.pragma_update(None, "cache_size", -2_000)?;
+    conn.pragma_update(None, "mmap_size", MMAP_SIZE)?;
+    Ok(conn)
 }
 
 impl ReadPool {
@@ -1298,18 +1357,7 @@ impl ReadPool {
         let rx = Arc::new(Mutex::new(rx));
         let mut threads = Vec::new();
         for i in 0..n.max(1) {
-            let conn = Connection::open_with_flags(
-                path,
-                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )?;
-            conn.busy_timeout(BUSY_TIMEOUT)?;
-            enable_secure_delete(&conn)?;
-            conn.pragma_update(None, "query_only", true)?;
-            conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-            // Every commit of the writer invalidates a reader's page cache, and clearing a
-            // large cache costs more than re-reading through the memory map.
-            conn.pragma_update(None, "cache_size", -2_000)?;
-            conn.pragma_update(None, "mmap_size", MMAP_SIZE)?;
+            let conn = open_reader(path)?;
             let rx = rx.clone();
             threads.push(
                 std::thread::Builder::new()
@@ -1327,10 +1375,32 @@ impl ReadPool {
                     .map_err(|e| Error::Internal(format!("spawn reader: {e}")))?,
             );
         }
+        let idle = (0..2).map(|_| open_reader(path)).collect::<Result<Vec<_>>>()?;
         Ok(ReadPool {
             tx: Mutex::new(Some(tx)),
             threads: Mutex::new(threads),
+            idle: Mutex::new(Some(idle)),
+            path: path.to_path_buf(),
         })
+    }
+
+    /// Runs a short read here, on this thread (see [`ReadPool`]).
+    fn inline<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let taken = match &mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(idle) => idle.pop(),
+            None => return Err(Error::Unavailable("the vault is closed".into())),
+        };
+        let conn = match taken {
+            Some(c) => c,
+            None => open_reader(&self.path)?,
+        };
+        let out = f(&conn);
+        if let Some(idle) = &mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()) {
+            if idle.len() < IDLE_READERS {
+                idle.push(conn);
+            }
+        }
+        out
     }
 
     fn submit<T: Send + 'static>(
@@ -1356,6 +1426,7 @@ impl ReadPool {
     }
 
     fn stop(&self) {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).take();
         self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
         for t in threads {
@@ -1387,11 +1458,7 @@ fn checkpoint_tick(conn: &Connection, truncated_at: Option<i64>) -> Option<i64> 
         }
     };
     if truncated_at == Some(seq) {
-        // PASSIVE never blocks the writer or readers; the writer restarts the WAL from its
-        // start once everything in it has been copied back.
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::debug!(error = %e, "checkpoint");
-        }
+        checkpoint_passive(conn);
         return truncated_at;
     }
     match checkpoint_truncate(conn) {
@@ -1401,6 +1468,14 @@ fn checkpoint_tick(conn: &Connection, truncated_at: Option<i64>) -> Option<i64> 
             tracing::debug!(error = %e, "truncating checkpoint");
             truncated_at
         }
+    }
+}
+
+/// PASSIVE never blocks the writer or readers; a writer restarts the WAL from its start
+/// once everything in it has been copied back.
+fn checkpoint_passive(conn: &Connection) {
+    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+        tracing::debug!(error = %e, "checkpoint");
     }
 }
 
@@ -1428,6 +1503,11 @@ impl CheckpointGate {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = false;
         self.changed.notify_all();
         Some(out)
+    }
+
+    /// A checkpoint of this process is running.
+    fn running(&self) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1
     }
 
     fn pause(self: &Arc<Self>) -> CheckpointPause {
@@ -1497,7 +1577,11 @@ impl SqliteStore {
         let journal_limit = p
             .max_storage_bytes
             .map_or(64 << 20, |b| (b / 16).clamp(256 << 10, 64 << 20));
-        conn.pragma_update(None, "journal_size_limit", journal_limit as i64)?;
+        // The writer restarts the WAL in place at its bound (see `checkpoint_restart`); a
+        // limit below the bound would cut the file back on every restart, and every commit
+        // until the next would append again.
+        let wal_bound = p.max_wal_bytes.unwrap_or(journal_limit);
+        conn.pragma_update(None, "journal_size_limit", wal_bound as i64)?;
         let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
         let tokenize_byte_limit = p
             .max_storage_bytes
@@ -1532,7 +1616,7 @@ impl SqliteStore {
             space: space.clone(),
             data_dir: data_dir.to_path_buf(),
             wal_path: path.with_extension("db-wal"),
-            wal_bound: p.max_wal_bytes.unwrap_or(journal_limit),
+            wal_bound,
             truncated_at,
             reset_backoff: None,
             checkpoints: checkpoints.clone(),
@@ -1597,8 +1681,12 @@ impl SqliteStore {
                     if let Ok(c) = &checkpointer {
                         let t = truncated_at;
                         // While the writer writes, it bounds the WAL and truncates after
-                        // destroying commits itself (`Writer::bound_wal`).
-                        if !space.writing.swap(false, Ordering::Relaxed) {
+                        // destroying commits itself (`Writer::bound_wal`); here PASSIVE
+                        // copies frames back ahead of its resets, so that a reset has only
+                        // the last moments' frames to copy, and its pause stays short.
+                        if space.writing.swap(false, Ordering::Relaxed) {
+                            gate.run(|| checkpoint_passive(c));
+                        } else {
                             truncated_at = gate.run(|| checkpoint_tick(c, t)).unwrap_or(t);
                         }
                     }
@@ -1756,7 +1844,8 @@ impl Storage for SqliteStore {
     }
 
     fn lookup(&self, tokens: Vec<String>, now: Micros) -> StoreFuture<Vec<Option<TokenRow>>> {
-        self.read(move |conn| {
+        let inline = tokens.len() <= INLINE_LOOKUP;
+        let read = move |conn: &Connection| {
             let mut stmt = conn.prepare_cached(SQL_LOOKUP)?;
             let mut out = Vec::with_capacity(tokens.len());
             for t in &tokens {
@@ -1777,7 +1866,13 @@ impl Storage for SqliteStore {
                 out.push(row);
             }
             Ok(out)
-        })
+        };
+        // A few tokens are a few index probes: cheaper here than a trip to a reader thread.
+        if inline {
+            let rows = self.reads.inline(read);
+            return Box::pin(async move { rows });
+        }
+        self.read(read)
     }
 
     fn delete(&self, token: String, caller: Caller) -> StoreFuture<bool> {
