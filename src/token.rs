@@ -2,7 +2,7 @@
 //!
 //! This module owns:
 //! - the token formats ([`TokenFormat`]) and their stable storage codes;
-//! - drawing fresh tokens ([`generate`]) from [`OsRng`] only;
+//! - drawing fresh tokens ([`generate`]) from the OS CSPRNG only ([`crate::crypto::public_random`]);
 //! - how many distinct tokens a format can produce ([`space_size`]), which the store uses to
 //!   notice an exhausted space;
 //! - syntax validation of tokens arriving from callers ([`Token::parse`]), including refusing
@@ -19,9 +19,6 @@
 //! - `PanShapedKeepBin`: as `PanShaped`, also keeping the first six digits.
 //!
 //! Neither errors nor anything else here ever echo the input.
-
-use rand::rngs::OsRng;
-use rand::RngCore;
 
 use crate::card::{luhn_valid, Pan, MAX_LEN, MIN_LEN};
 
@@ -167,7 +164,7 @@ pub fn generate(format: TokenFormat, pan: &Pan) -> Token {
 /// and every 6-bit group is uniform, so each character is unbiased.
 fn generate_opaque() -> Token {
     let mut bytes = [0u8; OPAQUE_RANDOM_BYTES];
-    OsRng.fill_bytes(&mut bytes);
+    crate::crypto::public_random(&mut bytes);
     let mut s = String::with_capacity(OPAQUE_PREFIX.len() + OPAQUE_TIME_CHARS + OPAQUE_BODY_LEN);
     s.push_str(OPAQUE_PREFIX);
     let millis = std::time::SystemTime::now()
@@ -231,7 +228,7 @@ struct RandomBytes {
 impl RandomBytes {
     fn new() -> RandomBytes {
         let mut buf = [0u8; 32];
-        OsRng.fill_bytes(&mut buf);
+        crate::crypto::public_random(&mut buf);
         RandomBytes { buf, next: 0 }
     }
 
@@ -240,7 +237,7 @@ impl RandomBytes {
         let limit = 256 - 256 % u16::from(n);
         loop {
             if self.next == self.buf.len() {
-                OsRng.fill_bytes(&mut self.buf);
+                crate::crypto::public_random(&mut self.buf);
                 self.next = 0;
             }
             let b = self.buf[self.next];

@@ -102,7 +102,9 @@ use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 pub mod pkcs11;
+mod rng;
 pub mod shares;
+pub use rng::public_random;
 #[cfg(test)]
 mod tests;
 
@@ -924,7 +926,8 @@ impl DataKey {
     /// Fresh random nonce; sealed in [`ROW_FORMAT`]: the AAD binds this version, the token
     /// and the row's canonical metadata `meta` (see `store::TokenMeta::canonical`).
     pub fn seal(&self, token: &str, meta: &[u8], plaintext: &[u8]) -> Sealed {
-        let nonce: [u8; NONCE_LEN] = random_bytes();
+        let mut nonce = [0u8; NONCE_LEN];
+        public_random(&mut nonce);
         let aad = pan_row_aad(self.version, token, meta);
         let ciphertext = gcm_seal(&self.cipher, &nonce, aad.as_bytes(), plaintext);
         Sealed { nonce, ciphertext }
