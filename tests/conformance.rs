@@ -70,7 +70,7 @@ impl Store {
             Store::Postgres { url, dir, .. } => {
                 // No data directory is needed: point at one that does not exist.
                 let mut cfg = VaultConfig::new(dir.path().join("unused"));
-                cfg.store_url = Some(url.clone());
+                cfg.store_url = Some(url.clone().into());
                 cfg
             }
         }
@@ -841,7 +841,7 @@ async fn a_role_with_only_dml_grants_runs_the_vault() {
         ),
     );
     let mut cfg = VaultConfig::new(dir.path().join("unused"));
-    cfg.store_url = Some(format!("postgres://{role}@127.0.0.1:{}/{db}", cluster.port));
+    cfg.store_url = Some(format!("postgres://{role}@127.0.0.1:{}/{db}", cluster.port).into());
     let vault = Vault::open(cfg, &key).unwrap();
     let t = vault
         .tokenize(&caller(), req(PANS[0], TokenFormat::Opaque, false))

@@ -44,7 +44,7 @@ fn sqlite_cfg(dir: &Path) -> VaultConfig {
 
 fn pg_cfg(url: &str, dir: &Path) -> VaultConfig {
     let mut cfg = VaultConfig::new(dir.join("unused"));
-    cfg.store_url = Some(url.to_owned());
+    cfg.store_url = Some(url.into());
     cfg
 }
 

@@ -23,10 +23,10 @@ pub struct MigrateArgs {
     /// The source vault (and its master key, which also opens the copy).
     #[command(flatten)]
     pub vault: VaultArgs,
-    /// The empty target: a postgres:// URL (password from PGPASSWORD), or a directory for a
+    /// The empty target: a postgres:// URL (password from PGPASSWORD or PGPASSFILE/~/.pgpass), or a directory for a
     /// SQLite vault (created; must hold no vault).
     #[arg(long, value_name = "URL|DIR")]
-    pub to: String,
+    pub to: crate::config::StoreUrl,
     /// Ciphertexts of the copy to decrypt as a check.
     #[arg(long, default_value_t = 1000, value_name = "N")]
     pub sample: usize,
@@ -64,7 +64,7 @@ async fn migrate(args: MigrateArgs) -> Result<(), CliError> {
     let master = args.vault.master_key()?;
     let source_cfg = args.vault.config();
     let source = source_cfg.location()?;
-    let mut target_cfg = VaultConfig::new(PathBuf::from(&args.to));
+    let mut target_cfg = VaultConfig::new(PathBuf::from(args.to.as_str()));
     if PgUrl::is_postgres(&args.to) {
         target_cfg.data_dir = PathBuf::from("/nonexistent-tokenvault-data-dir");
         target_cfg.store_url = Some(args.to.clone());
