@@ -125,6 +125,7 @@ conformance!(
     automatic_rotation_counts_are_exact,
     one_batch_reuses_rotates_and_audits_in_order,
     one_batch_retries_collisions_and_runs_out_cleanly,
+    the_storage_limit_refuses_tokenize_and_keeps_reveals,
     concurrent_load_keeps_one_unbroken_chain,
     an_edited_audit_record_is_caught,
     an_altered_ciphertext_is_data_loss,
@@ -432,6 +433,67 @@ async fn one_batch_retries_collisions_and_runs_out_cleanly(store: Store) {
             .unwrap();
         assert_eq!(revealed.pan.expose_digits(), pan);
     }
+    vault.close().await;
+}
+
+/// `limits.max_storage_bytes`: once the vault's storage passes the tokenize share of the
+/// limit (SQLite: pages in use; PostgreSQL: its tables on disk, measured every second),
+/// every tokenize item is refused with RESOURCE_EXHAUSTED and audited, nothing of it is
+/// stored, and reveals (with their audit records) still work.
+async fn the_storage_limit_refuses_tokenize_and_keeps_reveals(store: Store) {
+    let key = MasterKey::generate();
+    let mut cfg = store.config();
+    cfg.max_storage_bytes = Some(4 << 20);
+    let vault = Vault::create(cfg, &key).unwrap();
+    let batch = |seed: usize| {
+        (0..200)
+            .map(|i| req(PANS[(seed + i) % 4], TokenFormat::Opaque, false))
+            .collect::<Vec<_>>()
+    };
+    let mut first = None;
+    let mut stored = 0u64;
+    let mut n = 0;
+    let refused = loop {
+        let out = vault.tokenize_batch(&caller(), batch(n)).await.unwrap();
+        n += 1;
+        let ok = out.iter().filter(|r| r.is_ok()).count();
+        if ok == 0 {
+            break out;
+        }
+        assert_eq!(ok, out.len(), "a batch is refused whole or not at all");
+        stored += ok as u64;
+        first.get_or_insert_with(|| out[0].as_ref().unwrap().token.clone());
+        assert!(n < 400, "the storage limit never took effect");
+        // PostgreSQL measures once a second.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for r in &refused {
+        assert!(
+            matches!(r, Err(Error::ResourceExhausted(m)) if m.contains("storage limit")),
+            "{r:?}"
+        );
+    }
+    let keys = vault.list_keys().await.unwrap();
+    assert_eq!(
+        keys.iter().map(|k| k.rows).sum::<u64>(),
+        stored,
+        "nothing refused is stored"
+    );
+    let revealed = vault
+        .detokenize(&caller(), first.unwrap(), "after the limit".into())
+        .await
+        .unwrap();
+    assert!(PANS.contains(&revealed.pan.expose_digits()));
+    let head = vault.audit_head_seq().await.unwrap();
+    let records = vault
+        .audit_records(head.saturating_sub(300), 400)
+        .await
+        .unwrap();
+    assert!(records
+        .iter()
+        .any(|r| r.action == "tokenize" && r.outcome == "RESOURCE_EXHAUSTED"));
+    assert_eq!(records.last().unwrap().action, "detokenize");
+    assert!(vault.verify_audit().await.unwrap().is_ok());
     vault.close().await;
 }
 

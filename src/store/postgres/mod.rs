@@ -59,8 +59,31 @@ use crate::token::{self, TokenFormat};
 const ADMIN_CHUNK: i64 = 256;
 /// Audit records read per step of a walk.
 const WALK_CHUNK: i64 = 10_000;
-/// How often an idle replica proves the database answers (health).
+/// How often an idle replica proves the database answers (health), and measures the vault's
+/// size against `limits.max_storage_bytes`.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// Share of the storage limit that tokenize may use; the rest is kept for audit records
+/// (reveals stay possible). The same share as SQLite's.
+const TOKENIZE_SHARE: f64 = 0.9;
+/// The vault's size: every table of its schema with its indexes and TOAST, as on disk.
+const SQL_VAULT_BYTES: &str = "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0)::bigint \
+     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+     WHERE c.relkind = 'r' AND n.nspname = current_schema()";
+
+/// Measures the vault's tables against the tokenize share of the limit; sets `full`.
+async fn measure_storage(pool: &Pool, limit: u64, full: &AtomicBool) -> Result<()> {
+    let client = PgShared::client(pool).await?;
+    let bytes: i64 = client
+        .query_one(SQL_VAULT_BYTES, &[])
+        .await
+        .map_err(map_err)?
+        .get(0);
+    full.store(
+        bytes.max(0) as u64 >= (limit as f64 * TOKENIZE_SHARE) as u64,
+        Ordering::Relaxed,
+    );
+    Ok(())
+}
 
 // ---------------------------------------------------------------------------------------
 // The connection and the runtime it lives on
@@ -1169,6 +1192,9 @@ struct Writer {
     keyring: Arc<Keyring>,
     healthy: Arc<AtomicBool>,
     max_group_items: usize,
+    /// The vault's tables passed the tokenize share of `limits.max_storage_bytes` at the
+    /// last measurement (at most a second old): tokenize items are refused, nothing else.
+    storage_full: Arc<AtomicBool>,
 }
 
 impl Writer {
@@ -1235,13 +1261,34 @@ impl Writer {
         let mut client = PgShared::client(&self.pool).await?;
         let tx = client.transaction().await.map_err(map_err)?;
         let mut st = begin_state(&tx, keyring).await?;
-        let mut found = find_reusable(&tx, group).await?;
+        let full = self.storage_full.load(Ordering::Relaxed);
+        let mut found = if full {
+            HashMap::new()
+        } else {
+            find_reusable(&tx, group).await?
+        };
         let mut batch = TokenBatch::new();
         let mut outcomes = Vec::with_capacity(group.len());
         // (outcome index, item count) of each tokenize op, answered once the batch is written.
         let mut sizes = Vec::new();
         for op in group.iter_mut() {
             outcomes.push(match op {
+                WriteOp::Tokenize { items, caller, .. } if full => {
+                    // As SQLite's full store: each item refused and audited, none stored.
+                    let results = items
+                        .iter()
+                        .map(|_| {
+                            let r = Err(Error::ResourceExhausted(
+                                "storage limit reached: tokenize is refused until space is \
+                                 freed or the limit is raised"
+                                    .into(),
+                            ));
+                            st.audit.push(AuditEntry::new(caller, "tokenize", "", outcome_of(&r), ""));
+                            r
+                        })
+                        .collect();
+                    Outcome::Tokenize(results)
+                }
                 WriteOp::Tokenize { items, caller, .. } => {
                     sizes.push((outcomes.len(), items.len()));
                     for item in items.iter_mut() {
@@ -1335,6 +1382,12 @@ impl PgStore {
             }
             prepare_audit(&mut client, &kr).await
         })?;
+        let storage_full = Arc::new(AtomicBool::new(false));
+        let limit = p.max_storage_bytes;
+        if let Some(limit) = limit {
+            let (pool, full) = (shared.pool.clone(), storage_full.clone());
+            shared.block(async move { measure_storage(&pool, limit, &full).await })?;
+        }
         let healthy = Arc::new(AtomicBool::new(true));
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel(p.writer_queue.max(1));
@@ -1344,6 +1397,7 @@ impl PgStore {
             keyring: keyring.clone(),
             healthy: healthy.clone(),
             max_group_items: p.max_group_items.max(1),
+            storage_full: storage_full.clone(),
         };
         shared.handle().spawn(async move {
             writer.run(rx).await;
@@ -1355,8 +1409,14 @@ impl PgStore {
                 while !stop.load(Ordering::Relaxed) {
                     tokio::time::sleep(PROBE_EVERY).await;
                     let probe = async {
-                        let c = PgShared::client(&pool).await?;
-                        c.simple_query("SELECT 1").await.map_err(map_err)?;
+                        match limit {
+                            // The measurement is the probe: it needs the database too.
+                            Some(limit) => measure_storage(&pool, limit, &storage_full).await?,
+                            None => {
+                                let c = PgShared::client(&pool).await?;
+                                c.simple_query("SELECT 1").await.map_err(map_err)?;
+                            }
+                        }
                         Ok::<_, Error>(())
                     };
                     let ok = matches!(
