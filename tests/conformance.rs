@@ -997,3 +997,52 @@ async fn dual_control_requests_need_a_second_admin(store: Store) {
     );
     vault.close().await;
 }
+
+/// Group commit in a constant number of statements: a TokenizeBatch of 64 (one group) runs
+/// one token insert, one audit insert, one head update and one count update, the same
+/// statements as a batch of 1 (counted by pg_stat_statements); before, one insert per token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_of_64_costs_the_statements_of_a_group_of_1() {
+    let Some(cluster) = pg::private_cluster_with("-c shared_preload_libraries=pg_stat_statements")
+    else {
+        return;
+    };
+    let store = Store::postgres_on(cluster.clone()).unwrap();
+    let Store::Postgres { url, .. } = &store else {
+        unreachable!()
+    };
+    let db = pg::db_of(url).to_owned();
+    cluster.sql(&db, "CREATE EXTENSION pg_stat_statements");
+    let key = MasterKey::generate();
+    let vault = Vault::create(store.config(), &key).unwrap();
+    let calls = |what: &str| -> i64 {
+        cluster
+            .query(
+                &db,
+                &format!(
+                    "SELECT COALESCE(SUM(calls), 0) FROM pg_stat_statements \
+                     WHERE query LIKE '{what}%'"
+                ),
+            )
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let mut per_batch = Vec::new();
+    for n in [1usize, 64] {
+        cluster.sql(&db, "SELECT pg_stat_statements_reset()");
+        let reqs = (0..n)
+            .map(|i| req(PANS[i % 4], TokenFormat::Opaque, false))
+            .collect();
+        let out = vault.tokenize_batch(&caller(), reqs).await.unwrap();
+        assert!(out.iter().all(|r| r.is_ok()));
+        per_batch.push((
+            calls("INSERT INTO tokens"),
+            calls("INSERT INTO audit("),
+            calls("UPDATE audit_head"),
+            calls("UPDATE data_keys SET encryptions"),
+        ));
+    }
+    assert_eq!(per_batch, vec![(1, 1, 1, 1), (1, 1, 1, 1)]);
+    vault.close().await;
+}
