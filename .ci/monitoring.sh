@@ -26,4 +26,9 @@ fi
     deploy/kubernetes/namespace.yaml deploy/kubernetes/networkpolicy.yaml \
     deploy/kubernetes/secret.example.yaml deploy/kubernetes/service.yaml \
     deploy/kubernetes/serviceaccount.yaml deploy/kubernetes/statefulset.yaml
-echo "monitoring rules and Kubernetes manifests: OK"
+# The PostgreSQL mode's stateless replicas (kustomization.yaml is kustomize's, not an API
+# object).
+"$venv/bin/kubernetes-validate" --strict --quiet \
+    deploy/kubernetes-postgres/deployment.yaml deploy/kubernetes-postgres/init-job.yaml \
+    deploy/kubernetes-postgres/pdb.yaml
+echo "monitoring rules and Kubernetes manifests (SQLite and PostgreSQL modes): OK"

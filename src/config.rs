@@ -120,14 +120,70 @@ impl Default for StorageSection {
     }
 }
 
+/// A store URL as given (flag, environment variable, file, `store migrate --to`). It may
+/// carry a password (`user:secret@`, `?password=`), so its `Debug` shows it redacted: a
+/// configuration or argument struct printed with `{:?}` (a log line, a panic, an error) never
+/// shows the password. The text itself goes only to the connection.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct StoreUrl(String);
+
+impl StoreUrl {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL for messages: a PostgreSQL URL without its password; anything else (a
+    /// directory) as is.
+    pub fn redacted(&self) -> String {
+        if crate::store::postgres::PgUrl::is_postgres(&self.0) {
+            crate::store::postgres::connect::redact(&self.0)
+        } else {
+            self.0.clone()
+        }
+    }
+}
+
+impl fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.redacted(), f)
+    }
+}
+
+impl std::ops::Deref for StoreUrl {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for StoreUrl {
+    fn from(s: String) -> Self {
+        StoreUrl(s)
+    }
+}
+
+impl From<&str> for StoreUrl {
+    fn from(s: &str) -> Self {
+        StoreUrl(s.to_owned())
+    }
+}
+
+impl std::str::FromStr for StoreUrl {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        Ok(StoreUrl(s.to_owned()))
+    }
+}
+
 /// `[store]`: a shared PostgreSQL store instead of SQLite in `storage.data_dir`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreSection {
     /// `postgres://USER@HOST/DB?sslmode=verify-full&sslrootcert=CA`; the password comes
-    /// from `PGPASSWORD` (keep it out of this file).
+    /// from `PGPASSWORD` or a password file, `PGPASSFILE`/`~/.pgpass` (keep it out of this file).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub url: Option<String>,
+    pub url: Option<StoreUrl>,
 }
 
 /// TLS server certificate and key (PEM), and for mutual TLS the CA that signs client
@@ -299,7 +355,7 @@ pub struct Overrides {
     pub mlock: Option<bool>,
     pub access_log: Option<bool>,
     pub data_dir: Option<PathBuf>,
-    pub store_url: Option<String>,
+    pub store_url: Option<StoreUrl>,
     pub master_key_file: Option<PathBuf>,
     pub master_key_pkcs11: Option<String>,
     pub tls_cert: Option<PathBuf>,
@@ -566,7 +622,7 @@ impl Config {
             .store
             .url
             .as_deref()
-            .map(crate::store::postgres::connect::redact);
+            .map(|u| crate::store::postgres::connect::redact(u).into());
         let mut text =
             toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"));
         if !text.ends_with('\n') {
@@ -760,14 +816,14 @@ pub struct ConfigArgs {
     #[arg(long, env = "TOKENVAULT_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// A shared PostgreSQL store instead of SQLite in the data directory; the password from
-    /// PGPASSWORD [file: store.url].
+    /// PGPASSWORD or PGPASSFILE/~/.pgpass [file: store.url].
     #[arg(
         long,
         env = "TOKENVAULT_STORE_URL",
         value_name = "URL",
         hide_env_values = true
     )]
-    pub store_url: Option<String>,
+    pub store_url: Option<StoreUrl>,
     /// File holding the master key [file: storage.master_key_file].
     #[arg(long, env = "TOKENVAULT_MASTER_KEY_FILE", value_name = "FILE")]
     pub master_key_file: Option<PathBuf>,

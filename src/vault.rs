@@ -58,7 +58,7 @@ pub struct VaultConfig {
     /// Where expiry and retention read the time (tests step it); see [`clock`].
     pub clock: Clock,
     /// A shared PostgreSQL store (`postgres://…`); None = SQLite in `data_dir`.
-    pub store_url: Option<String>,
+    pub store_url: Option<crate::config::StoreUrl>,
 }
 
 impl VaultConfig {

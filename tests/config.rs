@@ -168,3 +168,60 @@ fn secrets_are_redacted_and_files_are_checked() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).1.contains("requires TLS"));
 }
+
+/// Every struct that holds a store URL (the file's `[store]`, the flags and environment,
+/// the merged overrides, the vault settings, the CLI's vault and migrate arguments) prints
+/// with `{:?}` without the password, whether it came in the userinfo or as `?password=`.
+#[test]
+fn no_debug_output_shows_the_store_password() {
+    use clap::Parser;
+    use tokenvault::cli::common::VaultArgs;
+    use tokenvault::cli::store::MigrateArgs;
+    use tokenvault::config::{Config, ConfigArgs};
+
+    #[derive(Parser, Debug)]
+    struct Vault {
+        #[command(flatten)]
+        v: VaultArgs,
+    }
+    #[derive(Parser, Debug)]
+    struct Migrate {
+        #[command(flatten)]
+        m: MigrateArgs,
+    }
+    #[derive(Parser, Debug)]
+    struct Flags {
+        #[command(flatten)]
+        c: ConfigArgs,
+    }
+    const SECRET: &str = "s3cr3t-pw";
+    for url in [
+        "postgres://vault:s3cr3t-pw@db.example/vault?sslmode=disable",
+        "postgresql://vault@127.0.0.1/vault?password=s3cr3t-pw",
+    ] {
+        let file = Config::from_toml(&format!("[store]\nurl = \"{url}\"\n")).unwrap();
+        let flags = Flags::try_parse_from(["t", "--store-url", url]).unwrap();
+        let overrides = flags.c.overrides(None, None);
+        let merged = Config::default().overlay(&overrides);
+        let vault_args = Vault::try_parse_from(["t", "--store-url", url]).unwrap();
+        let migrate = Migrate::try_parse_from(["t", "--to", url]).unwrap();
+        let shown = [
+            format!("{:?}", file.store),
+            format!("{file:?}"),
+            format!("{flags:?}"),
+            format!("{overrides:?}"),
+            format!("{merged:?}"),
+            format!("{:?}", merged.vault_config()),
+            format!("{vault_args:?}"),
+            format!("{:?}", vault_args.v.config()),
+            format!("{migrate:?}"),
+            format!("{:#?}", merged.vault_config()),
+        ];
+        for s in shown {
+            assert!(!s.contains(SECRET), "{s}");
+            assert!(s.contains("vault@") || s.contains("vault:***@"), "{s}");
+        }
+        // The value itself still reaches the connection.
+        assert_eq!(merged.vault_config().store_url.as_deref(), Some(url));
+    }
+}

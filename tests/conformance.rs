@@ -70,7 +70,7 @@ impl Store {
             Store::Postgres { url, dir, .. } => {
                 // No data directory is needed: point at one that does not exist.
                 let mut cfg = VaultConfig::new(dir.path().join("unused"));
-                cfg.store_url = Some(url.clone());
+                cfg.store_url = Some(url.clone().into());
                 cfg
             }
         }
@@ -123,6 +123,9 @@ conformance!(
     reuse_existing_is_scoped,
     delete_destroys_and_is_audited,
     automatic_rotation_counts_are_exact,
+    one_batch_reuses_rotates_and_audits_in_order,
+    one_batch_retries_collisions_and_runs_out_cleanly,
+    the_storage_limit_refuses_tokenize_and_keeps_reveals,
     concurrent_load_keeps_one_unbroken_chain,
     an_edited_audit_record_is_caught,
     an_altered_ciphertext_is_data_loss,
@@ -263,6 +266,234 @@ async fn automatic_rotation_counts_are_exact(store: Store) {
     );
     let rows: u64 = keys.iter().map(|k| k.rows).sum();
     assert_eq!(rows, 25);
+    vault.close().await;
+}
+
+/// One TokenizeBatch is one group: its items are written together (on PostgreSQL in one
+/// multi-row statement), yet behave as if stored one by one in order: a repeated card number
+/// with `reuse_existing` gets the token its first occurrence created, the rotation by usage
+/// falls exactly on the 11th, 21st and 31st seal, each rotation's audit record comes right
+/// before the first record sealed under the new version, and every token reveals its card.
+async fn one_batch_reuses_rotates_and_audits_in_order(store: Store) {
+    let key = MasterKey::generate();
+    let mut cfg = store.config();
+    cfg.key_policy = KeyPolicy {
+        max_encryptions: 10,
+        max_age: None,
+    };
+    let vault = Vault::create(cfg, &key).unwrap();
+    // Every 4th item: PANS[0] with reuse (1 seal, 9 reuses); the others: 30 fresh seals.
+    let pans: Vec<&str> = (0..40)
+        .map(|i| if i % 4 == 0 { PANS[0] } else { PANS[i % 4] })
+        .collect();
+    let reqs = (0..40)
+        .map(|i| req(pans[i], TokenFormat::Opaque, i % 4 == 0))
+        .collect();
+    let out: Vec<_> = vault
+        .tokenize_batch(&caller(), reqs)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let reused = out[0].token.to_string();
+    let mut seals = 0u32;
+    for (i, t) in out.iter().enumerate() {
+        if i % 4 == 0 && i > 0 {
+            assert!(!t.created, "item {i} reuses the batch's first token");
+            assert_eq!(t.token.to_string(), reused);
+            continue;
+        }
+        assert!(t.created, "item {i}");
+        seals += 1;
+        assert_eq!(t.info.key_version, seals.div_ceil(10), "seal {seals}");
+    }
+    assert_eq!(seals, 31);
+    // Another batch finds the stored token (and only seals nothing).
+    let again = vault
+        .tokenize(&caller(), req(PANS[0], TokenFormat::Opaque, true))
+        .await
+        .unwrap();
+    assert!(!again.created);
+    assert_eq!(again.token.to_string(), reused);
+    let keys = vault.list_keys().await.unwrap();
+    let counts: Vec<(u32, u64)> = keys.iter().map(|k| (k.version, k.encryptions)).collect();
+    assert_eq!(counts, vec![(1, 10), (2, 10), (3, 10), (4, 1)]);
+    assert_eq!(keys.iter().map(|k| k.rows).sum::<u64>(), 31);
+    // The trail: tokenize records in the batch's order, each rotation just before the first
+    // seal under its version.
+    let records = vault.audit_records(1, 1000).await.unwrap();
+    let mut tokenized = 0usize;
+    let mut version = 1u32;
+    for r in &records {
+        match r.action.as_str() {
+            "key_rotate" => {
+                version += 1;
+                assert_eq!(r.subject, format!("key v{version}"));
+            }
+            "tokenize" if tokenized < out.len() => {
+                let t = &out[tokenized];
+                assert_eq!(r.subject, t.token.to_string(), "record of item {tokenized}");
+                assert_eq!(r.outcome, "OK");
+                if t.created {
+                    assert_eq!(t.info.key_version, version, "item {tokenized}");
+                }
+                tokenized += 1;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!((tokenized, version), (40, 4));
+    assert!(vault.verify_audit().await.unwrap().is_ok());
+    for (i, t) in out.iter().enumerate() {
+        let r = vault
+            .detokenize(&caller(), t.token.clone(), "test".into())
+            .await
+            .unwrap();
+        assert_eq!(r.pan.expose_digits(), pans[i]);
+    }
+    vault.close().await;
+}
+
+/// Rows holding every token a 15-digit card shaped with `PanShapedKeepBin` can get
+/// (`378282` + 5 free digits + `0005`) whose free digits are >= `from`; deleted rows, as a
+/// purge would leave them (no ciphertext), so only their tokens are taken.
+fn occupy_shaped_tokens(store: &Store, from: u32) {
+    store.tamper(&format!(
+        "WITH RECURSIVE n(i) AS (SELECT {from} UNION ALL SELECT i + 1 FROM n WHERE i < 99999) \
+         INSERT INTO tokens(token, key_version, format, brand, pan_length, bin, last4, \
+         created_at, deleted_at) SELECT '378282' || substr(CAST(100000 + i AS TEXT), 2) || '0005', \
+         1, 3, 1, 15, '378282', '0005', 0, 1 FROM n"
+    ));
+}
+
+/// Token collisions inside one group. First every token of the card's space is taken: each
+/// item of a batch draws its 32 times, every draw collides with a stored row, and the item
+/// ends RESOURCE_EXHAUSTED, with nothing stored, the 32 seals counted and its audit record
+/// saying so. Then half the space is freed: a batch of 60 collides about every other draw, so
+/// its items take several rounds; each ends with a distinct stored token that reveals the
+/// card, and each item's audit record names its own token.
+async fn one_batch_retries_collisions_and_runs_out_cleanly(store: Store) {
+    let pan = PANS[2];
+    let key = MasterKey::generate();
+    let vault = Vault::create(store.config(), &key).unwrap();
+    occupy_shaped_tokens(&store, 0);
+    let batch = |n: usize| {
+        (0..n)
+            .map(|_| req(pan, TokenFormat::PanShapedKeepBin, false))
+            .collect::<Vec<_>>()
+    };
+    let full = vault.tokenize_batch(&caller(), batch(20)).await.unwrap();
+    for r in &full {
+        assert!(
+            matches!(r, Err(Error::ResourceExhausted(m)) if m.contains("no free")),
+            "{r:?}"
+        );
+    }
+    let keys = vault.list_keys().await.unwrap();
+    assert_eq!((keys[0].encryptions, keys[0].rows), (20 * 32, 0));
+
+    store.tamper(
+        "DELETE FROM tokens WHERE bin = '378282' AND created_at = 0 AND token < '37828250000'",
+    );
+    let out: Vec<_> = vault
+        .tokenize_batch(&caller(), batch(60))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let distinct: std::collections::HashSet<String> =
+        out.iter().map(|t| t.token.to_string()).collect();
+    assert_eq!(distinct.len(), 60, "a token handed out twice");
+    assert!(out
+        .iter()
+        .all(|t| t.created && t.token.as_str() < "37828250000"));
+    let keys = vault.list_keys().await.unwrap();
+    assert_eq!(keys[0].rows, 60);
+    assert!(
+        keys[0].encryptions > 20 * 32 + 60,
+        "no collision was drawn again"
+    );
+
+    let records = vault.audit_records(1, 1000).await.unwrap();
+    let outcomes: Vec<(&str, &str)> = records
+        .iter()
+        .filter(|r| r.action == "tokenize")
+        .map(|r| (r.subject.as_str(), r.outcome.as_str()))
+        .collect();
+    let mut expected = vec![("", "RESOURCE_EXHAUSTED"); 20];
+    expected.extend(out.iter().map(|t| (t.token.as_str(), "OK")));
+    assert_eq!(outcomes, expected);
+    assert!(vault.verify_audit().await.unwrap().is_ok());
+    for t in out {
+        let revealed = vault
+            .detokenize(&caller(), t.token, "test".into())
+            .await
+            .unwrap();
+        assert_eq!(revealed.pan.expose_digits(), pan);
+    }
+    vault.close().await;
+}
+
+/// `limits.max_storage_bytes`: once the vault's storage passes the tokenize share of the
+/// limit (SQLite: pages in use; PostgreSQL: its tables on disk, measured every second),
+/// every tokenize item is refused with RESOURCE_EXHAUSTED and audited, nothing of it is
+/// stored, and reveals (with their audit records) still work.
+async fn the_storage_limit_refuses_tokenize_and_keeps_reveals(store: Store) {
+    let key = MasterKey::generate();
+    let mut cfg = store.config();
+    cfg.max_storage_bytes = Some(4 << 20);
+    let vault = Vault::create(cfg, &key).unwrap();
+    let batch = |seed: usize| {
+        (0..200)
+            .map(|i| req(PANS[(seed + i) % 4], TokenFormat::Opaque, false))
+            .collect::<Vec<_>>()
+    };
+    let mut first = None;
+    let mut stored = 0u64;
+    let mut n = 0;
+    let refused = loop {
+        let out = vault.tokenize_batch(&caller(), batch(n)).await.unwrap();
+        n += 1;
+        let ok = out.iter().filter(|r| r.is_ok()).count();
+        if ok == 0 {
+            break out;
+        }
+        assert_eq!(ok, out.len(), "a batch is refused whole or not at all");
+        stored += ok as u64;
+        first.get_or_insert_with(|| out[0].as_ref().unwrap().token.clone());
+        assert!(n < 400, "the storage limit never took effect");
+        // PostgreSQL measures once a second.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for r in &refused {
+        assert!(
+            matches!(r, Err(Error::ResourceExhausted(m)) if m.contains("storage limit")),
+            "{r:?}"
+        );
+    }
+    let keys = vault.list_keys().await.unwrap();
+    assert_eq!(
+        keys.iter().map(|k| k.rows).sum::<u64>(),
+        stored,
+        "nothing refused is stored"
+    );
+    let revealed = vault
+        .detokenize(&caller(), first.unwrap(), "after the limit".into())
+        .await
+        .unwrap();
+    assert!(PANS.contains(&revealed.pan.expose_digits()));
+    let head = vault.audit_head_seq().await.unwrap();
+    let records = vault
+        .audit_records(head.saturating_sub(300), 400)
+        .await
+        .unwrap();
+    assert!(records
+        .iter()
+        .any(|r| r.action == "tokenize" && r.outcome == "RESOURCE_EXHAUSTED"));
+    assert_eq!(records.last().unwrap().action, "detokenize");
+    assert!(vault.verify_audit().await.unwrap().is_ok());
     vault.close().await;
 }
 
@@ -672,7 +903,7 @@ async fn a_role_with_only_dml_grants_runs_the_vault() {
         ),
     );
     let mut cfg = VaultConfig::new(dir.path().join("unused"));
-    cfg.store_url = Some(format!("postgres://{role}@127.0.0.1:{}/{db}", cluster.port));
+    cfg.store_url = Some(format!("postgres://{role}@127.0.0.1:{}/{db}", cluster.port).into());
     let vault = Vault::open(cfg, &key).unwrap();
     let t = vault
         .tokenize(&caller(), req(PANS[0], TokenFormat::Opaque, false))
@@ -764,5 +995,54 @@ async fn dual_control_requests_need_a_second_admin(store: Store) {
         1,
         "{actions:?}"
     );
+    vault.close().await;
+}
+
+/// Group commit in a constant number of statements: a TokenizeBatch of 64 (one group) runs
+/// one token insert, one audit insert, one head update and one count update, the same
+/// statements as a batch of 1 (counted by pg_stat_statements); before, one insert per token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_of_64_costs_the_statements_of_a_group_of_1() {
+    let Some(cluster) = pg::private_cluster_with("-c shared_preload_libraries=pg_stat_statements")
+    else {
+        return;
+    };
+    let store = Store::postgres_on(cluster.clone()).unwrap();
+    let Store::Postgres { url, .. } = &store else {
+        unreachable!()
+    };
+    let db = pg::db_of(url).to_owned();
+    cluster.sql(&db, "CREATE EXTENSION pg_stat_statements");
+    let key = MasterKey::generate();
+    let vault = Vault::create(store.config(), &key).unwrap();
+    let calls = |what: &str| -> i64 {
+        cluster
+            .query(
+                &db,
+                &format!(
+                    "SELECT COALESCE(SUM(calls), 0) FROM pg_stat_statements \
+                     WHERE query LIKE '{what}%'"
+                ),
+            )
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let mut per_batch = Vec::new();
+    for n in [1usize, 64] {
+        cluster.sql(&db, "SELECT pg_stat_statements_reset()");
+        let reqs = (0..n)
+            .map(|i| req(PANS[i % 4], TokenFormat::Opaque, false))
+            .collect();
+        let out = vault.tokenize_batch(&caller(), reqs).await.unwrap();
+        assert!(out.iter().all(|r| r.is_ok()));
+        per_batch.push((
+            calls("INSERT INTO tokens"),
+            calls("INSERT INTO audit("),
+            calls("UPDATE audit_head"),
+            calls("UPDATE data_keys SET encryptions"),
+        ));
+    }
+    assert_eq!(per_batch, vec![(1, 1, 1, 1), (1, 1, 1, 1)]);
     vault.close().await;
 }

@@ -143,7 +143,7 @@ async fn init(url: &str, dir: &Path) -> (std::path::PathBuf, String) {
     assert!(stdout.contains("created vault in postgres://"), "{stdout}");
     let master = MasterKey::load_file(&key_file).unwrap();
     let mut cfg = VaultConfig::new(dir.join("unused"));
-    cfg.store_url = Some(url.to_owned());
+    cfg.store_url = Some(url.into());
     let vault = Vault::open(cfg, &master).unwrap();
     let api_key = vault
         .add_client(

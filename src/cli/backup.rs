@@ -28,7 +28,8 @@ pub struct BackupArgs {
 
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
-    /// `--data-dir` is where the vault is restored to; the master key must be the backup's.
+    /// `--data-dir` is where the vault is restored to (or `--store-url`, a PostgreSQL database
+    /// that holds no vault yet); the master key must be the backup's.
     #[command(flatten)]
     pub vault: VaultArgs,
     /// The backup file.
@@ -108,6 +109,9 @@ async fn receive_backup(
 }
 
 pub async fn restore(args: RestoreArgs) -> Result<(), CliError> {
+    if args.vault.shared_store_url().is_some() {
+        return restore_into_shared(&args).await;
+    }
     super::common::check_data_dir(&args.vault.data_dir)?;
     let master = args.vault.master_key()?;
     let report = Vault::restore(
@@ -150,6 +154,81 @@ pub async fn restore(args: RestoreArgs) -> Result<(), CliError> {
             },
             report.rows_checked,
             report.audit_records,
+        );
+    }
+    Ok(())
+}
+
+/// A backup (the same portable snapshot from either kind of store) restored into a
+/// PostgreSQL store, which must hold no vault: the backup is verified and unpacked into a
+/// private temporary SQLite vault exactly as a SQLite restore does (every ciphertext
+/// decrypts, the chain verifies), then copied into the target and proven as `store migrate`
+/// proves its copies (counts, chain, a sample decrypted with the same master key). The
+/// temporary vault is removed whatever happens.
+async fn restore_into_shared(args: &RestoreArgs) -> Result<(), CliError> {
+    if args.force {
+        return Err(CliError::Usage(
+            "restore into a PostgreSQL store needs an empty database; --force is not \
+             supported there (drop and re-create the database to replace a vault)"
+                .into(),
+        ));
+    }
+    let master = args.vault.master_key()?;
+    let target_cfg = args.vault.config();
+    let target = target_cfg.location()?;
+    if target.exists() {
+        return Err(CliError::Usage(format!(
+            "the target {} already holds a vault: restore into PostgreSQL needs an empty \
+             database",
+            target.describe()
+        )));
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let tmp =
+        std::env::temp_dir().join(format!("tokenvault-restore-{}-{nanos}", std::process::id()));
+    super::common::create_private_dir(&tmp)?;
+    let result = async {
+        let staged = tmp.join("vault");
+        let report = Vault::restore(&Caller::cli(), &args.from, &staged, &master, false).await?;
+        let source_cfg = crate::vault::VaultConfig::new(&staged);
+        let source = source_cfg.location()?;
+        let vault = Vault::open(source_cfg, &master)?;
+        let (counts, checked) =
+            super::store::copy_verified(vault, &source, target_cfg, &target, &master, 1000).await?;
+        Ok::<_, CliError>((report, counts, checked))
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&tmp);
+    let (report, counts, checked) = result?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "vault_id": report.vault_id,
+                "key_versions": report.key_versions,
+                "tokens": counts.tokens,
+                "replaced_existing": false,
+                "bytes": report.bytes,
+                "rows_checked": report.rows_checked,
+                "audit_records": counts.audit,
+                "sample_checked": checked,
+                "target": target.describe(),
+            })
+        );
+    } else {
+        println!(
+            "restored vault {} ({} tokens, {} key versions) into {}; check --full: {} rows \
+             decrypted, audit verify: {} records, chain intact; the copy: {} ciphertexts \
+             decrypted as a check",
+            report.vault_id,
+            counts.tokens,
+            report.key_versions,
+            target.describe(),
+            report.rows_checked,
+            counts.audit,
+            checked,
         );
     }
     Ok(())

@@ -120,15 +120,15 @@ pub struct VaultArgs {
     #[arg(long, env = "TOKENVAULT_MASTER_KEY_FILE", value_name = "FILE")]
     pub master_key_file: Option<PathBuf>,
     /// A shared PostgreSQL store, postgres://USER@HOST/DB?sslmode=verify-full&sslrootcert=CA
-    /// (the password from PGPASSWORD, never on the command line); without it the vault is
-    /// SQLite in --data-dir.
+    /// (the password from PGPASSWORD or a password file, PGPASSFILE or ~/.pgpass; never on
+    /// the command line); without it the vault is SQLite in --data-dir.
     #[arg(
         long,
         env = "TOKENVAULT_STORE_URL",
         value_name = "URL",
         hide_env_values = true
     )]
-    pub store_url: Option<String>,
+    pub store_url: Option<crate::config::StoreUrl>,
     /// The master key inside an HSM instead: an RFC 7512 PKCS#11 URI naming the module, the
     /// token, the key object and the PIN file, e.g.
     /// `pkcs11:token=tokenvault;object=master?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/tokenvault/pin`.
@@ -250,7 +250,7 @@ impl VaultArgs {
 
     pub fn config(&self) -> VaultConfig {
         let mut cfg = VaultConfig::new(&self.data_dir);
-        cfg.store_url = self.shared_store_url().map(str::to_owned);
+        cfg.store_url = self.shared_store_url().map(Into::into);
         cfg
     }
 

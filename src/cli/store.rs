@@ -23,10 +23,10 @@ pub struct MigrateArgs {
     /// The source vault (and its master key, which also opens the copy).
     #[command(flatten)]
     pub vault: VaultArgs,
-    /// The empty target: a postgres:// URL (password from PGPASSWORD), or a directory for a
+    /// The empty target: a postgres:// URL (password from PGPASSWORD or PGPASSFILE/~/.pgpass), or a directory for a
     /// SQLite vault (created; must hold no vault).
     #[arg(long, value_name = "URL|DIR")]
-    pub to: String,
+    pub to: crate::config::StoreUrl,
     /// Ciphertexts of the copy to decrypt as a check.
     #[arg(long, default_value_t = 1000, value_name = "N")]
     pub sample: usize,
@@ -64,7 +64,7 @@ async fn migrate(args: MigrateArgs) -> Result<(), CliError> {
     let master = args.vault.master_key()?;
     let source_cfg = args.vault.config();
     let source = source_cfg.location()?;
-    let mut target_cfg = VaultConfig::new(PathBuf::from(&args.to));
+    let mut target_cfg = VaultConfig::new(PathBuf::from(args.to.as_str()));
     if PgUrl::is_postgres(&args.to) {
         target_cfg.data_dir = PathBuf::from("/nonexistent-tokenvault-data-dir");
         target_cfg.store_url = Some(args.to.clone());
@@ -89,6 +89,32 @@ async fn migrate(args: MigrateArgs) -> Result<(), CliError> {
     // Open the source once: the master key is checked, pending migrations run, and the
     // chain must verify before anything is copied.
     let vault = args.vault.open_with(source_cfg)?;
+    let (counts, checked) =
+        copy_verified(vault, &source, target_cfg, &target, &master, args.sample).await?;
+    println!(
+        "migrated to {}: {} tokens, {} audit records (chain verified), {} key versions, {} clients; \
+         {} ciphertexts decrypted as a check",
+        target.describe(),
+        counts.tokens,
+        counts.audit,
+        counts.keys,
+        counts.clients,
+        checked
+    );
+    Ok(())
+}
+
+/// Copies the opened `vault` (at `source`) into the empty `target` and proves the copy: it
+/// opens with the same master key, its counts match, its chain verifies and `sample`
+/// ciphertexts decrypt. Returns the counts copied and the number decrypted.
+pub(super) async fn copy_verified(
+    vault: Vault,
+    source: &crate::store::StoreLocation,
+    target_cfg: VaultConfig,
+    target: &crate::store::StoreLocation,
+    master: &crate::crypto::MasterKey,
+    sample: usize,
+) -> Result<(CopyCounts, u64), CliError> {
     let verdict = vault.verify_audit().await?;
     if !verdict.is_ok() {
         vault.close().await;
@@ -119,10 +145,10 @@ async fn migrate(args: MigrateArgs) -> Result<(), CliError> {
     super::common::finish_bar(&bar);
 
     // The copy opens with the same master key and agrees with the source.
-    let copy = Vault::open(target_cfg, &master)?;
+    let copy = Vault::open(target_cfg, master)?;
     let after = summary(&copy).await?;
     let verdict = copy.verify_audit().await?;
-    let check = copy.check(false, args.sample).await?;
+    let check = copy.check(false, sample).await?;
     copy.close().await;
     if after != before {
         return Err(CliError::Other(format!(
@@ -144,15 +170,5 @@ async fn migrate(args: MigrateArgs) -> Result<(), CliError> {
             check.keyring
         )));
     }
-    println!(
-        "migrated to {}: {} tokens, {} audit records (chain verified), {} key versions, {} clients; \
-         {} ciphertexts decrypted as a check",
-        target.describe(),
-        counts.tokens,
-        counts.audit,
-        counts.keys,
-        counts.clients,
-        check.checked
-    );
-    Ok(())
+    Ok((counts, check.checked as u64))
 }

@@ -22,6 +22,8 @@ pub struct Cluster {
     pub port: u16,
     /// Run the server tools as this user (initdb refuses root).
     user: Option<&'static str>,
+    /// Extra `-c` settings of every start.
+    settings: String,
 }
 
 static SHARED: Mutex<Weak<Cluster>> = Mutex::new(Weak::new());
@@ -50,6 +52,12 @@ pub fn cluster() -> Option<Arc<Cluster>> {
 
 /// A cluster of the caller's own (for tests that stop and start the server).
 pub fn private_cluster() -> Option<Arc<Cluster>> {
+    private_cluster_with("")
+}
+
+/// [`private_cluster`] with extra server settings (`-c name=value …`), e.g. a preloaded
+/// extension.
+pub fn private_cluster_with(settings: &str) -> Option<Arc<Cluster>> {
     let Some(bin) = bin_dir() else {
         if std::env::var("CI").as_deref() == Ok("true") {
             panic!("PostgreSQL server binaries (initdb, pg_ctl) are missing: .ci/postgres.sh installs them");
@@ -60,7 +68,7 @@ pub fn private_cluster() -> Option<Arc<Cluster>> {
         );
         return None;
     };
-    Some(Arc::new(Cluster::start(bin)))
+    Some(Arc::new(Cluster::start(bin, settings)))
 }
 
 fn free_port() -> u16 {
@@ -72,7 +80,7 @@ fn free_port() -> u16 {
 }
 
 impl Cluster {
-    fn start(bin: PathBuf) -> Cluster {
+    fn start(bin: PathBuf, settings: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
@@ -94,6 +102,7 @@ impl Cluster {
             bin,
             port: free_port(),
             user,
+            settings: settings.to_owned(),
         };
         c.run(
             "initdb",
@@ -141,8 +150,8 @@ impl Cluster {
 
     fn pg_ctl_start(&self) {
         let opts = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=200",
-            self.port
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=200 {}",
+            self.port, self.settings
         );
         let data = self.data();
         let log = self.data().join("server.log");
@@ -222,6 +231,35 @@ impl Cluster {
         })
         .join()
         .unwrap();
+    }
+
+    /// The first column of the first row of a query, as text (simple query protocol).
+    pub fn query(&self, db: &str, sql: &str) -> String {
+        let url = self.url(db);
+        let sql = sql.to_string();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                let msgs = client.simple_query(&sql).await.unwrap();
+                msgs.iter()
+                    .find_map(|m| match m {
+                        tokio_postgres::SimpleQueryMessage::Row(r) => {
+                            Some(r.get(0).unwrap_or_default().to_owned())
+                        }
+                        _ => None,
+                    })
+                    .unwrap_or_default()
+            })
+        })
+        .join()
+        .unwrap()
     }
 
     pub fn dir(&self) -> &Path {

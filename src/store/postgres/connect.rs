@@ -1,6 +1,7 @@
 //! Connecting to PostgreSQL: the URL (with `sslmode`/`sslrootcert` handled here, through
-//! rustls), the password (from the URL or `PGPASSWORD`, never logged or shown), the
-//! `application_name`, and a bounded connection pool.
+//! rustls), the password (from the URL, else `PGPASSWORD`, else a libpq password file:
+//! `PGPASSFILE` or `~/.pgpass`; never logged or shown), the `application_name`, and a
+//! bounded connection pool.
 
 use std::fmt;
 use std::str::FromStr;
@@ -155,14 +156,19 @@ impl PgUrl {
         if config.get_application_name().is_none() {
             config.application_name("tokenvault");
         }
-        if config.get_password().is_none() {
-            if let Ok(p) = std::env::var("PGPASSWORD") {
-                config.password(p);
-            }
-        }
         if config.get_user().is_none() {
             if let Ok(u) = std::env::var("PGUSER").or_else(|_| std::env::var("USER")) {
                 config.user(u);
+            }
+        }
+        // As libpq: the URL's password, else PGPASSWORD, else the password file.
+        if config.get_password().is_none() {
+            if let Ok(p) = std::env::var("PGPASSWORD") {
+                config.password(p);
+            } else if let Some(file) = password_file_path() {
+                if let Some(p) = password_from_file(&file, &config)? {
+                    config.password(p);
+                }
             }
         }
         config.connect_timeout(CONNECT_TIMEOUT);
@@ -262,6 +268,102 @@ pub fn map_pool_err(e: deadpool_postgres::PoolError) -> Error {
     }
 }
 
+/// The password file libpq would read: `PGPASSFILE`, else `~/.pgpass`.
+fn password_file_path() -> Option<std::path::PathBuf> {
+    match std::env::var_os("PGPASSFILE") {
+        Some(p) if !p.is_empty() => Some(p.into()),
+        _ => std::env::var_os("HOME")
+            .filter(|h| !h.is_empty())
+            .map(|h| std::path::Path::new(&h).join(".pgpass")),
+    }
+}
+
+/// The password of the first line of a libpq password file
+/// (`hostname:port:database:username:password`, `*` matching anything, `\:` and `\\`
+/// escaped) that matches this connection. No file: None. A file others may read (any
+/// group or other permission bit) or that is not a regular file is refused, as libpq
+/// refuses to use it, but with an error rather than a warning: a password left readable is
+/// worth stopping for. Errors name the file, never a line of it.
+fn password_from_file(
+    path: &std::path::Path,
+    config: &tokio_postgres::Config,
+) -> Result<Option<String>> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(Error::FailedPrecondition(format!(
+                "password file {}: {e}",
+                path.display()
+            )))
+        }
+    };
+    if !meta.is_file() {
+        return Err(Error::FailedPrecondition(format!(
+            "password file {} is not a plain file",
+            path.display()
+        )));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(Error::FailedPrecondition(format!(
+            "password file {} has mode {mode:04o}: others could read it; chmod 0600 it",
+            path.display()
+        )));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::FailedPrecondition(format!("password file {}: {e}", path.display())))?;
+    let host = match config.get_hosts().first() {
+        // libpq matches a Unix socket (the default directory or any other) as `localhost`.
+        Some(tokio_postgres::config::Host::Unix(_)) | None => "localhost".to_string(),
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+    };
+    let port = config
+        .get_ports()
+        .first()
+        .copied()
+        .unwrap_or(5432)
+        .to_string();
+    let user = config.get_user().unwrap_or_default();
+    let db = config.get_dbname().unwrap_or(user);
+    Ok(match_password_line(&text, [&host, &port, db, user]))
+}
+
+/// The first matching line's password (see [`password_from_file`]).
+fn match_password_line(text: &str, want: [&str; 4]) -> Option<String> {
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        // Split on unescaped `:` into at most five fields, unescaping as we go.
+        let mut fields = vec![String::new()];
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some(n) = chars.next() {
+                        fields.last_mut()?.push(n);
+                    }
+                }
+                ':' if fields.len() < 5 => fields.push(String::new()),
+                c => fields.last_mut()?.push(c),
+            }
+        }
+        if fields.len() != 5 {
+            continue;
+        }
+        let matches = fields[..4]
+            .iter()
+            .zip(want)
+            .all(|(f, w)| f == "*" || f == w);
+        if matches {
+            return fields.pop();
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,5 +403,59 @@ mod tests {
         assert!(PgUrl::parse("postgres://[::1]:5432/v").is_ok());
         assert!(PgUrl::parse("postgres://localhost/v").is_ok());
         assert!(PgUrl::parse("postgres:///v?host=/run/postgresql").is_ok());
+    }
+
+    #[test]
+    fn password_file_lines_match_like_libpq() {
+        let text = "# comment\n\
+                    db.example:5432:other:vault:wrong-db\n\
+                    db.example:*:vault:vault:p\\:w\\\\d\n\
+                    *:*:*:*:fallback\n";
+        assert_eq!(
+            match_password_line(text, ["db.example", "5432", "vault", "vault"]).as_deref(),
+            Some("p:w\\d")
+        );
+        assert_eq!(
+            match_password_line(text, ["db.example", "5432", "other", "vault"]).as_deref(),
+            Some("wrong-db")
+        );
+        assert_eq!(
+            match_password_line(text, ["elsewhere", "1", "x", "y"]).as_deref(),
+            Some("fallback")
+        );
+        assert_eq!(match_password_line("a:b:c:d\n", ["a", "b", "c", "d"]), None);
+    }
+
+    #[test]
+    fn a_password_file_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pgpass");
+        std::fs::write(&file, "127.0.0.1:5433:vault:svc:s3cr3t-pw\n").unwrap();
+        let config: tokio_postgres::Config = "postgres://svc@127.0.0.1:5433/vault".parse().unwrap();
+        for mode in [0o644, 0o640, 0o604, 0o660] {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = password_from_file(&file, &config).unwrap_err();
+            assert!(matches!(e, Error::FailedPrecondition(_)), "{mode:o}");
+            assert!(e.to_string().contains("chmod 0600"), "{e}");
+            assert!(!e.to_string().contains("s3cr3t-pw"));
+        }
+        for mode in [0o600, 0o400] {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(
+                password_from_file(&file, &config).unwrap().as_deref(),
+                Some("s3cr3t-pw")
+            );
+        }
+        // Another port: no line matches, no password.
+        let other: tokio_postgres::Config = "postgres://svc@127.0.0.1/vault".parse().unwrap();
+        assert_eq!(password_from_file(&file, &other).unwrap(), None);
+        // No file: none, no error. A directory: refused.
+        assert_eq!(
+            password_from_file(&dir.path().join("none"), &config).unwrap(),
+            None
+        );
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(password_from_file(dir.path(), &config).is_err());
     }
 }

@@ -3,7 +3,11 @@
 //!
 //! Each replica folds its queued serving writes into one transaction (group commit) on a
 //! pooled connection and answers callers only after `COMMIT` returned; the vault never
-//! weakens `synchronous_commit` (and refuses a session where it is `off`).
+//! weakens `synchronous_commit` (and refuses a session where it is `off`). A group costs the
+//! same number of round trips whatever its size: the head lock and the active key pipelined,
+//! one reuse lookup, one multi-row token insert (`unnest` arrays; again only for the rare
+//! colliding token), then the key counts, the chained audit rows and the head pipelined, and
+//! `COMMIT`. Lookups are one `token = ANY($1)` statement per batch.
 //!
 //! One audit trail for the whole vault, ordered by the database: every writing transaction,
 //! serving group or admin operation, of every replica, first locks the one `audit_head`
@@ -55,8 +59,31 @@ use crate::token::{self, TokenFormat};
 const ADMIN_CHUNK: i64 = 256;
 /// Audit records read per step of a walk.
 const WALK_CHUNK: i64 = 10_000;
-/// How often an idle replica proves the database answers (health).
+/// How often an idle replica proves the database answers (health), and measures the vault's
+/// size against `limits.max_storage_bytes`.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// Share of the storage limit that tokenize may use; the rest is kept for audit records
+/// (reveals stay possible). The same share as SQLite's.
+const TOKENIZE_SHARE: f64 = 0.9;
+/// The vault's size: every table of its schema with its indexes and TOAST, as on disk.
+const SQL_VAULT_BYTES: &str = "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0)::bigint \
+     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+     WHERE c.relkind = 'r' AND n.nspname = current_schema()";
+
+/// Measures the vault's tables against the tokenize share of the limit; sets `full`.
+async fn measure_storage(pool: &Pool, limit: u64, full: &AtomicBool) -> Result<()> {
+    let client = PgShared::client(pool).await?;
+    let bytes: i64 = client
+        .query_one(SQL_VAULT_BYTES, &[])
+        .await
+        .map_err(map_err)?
+        .get(0);
+    full.store(
+        bytes.max(0) as u64 >= (limit as f64 * TOKENIZE_SHARE) as u64,
+        Ordering::Relaxed,
+    );
+    Ok(())
+}
 
 // ---------------------------------------------------------------------------------------
 // The connection and the runtime it lives on
@@ -534,21 +561,24 @@ struct TxState {
 /// Locks the chain head (serialising every writer of every replica), then reads the
 /// active key as committed now, reloading the keyring when another replica rotated.
 async fn begin_state(tx: &Transaction<'_>, keyring: &Keyring) -> Result<TxState> {
-    let head = tx
-        .query_one(
-            "SELECT seq, mac, hash, at FROM audit_head WHERE id = 1 FOR UPDATE",
-            &[],
-        )
-        .await
-        .map_err(map_err)?;
+    let (head_stmt, active_stmt) = tokio::try_join!(
+        biased;
+        tx.prepare_cached("SELECT seq, mac, hash, at FROM audit_head WHERE id = 1 FOR UPDATE"),
+        tx.prepare_cached(
+            "SELECT version, encryptions, created_at FROM data_keys WHERE state = 'active'"
+        ),
+    )
+    .map_err(map_err)?;
+    // Pipelined in this order (`biased`: the lock's request is sent first), and the server
+    // runs a connection's statements one after the other, each with a fresh snapshot: the
+    // key is read only once the lock is held, as committed by the previous holder.
+    let (head, active) = tokio::try_join!(
+        biased;
+        tx.query_one(&head_stmt, &[]),
+        tx.query_one(&active_stmt, &[]),
+    )
+    .map_err(map_err)?;
     let hash: Vec<u8> = head.get(2);
-    let active = tx
-        .query_one(
-            "SELECT version, encryptions, created_at FROM data_keys WHERE state = 'active'",
-            &[],
-        )
-        .await
-        .map_err(map_err)?;
     let active_version = active.get::<_, i64>(0) as u32;
     if keyring.snapshot().active.version() != active_version {
         if let Err(e) = keyring.replace(&load_key_rows(&**tx).await?) {
@@ -583,50 +613,104 @@ async fn master_is_current(tx: &Transaction<'_>, keyring: &Keyring) -> Result<bo
 }
 
 async fn finish_state(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) -> Result<()> {
-    for (version, n) in st.counts.drain() {
-        tx.execute(
-            "UPDATE data_keys SET encryptions = encryptions + $2 WHERE version = $1",
-            &[&i64::from(version), &(n as i64)],
-        )
-        .await
-        .map_err(map_err)?;
-    }
-    if st.audit.is_empty() {
-        return Ok(());
-    }
-    flush_audit(tx, keyring, st).await?;
-    tx.execute(
-        "UPDATE audit_head SET seq = $1, mac = $2, hash = $3, at = $4 WHERE id = 1",
-        &[
-            &(st.audit_seq as i64),
-            &st.audit_mac,
-            &&st.audit_hash[..],
-            &st.audit_at,
-        ],
+    let (count_stmt, head_stmt) = tokio::try_join!(
+        biased;
+        tx.prepare_cached("UPDATE data_keys SET encryptions = encryptions + $2 WHERE version = $1"),
+        tx.prepare_cached("UPDATE audit_head SET seq = $1, mac = $2, hash = $3, at = $4 WHERE id = 1"),
     )
-    .await
     .map_err(map_err)?;
+    let counts: Vec<(i64, i64)> = st
+        .counts
+        .drain()
+        .map(|(v, n)| (i64::from(v), n as i64))
+        .collect();
+    let audit = chain_audit(keyring, st);
+    let insert_audit = async {
+        if let Some(rows) = &audit {
+            let stmt = tx.prepare_cached(SQL_INSERT_AUDIT).await?;
+            tx.execute(&stmt, &rows.params()).await?;
+        }
+        Ok::<_, tokio_postgres::Error>(())
+    };
+    let update_counts = async {
+        for (v, n) in &counts {
+            tx.execute(&count_stmt, &[v, n]).await?;
+        }
+        Ok::<_, tokio_postgres::Error>(())
+    };
+    let update_head = async {
+        if audit.is_some() {
+            tx.execute(
+                &head_stmt,
+                &[
+                    &(st.audit_seq as i64),
+                    &st.audit_mac,
+                    &&st.audit_hash[..],
+                    &st.audit_at,
+                ],
+            )
+            .await?;
+        }
+        Ok::<_, tokio_postgres::Error>(())
+    };
+    // Pipelined: one round trip for the three, whatever the group held.
+    tokio::try_join!(biased; update_counts, insert_audit, update_head).map_err(map_err)?;
     Ok(())
 }
 
-/// Appends the pending entries, chained, in one multi-row statement.
-async fn flush_audit(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) -> Result<()> {
+const SQL_INSERT_AUDIT: &str = "INSERT INTO audit(seq, at, principal, peer, action, subject, \
+     outcome, reason, mac, hash) SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], \
+     $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::bytea[], $10::bytea[])";
+
+/// The pending audit entries, chained onto the head, as the columns of one insert.
+struct AuditColumns {
+    seq: Vec<i64>,
+    at: Vec<i64>,
+    principal: Vec<String>,
+    peer: Vec<String>,
+    action: Vec<String>,
+    subject: Vec<String>,
+    outcome: Vec<String>,
+    reason: Vec<String>,
+    mac: Vec<Vec<u8>>,
+    hash: Vec<Vec<u8>>,
+}
+
+impl AuditColumns {
+    fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 10] {
+        [
+            &self.seq,
+            &self.at,
+            &self.principal,
+            &self.peer,
+            &self.action,
+            &self.subject,
+            &self.outcome,
+            &self.reason,
+            &self.mac,
+            &self.hash,
+        ]
+    }
+}
+
+/// Chains the pending entries onto the head (advancing it in `st`); None when none is pending.
+fn chain_audit(keyring: &Keyring, st: &mut TxState) -> Option<AuditColumns> {
     if st.audit.is_empty() {
-        return Ok(());
+        return None;
     }
     let n = st.audit.len();
-    let (mut seqs, mut ats) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    let (mut principals, mut peers, mut actions) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    let (mut subjects, mut outcomes, mut reasons) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    let (mut macs, mut hashes) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let mut c = AuditColumns {
+        seq: Vec::with_capacity(n),
+        at: Vec::with_capacity(n),
+        principal: Vec::with_capacity(n),
+        peer: Vec::with_capacity(n),
+        action: Vec::with_capacity(n),
+        subject: Vec::with_capacity(n),
+        outcome: Vec::with_capacity(n),
+        reason: Vec::with_capacity(n),
+        mac: Vec::with_capacity(n),
+        hash: Vec::with_capacity(n),
+    };
     for mut entry in st.audit.drain(..) {
         entry.at = entry.at.max(st.audit_at);
         st.audit_at = entry.at;
@@ -634,45 +718,29 @@ async fn flush_audit(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) 
         let bytes = canonical_bytes(seq, &entry);
         let mac = keyring.audit_key().chain_mac(&st.audit_mac, &bytes);
         let hash = audit_chain_hash(&st.audit_hash, &bytes);
-        seqs.push(seq as i64);
-        ats.push(entry.at);
-        principals.push(entry.principal);
-        peers.push(entry.peer);
-        actions.push(entry.action);
-        subjects.push(entry.subject);
-        outcomes.push(entry.outcome);
-        reasons.push(entry.reason);
-        macs.push(mac.to_vec());
-        hashes.push(hash.to_vec());
+        c.seq.push(seq as i64);
+        c.at.push(entry.at);
+        c.principal.push(entry.principal);
+        c.peer.push(entry.peer);
+        c.action.push(entry.action);
+        c.subject.push(entry.subject);
+        c.outcome.push(entry.outcome);
+        c.reason.push(entry.reason);
+        c.mac.push(mac.to_vec());
+        c.hash.push(hash.to_vec());
         st.audit_seq = seq;
         st.audit_mac = mac.to_vec();
         st.audit_hash = hash;
     }
-    let stmt = tx
-        .prepare_cached(
-            "INSERT INTO audit(seq, at, principal, peer, action, subject, outcome, reason, mac, hash) \
-             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], \
-             $6::text[], $7::text[], $8::text[], $9::bytea[], $10::bytea[])",
-        )
-        .await
-        .map_err(map_err)?;
-    tx.execute(
-        &stmt,
-        &[
-            &seqs,
-            &ats,
-            &principals,
-            &peers,
-            &actions,
-            &subjects,
-            &outcomes,
-            &reasons,
-            &macs,
-            &hashes,
-        ],
-    )
-    .await
-    .map_err(map_err)?;
+    Some(c)
+}
+
+/// Appends the pending entries, chained, in one multi-row statement.
+async fn flush_audit(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) -> Result<()> {
+    if let Some(rows) = chain_audit(keyring, st) {
+        let stmt = tx.prepare_cached(SQL_INSERT_AUDIT).await.map_err(map_err)?;
+        tx.execute(&stmt, &rows.params()).await.map_err(map_err)?;
+    }
     Ok(())
 }
 
@@ -718,17 +786,25 @@ async fn rotate_in_tx(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState)
     Ok(version)
 }
 
-const SQL_REUSE: &str = concat!(
-    "SELECT token, key_version, ",
+/// The first live row of each asked (fingerprint, format), judged at each item's own time:
+/// one statement for every `reuse_existing` item of a group (`$4` numbers them).
+const SQL_REUSE_MANY: &str = concat!(
+    "SELECT q.i, t.token, t.key_version, ",
+    "t.format, t.brand, t.pan_length, t.bin, t.last4, t.created_at, t.expires_at",
+    " FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[]) AS q(fp, fmt, now, i) \
+     CROSS JOIN LATERAL (SELECT token, key_version, ",
     meta_cols!(),
-    " FROM tokens WHERE fingerprint = $1 AND format = $2 AND deleted_at IS NULL \
-     AND (expires_at IS NULL OR expires_at > $3) ORDER BY id LIMIT 1"
+    " FROM tokens WHERE fingerprint = q.fp AND format = q.fmt AND deleted_at IS NULL \
+     AND (expires_at IS NULL OR expires_at > q.now) ORDER BY id LIMIT 1) t"
 );
-const SQL_INSERT_TOKEN: &str = concat!(
+/// A whole group's new rows in one statement; a row whose token is taken is skipped and
+/// missing from what it returns (that item draws again).
+const SQL_INSERT_TOKENS: &str = concat!(
     "INSERT INTO tokens(token, key_version, nonce, ciphertext, fingerprint, ",
     meta_cols!(),
-    ", row_format) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
-     ON CONFLICT (token) DO NOTHING"
+    ", row_format) SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[], $4::bytea[], \
+     $5::bytea[], $6::bigint[], $7::bigint[], $8::bigint[], $9::text[], $10::text[], \
+     $11::bigint[], $12::bigint[], $13::bigint[]) ON CONFLICT (token) DO NOTHING RETURNING token"
 );
 const SQL_LOOKUP: &str = concat!(
     "SELECT token, key_version, nonce, ciphertext, ",
@@ -737,97 +813,340 @@ const SQL_LOOKUP: &str = concat!(
      AND ciphertext IS NOT NULL AND (expires_at IS NULL OR expires_at > $2)"
 );
 
-/// Inserts one token (or finds it, with `reuse_existing`). The outer error fails the group.
-async fn insert_token(
-    tx: &Transaction<'_>,
-    keyring: &Keyring,
-    st: &mut TxState,
-    item: &mut NewToken,
-) -> Result<Result<StoredToken>> {
-    if let (true, Some(fingerprint)) = (item.reuse_existing, &item.fingerprint) {
-        let stmt = tx.prepare_cached(SQL_REUSE).await.map_err(map_err)?;
-        let found = tx
-            .query_opt(
-                &stmt,
-                &[&&fingerprint[..], &item.meta.format.code(), &item.now],
-            )
-            .await
-            .map_err(map_err)?;
-        if let Some(r) = found {
-            return Ok(Ok(StoredToken {
-                token: r.get(0),
-                key_version: r.get::<_, i64>(1) as u32,
-                created: false,
-                meta: meta_from_row(&r, 2),
-            }));
+/// Where one item of a group stands while the group is written.
+enum Slot {
+    /// Queued for the next insert statement.
+    Queued,
+    /// Answered by an earlier item of the same group (`reuse_existing` of a card number the
+    /// group itself stores first): takes that item's answer.
+    SameAs(usize),
+    Done(Result<StoredToken>),
+}
+
+/// The tokenize items of one group, written with a constant number of statements: one
+/// reuse lookup, then one multi-row insert per draw (a second only for the rare item whose
+/// token collided), whatever the group's size. The per-item decisions (rotation by usage,
+/// sealing under the active version, counting every seal) are the one-by-one writer's, in
+/// the group's order, so the counts and the rotation point are exactly what they were.
+struct TokenBatch<'a> {
+    items: Vec<&'a mut NewToken>,
+    /// Index into `TxState::audit` of each item's record, completed once the item is done.
+    audit_slot: Vec<usize>,
+    slots: Vec<Slot>,
+    draws: Vec<usize>,
+    /// Tokens queued in this draw: two equal ones in one statement would be ambiguous.
+    queued_tokens: std::collections::HashSet<String>,
+    /// (fingerprint, format) -> the first queued item storing it, for later reuse items.
+    first_of: HashMap<([u8; 32], i64), usize>,
+}
+
+impl<'a> TokenBatch<'a> {
+    fn new() -> Self {
+        TokenBatch {
+            items: Vec::new(),
+            audit_slot: Vec::new(),
+            slots: Vec::new(),
+            draws: Vec::new(),
+            queued_tokens: Default::default(),
+            first_of: HashMap::new(),
         }
     }
-    let insert = tx.prepare_cached(SQL_INSERT_TOKEN).await.map_err(map_err)?;
-    for _ in 0..MAX_TOKEN_DRAWS {
-        if keyring.needs_rotation(st.active_count, 1, st.active_created, item.now) {
-            if !master_is_current(tx, keyring).await? {
-                return Ok(Err(Error::Unavailable(STALE_MASTER.into())));
+
+    /// Takes one item, in the group's order; `found` is its row from the reuse lookup.
+    async fn add(
+        &mut self,
+        tx: &Transaction<'_>,
+        keyring: &Keyring,
+        st: &mut TxState,
+        item: &'a mut NewToken,
+        caller: &Caller,
+        found: Option<StoredToken>,
+    ) -> Result<()> {
+        let g = self.items.len();
+        let key = item
+            .fingerprint
+            .filter(|_| item.reuse_existing)
+            .map(|f| (f, item.meta.format.code()));
+        let now = item.now;
+        self.items.push(item);
+        self.draws.push(0);
+        let same_as = key
+            .as_ref()
+            .and_then(|k| self.first_of.get(k))
+            // The earlier item's row is the oldest live one, as the lookup would have found
+            // it, unless it expires before this item's time.
+            .filter(|&&first| self.items[first].meta.expires_at.map_or(true, |e| e > now));
+        if let Some(found) = found {
+            self.slots.push(Slot::Done(Ok(found)));
+        } else if let Some(&first) = same_as {
+            self.slots.push(Slot::SameAs(first));
+        } else {
+            self.slots.push(Slot::Queued);
+            self.prepare(tx, keyring, st, g).await?;
+            if let (Some(k), Slot::Queued) = (key, &self.slots[g]) {
+                self.first_of.entry(k).or_insert(g);
             }
-            rotate_in_tx(tx, keyring, st).await?;
         }
-        if item.key_version != st.active_version {
-            let snapshot = keyring.snapshot();
-            item.sealed = snapshot.active.seal(
-                &item.token,
-                &item.meta.canonical(),
-                item.pan.expose_digits().as_bytes(),
-            );
-            item.key_version = snapshot.active.version();
+        // After a rotation this item caused: the trail shows the rotation first.
+        self.audit_slot.push(st.audit.len());
+        st.audit
+            .push(AuditEntry::new(caller, "tokenize", "", "", ""));
+        Ok(())
+    }
+
+    /// Readies a queued item for the next insert: rotates when its seal would pass the
+    /// policy, seals under the active version, counts the seal, and draws again while its
+    /// token is already queued. Ends with the item queued or done (an error of its own).
+    async fn prepare(
+        &mut self,
+        tx: &Transaction<'_>,
+        keyring: &Keyring,
+        st: &mut TxState,
+        g: usize,
+    ) -> Result<()> {
+        loop {
+            let item = &mut *self.items[g];
+            if self.draws[g] >= MAX_TOKEN_DRAWS {
+                self.slots[g] = Slot::Done(Err(Error::ResourceExhausted(format!(
+                    "no free {} token left for this card number length; use another format",
+                    item.meta.format.name()
+                ))));
+                return Ok(());
+            }
+            if keyring.needs_rotation(st.active_count, 1, st.active_created, item.now) {
+                if !master_is_current(tx, keyring).await? {
+                    self.slots[g] = Slot::Done(Err(Error::Unavailable(STALE_MASTER.into())));
+                    return Ok(());
+                }
+                rotate_in_tx(tx, keyring, st).await?;
+            }
+            if item.key_version != st.active_version {
+                reseal(keyring, item);
+            }
+            // Never seal under a version that is not the active one.
+            if item.key_version != st.active_version {
+                self.slots[g] = Slot::Done(Err(Error::Unavailable(STALE_MASTER.into())));
+                return Ok(());
+            }
+            // A sealed PAN counts against its version even if its row loses a collision.
+            st.active_count += 1;
+            *st.counts.entry(item.key_version).or_insert(0) += 1;
+            self.draws[g] += 1;
+            if self.queued_tokens.insert(item.token.clone()) {
+                return Ok(());
+            }
+            item.token = token::generate(item.meta.format, &item.pan).into_string();
+            reseal(keyring, item);
         }
-        if item.key_version != st.active_version {
-            return Ok(Err(Error::Unavailable(STALE_MASTER.into())));
-        }
-        let m = &item.meta;
-        let inserted = tx
-            .execute(
-                &insert,
-                &[
-                    &item.token,
-                    &i64::from(item.key_version),
-                    &&item.sealed.nonce[..],
-                    &item.sealed.ciphertext,
-                    &item.fingerprint.as_ref().map(|f| f.to_vec()),
-                    &m.format.code(),
-                    &m.brand.code(),
-                    &i64::from(m.pan_length),
-                    &m.bin,
-                    &m.last4,
-                    &m.created_at,
-                    &m.expires_at,
-                    &i64::from(crate::crypto::ROW_FORMAT),
-                ],
-            )
+    }
+
+    /// Inserts every queued item, one statement per draw, until none is left queued.
+    async fn write(
+        &mut self,
+        tx: &Transaction<'_>,
+        keyring: &Keyring,
+        st: &mut TxState,
+    ) -> Result<()> {
+        let stmt = tx
+            .prepare_cached(SQL_INSERT_TOKENS)
             .await
             .map_err(map_err)?;
-        // A sealed PAN counts against its version even if the row lost a collision.
-        st.active_count += 1;
-        *st.counts.entry(item.key_version).or_insert(0) += 1;
-        if inserted == 1 {
-            return Ok(Ok(StoredToken {
-                token: item.token.clone(),
-                key_version: item.key_version,
-                created: true,
-                meta: item.meta.clone(),
-            }));
+        loop {
+            let queued: Vec<usize> = (0..self.items.len())
+                .filter(|&g| matches!(self.slots[g], Slot::Queued))
+                .collect();
+            if queued.is_empty() {
+                return Ok(());
+            }
+            let n = queued.len();
+            let mut cols = InsertColumns::with_capacity(n);
+            for &g in &queued {
+                cols.push(self.items[g]);
+            }
+            let inserted: std::collections::HashSet<String> = tx
+                .query(&stmt, &cols.params())
+                .await
+                .map_err(map_err)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            self.queued_tokens.clear();
+            let mut lost = Vec::new();
+            for g in queued {
+                let item = &*self.items[g];
+                if inserted.contains(&item.token) {
+                    self.slots[g] = Slot::Done(Ok(StoredToken {
+                        token: item.token.clone(),
+                        key_version: item.key_version,
+                        created: true,
+                        meta: item.meta.clone(),
+                    }));
+                } else {
+                    lost.push(g);
+                }
+            }
+            // Collisions with stored tokens: draw again (the AAD binds the token: re-seal).
+            for g in lost {
+                let item = &mut *self.items[g];
+                item.token = token::generate(item.meta.format, &item.pan).into_string();
+                reseal(keyring, item);
+                self.prepare(tx, keyring, st, g).await?;
+            }
         }
-        item.token = token::generate(m.format, &item.pan).into_string();
-        let snapshot = keyring.snapshot();
-        item.sealed = snapshot.active.seal(
-            &item.token,
-            &item.meta.canonical(),
-            item.pan.expose_digits().as_bytes(),
-        );
-        item.key_version = snapshot.active.version();
     }
-    Ok(Err(Error::ResourceExhausted(format!(
-        "no free {} token left for this card number length; use another format",
-        item.meta.format.name()
-    ))))
+
+    /// Every item's answer, in order, with its audit record completed.
+    fn finish(mut self, st: &mut TxState) -> Vec<Result<StoredToken>> {
+        let n = self.items.len();
+        let mut out: Vec<Option<Result<StoredToken>>> = (0..n).map(|_| None).collect();
+        for g in 0..n {
+            let r = match std::mem::replace(&mut self.slots[g], Slot::Queued) {
+                Slot::Done(r) => r,
+                Slot::SameAs(first) => match out[first].as_ref() {
+                    Some(Ok(s)) => Ok(StoredToken {
+                        created: false,
+                        ..s.clone()
+                    }),
+                    Some(Err(e)) => Err(duplicate(e)),
+                    None => Err(Error::Internal("reuse of a later item".into())),
+                },
+                Slot::Queued => Err(Error::Internal("item left unwritten".into())),
+            };
+            let entry = &mut st.audit[self.audit_slot[g]];
+            entry.subject = r.as_ref().map(|s| s.token.clone()).unwrap_or_default();
+            entry.outcome = outcome_of(&r).to_string();
+            out[g] = Some(r);
+        }
+        out.into_iter()
+            .map(|r| r.expect("every item answered"))
+            .collect()
+    }
+}
+
+fn reseal(keyring: &Keyring, item: &mut NewToken) {
+    let snapshot = keyring.snapshot();
+    item.sealed = snapshot.active.seal(
+        &item.token,
+        &item.meta.canonical(),
+        item.pan.expose_digits().as_bytes(),
+    );
+    item.key_version = snapshot.active.version();
+}
+
+/// The columns of a multi-row insert, as arrays.
+struct InsertColumns {
+    token: Vec<String>,
+    key_version: Vec<i64>,
+    nonce: Vec<Vec<u8>>,
+    ciphertext: Vec<Vec<u8>>,
+    fingerprint: Vec<Option<Vec<u8>>>,
+    format: Vec<i64>,
+    brand: Vec<i64>,
+    pan_length: Vec<i64>,
+    bin: Vec<String>,
+    last4: Vec<String>,
+    created_at: Vec<i64>,
+    expires_at: Vec<Option<i64>>,
+    row_format: Vec<i64>,
+}
+
+impl InsertColumns {
+    fn with_capacity(n: usize) -> Self {
+        InsertColumns {
+            token: Vec::with_capacity(n),
+            key_version: Vec::with_capacity(n),
+            nonce: Vec::with_capacity(n),
+            ciphertext: Vec::with_capacity(n),
+            fingerprint: Vec::with_capacity(n),
+            format: Vec::with_capacity(n),
+            brand: Vec::with_capacity(n),
+            pan_length: Vec::with_capacity(n),
+            bin: Vec::with_capacity(n),
+            last4: Vec::with_capacity(n),
+            created_at: Vec::with_capacity(n),
+            expires_at: Vec::with_capacity(n),
+            row_format: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, item: &NewToken) {
+        let m = &item.meta;
+        self.token.push(item.token.clone());
+        self.key_version.push(i64::from(item.key_version));
+        self.nonce.push(item.sealed.nonce.to_vec());
+        self.ciphertext.push(item.sealed.ciphertext.clone());
+        self.fingerprint
+            .push(item.fingerprint.as_ref().map(|f| f.to_vec()));
+        self.format.push(m.format.code());
+        self.brand.push(m.brand.code());
+        self.pan_length.push(i64::from(m.pan_length));
+        self.bin.push(m.bin.clone());
+        self.last4.push(m.last4.clone());
+        self.created_at.push(m.created_at);
+        self.expires_at.push(m.expires_at);
+        self.row_format.push(i64::from(crate::crypto::ROW_FORMAT));
+    }
+
+    fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 13] {
+        [
+            &self.token,
+            &self.key_version,
+            &self.nonce,
+            &self.ciphertext,
+            &self.fingerprint,
+            &self.format,
+            &self.brand,
+            &self.pan_length,
+            &self.bin,
+            &self.last4,
+            &self.created_at,
+            &self.expires_at,
+            &self.row_format,
+        ]
+    }
+}
+
+/// The reuse lookup of every `reuse_existing` item of a group, in one statement; indexed
+/// like the group's items in order.
+async fn find_reusable(
+    tx: &Transaction<'_>,
+    group: &[WriteOp],
+) -> Result<HashMap<usize, StoredToken>> {
+    let (mut fps, mut fmts, mut nows, mut idx) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let items = group.iter().flat_map(|op| match op {
+        WriteOp::Tokenize { items, .. } => items.as_slice(),
+        _ => &[],
+    });
+    for (g, item) in items.enumerate() {
+        if let (true, Some(fp)) = (item.reuse_existing, &item.fingerprint) {
+            fps.push(fp.to_vec());
+            fmts.push(item.meta.format.code());
+            nows.push(item.now);
+            idx.push(g as i64);
+        }
+    }
+    if idx.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let stmt = tx.prepare_cached(SQL_REUSE_MANY).await.map_err(map_err)?;
+    let rows = tx
+        .query(&stmt, &[&fps, &fmts, &nows, &idx])
+        .await
+        .map_err(map_err)?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, i64>(0) as usize,
+                StoredToken {
+                    token: r.get(1),
+                    key_version: r.get::<_, i64>(2) as u32,
+                    created: false,
+                    meta: meta_from_row(r, 3),
+                },
+            )
+        })
+        .collect())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -873,6 +1192,9 @@ struct Writer {
     keyring: Arc<Keyring>,
     healthy: Arc<AtomicBool>,
     max_group_items: usize,
+    /// The vault's tables passed the tokenize share of `limits.max_storage_bytes` at the
+    /// last measurement (at most a second old): tokenize items are refused, nothing else.
+    storage_full: Arc<AtomicBool>,
 }
 
 impl Writer {
@@ -931,23 +1253,51 @@ impl Writer {
         }
     }
 
+    /// One transaction per group, in a number of round trips that does not grow with the
+    /// group: the head lock and active key (pipelined), one reuse lookup, one multi-row
+    /// insert of the group's tokens, then the counts, audit rows and head (pipelined).
     async fn apply_group(&self, group: &mut [WriteOp]) -> Result<Vec<Outcome>> {
         let keyring = &*self.keyring;
         let mut client = PgShared::client(&self.pool).await?;
         let tx = client.transaction().await.map_err(map_err)?;
         let mut st = begin_state(&tx, keyring).await?;
+        let full = self.storage_full.load(Ordering::Relaxed);
+        let mut found = if full {
+            HashMap::new()
+        } else {
+            find_reusable(&tx, group).await?
+        };
+        let mut batch = TokenBatch::new();
         let mut outcomes = Vec::with_capacity(group.len());
+        // (outcome index, item count) of each tokenize op, answered once the batch is written.
+        let mut sizes = Vec::new();
         for op in group.iter_mut() {
             outcomes.push(match op {
-                WriteOp::Tokenize { items, caller, .. } => {
-                    let mut results = Vec::with_capacity(items.len());
-                    for item in items.iter_mut() {
-                        let r = insert_token(&tx, keyring, &mut st, item).await?;
-                        let subject = r.as_ref().map(|s| s.token.as_str()).unwrap_or_default();
-                        st.audit.push(AuditEntry::new(caller, "tokenize", subject, outcome_of(&r), ""));
-                        results.push(r);
-                    }
+                WriteOp::Tokenize { items, caller, .. } if full => {
+                    // As SQLite's full store: each item refused and audited, none stored.
+                    let results = items
+                        .iter()
+                        .map(|_| {
+                            let r = Err(Error::ResourceExhausted(
+                                "storage limit reached: tokenize is refused until space is \
+                                 freed or the limit is raised"
+                                    .into(),
+                            ));
+                            st.audit.push(AuditEntry::new(caller, "tokenize", "", outcome_of(&r), ""));
+                            r
+                        })
+                        .collect();
                     Outcome::Tokenize(results)
+                }
+                WriteOp::Tokenize { items, caller, .. } => {
+                    sizes.push((outcomes.len(), items.len()));
+                    for item in items.iter_mut() {
+                        let g = batch.items.len();
+                        batch
+                            .add(&tx, keyring, &mut st, item, caller, found.remove(&g))
+                            .await?;
+                    }
+                    Outcome::Tokenize(Vec::new())
                 }
                 WriteOp::Delete { token, caller, .. } => {
                     let stmt = tx
@@ -971,6 +1321,11 @@ impl Writer {
                     Outcome::Audit
                 }
             });
+        }
+        batch.write(&tx, keyring, &mut st).await?;
+        let mut results = batch.finish(&mut st).into_iter();
+        for (at, n) in sizes {
+            outcomes[at] = Outcome::Tokenize(results.by_ref().take(n).collect());
         }
         finish_state(&tx, keyring, &mut st).await?;
         tx.commit().await.map_err(map_err)?;
@@ -1027,6 +1382,12 @@ impl PgStore {
             }
             prepare_audit(&mut client, &kr).await
         })?;
+        let storage_full = Arc::new(AtomicBool::new(false));
+        let limit = p.max_storage_bytes;
+        if let Some(limit) = limit {
+            let (pool, full) = (shared.pool.clone(), storage_full.clone());
+            shared.block(async move { measure_storage(&pool, limit, &full).await })?;
+        }
         let healthy = Arc::new(AtomicBool::new(true));
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel(p.writer_queue.max(1));
@@ -1036,6 +1397,7 @@ impl PgStore {
             keyring: keyring.clone(),
             healthy: healthy.clone(),
             max_group_items: p.max_group_items.max(1),
+            storage_full: storage_full.clone(),
         };
         shared.handle().spawn(async move {
             writer.run(rx).await;
@@ -1047,8 +1409,14 @@ impl PgStore {
                 while !stop.load(Ordering::Relaxed) {
                     tokio::time::sleep(PROBE_EVERY).await;
                     let probe = async {
-                        let c = PgShared::client(&pool).await?;
-                        c.simple_query("SELECT 1").await.map_err(map_err)?;
+                        match limit {
+                            // The measurement is the probe: it needs the database too.
+                            Some(limit) => measure_storage(&pool, limit, &storage_full).await?,
+                            None => {
+                                let c = PgShared::client(&pool).await?;
+                                c.simple_query("SELECT 1").await.map_err(map_err)?;
+                            }
+                        }
                         Ok::<_, Error>(())
                     };
                     let ok = matches!(
