@@ -216,6 +216,60 @@ async fn deleted_ciphertexts_leave_every_file_within_5s_under_traffic() {
     vault.close().await;
 }
 
+/// Tokenize without a pause from `tasks` tasks: the writer always has the next group queued,
+/// so the prober copies frames back (PASSIVE) while the writer must truncate after deletes.
+fn write_load(
+    vault: &Vault,
+    stop: Arc<AtomicBool>,
+    tasks: u64,
+) -> Vec<tokio::task::JoinHandle<u64>> {
+    (0..tasks)
+        .map(|k| {
+            let (vault, stop) = (vault.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    vault
+                        .tokenize(&caller(), req(2_000_000 + k * 1_000_000 + n, None))
+                        .await
+                        .unwrap();
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_ciphertexts_leave_every_file_within_5s_under_full_write_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vault, _, data) = new_vault(dir.path());
+    let tokens = tokenize(&vault, 0, 200, None).await;
+    let cts = ciphertexts(&data, &tokens);
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = write_load(&vault, stop.clone(), 32);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut destroyed, mut live) = (Vec::new(), Vec::new());
+    for (i, (t, ct)) in tokens.iter().zip(&cts).enumerate() {
+        if i % 2 == 0 {
+            assert!(vault.delete(&caller(), t.clone()).await.unwrap());
+            destroyed.push(ct.clone());
+        } else {
+            live.push(ct.clone());
+        }
+    }
+    assert_gone_within_deadline(&data, &destroyed, "DeleteToken under full write load").await;
+    stop.store(true, Ordering::Relaxed);
+    let mut written = 0;
+    for task in load {
+        written += task.await.unwrap();
+    }
+    assert!(written > 0);
+    assert_all_present(&data, &live, "DeleteToken under full write load");
+    vault.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purged_ciphertexts_leave_every_file_within_5s() {
     let dir = tempfile::tempdir().unwrap();

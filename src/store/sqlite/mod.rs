@@ -1318,6 +1318,29 @@ fn insert_token(
 
 type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
 
+fn lookup_rows(conn: &Connection, tokens: &[String], now: Micros) -> Result<Vec<Option<TokenRow>>> {
+    let mut stmt = conn.prepare_cached(SQL_LOOKUP)?;
+    let mut out = Vec::with_capacity(tokens.len());
+    for t in tokens {
+        let row = stmt
+            .query_row(params![t, now], |r| {
+                let (row_format, bound_meta) = binding_from_row(r, 4)?;
+                Ok(TokenRow {
+                    token: r.get(0)?,
+                    key_version: r.get::<_, i64>(1)? as u32,
+                    nonce: r.get(2)?,
+                    ciphertext: r.get(3)?,
+                    meta: meta_from_row(r, 4)?,
+                    row_format,
+                    bound_meta,
+                })
+            })
+            .optional()?;
+        out.push(row);
+    }
+    Ok(out)
+}
+
 /// Readers. Point reads (a Detokenize's lookup) run on the calling thread, on a connection
 /// taken from `idle`: a WAL-mode read never waits for the writer, and a point read through
 /// the memory map costs less than the two thread hand-offs of a trip to a reader thread.
@@ -1327,19 +1350,24 @@ struct ReadPool {
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// Connections for point reads; None once the vault is closed.
     idle: Mutex<Option<Vec<Connection>>>,
-    path: PathBuf,
 }
 
-/// Point-read connections kept open: one per thread that reads at the same moment (the
-/// runtime's workers), a few more for bursts.
-const IDLE_READERS: usize = 8;
+/// Point-read connections: one per runtime worker (a thread that can read at the same
+/// moment); a read finding none free goes to a reader thread.
+fn inline_readers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
+}
 
-fn open_reader(path: &Path) -> Result<Connection> {
+/// How long a point read on a runtime worker waits for a busy database before it is handed
+/// to a reader thread, which waits the full [`BUSY_TIMEOUT`].
+const INLINE_BUSY_TIMEOUT: Duration = Duration::from_millis(20);
+
+fn open_reader(path: &Path, busy_timeout: Duration) -> Result<Connection> {
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
-    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.busy_timeout(busy_timeout)?;
     enable_secure_delete(&conn)?;
     conn.pragma_update(None, "query_only", true)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
@@ -1356,7 +1384,7 @@ impl ReadPool {
         let rx = Arc::new(Mutex::new(rx));
         let mut threads = Vec::new();
         for i in 0..n.max(1) {
-            let conn = open_reader(path)?;
+            let conn = open_reader(path, BUSY_TIMEOUT)?;
             let rx = rx.clone();
             threads.push(
                 std::thread::Builder::new()
@@ -1374,34 +1402,30 @@ impl ReadPool {
                     .map_err(|e| Error::Internal(format!("spawn reader: {e}")))?,
             );
         }
-        let idle = (0..2)
-            .map(|_| open_reader(path))
+        let idle = (0..inline_readers())
+            .map(|_| open_reader(path, INLINE_BUSY_TIMEOUT))
             .collect::<Result<Vec<_>>>()?;
         Ok(ReadPool {
             tx: Mutex::new(Some(tx)),
             threads: Mutex::new(threads),
             idle: Mutex::new(Some(idle)),
-            path: path.to_path_buf(),
         })
     }
 
-    /// Runs a short read here, on this thread (see [`ReadPool`]).
-    fn inline<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        let taken = match &mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some(idle) => idle.pop(),
-            None => return Err(Error::Unavailable("the vault is closed".into())),
-        };
-        let conn = match taken {
-            Some(c) => c,
-            None => open_reader(&self.path)?,
-        };
+    /// Runs a short read here, on this thread (see [`ReadPool`]); None when no point-read
+    /// connection is free (or the vault is closed): the caller then submits it.
+    fn inline<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Option<Result<T>> {
+        let conn = self
+            .idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()?
+            .pop()?;
         let out = f(&conn);
         if let Some(idle) = &mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()) {
-            if idle.len() < IDLE_READERS {
-                idle.push(conn);
-            }
+            idle.push(conn);
         }
-        out
+        Some(out)
     }
 
     fn submit<T: Send + 'static>(
@@ -1491,10 +1515,16 @@ struct CheckpointGate {
 }
 
 impl CheckpointGate {
-    /// Runs `checkpoint` unless paused; None when it was skipped.
+    /// Runs `checkpoint` unless paused; None when it was skipped. One checkpoint of this
+    /// process at a time (the writer's resets and the prober's ticks): a second would find
+    /// SQLite's checkpoint lock taken and fail as busy at once, without a busy handler, and
+    /// a writer's truncate after destroying commits would keep failing under load.
     fn run<T>(&self, checkpoint: impl FnOnce() -> T) -> Option<T> {
         {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            while st.1 && st.0 == 0 {
+                st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
             if st.0 > 0 {
                 return None;
             }
@@ -1845,35 +1875,16 @@ impl Storage for SqliteStore {
     }
 
     fn lookup(&self, tokens: Vec<String>, now: Micros) -> StoreFuture<Vec<Option<TokenRow>>> {
-        let inline = tokens.len() <= INLINE_LOOKUP;
-        let read = move |conn: &Connection| {
-            let mut stmt = conn.prepare_cached(SQL_LOOKUP)?;
-            let mut out = Vec::with_capacity(tokens.len());
-            for t in &tokens {
-                let row = stmt
-                    .query_row(params![t, now], |r| {
-                        let (row_format, bound_meta) = binding_from_row(r, 4)?;
-                        Ok(TokenRow {
-                            token: r.get(0)?,
-                            key_version: r.get::<_, i64>(1)? as u32,
-                            nonce: r.get(2)?,
-                            ciphertext: r.get(3)?,
-                            meta: meta_from_row(r, 4)?,
-                            row_format,
-                            bound_meta,
-                        })
-                    })
-                    .optional()?;
-                out.push(row);
-            }
-            Ok(out)
-        };
         // A few tokens are a few index probes: cheaper here than a trip to a reader thread.
-        if inline {
-            let rows = self.reads.inline(read);
-            return Box::pin(async move { rows });
+        // A read kept waiting (a WAL reset holding the index) goes to a reader thread, so a
+        // runtime worker never waits long.
+        if tokens.len() <= INLINE_LOOKUP {
+            match self.reads.inline(|conn| lookup_rows(conn, &tokens, now)) {
+                Some(Err(Error::Unavailable(_))) | None => {}
+                Some(rows) => return Box::pin(async move { rows }),
+            }
         }
-        self.read(read)
+        self.read(move |conn| lookup_rows(conn, &tokens, now))
     }
 
     fn delete(&self, token: String, caller: Caller) -> StoreFuture<bool> {
