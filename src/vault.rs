@@ -27,6 +27,7 @@ use crate::token::{self, Token, TokenFormat};
 pub mod clock;
 pub mod dual;
 pub mod lifecycle;
+pub mod rekey;
 #[cfg(test)]
 mod row_format_tests;
 pub use crate::model::{
@@ -38,6 +39,7 @@ pub use lifecycle::{
     CheckReport, PurgeOptions, PurgePlan, PurgeReport, RevokeReport, RewrapOptions, RewrapProgress,
     RewrapReport,
 };
+pub use rekey::{RekeyOptions, RekeyReport};
 
 #[derive(Clone, Debug)]
 pub struct VaultConfig {
@@ -280,6 +282,7 @@ impl Vault {
             key_check: check.to_stored()?,
             wrapped_fingerprint_key: genesis.fingerprint_key,
             wrapped_audit_key: genesis.audit_key,
+            layers: Default::default(),
         };
         location.create(&header, &genesis.data_key, dev)?;
         tracing::info!(vault_id = %vault_id.to_hex(), "created vault");
@@ -325,8 +328,7 @@ impl Vault {
         let rows = location.initial_key_rows()?;
         let keyring = Arc::new(Keyring::new(
             kwk,
-            &header.wrapped_fingerprint_key,
-            &header.wrapped_audit_key,
+            &header,
             &rows,
             cfg.key_policy.clone(),
         )?);
@@ -468,17 +470,18 @@ impl Vault {
         // The AAD binds the metadata too: an edited column fails authentication.
         let sealed = snapshot.active.seal(&token, &meta.canonical(), digits);
         // Scoped: a lookup can only ever find a token of the caller's own reuse scope.
-        let fingerprint = req.reuse_existing.then(|| {
-            self.inner
-                .keyring
-                .fingerprint_key()
-                .scoped_fingerprint(reuse_scope, digits)
-        });
+        let (fingerprint, fingerprint_prev) = if req.reuse_existing {
+            let (fp, prev) = self.inner.keyring.fingerprints().reuse(reuse_scope, digits);
+            (Some(fp), prev)
+        } else {
+            (None, None)
+        };
         NewToken {
             token,
             sealed,
             key_version: snapshot.active.version(),
             fingerprint,
+            fingerprint_prev,
             reuse_existing: req.reuse_existing,
             meta,
             pan: req.pan,
@@ -935,7 +938,8 @@ impl Vault {
                 let mut guard = w.lock().unwrap_or_else(|e| e.into_inner());
                 let Some(walk) = guard.as_mut() else { return };
                 if walk.mac_broken.is_none() {
-                    if let Err(broken) = walk.mac.feed(keyring.audit_key(), rec) {
+                    let keys = keyring.audit_keys();
+                    if let Err(broken) = walk.mac.feed(keys.for_seq(rec.seq), rec) {
                         walk.mac_broken = Some(broken);
                     }
                 }
@@ -1036,9 +1040,7 @@ impl Vault {
         if !check.matches(&header.key_check) {
             return Err(Error::WrongMasterKey);
         }
-        self.inner
-            .keyring
-            .set_key_wrapping_key(kwk, &header.wrapped_fingerprint_key)?;
+        self.inner.keyring.reload(kwk, &header)?;
         self.refresh().await
     }
 

@@ -39,10 +39,11 @@
 //! |------------------------------------|--------------------|--------------------------------------------------------------|
 //! | `tokenvault/v1/kwk`                | HKDF info          | 32-byte key-wrapping key                                     |
 //! | `tokenvault/v1/key-check`          | HKDF info          | 32-byte [`KeyCheck`]                                          |
-//! | `tokenvault/v1/wrap/`              | AES-GCM AAD prefix | `…wrap/` ‖ `data` ‖ version u32 BE, or `fingerprint`, or `audit` |
+//! | `tokenvault/v1/wrap/`              | AES-GCM AAD prefix | `…wrap/` ‖ `data` ‖ version u32 BE, or `fingerprint`, or `audit`, or `signing`/`layer` ‖ n u32 BE, or `retired-audit` ‖ from u64 BE |
 //! | `tokenvault/v1/pan`                | AES-GCM AAD prefix | `…pan` ‖ version u32 BE ‖ token bytes (row format 1)         |
 //! | `tokenvault/v2/pan`                | AES-GCM AAD prefix | `…pan` ‖ row format u32 BE ‖ version u32 BE ‖ len(token) u32 BE ‖ token ‖ canonical metadata (row format 2) |
 //! | `tokenvault/v1/fingerprint\0`      | HMAC input prefix  | label ‖ data                                                 |
+//! | `tokenvault/v1/fingerprint-layer\0` | HMAC input prefix | label ‖ inner fingerprint (32)                               |
 //! | `tokenvault/v1/audit\0`            | HMAC input prefix  | label ‖ len(prev) u32 BE ‖ prev MAC ‖ record                 |
 //! | `tokenvault/v1/api-key\0`          | SHA-256 prefix     | label ‖ secret                                               |
 //! | `tokenvault/v1/audit-hash\0`       | SHA-256 prefix     | label ‖ prev hash (32) ‖ record                              |
@@ -141,6 +142,8 @@ pub const ROW_FORMAT: u32 = ROW_FORMAT_BOUND_META;
 pub const LABEL_FINGERPRINT: &[u8] = b"tokenvault/v1/fingerprint\0";
 /// Label of the scoped reuse fingerprint (see [`FingerprintKey::scoped_fingerprint`]).
 pub const LABEL_REUSE_FINGERPRINT: &[u8] = b"tokenvault/v1/reuse-fingerprint\0";
+/// HMAC input prefix of a fingerprint layer (see [`FingerprintKey::layer`]).
+pub const LABEL_FINGERPRINT_LAYER: &[u8] = b"tokenvault/v1/fingerprint-layer\0";
 /// HMAC input prefix for the audit chain.
 pub const LABEL_AUDIT: &[u8] = b"tokenvault/v1/audit\0";
 /// SHA-256 input prefix for API key hashes.
@@ -656,6 +659,11 @@ pub enum KeyPurpose {
     Audit,
     /// The seed of audit signing key number n.
     AuditSigning(u32),
+    /// Fingerprint layer n (n >= 1), added by `keys rotate-master --rekey` number n.
+    FingerprintLayer(u32),
+    /// A replaced audit MAC key, kept to verify the records from sequence number `from`
+    /// up to the next key's first record.
+    RetiredAudit(u64),
 }
 
 /// Associated data, assembled on the stack when short (every wrap AAD; PAN AAD for tokens up
@@ -701,6 +709,12 @@ fn wrap_aad(purpose: KeyPurpose) -> Aad {
         // `signing` starts with a byte no other purpose starts with, and is followed by
         // exactly 4 bytes, like `data`.
         KeyPurpose::AuditSigning(n) => Aad::concat(&[LABEL_WRAP, b"signing", &n.to_be_bytes()]),
+        // `layer` and `retired-audit` also start with bytes of their own, and are followed by
+        // exactly 4 and 8 bytes.
+        KeyPurpose::FingerprintLayer(n) => Aad::concat(&[LABEL_WRAP, b"layer", &n.to_be_bytes()]),
+        KeyPurpose::RetiredAudit(from) => {
+            Aad::concat(&[LABEL_WRAP, b"retired-audit", &from.to_be_bytes()])
+        }
     }
 }
 
@@ -886,8 +900,19 @@ impl KeyWrappingKey {
         wrapped: &[u8],
         purpose: KeyPurpose,
     ) -> Result<Result<Vec<u8>, KeyError>, DecryptError> {
-        let key = self.unwrap(wrapped, purpose)?;
-        Ok(new.wrap(&key, purpose))
+        self.rewrap_as(new, wrapped, purpose, purpose)
+    }
+
+    /// Like [`KeyWrappingKey::rewrap`], changing the purpose (an audit key being retired).
+    pub fn rewrap_as(
+        &self,
+        new: &KeyWrappingKey,
+        wrapped: &[u8],
+        from: KeyPurpose,
+        to: KeyPurpose,
+    ) -> Result<Result<Vec<u8>, KeyError>, DecryptError> {
+        let key = self.unwrap(wrapped, from)?;
+        Ok(new.wrap(&key, to))
     }
 }
 
@@ -999,6 +1024,16 @@ impl FingerprintKey {
         mac.update(&(scope.len() as u32).to_be_bytes());
         mac.update(scope.as_bytes());
         mac.update(data);
+        mac.finalize().into_bytes().into()
+    }
+    /// HMAC-SHA256(key, `tokenvault/v1/fingerprint-layer\0` || inner): a layer over a
+    /// fingerprint already computed. `--rekey` adds one and applies it to every stored
+    /// fingerprint without knowing the card (or the reuse scope); whoever holds only the
+    /// inner keys cannot compute or test the outer value.
+    pub fn layer(&self, inner: &[u8; 32]) -> [u8; 32] {
+        let mut mac = (*self.mac).clone();
+        mac.update(LABEL_FINGERPRINT_LAYER);
+        mac.update(inner);
         mac.finalize().into_bytes().into()
     }
 }

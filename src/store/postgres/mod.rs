@@ -174,8 +174,15 @@ pub fn read_header(shared: &Arc<PgShared>) -> Result<VaultHeader> {
             key_check: get("key_check")?,
             wrapped_fingerprint_key: get("wrapped_fingerprint_key")?,
             wrapped_audit_key: get("wrapped_audit_key")?,
+            layers: crate::store::KeyLayers::from_meta(|key| Ok(meta.remove(key)))?,
         })
     })
+}
+
+fn rekey_unsupported() -> Error {
+    Error::FailedPrecondition(
+        "`keys rotate-master --rekey` is not implemented for a PostgreSQL store yet".into(),
+    )
 }
 
 /// True when the database holds a vault.
@@ -529,6 +536,8 @@ struct TxState {
     active_created: Micros,
     counts: HashMap<u32, u64>,
     audit: Vec<AuditEntry>,
+    /// Set by the transaction that switches the audit key (`--rekey`).
+    audit_key_switch: bool,
 }
 
 /// Locks the chain head (serialising every writer of every replica), then reads the
@@ -568,6 +577,7 @@ async fn begin_state(tx: &Transaction<'_>, keyring: &Keyring) -> Result<TxState>
         active_created: active.get(2),
         counts: HashMap::new(),
         audit: Vec::new(),
+        audit_key_switch: false,
     };
     if keyring.needs_rotation(0, 0, st.active_created, now_micros())
         && master_is_current(tx, keyring).await?
@@ -614,6 +624,16 @@ async fn flush_audit(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) 
     if st.audit.is_empty() {
         return Ok(());
     }
+    let keys = keyring.audit_keys();
+    // A replica still holding the audit key a rekey replaced must not extend the chain.
+    let stored_from: Option<Vec<u8>> = tx
+        .query_opt("SELECT value FROM meta WHERE key = 'audit_key_from'", &[])
+        .await
+        .map_err(map_err)?
+        .map(|r| r.get(0));
+    if !st.audit_key_switch && super::sqlite::audit_key_from(stored_from)? != keys.from() {
+        return Err(Error::Unavailable(STALE_MASTER.into()));
+    }
     let n = st.audit.len();
     let (mut seqs, mut ats) = (Vec::with_capacity(n), Vec::with_capacity(n));
     let (mut principals, mut peers, mut actions) = (
@@ -632,7 +652,7 @@ async fn flush_audit(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) 
         st.audit_at = entry.at;
         let seq = st.audit_seq + 1;
         let bytes = canonical_bytes(seq, &entry);
-        let mac = keyring.audit_key().chain_mac(&st.audit_mac, &bytes);
+        let mac = keys.current().chain_mac(&st.audit_mac, &bytes);
         let hash = audit_chain_hash(&st.audit_hash, &bytes);
         seqs.push(seq as i64);
         ats.push(entry.at);
@@ -721,7 +741,7 @@ async fn rotate_in_tx(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState)
 const SQL_REUSE: &str = concat!(
     "SELECT token, key_version, ",
     meta_cols!(),
-    " FROM tokens WHERE fingerprint = $1 AND format = $2 AND deleted_at IS NULL \
+    " FROM tokens WHERE fingerprint IN ($1, $4) AND format = $2 AND deleted_at IS NULL \
      AND (expires_at IS NULL OR expires_at > $3) ORDER BY id LIMIT 1"
 );
 const SQL_INSERT_TOKEN: &str = concat!(
@@ -749,7 +769,12 @@ async fn insert_token(
         let found = tx
             .query_opt(
                 &stmt,
-                &[&&fingerprint[..], &item.meta.format.code(), &item.now],
+                &[
+                    &&fingerprint[..],
+                    &item.meta.format.code(),
+                    &item.now,
+                    &&item.fingerprint_prev.as_ref().unwrap_or(fingerprint)[..],
+                ],
             )
             .await
             .map_err(map_err)?;
@@ -1802,6 +1827,20 @@ impl Storage for PgStore {
         })
     }
 
+    fn rekey_begin(
+        &self,
+        _new_kwk: KeyWrappingKey,
+        _new_check: Vec<u8>,
+        _caller: Caller,
+    ) -> StoreFuture<crate::store::RekeyState> {
+        Box::pin(async { Err(rekey_unsupported()) })
+    }
+    fn rekey_batch(&self, _limit: usize, _caller: Caller) -> StoreFuture<crate::store::RekeyOutcome> {
+        Box::pin(async { Err(rekey_unsupported()) })
+    }
+    fn rekey_finish(&self, _caller: Caller) -> StoreFuture<u32> {
+        Box::pin(async { Err(rekey_unsupported()) })
+    }
     fn rotate_master(
         &self,
         new_kwk: KeyWrappingKey,
