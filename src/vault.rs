@@ -614,7 +614,15 @@ impl Vault {
         let mut snapshot = self.inner.keyring.snapshot();
         if snapshot.get(row.key_version).is_none() {
             // Possibly rotated by another process a moment ago.
-            self.refresh().await?;
+            if let Err(e) = self.refresh().await {
+                // A version wrapped under a master key this process does not hold yet (a
+                // rotation or rekey by another process) is unavailable here, not lost.
+                return Err(if self.master_is_stale().await {
+                    Error::Unavailable(crate::store::sqlite::STALE_MASTER.into())
+                } else {
+                    e
+                });
+            }
             snapshot = self.inner.keyring.snapshot();
         }
         let key = snapshot.get(row.key_version).ok_or_else(|| {
@@ -1042,6 +1050,15 @@ impl Vault {
         }
         self.inner.keyring.reload(kwk, &header)?;
         self.refresh().await
+    }
+
+    /// True when the vault's master key changed away from the one this process holds.
+    async fn master_is_stale(&self) -> bool {
+        let location = self.inner.location.clone();
+        match tokio::task::spawn_blocking(move || location.read_header()).await {
+            Ok(Ok(header)) => !self.inner.keyring.kwk_opens(&header.wrapped_fingerprint_key),
+            _ => false,
+        }
     }
 
     /// Vault time: the configured clock, never earlier than a time this vault already saw
