@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::crypto::{
     AuditKey, AuditSigningKey, DataKey, FingerprintKey, KeyPurpose, KeyWrappingKey, SecretKey,
-    WRAPPED_KEY_LEN,
+    UnwrapError, WRAPPED_KEY_LEN,
 };
 use crate::store::VaultHeader;
 use crate::error::{Error, Result};
@@ -138,9 +138,8 @@ impl Keyring {
     /// The fingerprint and audit keys of `header`, unwrapped.
     fn header_keys(kwk: &KeyWrappingKey, header: &VaultHeader) -> Result<(Fingerprints, AuditKeys)> {
         let unwrap = |wrapped: &[u8], purpose: KeyPurpose| {
-            kwk.unwrap(wrapped, purpose).map_err(|_| {
-                Error::DataLoss(format!("wrapped key ({purpose:?}) failed authentication"))
-            })
+            kwk.try_unwrap(wrapped, purpose)
+                .map_err(|e| unwrap_error(e, &format!("wrapped key ({purpose:?})")))
         };
         let root = FingerprintKey::new(unwrap(
             &header.wrapped_fingerprint_key,
@@ -224,13 +223,8 @@ impl Keyring {
                 continue;
             }
             let secret = kwk
-                .unwrap(&row.wrapped, KeyPurpose::Data(row.version))
-                .map_err(|_| {
-                    Error::DataLoss(format!(
-                        "wrapped data key v{} failed authentication",
-                        row.version
-                    ))
-                })?;
+                .try_unwrap(&row.wrapped, KeyPurpose::Data(row.version))
+                .map_err(|e| unwrap_error(e, &format!("wrapped data key v{}", row.version)))?;
             let key = Arc::new(DataKey::new(row.version, secret));
             if row.state == KeyState::Active {
                 if active.is_some() {
@@ -385,6 +379,14 @@ impl Keyring {
             Some(age) => now.saturating_sub(created_at) >= age.as_micros() as i64,
             None => false,
         }
+    }
+}
+
+/// A token that cannot be used is UNAVAILABLE; a key that fails authentication DATA_LOSS.
+fn unwrap_error(e: UnwrapError, what: &str) -> Error {
+    match e {
+        UnwrapError::Authentication => Error::DataLoss(format!("{what} failed authentication")),
+        UnwrapError::Device(e) => Error::from(e),
     }
 }
 

@@ -322,7 +322,8 @@ impl Vault {
         let vault_id = VaultId::from_slice(&header.vault_id)
             .ok_or_else(|| Error::Internal("vault id has the wrong length".into()))?;
         let (kwk, check) = master.derive(&vault_id);
-        if !check.matches(&header.key_check) {
+        // A token that cannot be used is UNAVAILABLE, not a wrong key.
+        if !check.verify(&header.key_check)? {
             return Err(Error::WrongMasterKey);
         }
         let rows = location.initial_key_rows()?;
@@ -1045,7 +1046,8 @@ impl Vault {
         let vault_id = VaultId::from_slice(&header.vault_id)
             .ok_or_else(|| Error::Internal("vault id has the wrong length".into()))?;
         let (kwk, check) = master.derive(&vault_id);
-        if !check.matches(&header.key_check) {
+        // A token that cannot be used is UNAVAILABLE, not a wrong key.
+        if !check.verify(&header.key_check)? {
             return Err(Error::WrongMasterKey);
         }
         self.inner.keyring.reload(kwk, &header)?;

@@ -268,6 +268,15 @@ fn io_error(path: &Path, source: std::io::Error) -> KeyError {
     }
 }
 
+/// Why a wrapped key did not unwrap.
+#[derive(Debug)]
+pub enum UnwrapError {
+    /// Wrong key, altered or moved blob: DATA_LOSS (or a wrong master key).
+    Authentication,
+    /// The PKCS#11 token could not be used: UNAVAILABLE, retry later.
+    Device(KeyError),
+}
+
 /// Every failure to authenticate or decrypt: wrong key, altered bytes, swapped row, wrong AAD.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("ciphertext failed authentication")]
@@ -600,22 +609,28 @@ impl KeyCheck {
     /// comparison, or the token's tag check). A token that cannot be used also answers false;
     /// its error is logged.
     pub fn matches(&self, stored: &[u8]) -> bool {
+        self.verify(stored).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "key check in the PKCS#11 token failed");
+            false
+        })
+    }
+
+    /// Like [`KeyCheck::matches`], but a token that cannot be used is an error
+    /// ([`KeyError::Pkcs11Device`], UNAVAILABLE), not a wrong key.
+    pub fn verify(&self, stored: &[u8]) -> Result<bool, KeyError> {
         match &self.0 {
-            Check::Derived(check) => ct_eq(check, stored),
+            Check::Derived(check) => Ok(ct_eq(check, stored)),
             Check::Hsm { key, vault_id } => {
                 if stored.len() != WRAPPED_KEY_LEN {
-                    return false;
+                    return Ok(false);
                 }
                 let (nonce, sealed) = stored.split_at(NONCE_LEN);
                 let aad = hsm_aad(vault_id, LABEL_KEY_CHECK);
                 let mut out = zeroed_key();
                 match key.decrypt_key(nonce, aad.as_bytes(), sealed, &mut out) {
-                    Ok(()) => ct_eq(&out[..], &[0u8; KEY_LEN]),
-                    Err(pkcs11::HsmDecryptError::Authentication) => false,
-                    Err(pkcs11::HsmDecryptError::Device(e)) => {
-                        tracing::error!(error = %e, "key check in the PKCS#11 token failed");
-                        false
-                    }
+                    Ok(()) => Ok(ct_eq(&out[..], &[0u8; KEY_LEN])),
+                    Err(pkcs11::HsmDecryptError::Authentication) => Ok(false),
+                    Err(pkcs11::HsmDecryptError::Device(e)) => Err(e),
                 }
             }
         }
@@ -856,8 +871,19 @@ impl KeyWrappingKey {
     }
 
     pub fn unwrap(&self, wrapped: &[u8], purpose: KeyPurpose) -> Result<SecretKey, DecryptError> {
+        self.try_unwrap(wrapped, purpose).map_err(|e| {
+            if let UnwrapError::Device(e) = e {
+                tracing::error!(error = %e, "unwrapping in the PKCS#11 token failed");
+            }
+            DecryptError
+        })
+    }
+
+    /// Like [`KeyWrappingKey::unwrap`], telling a token that cannot be used (UNAVAILABLE)
+    /// from a wrapped key that fails authentication (wrong key or altered: DATA_LOSS).
+    pub fn try_unwrap(&self, wrapped: &[u8], purpose: KeyPurpose) -> Result<SecretKey, UnwrapError> {
         if wrapped.len() != WRAPPED_KEY_LEN {
-            return Err(DecryptError);
+            return Err(UnwrapError::Authentication);
         }
         let (nonce, rest) = wrapped.split_at(NONCE_LEN);
         let (ciphertext, tag) = rest.split_at(KEY_LEN);
@@ -870,11 +896,8 @@ impl KeyWrappingKey {
                 let aad = hsm_aad(vault_id, aad.as_bytes());
                 return match hsm.decrypt_key(nonce, aad.as_bytes(), rest, &mut key) {
                     Ok(()) => Ok(SecretKey(key)),
-                    Err(pkcs11::HsmDecryptError::Authentication) => Err(DecryptError),
-                    Err(pkcs11::HsmDecryptError::Device(e)) => {
-                        tracing::error!(error = %e, "unwrapping in the PKCS#11 token failed");
-                        Err(DecryptError)
-                    }
+                    Err(pkcs11::HsmDecryptError::Authentication) => Err(UnwrapError::Authentication),
+                    Err(pkcs11::HsmDecryptError::Device(e)) => Err(UnwrapError::Device(e)),
                 };
             }
         };
@@ -886,7 +909,7 @@ impl KeyWrappingKey {
                 &mut key[..],
                 Tag::from_slice(tag),
             )
-            .map_err(|_| DecryptError)?;
+            .map_err(|_| UnwrapError::Authentication)?;
         Ok(SecretKey(key))
     }
 }
@@ -911,7 +934,12 @@ impl KeyWrappingKey {
         from: KeyPurpose,
         to: KeyPurpose,
     ) -> Result<Result<Vec<u8>, KeyError>, DecryptError> {
-        let key = self.unwrap(wrapped, from)?;
+        let key = match self.try_unwrap(wrapped, from) {
+            Ok(key) => key,
+            Err(UnwrapError::Authentication) => return Err(DecryptError),
+            // The token could not be used: an error of the token, not of the key.
+            Err(UnwrapError::Device(e)) => return Ok(Err(e)),
+        };
         Ok(new.wrap(&key, to))
     }
 }
