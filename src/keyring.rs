@@ -283,6 +283,19 @@ impl Keyring {
         kwk_opens(&self.kwk(), wrapped_fingerprint)
     }
 
+    /// Like [`Keyring::kwk_opens`], but a token that cannot be used is an error
+    /// (UNAVAILABLE) rather than "another process rotated the master key".
+    pub fn master_opens(&self, wrapped_fingerprint: &[u8]) -> Result<bool> {
+        match self
+            .kwk()
+            .try_unwrap(wrapped_fingerprint, KeyPurpose::Fingerprint)
+        {
+            Ok(_) => Ok(true),
+            Err(UnwrapError::Authentication) => Ok(false),
+            Err(UnwrapError::Device(e)) => Err(e.into()),
+        }
+    }
+
     /// Re-wraps a stored key under `new`, changing its purpose (see
     /// [`KeyWrappingKey::rewrap_as`]).
     pub fn rewrap_as(

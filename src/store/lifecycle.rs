@@ -279,7 +279,7 @@ pub(super) fn rotate_master(
             ));
         }
         let fingerprint = meta("wrapped_fingerprint_key")?;
-        if !keyring.kwk_opens(&fingerprint) {
+        if !keyring.master_opens(&fingerprint)? {
             return Err(Error::FailedPrecondition(
                 "the master key was rotated by another process meanwhile".into(),
             ));
@@ -960,7 +960,7 @@ pub(super) fn rekey_begin(
             ));
         }
         let fingerprint = meta("wrapped_fingerprint_key")?;
-        if !keyring.kwk_opens(&fingerprint) {
+        if !keyring.master_opens(&fingerprint)? {
             return Err(Error::FailedPrecondition(
                 "the master key was rotated by another process meanwhile".into(),
             ));

@@ -657,7 +657,7 @@ async fn begin_state(tx: &Transaction<'_>, keyring: &Keyring) -> Result<TxState>
 
 async fn master_is_current(tx: &Transaction<'_>, keyring: &Keyring) -> Result<bool> {
     let wrapped = read_meta(&**tx, "wrapped_fingerprint_key").await?;
-    Ok(keyring.kwk_opens(&wrapped))
+    keyring.master_opens(&wrapped)
 }
 
 async fn finish_state(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) -> Result<()> {
@@ -1916,7 +1916,7 @@ impl Storage for PgStore {
                     ));
                 }
                 let fingerprint = read_meta(&*tx, "wrapped_fingerprint_key").await?;
-                if !keyring.kwk_opens(&fingerprint) {
+                if !keyring.master_opens(&fingerprint)? {
                     return Err(Error::FailedPrecondition(
                         "the master key was rotated by another process meanwhile".into(),
                     ));
@@ -2225,7 +2225,7 @@ impl Storage for PgStore {
                     ));
                 }
                 let fingerprint = read_meta(&*tx, "wrapped_fingerprint_key").await?;
-                if !keyring.kwk_opens(&fingerprint) {
+                if !keyring.master_opens(&fingerprint)? {
                     return Err(Error::FailedPrecondition(
                         "the master key was rotated by another process meanwhile".into(),
                     ));

@@ -926,7 +926,7 @@ fn master_is_current(tx: &Transaction<'_>, keyring: &Keyring) -> Result<bool> {
     let wrapped: Vec<u8> = tx
         .prepare_cached("SELECT value FROM meta WHERE key = 'wrapped_fingerprint_key'")?
         .query_row([], |r| r.get(0))?;
-    Ok(keyring.kwk_opens(&wrapped))
+    keyring.master_opens(&wrapped)
 }
 
 /// A stored chain hash; a record without one was never given one (see [`prepare_audit`]).
@@ -1224,7 +1224,7 @@ pub(super) fn rotate_in_tx(
     let wrapped_fp: Vec<u8> = tx
         .prepare_cached("SELECT value FROM meta WHERE key = 'wrapped_fingerprint_key'")?
         .query_row([], |r| r.get(0))?;
-    if !keyring.kwk_opens(&wrapped_fp) {
+    if !keyring.master_opens(&wrapped_fp)? {
         return Err(Error::FailedPrecondition(
             "the vault's master key was rotated; restart with the new master key".into(),
         ));
