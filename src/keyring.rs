@@ -14,9 +14,9 @@ use crate::crypto::{
     AuditKey, AuditSigningKey, DataKey, FingerprintKey, KeyPurpose, KeyWrappingKey, SecretKey,
     UnwrapError, WRAPPED_KEY_LEN,
 };
-use crate::store::VaultHeader;
 use crate::error::{Error, Result};
 use crate::model::{KeyPolicy, KeyState, Micros};
+use crate::store::VaultHeader;
 
 /// A `data_keys` row as stored.
 #[derive(Clone, Debug)]
@@ -136,7 +136,10 @@ impl Keyring {
     }
 
     /// The fingerprint and audit keys of `header`, unwrapped.
-    fn header_keys(kwk: &KeyWrappingKey, header: &VaultHeader) -> Result<(Fingerprints, AuditKeys)> {
+    fn header_keys(
+        kwk: &KeyWrappingKey,
+        header: &VaultHeader,
+    ) -> Result<(Fingerprints, AuditKeys)> {
         let unwrap = |wrapped: &[u8], purpose: KeyPurpose| {
             kwk.try_unwrap(wrapped, purpose)
                 .map_err(|e| unwrap_error(e, &format!("wrapped key ({purpose:?})")))

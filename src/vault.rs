@@ -327,12 +327,7 @@ impl Vault {
             return Err(Error::WrongMasterKey);
         }
         let rows = location.initial_key_rows()?;
-        let keyring = Arc::new(Keyring::new(
-            kwk,
-            &header,
-            &rows,
-            cfg.key_policy.clone(),
-        )?);
+        let keyring = Arc::new(Keyring::new(kwk, &header, &rows, cfg.key_policy.clone())?);
         let store = location.open(keyring.clone(), &storage_params(&cfg))?;
         // After the store opened: it applies pending migrations the client query relies on.
         let clients = location.initial_clients()?;
@@ -1058,7 +1053,10 @@ impl Vault {
     async fn master_is_stale(&self) -> bool {
         let location = self.inner.location.clone();
         match tokio::task::spawn_blocking(move || location.read_header()).await {
-            Ok(Ok(header)) => !self.inner.keyring.kwk_opens(&header.wrapped_fingerprint_key),
+            Ok(Ok(header)) => !self
+                .inner
+                .keyring
+                .kwk_opens(&header.wrapped_fingerprint_key),
             _ => false,
         }
     }

@@ -818,33 +818,54 @@ async fn rekey_cuts_off_the_old_master_key(store: Store) {
     }
     // What a backup taken now holds.
     let one = |sql: &str| store.blobs(sql).pop().unwrap();
-    let vault_id = VaultId::from_slice(&one("SELECT value FROM meta WHERE key = 'vault_id'")).unwrap();
+    let vault_id =
+        VaultId::from_slice(&one("SELECT value FROM meta WHERE key = 'vault_id'")).unwrap();
     let backup_fp = one("SELECT value FROM meta WHERE key = 'wrapped_fingerprint_key'");
     let backup_audit = one("SELECT value FROM meta WHERE key = 'wrapped_audit_key'");
     let (old_kwk, _) = old.derive(&vault_id);
     let old_fp = FingerprintKey::new(old_kwk.unwrap(&backup_fp, KeyPurpose::Fingerprint).unwrap());
     let old_audit = AuditKey::new(old_kwk.unwrap(&backup_audit, KeyPurpose::Audit).unwrap());
     let scope = caller().reuse_scope();
-    let stored_fps = |store: &Store| store.blobs("SELECT fingerprint FROM tokens WHERE fingerprint IS NOT NULL");
+    let stored_fps =
+        |store: &Store| store.blobs("SELECT fingerprint FROM tokens WHERE fingerprint IS NOT NULL");
     // The attack works before the rekey: the test can fail.
-    assert!(stored_fps(&store).contains(&old_fp.scoped_fingerprint(&scope, pans[0].as_bytes()).to_vec()));
+    assert!(stored_fps(&store).contains(
+        &old_fp
+            .scoped_fingerprint(&scope, pans[0].as_bytes())
+            .to_vec()
+    ));
 
     let new = MasterKey::generate();
-    let opts = tokenvault::vault::RekeyOptions { batch: 4, max_batches: Some(1) };
+    let opts = tokenvault::vault::RekeyOptions {
+        batch: 4,
+        max_batches: Some(1),
+    };
     let r = vault.rekey(&caller(), &new, &opts, |_| {}).await.unwrap();
     assert!(!r.finished && r.resealed == 4);
     for (pan, token) in pans.iter().zip(&tokens) {
-        let t = vault.tokenize(&caller(), req(pan, TokenFormat::Opaque, true)).await.unwrap();
+        let t = vault
+            .tokenize(&caller(), req(pan, TokenFormat::Opaque, true))
+            .await
+            .unwrap();
         assert_eq!(&t.token.to_string(), token, "reuse during the rekey");
     }
     vault.close().await;
-    assert!(matches!(Vault::open(store.config(), &old).map(|_| ()), Err(Error::WrongMasterKey)));
+    assert!(matches!(
+        Vault::open(store.config(), &old).map(|_| ()),
+        Err(Error::WrongMasterKey)
+    ));
     let vault = Vault::open(store.config(), &new).unwrap();
-    let opts = tokenvault::vault::RekeyOptions { batch: 4, max_batches: None };
+    let opts = tokenvault::vault::RekeyOptions {
+        batch: 4,
+        max_batches: None,
+    };
     let r = vault.rekey(&caller(), &new, &opts, |_| {}).await.unwrap();
     assert!(r.finished && r.resumed && r.resealed == 5 && r.retired == 1);
     let fresh = vault
-        .tokenize(&caller(), req("5555555555554444", TokenFormat::Opaque, true))
+        .tokenize(
+            &caller(),
+            req("5555555555554444", TokenFormat::Opaque, true),
+        )
         .await
         .unwrap();
 
@@ -855,7 +876,10 @@ async fn rekey_cuts_off_the_old_master_key(store: Store) {
         }
     }
     assert!(old_kwk
-        .unwrap(&one("SELECT value FROM meta WHERE key = 'wrapped_audit_key'"), KeyPurpose::Audit)
+        .unwrap(
+            &one("SELECT value FROM meta WHERE key = 'wrapped_audit_key'"),
+            KeyPurpose::Audit
+        )
         .is_err());
     let fps = stored_fps(&store);
     assert_eq!(fps.len(), 10);
@@ -863,10 +887,18 @@ async fn rekey_cuts_off_the_old_master_key(store: Store) {
         assert!(!fps.contains(&old_fp.scoped_fingerprint(&scope, pan.as_bytes()).to_vec()));
     }
     let records = vault.audit_records(1, 10_000).await.unwrap();
-    let switch = records.iter().find(|r| r.action == "master_rekey").unwrap().seq;
+    let switch = records
+        .iter()
+        .find(|r| r.action == "master_rekey")
+        .unwrap()
+        .seq;
     let mut prev = tokenvault::audit::GENESIS_MAC.to_vec();
     for rec in &records {
-        let ok = old_audit.verify(&prev, &tokenvault::audit::canonical_bytes(rec.seq, &rec.entry()), &rec.mac);
+        let ok = old_audit.verify(
+            &prev,
+            &tokenvault::audit::canonical_bytes(rec.seq, &rec.entry()),
+            &rec.mac,
+        );
         assert_eq!(ok, rec.seq <= switch, "record {}", rec.seq);
         prev = rec.mac.clone();
     }
@@ -874,15 +906,25 @@ async fn rekey_cuts_off_the_old_master_key(store: Store) {
     // The new key opens everything; the chain verifies across the switch.
     for (pan, token) in pans.iter().zip(&tokens) {
         let r = vault
-            .detokenize(&caller(), tokenvault::token::Token::parse(token).unwrap(), "t".into())
+            .detokenize(
+                &caller(),
+                tokenvault::token::Token::parse(token).unwrap(),
+                "t".into(),
+            )
             .await
             .unwrap();
         assert_eq!(r.pan.expose_digits(), pan);
-        let t = vault.tokenize(&caller(), req(pan, TokenFormat::Opaque, true)).await.unwrap();
+        let t = vault
+            .tokenize(&caller(), req(pan, TokenFormat::Opaque, true))
+            .await
+            .unwrap();
         assert_eq!(&t.token.to_string(), token);
     }
     let again = vault
-        .tokenize(&caller(), req("5555555555554444", TokenFormat::Opaque, true))
+        .tokenize(
+            &caller(),
+            req("5555555555554444", TokenFormat::Opaque, true),
+        )
         .await
         .unwrap();
     assert_eq!(again.token, fresh.token);

@@ -225,18 +225,34 @@ async fn a_rekeyed_vault_migrates_to_postgres() {
     let before = vault.tokenize(&caller, reuse(PANS[0])).await.unwrap().token;
     let new = MasterKey::generate();
     let opts = tokenvault::vault::RekeyOptions::default();
-    assert!(vault.rekey(&caller, &new, &opts, |_| {}).await.unwrap().finished);
+    assert!(
+        vault
+            .rekey(&caller, &new, &opts, |_| {})
+            .await
+            .unwrap()
+            .finished
+    );
     vault.close().await;
     let key_file = dir.path().join("new.key");
     new.write_new_file(&key_file).unwrap();
     let url = cluster.create_db();
     let (ok, out) = run(
-        &["store", "migrate", "--data-dir", data.to_str().unwrap(), "--to", &url],
+        &[
+            "store",
+            "migrate",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--to",
+            &url,
+        ],
         &key_file,
     );
     assert!(ok, "{out}");
     let copy = Vault::open(pg_cfg(&url, dir.path()), &new).unwrap();
-    assert_eq!(copy.tokenize(&caller, reuse(PANS[0])).await.unwrap().token, before);
+    assert_eq!(
+        copy.tokenize(&caller, reuse(PANS[0])).await.unwrap().token,
+        before
+    );
     let v = copy.verify_audit().await.unwrap();
     assert!(v.is_ok(), "{}", v.describe());
     copy.close().await;

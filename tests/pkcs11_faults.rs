@@ -86,7 +86,10 @@ async fn a_lost_session_is_reopened_and_a_dead_token_is_unavailable() {
     assert_eq!(vault.rotate_key(&caller).await.unwrap(), 2);
     log_out_everyone();
     vault.reload_master_key(&master).await.unwrap();
-    let r = vault.detokenize(&caller, t.clone(), "t".into()).await.unwrap();
+    let r = vault
+        .detokenize(&caller, t.clone(), "t".into())
+        .await
+        .unwrap();
     assert_eq!(r.pan.expose_digits(), "4111111111111111");
 
     // No fresh session to be had (the PIN source is gone): UNAVAILABLE, not DATA_LOSS,
@@ -95,7 +98,9 @@ async fn a_lost_session_is_reopened_and_a_dead_token_is_unavailable() {
     log_out_everyone();
     let e = vault.rotate_key(&caller).await.unwrap_err();
     assert!(matches!(e, Error::Unavailable(_)), "{e:?}");
-    let e = Vault::open(VaultConfig::new(&data), &master).map(|_| ()).unwrap_err();
+    let e = Vault::open(VaultConfig::new(&data), &master)
+        .map(|_| ())
+        .unwrap_err();
     assert!(matches!(e, Error::Unavailable(_)), "{e:?}");
     let e = vault.reload_master_key(&master).await.unwrap_err();
     assert!(matches!(e, Error::Unavailable(_)), "{e:?}");

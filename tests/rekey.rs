@@ -14,9 +14,7 @@ use tokenvault::card::Pan;
 use tokenvault::crypto::{AuditKey, DataKey, FingerprintKey, KeyPurpose, MasterKey, VaultId};
 use tokenvault::error::Error;
 use tokenvault::token::TokenFormat;
-use tokenvault::vault::{
-    Caller, KeyState, RekeyOptions, TokenizeRequest, Vault, VaultConfig,
-};
+use tokenvault::vault::{Caller, KeyState, RekeyOptions, TokenizeRequest, Vault, VaultConfig};
 
 fn caller() -> Caller {
     Caller::new("test", "local")
@@ -64,16 +62,25 @@ impl OldKeyHolder {
             .collect::<Result<_, _>>()
             .unwrap();
         for (v, w) in rows {
-            data_keys.push(DataKey::new(v, kwk.unwrap(&w, KeyPurpose::Data(v)).unwrap()));
+            data_keys.push(DataKey::new(
+                v,
+                kwk.unwrap(&w, KeyPurpose::Data(v)).unwrap(),
+            ));
         }
         assert!(!data_keys.is_empty());
         let fingerprint = FingerprintKey::new(
-            kwk.unwrap(&meta(&conn, "wrapped_fingerprint_key").unwrap(), KeyPurpose::Fingerprint)
-                .unwrap(),
+            kwk.unwrap(
+                &meta(&conn, "wrapped_fingerprint_key").unwrap(),
+                KeyPurpose::Fingerprint,
+            )
+            .unwrap(),
         );
         let audit = AuditKey::new(
-            kwk.unwrap(&meta(&conn, "wrapped_audit_key").unwrap(), KeyPurpose::Audit)
-                .unwrap(),
+            kwk.unwrap(
+                &meta(&conn, "wrapped_audit_key").unwrap(),
+                KeyPurpose::Audit,
+            )
+            .unwrap(),
         );
         OldKeyHolder {
             data_keys,
@@ -249,14 +256,30 @@ async fn the_old_key_and_an_old_backup_open_nothing_created_after_a_rekey() {
 
     // The attack works on the backup itself: the test can fail.
     let attacker = OldKeyHolder::open(&backup, &old);
-    assert_eq!(attacker.opens(&Connection::open(&backup).unwrap()).len(), 20);
+    assert_eq!(
+        attacker.opens(&Connection::open(&backup).unwrap()).len(),
+        20
+    );
     let scope = caller().reuse_scope();
     let backup_fps = fingerprints(&Connection::open(&backup).unwrap());
-    assert!(backup_fps.contains(&attacker.fingerprint.scoped_fingerprint(&scope, test_pan(0).as_bytes()).to_vec()));
+    assert!(backup_fps.contains(
+        attacker
+            .fingerprint
+            .scoped_fingerprint(&scope, test_pan(0).as_bytes())
+            .as_slice()
+    ));
 
     let new = MasterKey::generate();
     let report = vault
-        .rekey(&caller(), &new, &RekeyOptions { batch: 7, max_batches: None }, |_| {})
+        .rekey(
+            &caller(),
+            &new,
+            &RekeyOptions {
+                batch: 7,
+                max_batches: None,
+            },
+            |_| {},
+        )
         .await
         .unwrap();
     assert!(report.finished && !report.resumed);
@@ -280,8 +303,13 @@ async fn the_old_key_and_an_old_backup_open_nothing_created_after_a_rekey() {
     let fps = fingerprints(&current);
     assert_eq!(fps.len(), 11);
     for n in (0..20).chain([999]) {
-        let fp = attacker.fingerprint.scoped_fingerprint(&scope, test_pan(n).as_bytes());
-        assert!(!fps.contains(&fp.to_vec()), "card {n}'s old fingerprint is still stored");
+        let fp = attacker
+            .fingerprint
+            .scoped_fingerprint(&scope, test_pan(n).as_bytes());
+        assert!(
+            !fps.contains(fp.as_slice()),
+            "card {n}'s old fingerprint is still stored"
+        );
     }
     // The old audit key verifies the records up to the switch and none after it.
     let records = audit_records(&current);
@@ -311,7 +339,9 @@ async fn the_old_key_and_an_old_backup_open_nothing_created_after_a_rekey() {
     let verification = vault.verify_audit().await.unwrap();
     assert!(verification.is_ok(), "{}", verification.describe());
     let keys = vault.list_keys().await.unwrap();
-    assert!(keys.iter().any(|k| k.version == 1 && k.state == KeyState::Retired));
+    assert!(keys
+        .iter()
+        .any(|k| k.version == 1 && k.state == KeyState::Retired));
     // A plain rotation afterwards carries the layers and the retired audit key along.
     let newer = MasterKey::generate();
     vault.rotate_master(&caller(), &newer).await.unwrap();

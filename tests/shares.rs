@@ -421,9 +421,21 @@ fn sealed_start_on_postgresql_is_unsealed_by_three_shares() {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let checkout = run(&["clients", "add", "checkout", "--roles", "tokenize"], true);
-    let payments = run(&["clients", "add", "payments", "--roles", "detokenize"], true);
+    let payments = run(
+        &["clients", "add", "payments", "--roles", "detokenize"],
+        true,
+    );
     let shares: Vec<std::path::PathBuf> = run(
-        &["master-key", "split", "--shares", "5", "--threshold", "3", "--out-dir", dir.join("shares").to_str().unwrap()],
+        &[
+            "master-key",
+            "split",
+            "--shares",
+            "5",
+            "--threshold",
+            "3",
+            "--out-dir",
+            dir.join("shares").to_str().unwrap(),
+        ],
         true,
     )
     .lines()
@@ -434,7 +446,15 @@ fn sealed_start_on_postgresql_is_unsealed_by_three_shares() {
 
     let socket = dir.join("unseal.sock");
     let mut server = bin()
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-level", "info", "--store-url", &url])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-level",
+            "info",
+            "--store-url",
+            &url,
+        ])
         .arg("--unseal-socket")
         .arg(&socket)
         .stdout(Stdio::null())
@@ -470,7 +490,12 @@ fn sealed_start_on_postgresql_is_unsealed_by_three_shares() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
         child.wait_with_output().unwrap()
     };
     let out = client(&checkout, &["tokenize"], "4111111111111111\n");
@@ -492,7 +517,14 @@ fn sealed_start_on_postgresql_is_unsealed_by_three_shares() {
     let out = client(&checkout, &["tokenize"], "4111111111111111\n");
     assert!(out.status.success(), "{}", text(&out));
     let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let out = client(&payments, &["detokenize", &token, "--reason", "after unseal"], "");
+    let out = client(
+        &payments,
+        &["detokenize", &token, "--reason", "after unseal"],
+        "",
+    );
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "4111111111111111");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "4111111111111111"
+    );
 }

@@ -347,8 +347,7 @@ async fn unseal_then_open(
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| CliError::Other(format!("cannot listen on {addr}: {e}")))?;
-    let (master, attempts) =
-        crate::grpc::sealed::unseal(&listener, socket, location, tls).await?;
+    let (master, attempts) = crate::grpc::sealed::unseal(&listener, socket, location, tls).await?;
     let vault = crate::vault::Vault::open(cfg.vault_config(), &master)?;
     drop(master);
     for (peer, outcome, detail) in attempts {

@@ -881,7 +881,11 @@ impl KeyWrappingKey {
 
     /// Like [`KeyWrappingKey::unwrap`], telling a token that cannot be used (UNAVAILABLE)
     /// from a wrapped key that fails authentication (wrong key or altered: DATA_LOSS).
-    pub fn try_unwrap(&self, wrapped: &[u8], purpose: KeyPurpose) -> Result<SecretKey, UnwrapError> {
+    pub fn try_unwrap(
+        &self,
+        wrapped: &[u8],
+        purpose: KeyPurpose,
+    ) -> Result<SecretKey, UnwrapError> {
         if wrapped.len() != WRAPPED_KEY_LEN {
             return Err(UnwrapError::Authentication);
         }
@@ -896,7 +900,9 @@ impl KeyWrappingKey {
                 let aad = hsm_aad(vault_id, aad.as_bytes());
                 return match hsm.decrypt_key(nonce, aad.as_bytes(), rest, &mut key) {
                     Ok(()) => Ok(SecretKey(key)),
-                    Err(pkcs11::HsmDecryptError::Authentication) => Err(UnwrapError::Authentication),
+                    Err(pkcs11::HsmDecryptError::Authentication) => {
+                        Err(UnwrapError::Authentication)
+                    }
                     Err(pkcs11::HsmDecryptError::Device(e)) => Err(UnwrapError::Device(e)),
                 };
             }

@@ -314,7 +314,10 @@ pub(super) fn rotate_master(
         let audit = keyring.rewrap_under(&new_kwk, &audit, KeyPurpose::Audit)?;
         // What earlier rekeys added: fingerprint layers and replaced audit keys.
         for (k, f) in [
-            ("fingerprint_layers", Keyring::rewrap_layers as fn(&Keyring, &KeyWrappingKey, &[u8]) -> Result<Vec<u8>>),
+            (
+                "fingerprint_layers",
+                Keyring::rewrap_layers as fn(&Keyring, &KeyWrappingKey, &[u8]) -> Result<Vec<u8>>,
+            ),
             ("retired_audit_keys", Keyring::rewrap_retired_audit),
         ] {
             if let Some(v) = meta_opt(tx, k)? {
@@ -1078,7 +1081,9 @@ pub(super) fn rekey_batch(
         let started = std::time::Instant::now();
         let mut state = rekey_state(tx)?.ok_or_else(no_rekey)?;
         let fingerprints = keyring.fingerprints();
-        if fingerprints.relayer(&[0; 32]).is_none() || !keyring.snapshot().get(state.version).is_some() {
+        if fingerprints.relayer(&[0; 32]).is_none()
+            || keyring.snapshot().get(state.version).is_none()
+        {
             return Err(Error::FailedPrecondition(
                 "this process does not hold the rekey's new keys: open the vault with the new \
                  master key"
@@ -1173,8 +1178,16 @@ pub(super) fn rekey_batch(
                 &caller,
                 "master_rekey_reseal",
                 &format!("key v{}", st.active_version),
-                if out.failed.is_empty() { "OK" } else { "DATA_LOSS" },
-                &format!("{} rows re-sealed, {} failed", out.resealed, out.failed.len()),
+                if out.failed.is_empty() {
+                    "OK"
+                } else {
+                    "DATA_LOSS"
+                },
+                &format!(
+                    "{} rows re-sealed, {} failed",
+                    out.resealed,
+                    out.failed.len()
+                ),
             ));
         }
         Ok(out)
@@ -1219,7 +1232,10 @@ pub(super) fn rekey_finish(store: &SqliteStore, caller: Caller) -> StoreFuture<u
             "master_rekey_done",
             "master key",
             "OK",
-            &format!("every row re-sealed under v{}; {retired} old data keys destroyed", state.version),
+            &format!(
+                "every row re-sealed under v{}; {retired} old data keys destroyed",
+                state.version
+            ),
         ));
         Ok(retired as u32)
     })

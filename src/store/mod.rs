@@ -250,7 +250,8 @@ pub struct KeyLayers {
 impl KeyLayers {
     /// From the optional `meta` values; an ill-formed one is DataLoss.
     pub fn from_meta(mut get: impl FnMut(&str) -> Result<Option<Vec<u8>>>) -> Result<KeyLayers> {
-        let bad = |k: &str| crate::error::Error::DataLoss(format!("vault metadata `{k}` is malformed"));
+        let bad =
+            |k: &str| crate::error::Error::DataLoss(format!("vault metadata `{k}` is malformed"));
         let fingerprint_layers = get("fingerprint_layers")?.unwrap_or_default();
         if fingerprint_layers.len() % crate::crypto::WRAPPED_KEY_LEN != 0 {
             return Err(bad("fingerprint_layers"));

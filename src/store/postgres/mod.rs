@@ -180,10 +180,12 @@ pub fn read_header(shared: &Arc<PgShared>) -> Result<VaultHeader> {
 }
 
 async fn meta_opt(c: &impl tokio_postgres::GenericClient, key: &str) -> Result<Option<Vec<u8>>> {
-    Ok(c.query_opt("SELECT value FROM meta WHERE key = $1", &[&key])
-        .await
-        .map_err(map_err)?
-        .map(|r| r.get(0)))
+    Ok(
+        c.query_opt("SELECT value FROM meta WHERE key = $1", &[&key])
+            .await
+            .map_err(map_err)?
+            .map(|r| r.get(0)),
+    )
 }
 
 async fn meta_set(c: &impl tokio_postgres::GenericClient, key: &str, value: &[u8]) -> Result<()> {
@@ -245,10 +247,20 @@ async fn rewrap_kept_keys(
         .map_err(map_err)?;
     }
     if let Some(v) = meta_opt(&**tx, "fingerprint_layers").await? {
-        meta_set(&**tx, "fingerprint_layers", &keyring.rewrap_layers(new_kwk, &v)?).await?;
+        meta_set(
+            &**tx,
+            "fingerprint_layers",
+            &keyring.rewrap_layers(new_kwk, &v)?,
+        )
+        .await?;
     }
     if let Some(v) = meta_opt(&**tx, "retired_audit_keys").await? {
-        meta_set(&**tx, "retired_audit_keys", &keyring.rewrap_retired_audit(new_kwk, &v)?).await?;
+        meta_set(
+            &**tx,
+            "retired_audit_keys",
+            &keyring.rewrap_retired_audit(new_kwk, &v)?,
+        )
+        .await?;
     }
     Ok(rewrapped)
 }
@@ -1926,7 +1938,9 @@ impl Storage for PgStore {
                     keyring.rewrap_under(&new_kwk, &fingerprint, KeyPurpose::Fingerprint)?;
                 let mut layers = keyring.rewrap_layers(
                     &new_kwk,
-                    &meta_opt(&*tx, "fingerprint_layers").await?.unwrap_or_default(),
+                    &meta_opt(&*tx, "fingerprint_layers")
+                        .await?
+                        .unwrap_or_default(),
                 )?;
                 let layer = (layers.len() / crate::crypto::WRAPPED_KEY_LEN) as u32 + 1;
                 layers.extend(crate::keyring::new_wrapped_key(
@@ -1977,7 +1991,9 @@ impl Storage for PgStore {
                     super::sqlite::audit_key_from(meta_opt(&*tx, "audit_key_from").await?)?;
                 let mut retired = keyring.rewrap_retired_audit(
                     &new_kwk,
-                    &meta_opt(&*tx, "retired_audit_keys").await?.unwrap_or_default(),
+                    &meta_opt(&*tx, "retired_audit_keys")
+                        .await?
+                        .unwrap_or_default(),
                 )?;
                 retired.extend_from_slice(&old_from.to_be_bytes());
                 retired.extend(keyring.rewrap_as(
@@ -2134,7 +2150,11 @@ impl Storage for PgStore {
                         &caller,
                         "master_rekey_reseal",
                         &format!("key v{}", st.active_version),
-                        if out.failed.is_empty() { "OK" } else { "DATA_LOSS" },
+                        if out.failed.is_empty() {
+                            "OK"
+                        } else {
+                            "DATA_LOSS"
+                        },
                         &format!(
                             "{} rows re-sealed, {} failed",
                             out.resealed,

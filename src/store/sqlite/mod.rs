@@ -682,8 +682,7 @@ impl Writer {
         // The prober's PASSIVE checkpoint is copying frames back: a reset now would wait on
         // it (its copy and fsync), with every queued request behind the writer. Unless the
         // WAL is well past its bound, let it finish; the reset after it has little to copy.
-        if !destroyed && len <= self.wal_bound + self.wal_bound / 4 && self.checkpoints.running()
-        {
+        if !destroyed && len <= self.wal_bound + self.wal_bound / 4 && self.checkpoints.running() {
             return;
         }
         // After a reset kept from finishing, wait before the next try: each try may hold
@@ -1415,7 +1414,9 @@ impl ReadPool {
                     .map_err(|e| Error::Internal(format!("spawn reader: {e}")))?,
             );
         }
-        let idle = (0..2).map(|_| open_reader(path)).collect::<Result<Vec<_>>>()?;
+        let idle = (0..2)
+            .map(|_| open_reader(path))
+            .collect::<Result<Vec<_>>>()?;
         Ok(ReadPool {
             tx: Mutex::new(Some(tx)),
             threads: Mutex::new(threads),
