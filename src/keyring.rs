@@ -12,9 +12,11 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::crypto::{
     AuditKey, AuditSigningKey, DataKey, FingerprintKey, KeyPurpose, KeyWrappingKey, SecretKey,
+    UnwrapError, WRAPPED_KEY_LEN,
 };
 use crate::error::{Error, Result};
 use crate::model::{KeyPolicy, KeyState, Micros};
+use crate::store::VaultHeader;
 
 /// A `data_keys` row as stored.
 #[derive(Clone, Debug)]
@@ -40,11 +42,73 @@ impl Snapshot {
     }
 }
 
+/// The reuse fingerprint keys: the vault's first key, then one layer per `--rekey`
+/// (fingerprint = layer_n(… layer_1(root(scope, card)))). While a rekey is in progress
+/// (`pending`) stored fingerprints are either without the newest layer or with it.
+pub struct Fingerprints {
+    root: FingerprintKey,
+    layers: Vec<FingerprintKey>,
+    pending: bool,
+}
+
+impl Fingerprints {
+    /// The fingerprint new rows get, and, during a rekey, the one rows not yet re-layered have.
+    pub fn reuse(&self, scope: &str, data: &[u8]) -> ([u8; 32], Option<[u8; 32]>) {
+        let mut fp = self.root.scoped_fingerprint(scope, data);
+        let n = self.layers.len();
+        for (i, layer) in self.layers.iter().enumerate() {
+            if i + 1 == n && self.pending {
+                return (layer.layer(&fp), Some(fp));
+            }
+            fp = layer.layer(&fp);
+        }
+        (fp, None)
+    }
+
+    /// A stored fingerprint with the pending layer applied; None when no rekey is pending.
+    pub fn relayer(&self, stored: &[u8; 32]) -> Option<[u8; 32]> {
+        match (self.pending, self.layers.last()) {
+            (true, Some(layer)) => Some(layer.layer(stored)),
+            _ => None,
+        }
+    }
+}
+
+/// The audit MAC keys: the current one and those `--rekey` replaced, each from the
+/// sequence number of the first record it MACed.
+pub struct AuditKeys {
+    current: AuditKey,
+    from: u64,
+    retired: Vec<(u64, AuditKey)>,
+}
+
+impl AuditKeys {
+    pub fn current(&self) -> &AuditKey {
+        &self.current
+    }
+    /// Sequence number of the first record MACed under the current key.
+    pub fn from(&self) -> u64 {
+        self.from
+    }
+    /// The key record `seq` was MACed under.
+    pub fn for_seq(&self, seq: u64) -> &AuditKey {
+        if seq >= self.from {
+            return &self.current;
+        }
+        self.retired
+            .iter()
+            .filter(|(from, _)| *from <= seq)
+            .max_by_key(|(from, _)| *from)
+            .map(|(_, k)| k)
+            .unwrap_or(&self.current)
+    }
+}
+
 pub struct Keyring {
     /// Replaced whole when the server is handed a rotated master key (SIGHUP).
     kwk: RwLock<Arc<KeyWrappingKey>>,
-    fingerprint: FingerprintKey,
-    audit: AuditKey,
+    fingerprint: RwLock<Arc<Fingerprints>>,
+    audit: RwLock<Arc<AuditKeys>>,
     policy: KeyPolicy,
     current: RwLock<Arc<Snapshot>>,
     /// The audit signing key last used, by number.
@@ -55,30 +119,89 @@ impl Keyring {
     /// Unwraps every non-retired version. Fails with DataLoss if a wrapped key is altered.
     pub fn new(
         kwk: KeyWrappingKey,
-        wrapped_fingerprint: &[u8],
-        wrapped_audit: &[u8],
+        header: &VaultHeader,
         rows: &[KeyRow],
         policy: KeyPolicy,
     ) -> Result<Keyring> {
-        let fingerprint = FingerprintKey::new(
-            kwk.unwrap(wrapped_fingerprint, KeyPurpose::Fingerprint)
-                .map_err(|_| {
-                    Error::DataLoss("wrapped fingerprint key failed authentication".into())
-                })?,
-        );
-        let audit = AuditKey::new(
-            kwk.unwrap(wrapped_audit, KeyPurpose::Audit)
-                .map_err(|_| Error::DataLoss("wrapped audit key failed authentication".into()))?,
-        );
+        let (fingerprint, audit) = Self::header_keys(&kwk, header)?;
         let snapshot = Self::build(&kwk, rows, None)?;
         Ok(Keyring {
             kwk: RwLock::new(Arc::new(kwk)),
-            fingerprint,
-            audit,
+            fingerprint: RwLock::new(Arc::new(fingerprint)),
+            audit: RwLock::new(Arc::new(audit)),
             policy,
             current: RwLock::new(Arc::new(snapshot)),
             signer: Mutex::new(None),
         })
+    }
+
+    /// The fingerprint and audit keys of `header`, unwrapped.
+    fn header_keys(
+        kwk: &KeyWrappingKey,
+        header: &VaultHeader,
+    ) -> Result<(Fingerprints, AuditKeys)> {
+        let unwrap = |wrapped: &[u8], purpose: KeyPurpose| {
+            kwk.try_unwrap(wrapped, purpose)
+                .map_err(|e| unwrap_error(e, &format!("wrapped key ({purpose:?})")))
+        };
+        let root = FingerprintKey::new(unwrap(
+            &header.wrapped_fingerprint_key,
+            KeyPurpose::Fingerprint,
+        )?);
+        let mut layers = Vec::new();
+        for (i, w) in header
+            .layers
+            .fingerprint_layers
+            .chunks(WRAPPED_KEY_LEN)
+            .enumerate()
+        {
+            layers.push(FingerprintKey::new(unwrap(
+                w,
+                KeyPurpose::FingerprintLayer(i as u32 + 1),
+            )?));
+        }
+        let current = AuditKey::new(unwrap(&header.wrapped_audit_key, KeyPurpose::Audit)?);
+        let mut retired = Vec::new();
+        for entry in header.layers.retired_audit_keys.chunks(8 + WRAPPED_KEY_LEN) {
+            let from = u64::from_be_bytes(entry[..8].try_into().expect("8 bytes"));
+            retired.push((
+                from,
+                AuditKey::new(unwrap(&entry[8..], KeyPurpose::RetiredAudit(from))?),
+            ));
+        }
+        let pending = header.layers.rekey.is_some();
+        if pending && layers.is_empty() {
+            return Err(Error::DataLoss(
+                "a rekey is recorded in progress but no fingerprint layer exists".into(),
+            ));
+        }
+        Ok((
+            Fingerprints {
+                root,
+                layers,
+                pending,
+            },
+            AuditKeys {
+                current,
+                from: header.layers.audit_key_from,
+                retired,
+            },
+        ))
+    }
+
+    /// Adopts the keys of `header` under `kwk` (a master key loaded on SIGHUP, or after a
+    /// rekey step), once they all unwrap; changes nothing otherwise.
+    pub fn reload(&self, kwk: KeyWrappingKey, header: &VaultHeader) -> Result<()> {
+        let (fingerprint, audit) = Self::header_keys(&kwk, header).map_err(|e| match e {
+            Error::DataLoss(_) if !kwk_opens(&kwk, &header.wrapped_fingerprint_key) => {
+                Error::WrongMasterKey
+            }
+            e => e,
+        })?;
+        *self.kwk.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(kwk);
+        *self.fingerprint.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fingerprint);
+        *self.audit.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(audit);
+        Ok(())
     }
 
     /// `known`: keys already unwrapped. A version's key never changes, so they are reused; this
@@ -103,13 +226,8 @@ impl Keyring {
                 continue;
             }
             let secret = kwk
-                .unwrap(&row.wrapped, KeyPurpose::Data(row.version))
-                .map_err(|_| {
-                    Error::DataLoss(format!(
-                        "wrapped data key v{} failed authentication",
-                        row.version
-                    ))
-                })?;
+                .try_unwrap(&row.wrapped, KeyPurpose::Data(row.version))
+                .map_err(|e| unwrap_error(e, &format!("wrapped data key v{}", row.version)))?;
             let key = Arc::new(DataKey::new(row.version, secret));
             if row.state == KeyState::Active {
                 if active.is_some() {
@@ -143,12 +261,15 @@ impl Keyring {
             .clone()
     }
 
-    pub fn fingerprint_key(&self) -> &FingerprintKey {
-        &self.fingerprint
+    pub fn fingerprints(&self) -> Arc<Fingerprints> {
+        self.fingerprint
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
-    pub fn audit_key(&self) -> &AuditKey {
-        &self.audit
+    pub fn audit_keys(&self) -> Arc<AuditKeys> {
+        self.audit.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn policy(&self) -> &KeyPolicy {
@@ -159,29 +280,37 @@ impl Keyring {
         self.kwk.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Adopts the key-wrapping key of a rotated master key, once it is known to open the
-    /// stored fingerprint key. The data keys themselves never change, so nothing else moves.
-    pub fn set_key_wrapping_key(
-        &self,
-        kwk: KeyWrappingKey,
-        wrapped_fingerprint: &[u8],
-    ) -> Result<()> {
-        if kwk
-            .unwrap(wrapped_fingerprint, KeyPurpose::Fingerprint)
-            .is_err()
-        {
-            return Err(Error::WrongMasterKey);
-        }
-        *self.kwk.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(kwk);
-        Ok(())
-    }
-
     /// True when this keyring's key-wrapping key opens `wrapped_fingerprint` (the stored
     /// fingerprint key): false once another process rotated the master key.
     pub fn kwk_opens(&self, wrapped_fingerprint: &[u8]) -> bool {
-        self.kwk()
-            .unwrap(wrapped_fingerprint, KeyPurpose::Fingerprint)
-            .is_ok()
+        kwk_opens(&self.kwk(), wrapped_fingerprint)
+    }
+
+    /// Like [`Keyring::kwk_opens`], but a token that cannot be used is an error
+    /// (UNAVAILABLE) rather than "another process rotated the master key".
+    pub fn master_opens(&self, wrapped_fingerprint: &[u8]) -> Result<bool> {
+        match self
+            .kwk()
+            .try_unwrap(wrapped_fingerprint, KeyPurpose::Fingerprint)
+        {
+            Ok(_) => Ok(true),
+            Err(UnwrapError::Authentication) => Ok(false),
+            Err(UnwrapError::Device(e)) => Err(e.into()),
+        }
+    }
+
+    /// Re-wraps a stored key under `new`, changing its purpose (see
+    /// [`KeyWrappingKey::rewrap_as`]).
+    pub fn rewrap_as(
+        &self,
+        new: &KeyWrappingKey,
+        wrapped: &[u8],
+        from: KeyPurpose,
+        to: KeyPurpose,
+    ) -> Result<Vec<u8>> {
+        Ok(self.kwk().rewrap_as(new, wrapped, from, to).map_err(|_| {
+            Error::DataLoss(format!("wrapped key ({from:?}) failed authentication"))
+        })??)
     }
 
     /// Re-wraps a stored key (wrapped under this keyring's master) under `new`.
@@ -194,6 +323,30 @@ impl Keyring {
         Ok(self.kwk().rewrap(new, wrapped, purpose).map_err(|_| {
             Error::DataLoss(format!("wrapped key ({purpose:?}) failed authentication"))
         })??)
+    }
+
+    /// Re-wraps a `fingerprint_layers` value under `new`.
+    pub fn rewrap_layers(&self, new: &KeyWrappingKey, blob: &[u8]) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(blob.len());
+        for (i, w) in blob.chunks(WRAPPED_KEY_LEN).enumerate() {
+            let purpose = KeyPurpose::FingerprintLayer(i as u32 + 1);
+            out.extend(self.rewrap_under(new, w, purpose)?);
+        }
+        Ok(out)
+    }
+
+    /// Re-wraps a `retired_audit_keys` value under `new`.
+    pub fn rewrap_retired_audit(&self, new: &KeyWrappingKey, blob: &[u8]) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(blob.len());
+        for entry in blob.chunks(8 + WRAPPED_KEY_LEN) {
+            if entry.len() != 8 + WRAPPED_KEY_LEN {
+                return Err(Error::DataLoss("retired audit keys are malformed".into()));
+            }
+            let from = u64::from_be_bytes(entry[..8].try_into().expect("8 bytes"));
+            out.extend_from_slice(&entry[..8]);
+            out.extend(self.rewrap_under(new, &entry[8..], KeyPurpose::RetiredAudit(from))?);
+        }
+        Ok(out)
     }
 
     /// Audit signing key number `n`, unwrapped from `wrapped` unless already cached.
@@ -243,6 +396,24 @@ impl Keyring {
             None => false,
         }
     }
+}
+
+/// A token that cannot be used is UNAVAILABLE; a key that fails authentication DATA_LOSS.
+fn unwrap_error(e: UnwrapError, what: &str) -> Error {
+    match e {
+        UnwrapError::Authentication => Error::DataLoss(format!("{what} failed authentication")),
+        UnwrapError::Device(e) => Error::from(e),
+    }
+}
+
+fn kwk_opens(kwk: &KeyWrappingKey, wrapped_fingerprint: &[u8]) -> bool {
+    kwk.unwrap(wrapped_fingerprint, KeyPurpose::Fingerprint)
+        .is_ok()
+}
+
+/// A fresh random key wrapped under `kwk` for `purpose` (a rekey's new keys).
+pub fn new_wrapped_key(kwk: &KeyWrappingKey, purpose: KeyPurpose) -> Result<Vec<u8>> {
+    Ok(kwk.wrap(&SecretKey::generate(), purpose)?)
 }
 
 /// Material for a brand-new vault: the first data key, the fingerprint key, the audit key.

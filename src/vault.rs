@@ -27,6 +27,7 @@ use crate::token::{self, Token, TokenFormat};
 pub mod clock;
 pub mod dual;
 pub mod lifecycle;
+pub mod rekey;
 #[cfg(test)]
 mod row_format_tests;
 pub use crate::model::{
@@ -38,6 +39,7 @@ pub use lifecycle::{
     CheckReport, PurgeOptions, PurgePlan, PurgeReport, RevokeReport, RewrapOptions, RewrapProgress,
     RewrapReport,
 };
+pub use rekey::{RekeyOptions, RekeyReport};
 
 #[derive(Clone, Debug)]
 pub struct VaultConfig {
@@ -280,6 +282,7 @@ impl Vault {
             key_check: check.to_stored()?,
             wrapped_fingerprint_key: genesis.fingerprint_key,
             wrapped_audit_key: genesis.audit_key,
+            layers: Default::default(),
         };
         location.create(&header, &genesis.data_key, dev)?;
         tracing::info!(vault_id = %vault_id.to_hex(), "created vault");
@@ -319,17 +322,12 @@ impl Vault {
         let vault_id = VaultId::from_slice(&header.vault_id)
             .ok_or_else(|| Error::Internal("vault id has the wrong length".into()))?;
         let (kwk, check) = master.derive(&vault_id);
-        if !check.matches(&header.key_check) {
+        // A token that cannot be used is UNAVAILABLE, not a wrong key.
+        if !check.verify(&header.key_check)? {
             return Err(Error::WrongMasterKey);
         }
         let rows = location.initial_key_rows()?;
-        let keyring = Arc::new(Keyring::new(
-            kwk,
-            &header.wrapped_fingerprint_key,
-            &header.wrapped_audit_key,
-            &rows,
-            cfg.key_policy.clone(),
-        )?);
+        let keyring = Arc::new(Keyring::new(kwk, &header, &rows, cfg.key_policy.clone())?);
         let store = location.open(keyring.clone(), &storage_params(&cfg))?;
         // After the store opened: it applies pending migrations the client query relies on.
         let clients = location.initial_clients()?;
@@ -468,17 +466,18 @@ impl Vault {
         // The AAD binds the metadata too: an edited column fails authentication.
         let sealed = snapshot.active.seal(&token, &meta.canonical(), digits);
         // Scoped: a lookup can only ever find a token of the caller's own reuse scope.
-        let fingerprint = req.reuse_existing.then(|| {
-            self.inner
-                .keyring
-                .fingerprint_key()
-                .scoped_fingerprint(reuse_scope, digits)
-        });
+        let (fingerprint, fingerprint_prev) = if req.reuse_existing {
+            let (fp, prev) = self.inner.keyring.fingerprints().reuse(reuse_scope, digits);
+            (Some(fp), prev)
+        } else {
+            (None, None)
+        };
         NewToken {
             token,
             sealed,
             key_version: snapshot.active.version(),
             fingerprint,
+            fingerprint_prev,
             reuse_existing: req.reuse_existing,
             meta,
             pan: req.pan,
@@ -611,7 +610,15 @@ impl Vault {
         let mut snapshot = self.inner.keyring.snapshot();
         if snapshot.get(row.key_version).is_none() {
             // Possibly rotated by another process a moment ago.
-            self.refresh().await?;
+            if let Err(e) = self.refresh().await {
+                // A version wrapped under a master key this process does not hold yet (a
+                // rotation or rekey by another process) is unavailable here, not lost.
+                return Err(if self.master_is_stale().await {
+                    Error::Unavailable(crate::store::sqlite::STALE_MASTER.into())
+                } else {
+                    e
+                });
+            }
             snapshot = self.inner.keyring.snapshot();
         }
         let key = snapshot.get(row.key_version).ok_or_else(|| {
@@ -935,7 +942,8 @@ impl Vault {
                 let mut guard = w.lock().unwrap_or_else(|e| e.into_inner());
                 let Some(walk) = guard.as_mut() else { return };
                 if walk.mac_broken.is_none() {
-                    if let Err(broken) = walk.mac.feed(keyring.audit_key(), rec) {
+                    let keys = keyring.audit_keys();
+                    if let Err(broken) = walk.mac.feed(keys.for_seq(rec.seq), rec) {
                         walk.mac_broken = Some(broken);
                     }
                 }
@@ -1033,13 +1041,24 @@ impl Vault {
         let vault_id = VaultId::from_slice(&header.vault_id)
             .ok_or_else(|| Error::Internal("vault id has the wrong length".into()))?;
         let (kwk, check) = master.derive(&vault_id);
-        if !check.matches(&header.key_check) {
+        // A token that cannot be used is UNAVAILABLE, not a wrong key.
+        if !check.verify(&header.key_check)? {
             return Err(Error::WrongMasterKey);
         }
-        self.inner
-            .keyring
-            .set_key_wrapping_key(kwk, &header.wrapped_fingerprint_key)?;
+        self.inner.keyring.reload(kwk, &header)?;
         self.refresh().await
+    }
+
+    /// True when the vault's master key changed away from the one this process holds.
+    async fn master_is_stale(&self) -> bool {
+        let location = self.inner.location.clone();
+        match tokio::task::spawn_blocking(move || location.read_header()).await {
+            Ok(Ok(header)) => !self
+                .inner
+                .keyring
+                .kwk_opens(&header.wrapped_fingerprint_key),
+            _ => false,
+        }
     }
 
     /// Vault time: the configured clock, never earlier than a time this vault already saw

@@ -92,6 +92,29 @@ impl Store {
     }
 }
 
+impl Store {
+    /// The first column (a blob) of every row `sql` returns, read the way an attacker with
+    /// database access would.
+    fn blobs(&self, sql: &str) -> Vec<Vec<u8>> {
+        match self {
+            Store::Sqlite(dir) => {
+                let conn = rusqlite::Connection::open(tokenvault::store::sqlite::db_path(
+                    &dir.path().join("data"),
+                ))
+                .unwrap();
+                let mut stmt = conn.prepare(sql).unwrap();
+                let rows = stmt
+                    .query_map([], |r| r.get::<_, Vec<u8>>(0))
+                    .unwrap()
+                    .collect::<Result<Vec<_>, _>>()
+                    .unwrap();
+                rows
+            }
+            Store::Postgres { cluster, url, .. } => cluster.query_blobs(pg::db_of(url), sql),
+        }
+    }
+}
+
 /// One test body, run against both stores (`sqlite::NAME`, `postgres::NAME`).
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
@@ -135,6 +158,7 @@ conformance!(
     master_rotation_reopens_with_the_new_key,
     audit_key_rotation_and_checkpoint,
     dual_control_requests_need_a_second_admin,
+    rekey_cuts_off_the_old_master_key,
 );
 
 async fn round_trip_reopen_and_wrong_key(store: Store) {
@@ -1044,5 +1068,147 @@ async fn a_group_of_64_costs_the_statements_of_a_group_of_1() {
         ));
     }
     assert_eq!(per_batch, vec![(1, 1, 1, 1), (1, 1, 1, 1)]);
+    vault.close().await;
+}
+
+/// `keys rotate-master --rekey`, stopped after one batch and resumed with the new key:
+/// reuse keeps returning the same tokens throughout; afterwards the keys an old backup holds
+/// (unwrapped with the old master key) open no stored key, match no stored fingerprint and
+/// verify no audit record after the switch; the new key opens everything.
+async fn rekey_cuts_off_the_old_master_key(store: Store) {
+    use tokenvault::crypto::{AuditKey, FingerprintKey, KeyPurpose, VaultId};
+    let old = MasterKey::generate();
+    let vault = Vault::create(store.config(), &old).unwrap();
+    let pans: Vec<String> = (0..9).map(|n| format!("4111111111{:05}", n)).collect();
+    let pans: Vec<String> = pans
+        .iter()
+        .map(|p| {
+            let head = &p[..15];
+            let check = tokenvault::card::luhn_check_digit(head.as_bytes());
+            format!("{head}{}", check as char)
+        })
+        .collect();
+    let mut tokens = Vec::new();
+    for pan in &pans {
+        let t = vault
+            .tokenize(&caller(), req(pan, TokenFormat::Opaque, true))
+            .await
+            .unwrap();
+        tokens.push(t.token.to_string());
+    }
+    // What a backup taken now holds.
+    let one = |sql: &str| store.blobs(sql).pop().unwrap();
+    let vault_id =
+        VaultId::from_slice(&one("SELECT value FROM meta WHERE key = 'vault_id'")).unwrap();
+    let backup_fp = one("SELECT value FROM meta WHERE key = 'wrapped_fingerprint_key'");
+    let backup_audit = one("SELECT value FROM meta WHERE key = 'wrapped_audit_key'");
+    let (old_kwk, _) = old.derive(&vault_id);
+    let old_fp = FingerprintKey::new(old_kwk.unwrap(&backup_fp, KeyPurpose::Fingerprint).unwrap());
+    let old_audit = AuditKey::new(old_kwk.unwrap(&backup_audit, KeyPurpose::Audit).unwrap());
+    let scope = caller().reuse_scope();
+    let stored_fps =
+        |store: &Store| store.blobs("SELECT fingerprint FROM tokens WHERE fingerprint IS NOT NULL");
+    // The attack works before the rekey: the test can fail.
+    assert!(stored_fps(&store).contains(
+        &old_fp
+            .scoped_fingerprint(&scope, pans[0].as_bytes())
+            .to_vec()
+    ));
+
+    let new = MasterKey::generate();
+    let opts = tokenvault::vault::RekeyOptions {
+        batch: 4,
+        max_batches: Some(1),
+    };
+    let r = vault.rekey(&caller(), &new, &opts, |_| {}).await.unwrap();
+    assert!(!r.finished && r.resealed == 4);
+    for (pan, token) in pans.iter().zip(&tokens) {
+        let t = vault
+            .tokenize(&caller(), req(pan, TokenFormat::Opaque, true))
+            .await
+            .unwrap();
+        assert_eq!(&t.token.to_string(), token, "reuse during the rekey");
+    }
+    vault.close().await;
+    assert!(matches!(
+        Vault::open(store.config(), &old).map(|_| ()),
+        Err(Error::WrongMasterKey)
+    ));
+    let vault = Vault::open(store.config(), &new).unwrap();
+    let opts = tokenvault::vault::RekeyOptions {
+        batch: 4,
+        max_batches: None,
+    };
+    let r = vault.rekey(&caller(), &new, &opts, |_| {}).await.unwrap();
+    assert!(r.finished && r.resumed && r.resealed == 5 && r.retired == 1);
+    let fresh = vault
+        .tokenize(
+            &caller(),
+            req("5555555555554444", TokenFormat::Opaque, true),
+        )
+        .await
+        .unwrap();
+
+    // The old master key and the old backup's keys against the current tables.
+    for w in store.blobs("SELECT wrapped FROM data_keys WHERE length(wrapped) > 0") {
+        for v in 1..=4 {
+            assert!(old_kwk.unwrap(&w, KeyPurpose::Data(v)).is_err());
+        }
+    }
+    assert!(old_kwk
+        .unwrap(
+            &one("SELECT value FROM meta WHERE key = 'wrapped_audit_key'"),
+            KeyPurpose::Audit
+        )
+        .is_err());
+    let fps = stored_fps(&store);
+    assert_eq!(fps.len(), 10);
+    for pan in pans.iter().map(String::as_str).chain(["5555555555554444"]) {
+        assert!(!fps.contains(&old_fp.scoped_fingerprint(&scope, pan.as_bytes()).to_vec()));
+    }
+    let records = vault.audit_records(1, 10_000).await.unwrap();
+    let switch = records
+        .iter()
+        .find(|r| r.action == "master_rekey")
+        .unwrap()
+        .seq;
+    let mut prev = tokenvault::audit::GENESIS_MAC.to_vec();
+    for rec in &records {
+        let ok = old_audit.verify(
+            &prev,
+            &tokenvault::audit::canonical_bytes(rec.seq, &rec.entry()),
+            &rec.mac,
+        );
+        assert_eq!(ok, rec.seq <= switch, "record {}", rec.seq);
+        prev = rec.mac.clone();
+    }
+
+    // The new key opens everything; the chain verifies across the switch.
+    for (pan, token) in pans.iter().zip(&tokens) {
+        let r = vault
+            .detokenize(
+                &caller(),
+                tokenvault::token::Token::parse(token).unwrap(),
+                "t".into(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.pan.expose_digits(), pan);
+        let t = vault
+            .tokenize(&caller(), req(pan, TokenFormat::Opaque, true))
+            .await
+            .unwrap();
+        assert_eq!(&t.token.to_string(), token);
+    }
+    let again = vault
+        .tokenize(
+            &caller(),
+            req("5555555555554444", TokenFormat::Opaque, true),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.token, fresh.token);
+    let v = vault.verify_audit().await.unwrap();
+    assert!(v.is_ok(), "{}", v.describe());
     vault.close().await;
 }

@@ -9,6 +9,8 @@ use std::process::{Command, Output, Stdio};
 use tokenvault::crypto::MasterKey;
 use tokenvault::vault::{Caller, Vault, VaultConfig};
 
+mod pg;
+
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tokenvault"));
     for var in [
@@ -387,4 +389,142 @@ fn sealed_start_is_unsealed_by_three_of_five_shares_over_the_socket() {
     let body = std::fs::read_to_string(&shares[0]).unwrap();
     let secret = body.lines().last().unwrap().trim_start_matches("share: ");
     assert!(rows.iter().all(|(_, r)| !r.contains(secret)), "{rows:?}");
+}
+
+/// Sealed start on a shared PostgreSQL store: the header is read through the store, three
+/// of five shares unseal it over the socket, and it serves.
+#[test]
+fn sealed_start_on_postgresql_is_unsealed_by_three_shares() {
+    use std::io::{BufRead, BufReader, Write};
+    let Some(cluster) = pg::cluster() else {
+        return;
+    };
+    let url = cluster.create_db();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let key = dir.join("pg.key");
+    let run = |args: &[&str], with_key: bool| {
+        let mut c = bin();
+        c.args(args).args(["--store-url", &url]);
+        if with_key {
+            c.arg("--master-key-file").arg(&key);
+        }
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let mut c = bin();
+    let out = c
+        .args(["init", "--store-url", &url, "--generate-master-key"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let checkout = run(&["clients", "add", "checkout", "--roles", "tokenize"], true);
+    let payments = run(
+        &["clients", "add", "payments", "--roles", "detokenize"],
+        true,
+    );
+    let shares: Vec<std::path::PathBuf> = run(
+        &[
+            "master-key",
+            "split",
+            "--shares",
+            "5",
+            "--threshold",
+            "3",
+            "--out-dir",
+            dir.join("shares").to_str().unwrap(),
+        ],
+        true,
+    )
+    .lines()
+    .map(Into::into)
+    .collect();
+    assert_eq!(shares.len(), 5);
+    std::fs::remove_file(&key).unwrap();
+
+    let socket = dir.join("unseal.sock");
+    let mut server = bin()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-level",
+            "info",
+            "--store-url",
+            &url,
+        ])
+        .arg("--unseal-socket")
+        .arg(&socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stderr = server.stderr.take().unwrap();
+    let _server = Kill(server);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let log = Log(rx);
+    let addr = listen_addr(&log.wait_for("vault sealed"));
+    let client = |key: &str, args: &[&str], stdin: &str| {
+        let mut child = bin()
+            .args(args)
+            .args(["--addr", &addr])
+            .env("TOKENVAULT_API_KEY", key)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = client(&checkout, &["tokenize"], "4111111111111111\n");
+    assert!(text(&out).contains("UNAVAILABLE"), "{}", text(&out));
+    for (i, share) in [&shares[0], &shares[2], &shares[4]].into_iter().enumerate() {
+        let out = bin()
+            .args(["unseal", "--socket"])
+            .arg(&socket)
+            .arg("--share-file")
+            .arg(share)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        if i == 2 {
+            assert!(text(&out).contains("unsealed"), "{}", text(&out));
+        }
+    }
+    log.wait_for("serving");
+    let out = client(&checkout, &["tokenize"], "4111111111111111\n");
+    assert!(out.status.success(), "{}", text(&out));
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let out = client(
+        &payments,
+        &["detokenize", &token, "--reason", "after unseal"],
+        "",
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "4111111111111111"
+    );
 }

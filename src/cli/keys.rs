@@ -13,7 +13,10 @@ use crate::crypto::MasterKey;
 use crate::grpc::admin::duration_from_pb;
 use crate::grpc::pb;
 use crate::vault::lifecycle::{RevokeReport, RewrapReport, DEFAULT_BATCH};
-use crate::vault::{now_micros, Caller, KeyState, KeyVersionInfo, RewrapOptions, RewrapProgress};
+use crate::vault::{
+    now_micros, Caller, KeyState, KeyVersionInfo, RekeyOptions, RewrapOptions, RewrapProgress,
+    Vault,
+};
 
 #[derive(Subcommand, Debug)]
 pub enum KeysCommand {
@@ -77,6 +80,12 @@ pub enum KeysCommand {
     /// the new master key opens this database; the data keys themselves do not change, so
     /// the old master key together with any older copy of the database (a backup) still
     /// opens them and every card they seal. Reload servers with the new key (SIGHUP).
+    ///
+    /// With --rekey the old master key is cut off: a new data key, fingerprint layer and
+    /// audit key wrapped only under the new master, every row re-sealed online (batches,
+    /// progress bar), the old data keys destroyed. Afterwards the old master key and any
+    /// earlier backup open nothing created later. Resumable: if interrupted, run the same
+    /// command again. Reload servers with the new key (SIGHUP) as soon as it starts.
     RotateMaster {
         #[command(flatten)]
         vault: VaultArgs,
@@ -93,6 +102,16 @@ pub enum KeysCommand {
         /// object is created in the token when the URI names none.
         #[arg(long, value_name = "URI")]
         new_master_key_pkcs11: Option<String>,
+        /// Also replace the data, fingerprint and audit keys and re-seal every row, so the
+        /// old master key and earlier backups open nothing created afterwards.
+        #[arg(long)]
+        rekey: bool,
+        /// Rows per re-seal transaction (--rekey).
+        #[arg(long, default_value_t = DEFAULT_BATCH as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        batch: u32,
+        /// Stop after this many re-seal transactions; run again to continue (--rekey).
+        #[arg(long, hide = true)]
+        max_batches: Option<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -468,6 +487,9 @@ pub async fn run(cmd: KeysCommand) -> Result<(), CliError> {
             vault,
             new_master_key_file,
             new_master_key_pkcs11,
+            rekey,
+            batch,
+            max_batches,
             json,
         } => {
             let new = match (&new_master_key_file, &new_master_key_pkcs11) {
@@ -485,6 +507,9 @@ pub async fn run(cmd: KeysCommand) -> Result<(), CliError> {
                 }
             };
             let new_location = new.location();
+            if rekey {
+                return rekey_master(&vault, &new, batch, max_batches, json).await;
+            }
             let vault = vault.open()?;
             let r = vault.rotate_master(&Caller::cli(), &new).await;
             vault.close().await;
@@ -518,6 +543,77 @@ pub async fn run(cmd: KeysCommand) -> Result<(), CliError> {
             Ok(())
         }
     }
+}
+
+/// `keys rotate-master --rekey`: opens the vault with the current master key, or, when a
+/// rekey already switched it, with the new one, and runs the rekey to its end.
+async fn rekey_master(
+    args: &VaultArgs,
+    new: &MasterKey,
+    batch: u32,
+    max_batches: Option<u64>,
+    json: bool,
+) -> Result<(), CliError> {
+    let config = args.config();
+    if config.store_url.is_none() {
+        super::common::require_vault(&args.data_dir)?;
+    }
+    let current = args
+        .master_key()
+        .and_then(|m| Ok(Vault::open(config.clone(), &m)?));
+    let vault = match current {
+        Ok(vault) => vault,
+        // Resuming: an earlier run already made the new key the vault's master key.
+        Err(first) => Vault::open(config, new).map_err(|_| first)?,
+    };
+    let opts = RekeyOptions {
+        batch: batch as usize,
+        max_batches,
+    };
+    let mut printer = ProgressPrinter::new(json);
+    let stops = StopsBetweenBatches::install();
+    let r = vault
+        .rekey(&Caller::cli(), new, &opts, |p| {
+            printer.update(p);
+            stops.safe_point(&vault);
+        })
+        .await;
+    printer.finish();
+    vault.close().await;
+    let r = r?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "rekeyed": r.finished,
+                "resumed": r.resumed,
+                "new_master_key": new.location(),
+                "data_key_version": r.version,
+                "rows_resealed": r.resealed,
+                "old_data_keys_destroyed": r.retired,
+                "old_master_with_old_backup_still_opens": if r.finished { "only data created before the rekey" } else { "rekey unfinished" },
+            })
+        );
+    } else if r.finished {
+        println!(
+            "master key rekeyed: data key v{} active, {} rows re-sealed, {} old data keys \
+             destroyed, new fingerprint layer and audit key; only the new master key ({}) \
+             opens this database. The old master key and earlier backups open nothing \
+             created from now on (destroy them to cut off what they hold from before).",
+            r.version,
+            r.resealed,
+            r.retired,
+            new.location()
+        );
+    } else {
+        println!(
+            "rekey in progress: {} rows re-sealed so far under v{}; run the same command \
+             again to finish. Only the new master key opens this database now: reload \
+             servers with it (SIGHUP).",
+            r.resealed, r.version
+        );
+    }
+    Ok(())
 }
 
 /// `keys list` output, the same in local and remote mode.

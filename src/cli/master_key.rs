@@ -98,6 +98,17 @@ pub fn vault_id(data_dir: &std::path::Path) -> Result<VaultId, CliError> {
         .ok_or_else(|| CliError::Storage("vault id has the wrong length".into()))
 }
 
+/// The vault id of the vault `args` name: a data directory or a shared store URL.
+pub fn vault_id_of(args: &super::common::VaultArgs) -> Result<VaultId, CliError> {
+    let config = args.config();
+    if config.store_url.is_none() {
+        require_vault(&args.data_dir)?;
+    }
+    let header = config.location()?.read_header()?;
+    VaultId::from_slice(&header.vault_id)
+        .ok_or_else(|| CliError::Storage("vault id has the wrong length".into()))
+}
+
 /// Reads a share file (small, owner-only like a key file).
 pub fn read_share_file(path: &std::path::Path) -> Result<Share, CliError> {
     use std::os::unix::fs::PermissionsExt;
@@ -135,7 +146,7 @@ pub async fn run(cmd: MasterKeyCommand) -> Result<(), CliError> {
                     "--threshold {threshold} is more than --shares {shares}"
                 )));
             }
-            let id = vault_id(&args.data_dir)?;
+            let id = vault_id_of(&args)?;
             let master = args.master_key()?;
             // Proves the key is this vault's before anyone is handed a share of it.
             Vault::open(args.config(), &master)?.close().await;

@@ -337,13 +337,17 @@ async fn unseal_then_open(
                 .into(),
         ));
     }
-    super::common::require_vault(&vault_args.data_dir)?;
+    let config = cfg.vault_config();
+    // A shared store says itself whether it holds a vault (at the header read).
+    if config.store_url.is_none() {
+        super::common::require_vault(&vault_args.data_dir)?;
+    }
+    let location = config.location()?;
     crate::hardening::harden_process();
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| CliError::Other(format!("cannot listen on {addr}: {e}")))?;
-    let (master, attempts) =
-        crate::grpc::sealed::unseal(&listener, socket, &vault_args.data_dir, tls).await?;
+    let (master, attempts) = crate::grpc::sealed::unseal(&listener, socket, location, tls).await?;
     let vault = crate::vault::Vault::open(cfg.vault_config(), &master)?;
     drop(master);
     for (peer, outcome, detail) in attempts {

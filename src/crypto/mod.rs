@@ -39,10 +39,11 @@
 //! |------------------------------------|--------------------|--------------------------------------------------------------|
 //! | `tokenvault/v1/kwk`                | HKDF info          | 32-byte key-wrapping key                                     |
 //! | `tokenvault/v1/key-check`          | HKDF info          | 32-byte [`KeyCheck`]                                          |
-//! | `tokenvault/v1/wrap/`              | AES-GCM AAD prefix | `…wrap/` ‖ `data` ‖ version u32 BE, or `fingerprint`, or `audit` |
+//! | `tokenvault/v1/wrap/`              | AES-GCM AAD prefix | `…wrap/` ‖ `data` ‖ version u32 BE, or `fingerprint`, or `audit`, or `signing`/`layer` ‖ n u32 BE, or `retired-audit` ‖ from u64 BE |
 //! | `tokenvault/v1/pan`                | AES-GCM AAD prefix | `…pan` ‖ version u32 BE ‖ token bytes (row format 1)         |
 //! | `tokenvault/v2/pan`                | AES-GCM AAD prefix | `…pan` ‖ row format u32 BE ‖ version u32 BE ‖ len(token) u32 BE ‖ token ‖ canonical metadata (row format 2) |
 //! | `tokenvault/v1/fingerprint\0`      | HMAC input prefix  | label ‖ data                                                 |
+//! | `tokenvault/v1/fingerprint-layer\0` | HMAC input prefix | label ‖ inner fingerprint (32)                               |
 //! | `tokenvault/v1/audit\0`            | HMAC input prefix  | label ‖ len(prev) u32 BE ‖ prev MAC ‖ record                 |
 //! | `tokenvault/v1/api-key\0`          | SHA-256 prefix     | label ‖ secret                                               |
 //! | `tokenvault/v1/audit-hash\0`       | SHA-256 prefix     | label ‖ prev hash (32) ‖ record                              |
@@ -143,6 +144,8 @@ pub const ROW_FORMAT: u32 = ROW_FORMAT_BOUND_META;
 pub const LABEL_FINGERPRINT: &[u8] = b"tokenvault/v1/fingerprint\0";
 /// Label of the scoped reuse fingerprint (see [`FingerprintKey::scoped_fingerprint`]).
 pub const LABEL_REUSE_FINGERPRINT: &[u8] = b"tokenvault/v1/reuse-fingerprint\0";
+/// HMAC input prefix of a fingerprint layer (see [`FingerprintKey::layer`]).
+pub const LABEL_FINGERPRINT_LAYER: &[u8] = b"tokenvault/v1/fingerprint-layer\0";
 /// HMAC input prefix for the audit chain.
 pub const LABEL_AUDIT: &[u8] = b"tokenvault/v1/audit\0";
 /// SHA-256 input prefix for API key hashes.
@@ -265,6 +268,15 @@ fn io_error(path: &Path, source: std::io::Error) -> KeyError {
         path: path.display().to_string(),
         source,
     }
+}
+
+/// Why a wrapped key did not unwrap.
+#[derive(Debug)]
+pub enum UnwrapError {
+    /// Wrong key, altered or moved blob: DATA_LOSS (or a wrong master key).
+    Authentication,
+    /// The PKCS#11 token could not be used: UNAVAILABLE, retry later.
+    Device(KeyError),
 }
 
 /// Every failure to authenticate or decrypt: wrong key, altered bytes, swapped row, wrong AAD.
@@ -599,22 +611,28 @@ impl KeyCheck {
     /// comparison, or the token's tag check). A token that cannot be used also answers false;
     /// its error is logged.
     pub fn matches(&self, stored: &[u8]) -> bool {
+        self.verify(stored).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "key check in the PKCS#11 token failed");
+            false
+        })
+    }
+
+    /// Like [`KeyCheck::matches`], but a token that cannot be used is an error
+    /// ([`KeyError::Pkcs11Device`], UNAVAILABLE), not a wrong key.
+    pub fn verify(&self, stored: &[u8]) -> Result<bool, KeyError> {
         match &self.0 {
-            Check::Derived(check) => ct_eq(check, stored),
+            Check::Derived(check) => Ok(ct_eq(check, stored)),
             Check::Hsm { key, vault_id } => {
                 if stored.len() != WRAPPED_KEY_LEN {
-                    return false;
+                    return Ok(false);
                 }
                 let (nonce, sealed) = stored.split_at(NONCE_LEN);
                 let aad = hsm_aad(vault_id, LABEL_KEY_CHECK);
                 let mut out = zeroed_key();
                 match key.decrypt_key(nonce, aad.as_bytes(), sealed, &mut out) {
-                    Ok(()) => ct_eq(&out[..], &[0u8; KEY_LEN]),
-                    Err(pkcs11::HsmDecryptError::Authentication) => false,
-                    Err(pkcs11::HsmDecryptError::Device(e)) => {
-                        tracing::error!(error = %e, "key check in the PKCS#11 token failed");
-                        false
-                    }
+                    Ok(()) => Ok(ct_eq(&out[..], &[0u8; KEY_LEN])),
+                    Err(pkcs11::HsmDecryptError::Authentication) => Ok(false),
+                    Err(pkcs11::HsmDecryptError::Device(e)) => Err(e),
                 }
             }
         }
@@ -658,6 +676,11 @@ pub enum KeyPurpose {
     Audit,
     /// The seed of audit signing key number n.
     AuditSigning(u32),
+    /// Fingerprint layer n (n >= 1), added by `keys rotate-master --rekey` number n.
+    FingerprintLayer(u32),
+    /// A replaced audit MAC key, kept to verify the records from sequence number `from`
+    /// up to the next key's first record.
+    RetiredAudit(u64),
 }
 
 /// Associated data, assembled on the stack when short (every wrap AAD; PAN AAD for tokens up
@@ -703,6 +726,12 @@ fn wrap_aad(purpose: KeyPurpose) -> Aad {
         // `signing` starts with a byte no other purpose starts with, and is followed by
         // exactly 4 bytes, like `data`.
         KeyPurpose::AuditSigning(n) => Aad::concat(&[LABEL_WRAP, b"signing", &n.to_be_bytes()]),
+        // `layer` and `retired-audit` also start with bytes of their own, and are followed by
+        // exactly 4 and 8 bytes.
+        KeyPurpose::FingerprintLayer(n) => Aad::concat(&[LABEL_WRAP, b"layer", &n.to_be_bytes()]),
+        KeyPurpose::RetiredAudit(from) => {
+            Aad::concat(&[LABEL_WRAP, b"retired-audit", &from.to_be_bytes()])
+        }
     }
 }
 
@@ -844,8 +873,23 @@ impl KeyWrappingKey {
     }
 
     pub fn unwrap(&self, wrapped: &[u8], purpose: KeyPurpose) -> Result<SecretKey, DecryptError> {
+        self.try_unwrap(wrapped, purpose).map_err(|e| {
+            if let UnwrapError::Device(e) = e {
+                tracing::error!(error = %e, "unwrapping in the PKCS#11 token failed");
+            }
+            DecryptError
+        })
+    }
+
+    /// Like [`KeyWrappingKey::unwrap`], telling a token that cannot be used (UNAVAILABLE)
+    /// from a wrapped key that fails authentication (wrong key or altered: DATA_LOSS).
+    pub fn try_unwrap(
+        &self,
+        wrapped: &[u8],
+        purpose: KeyPurpose,
+    ) -> Result<SecretKey, UnwrapError> {
         if wrapped.len() != WRAPPED_KEY_LEN {
-            return Err(DecryptError);
+            return Err(UnwrapError::Authentication);
         }
         let (nonce, rest) = wrapped.split_at(NONCE_LEN);
         let (ciphertext, tag) = rest.split_at(KEY_LEN);
@@ -858,11 +902,10 @@ impl KeyWrappingKey {
                 let aad = hsm_aad(vault_id, aad.as_bytes());
                 return match hsm.decrypt_key(nonce, aad.as_bytes(), rest, &mut key) {
                     Ok(()) => Ok(SecretKey(key)),
-                    Err(pkcs11::HsmDecryptError::Authentication) => Err(DecryptError),
-                    Err(pkcs11::HsmDecryptError::Device(e)) => {
-                        tracing::error!(error = %e, "unwrapping in the PKCS#11 token failed");
-                        Err(DecryptError)
+                    Err(pkcs11::HsmDecryptError::Authentication) => {
+                        Err(UnwrapError::Authentication)
                     }
+                    Err(pkcs11::HsmDecryptError::Device(e)) => Err(UnwrapError::Device(e)),
                 };
             }
         };
@@ -874,7 +917,7 @@ impl KeyWrappingKey {
                 &mut key[..],
                 Tag::from_slice(tag),
             )
-            .map_err(|_| DecryptError)?;
+            .map_err(|_| UnwrapError::Authentication)?;
         Ok(SecretKey(key))
     }
 }
@@ -888,8 +931,24 @@ impl KeyWrappingKey {
         wrapped: &[u8],
         purpose: KeyPurpose,
     ) -> Result<Result<Vec<u8>, KeyError>, DecryptError> {
-        let key = self.unwrap(wrapped, purpose)?;
-        Ok(new.wrap(&key, purpose))
+        self.rewrap_as(new, wrapped, purpose, purpose)
+    }
+
+    /// Like [`KeyWrappingKey::rewrap`], changing the purpose (an audit key being retired).
+    pub fn rewrap_as(
+        &self,
+        new: &KeyWrappingKey,
+        wrapped: &[u8],
+        from: KeyPurpose,
+        to: KeyPurpose,
+    ) -> Result<Result<Vec<u8>, KeyError>, DecryptError> {
+        let key = match self.try_unwrap(wrapped, from) {
+            Ok(key) => key,
+            Err(UnwrapError::Authentication) => return Err(DecryptError),
+            // The token could not be used: an error of the token, not of the key.
+            Err(UnwrapError::Device(e)) => return Ok(Err(e)),
+        };
+        Ok(new.wrap(&key, to))
     }
 }
 
@@ -1002,6 +1061,16 @@ impl FingerprintKey {
         mac.update(&(scope.len() as u32).to_be_bytes());
         mac.update(scope.as_bytes());
         mac.update(data);
+        mac.finalize().into_bytes().into()
+    }
+    /// HMAC-SHA256(key, `tokenvault/v1/fingerprint-layer\0` || inner): a layer over a
+    /// fingerprint already computed. `--rekey` adds one and applies it to every stored
+    /// fingerprint without knowing the card (or the reuse scope); whoever holds only the
+    /// inner keys cannot compute or test the outer value.
+    pub fn layer(&self, inner: &[u8; 32]) -> [u8; 32] {
+        let mut mac = (*self.mac).clone();
+        mac.update(LABEL_FINGERPRINT_LAYER);
+        mac.update(inner);
         mac.finalize().into_bytes().into()
     }
 }

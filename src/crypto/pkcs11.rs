@@ -289,9 +289,32 @@ fn read_pin(path: &Path) -> Result<Zeroizing<String>, KeyError> {
 pub struct HsmKey {
     /// Keeps the module loaded for as long as the key is used.
     _ctx: Pkcs11,
-    session: Mutex<Session>,
-    handle: ObjectHandle,
+    /// The session and the key object's handle in it; replaced when the token dropped the
+    /// session (see [`is_session_fault`]).
+    session: Mutex<(Session, ObjectHandle)>,
+    /// To open a fresh session.
+    uri: Pkcs11Uri,
     location: String,
+}
+
+/// Token errors after which a fresh session may work: the session or the login was lost
+/// (token reset, `C_CloseAllSessions`, HSM restart or fail-over), or the device had a fault.
+/// Any of them is UNAVAILABLE to a caller, never a wrong key or altered data.
+pub fn is_session_fault(rv: RvError) -> bool {
+    matches!(
+        rv,
+        RvError::SessionHandleInvalid
+            | RvError::SessionClosed
+            | RvError::UserNotLoggedIn
+            | RvError::DeviceError
+            | RvError::DeviceRemoved
+            | RvError::DeviceMemory
+            | RvError::TokenNotPresent
+            | RvError::TokenNotRecognized
+            | RvError::KeyHandleInvalid
+            | RvError::ObjectHandleInvalid
+            | RvError::CryptokiNotInitialized
+    )
 }
 
 impl std::fmt::Debug for HsmKey {
@@ -312,6 +335,17 @@ impl HsmKey {
     /// Opens the token the URI names, logs in with the PIN from `pin-source`, and finds the
     /// key object; `create` generates it when absent (for `init` and `keys rotate-master`).
     pub fn open(uri: &Pkcs11Uri, create: bool) -> Result<HsmKey, KeyError> {
+        let (ctx, session, handle) = Self::connect(uri, create)?;
+        Ok(HsmKey {
+            _ctx: ctx,
+            session: Mutex::new((session, handle)),
+            uri: uri.clone(),
+            location: uri.location(),
+        })
+    }
+
+    /// A logged-in session and the key object's handle in it.
+    fn connect(uri: &Pkcs11Uri, create: bool) -> Result<(Pkcs11, Session, ObjectHandle), KeyError> {
         let ctx = module(&uri.module_path)?;
         let slot = find_slot(&ctx, uri)?;
         let token_name = uri
@@ -378,20 +412,36 @@ impl HsmKey {
             }
         };
         check_object(&session, handle, &uri.object)?;
-        Ok(HsmKey {
-            _ctx: ctx,
-            session: Mutex::new(session),
-            handle,
-            location: uri.location(),
-        })
+        Ok((ctx, session, handle))
     }
 
     pub fn location(&self) -> &str {
         &self.location
     }
 
-    fn session(&self) -> std::sync::MutexGuard<'_, Session> {
-        self.session.lock().unwrap_or_else(|e| e.into_inner())
+    /// Runs `op` in the session; when the token lost the session (or had a fault), opens a
+    /// fresh one and runs it once more. The second failure is returned as it is.
+    fn with_session<T>(
+        &self,
+        op: impl Fn(&Session, ObjectHandle) -> Result<T, CkError>,
+    ) -> Result<T, CkError> {
+        let mut guard = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        match op(&guard.0, guard.1) {
+            Err(CkError::Pkcs11(rv, f)) if is_session_fault(rv) => {
+                tracing::warn!(error = %CkError::Pkcs11(rv, f), "PKCS#11 session lost; opening a fresh one");
+                match Self::connect(&self.uri, false) {
+                    Ok((_, session, handle)) => {
+                        *guard = (session, handle);
+                        op(&guard.0, guard.1)
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot open a fresh PKCS#11 session");
+                        Err(CkError::Pkcs11(rv, f))
+                    }
+                }
+            }
+            r => r,
+        }
     }
 
     /// AES-256-GCM in the token: ciphertext ‖ tag (16).
@@ -401,12 +451,12 @@ impl HsmKey {
         aad: &[u8],
         plaintext: &[u8],
     ) -> Result<Vec<u8>, KeyError> {
-        let mut iv = *nonce;
-        let params = GcmParams::new(&mut iv, aad, ((TAG_LEN * 8) as u64).into())
-            .map_err(|e| device("GCM parameters", e))?;
         let out = self
-            .session()
-            .encrypt(&Mechanism::AesGcm(params), self.handle, plaintext)
+            .with_session(|session, handle| {
+                let mut iv = *nonce;
+                let params = GcmParams::new(&mut iv, aad, ((TAG_LEN * 8) as u64).into())?;
+                session.encrypt(&Mechanism::AesGcm(params), handle, plaintext)
+            })
             .map_err(|e| device("C_Encrypt", e))?;
         if out.len() != plaintext.len() + TAG_LEN {
             return Err(KeyError::Pkcs11Device(format!(
@@ -432,11 +482,12 @@ impl HsmKey {
             return Err(HsmDecryptError::Authentication);
         }
         iv.copy_from_slice(nonce);
-        let params = GcmParams::new(&mut iv, aad, ((TAG_LEN * 8) as u64).into())
-            .map_err(|e| HsmDecryptError::Device(device("GCM parameters", e)))?;
         let plain = self
-            .session()
-            .decrypt(&Mechanism::AesGcm(params), self.handle, sealed)
+            .with_session(|session, handle| {
+                let mut iv = iv;
+                let params = GcmParams::new(&mut iv, aad, ((TAG_LEN * 8) as u64).into())?;
+                session.decrypt(&Mechanism::AesGcm(params), handle, sealed)
+            })
             .map(Zeroizing::new);
         match plain {
             Ok(plain) if plain.len() == KEY_LEN => {

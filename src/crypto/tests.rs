@@ -1116,3 +1116,28 @@ fn errors_carry_no_key_material() {
         "ciphertext failed authentication"
     );
 }
+
+/// Token faults are transient (retried on a fresh session, UNAVAILABLE to callers); a tag
+/// that does not verify is not.
+#[test]
+fn pkcs11_faults_are_unavailable_not_data_loss() {
+    use cryptoki::error::RvError;
+    for rv in [
+        RvError::DeviceError,
+        RvError::SessionHandleInvalid,
+        RvError::TokenNotPresent,
+        RvError::UserNotLoggedIn,
+        RvError::DeviceRemoved,
+    ] {
+        assert!(super::pkcs11::is_session_fault(rv), "{rv:?}");
+    }
+    for rv in [
+        RvError::EncryptedDataInvalid,
+        RvError::PinIncorrect,
+        RvError::ArgumentsBad,
+    ] {
+        assert!(!super::pkcs11::is_session_fault(rv), "{rv:?}");
+    }
+    let e = crate::error::Error::from(super::KeyError::Pkcs11Device("C_Decrypt".into()));
+    assert!(matches!(e, crate::error::Error::Unavailable(_)));
+}

@@ -80,10 +80,14 @@ struct Attempt {
 pub async fn unseal(
     listener: &TcpListener,
     socket: &Path,
-    data_dir: &Path,
+    location: crate::store::StoreLocation,
     tls: Option<std::sync::Arc<super::tls::TlsReloader>>,
 ) -> Result<(MasterKey, Vec<(String, &'static str, String)>)> {
-    let header = crate::store::sqlite::read_header(data_dir)?;
+    // Any store (SQLite file or PostgreSQL): the header holds what the shares are checked
+    // against. Read off the async workers (a PostgreSQL read blocks on its own runtime).
+    let header = tokio::task::spawn_blocking(move || location.read_header())
+        .await
+        .map_err(|e| Error::Internal(format!("read header: {e}")))??;
     let vault_id = VaultId::from_slice(&header.vault_id)
         .ok_or_else(|| Error::Internal("vault id has the wrong length".into()))?;
 

@@ -176,7 +176,8 @@ struct Tok {
 /// The small tables, read first.
 #[derive(Clone, Debug, Default)]
 struct Head {
-    /// vault_id, key_check, wrapped_fingerprint_key, wrapped_audit_key.
+    /// vault_id, key_check, wrapped_fingerprint_key, wrapped_audit_key, and the
+    /// [`super::REKEY_META_KEYS`] present.
     blobs: Vec<(String, Vec<u8>)>,
     generation: i64,
     created_at: i64,
@@ -292,6 +293,16 @@ fn read_sqlite(path: &Path, tx: &mpsc::Sender<Result<Chunk>>) -> Result<()> {
         let v: Vec<u8> =
             conn.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| r.get(0))?;
         head.blobs.push((k.to_string(), v));
+    }
+    // What `keys rotate-master --rekey` added, when it ran.
+    for k in super::REKEY_META_KEYS {
+        use rusqlite::OptionalExtension;
+        let v: Option<Vec<u8>> = conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| r.get(0))
+            .optional()?;
+        if let Some(v) = v {
+            head.blobs.push((k.to_string(), v));
+        }
     }
     let int = |k: &str| -> Result<Option<i64>> {
         use rusqlite::OptionalExtension;
@@ -646,6 +657,15 @@ async fn read_postgres(
             .await
             .map_err(map_err)?;
         head.blobs.push((k.to_string(), r.get(0)));
+    }
+    for k in super::REKEY_META_KEYS {
+        let r = t
+            .query_opt("SELECT value FROM meta WHERE key = $1", &[&k])
+            .await
+            .map_err(map_err)?;
+        if let Some(r) = r {
+            head.blobs.push((k.to_string(), r.get(0)));
+        }
     }
     let counter = |rows: &[tokio_postgres::Row], k: &str| -> Option<i64> {
         rows.iter()

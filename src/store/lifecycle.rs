@@ -279,7 +279,7 @@ pub(super) fn rotate_master(
             ));
         }
         let fingerprint = meta("wrapped_fingerprint_key")?;
-        if !keyring.kwk_opens(&fingerprint) {
+        if !keyring.master_opens(&fingerprint)? {
             return Err(Error::FailedPrecondition(
                 "the master key was rotated by another process meanwhile".into(),
             ));
@@ -312,6 +312,18 @@ pub(super) fn rotate_master(
         }
         let fingerprint = keyring.rewrap_under(&new_kwk, &fingerprint, KeyPurpose::Fingerprint)?;
         let audit = keyring.rewrap_under(&new_kwk, &audit, KeyPurpose::Audit)?;
+        // What earlier rekeys added: fingerprint layers and replaced audit keys.
+        for (k, f) in [
+            (
+                "fingerprint_layers",
+                Keyring::rewrap_layers as fn(&Keyring, &KeyWrappingKey, &[u8]) -> Result<Vec<u8>>,
+            ),
+            ("retired_audit_keys", Keyring::rewrap_retired_audit),
+        ] {
+            if let Some(v) = meta_opt(tx, k)? {
+                meta_set(tx, k, &f(keyring, &new_kwk, &v)?)?;
+            }
+        }
         for (k, v) in [
             ("wrapped_fingerprint_key", &fingerprint),
             ("wrapped_audit_key", &audit),
@@ -769,13 +781,18 @@ pub fn restore_stage(
     }
     let key_rows = load_key_rows(&src)?;
     // Unwraps every usable key: an altered wrapped key fails here, before anything changes.
-    Keyring::new(
-        kwk,
-        &meta("wrapped_fingerprint_key")?,
-        &meta("wrapped_audit_key")?,
-        &key_rows,
-        KeyPolicy::default(),
-    )?;
+    let header = super::VaultHeader {
+        vault_id: vault_id.0.to_vec(),
+        key_check: meta("key_check")?,
+        wrapped_fingerprint_key: meta("wrapped_fingerprint_key")?,
+        wrapped_audit_key: meta("wrapped_audit_key")?,
+        layers: super::KeyLayers::from_meta(|key| {
+            Ok(src
+                .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                .optional()?)
+        })?,
+    };
+    Keyring::new(kwk, &header, &key_rows, KeyPolicy::default())?;
     let tokens: i64 = src.query_row("SELECT COUNT(*) FROM tokens", [], |r| r.get(0))?;
 
     super::datadir::create_private_dir(data_dir)?;
@@ -890,4 +907,336 @@ pub fn restore_install(staged: StagedRestore, data_dir: &Path) -> Result<Restore
     let _ = std::fs::remove_dir_all(&staging);
     drop(lock);
     result.map(|()| report)
+}
+
+// ---------------------------------------------------------------------------------------
+// `keys rotate-master --rekey` (the design is in `crate::vault::rekey`)
+
+fn meta_opt(tx: &Connection, key: &str) -> Result<Option<Vec<u8>>> {
+    Ok(tx
+        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()?)
+}
+
+fn meta_set(tx: &Connection, key: &str, value: &[u8]) -> Result<()> {
+    tx.execute(
+        "INSERT INTO meta(key, value) VALUES (?1, ?2) \
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        params![key, value],
+    )?;
+    Ok(())
+}
+
+fn rekey_state(tx: &Connection) -> Result<Option<super::RekeyState>> {
+    match meta_opt(tx, "rekey")? {
+        None => Ok(None),
+        Some(v) => super::RekeyState::decode(&v)
+            .map(Some)
+            .ok_or_else(|| Error::DataLoss("vault metadata `rekey` is malformed".into())),
+    }
+}
+
+fn no_rekey() -> Error {
+    Error::FailedPrecondition("no rekey is in progress".into())
+}
+
+pub(super) fn rekey_begin(
+    store: &SqliteStore,
+    new_kwk: KeyWrappingKey,
+    new_check: Vec<u8>,
+    caller: Caller,
+) -> StoreFuture<super::RekeyState> {
+    store.admin(move |tx, keyring, st| {
+        if rekey_state(tx)?.is_some() {
+            return Err(Error::FailedPrecondition(
+                "a rekey is already in progress: run `keys rotate-master --rekey` again with \
+                 the new master key to finish it"
+                    .into(),
+            ));
+        }
+        let meta = |key: &str| -> Result<Vec<u8>> {
+            store_err(tx.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)))
+        };
+        if crate::crypto::ct_eq(&meta("key_check")?, &new_check) {
+            return Err(Error::InvalidArgument(
+                "the new master key is the vault's current master key".into(),
+            ));
+        }
+        let fingerprint = meta("wrapped_fingerprint_key")?;
+        if !keyring.master_opens(&fingerprint)? {
+            return Err(Error::FailedPrecondition(
+                "the master key was rotated by another process meanwhile".into(),
+            ));
+        }
+        // Every key the vault keeps, re-wrapped under the new master only.
+        for row in load_key_rows(tx)? {
+            if row.state == KeyState::Retired {
+                continue;
+            }
+            let w = keyring.rewrap_under(&new_kwk, &row.wrapped, KeyPurpose::Data(row.version))?;
+            tx.execute(
+                "UPDATE data_keys SET wrapped = ?2 WHERE version = ?1",
+                params![row.version, w],
+            )?;
+        }
+        let signing: Vec<(i64, Vec<u8>)> = tx
+            .prepare("SELECT id, wrapped FROM audit_signing_keys WHERE wrapped IS NOT NULL")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        for (id, wrapped) in signing {
+            let w =
+                keyring.rewrap_under(&new_kwk, &wrapped, KeyPurpose::AuditSigning(id as u32))?;
+            tx.execute(
+                "UPDATE audit_signing_keys SET wrapped = ?2 WHERE id = ?1",
+                params![id, w],
+            )?;
+        }
+        let fingerprint = keyring.rewrap_under(&new_kwk, &fingerprint, KeyPurpose::Fingerprint)?;
+        let mut layers =
+            keyring.rewrap_layers(&new_kwk, &meta_opt(tx, "fingerprint_layers")?.unwrap_or_default())?;
+        let layer = (layers.len() / crate::crypto::WRAPPED_KEY_LEN) as u32 + 1;
+        layers.extend(crate::keyring::new_wrapped_key(
+            &new_kwk,
+            KeyPurpose::FingerprintLayer(layer),
+        )?);
+        // The new data key version, wrapped only under the new master.
+        let max: i64 = tx.query_row("SELECT COALESCE(MAX(version), 0) FROM data_keys", [], |r| {
+            r.get(0)
+        })?;
+        let version = (max + 1) as u32;
+        let now = now_micros();
+        tx.execute(
+            "UPDATE data_keys SET state = 'decrypt_only' WHERE state = 'active'",
+            [],
+        )?;
+        tx.execute(
+            "INSERT INTO data_keys(version, wrapped, state, created_at) VALUES (?1, ?2, 'active', ?3)",
+            params![
+                version,
+                crate::keyring::new_wrapped_key(&new_kwk, KeyPurpose::Data(version))?,
+                now
+            ],
+        )?;
+        st.active_version = version;
+        st.active_count = 0;
+        st.active_created = now;
+        // The audit key switch, recorded in the chain: this record is the last one MACed
+        // under the old key; the next one is the first under the new key.
+        st.audit.push(AuditEntry::new(
+            &caller,
+            "master_rekey",
+            "master key",
+            "OK",
+            &format!(
+                "new master key; data key v{version} and fingerprint layer {layer} created; \
+                 records after this one are MACed under a new audit key"
+            ),
+        ));
+        st.audit_key_switch = true;
+        let new_from = st.audit_seq + st.audit.len() as u64 + 1;
+        let old_from =
+            super::sqlite::audit_key_from(meta_opt(tx, "audit_key_from")?)?;
+        let mut retired = keyring.rewrap_retired_audit(
+            &new_kwk,
+            &meta_opt(tx, "retired_audit_keys")?.unwrap_or_default(),
+        )?;
+        retired.extend_from_slice(&old_from.to_be_bytes());
+        retired.extend(keyring.rewrap_as(
+            &new_kwk,
+            &meta("wrapped_audit_key")?,
+            KeyPurpose::Audit,
+            KeyPurpose::RetiredAudit(old_from),
+        )?);
+        let audit = crate::keyring::new_wrapped_key(&new_kwk, KeyPurpose::Audit)?;
+        let end_id: i64 =
+            tx.query_row("SELECT COALESCE(MAX(id), 0) FROM tokens", [], |r| r.get(0))?;
+        let state = super::RekeyState {
+            version,
+            end_id,
+            cursor: 0,
+        };
+        for (k, v) in [
+            ("key_check", &new_check),
+            ("wrapped_fingerprint_key", &fingerprint),
+            ("fingerprint_layers", &layers),
+            ("wrapped_audit_key", &audit),
+            ("retired_audit_keys", &retired),
+            ("audit_key_from", &new_from.to_be_bytes().to_vec()),
+            ("rekey", &state.encode()),
+        ] {
+            meta_set(tx, k, v)?;
+        }
+        mark_destroyed(tx)?;
+        bump_generation(tx)?;
+        Ok(state)
+    })
+}
+
+pub(super) fn rekey_batch(
+    store: &SqliteStore,
+    limit: usize,
+    caller: Caller,
+) -> StoreFuture<super::RekeyOutcome> {
+    store.admin(move |tx, keyring, st| {
+        let started = std::time::Instant::now();
+        let mut state = rekey_state(tx)?.ok_or_else(no_rekey)?;
+        let fingerprints = keyring.fingerprints();
+        if fingerprints.relayer(&[0; 32]).is_none()
+            || keyring.snapshot().get(state.version).is_none()
+        {
+            return Err(Error::FailedPrecondition(
+                "this process does not hold the rekey's new keys: open the vault with the new \
+                 master key"
+                    .into(),
+            ));
+        }
+        let mut select = tx.prepare_cached(concat!(
+            "SELECT ",
+            sealed_cols!(),
+            ", fingerprint FROM tokens WHERE id > ?1 AND id <= ?2 AND ciphertext IS NOT NULL \
+             ORDER BY id LIMIT ?3"
+        ))?;
+        let mut update = tx.prepare_cached(
+            "UPDATE tokens SET key_version = ?2, nonce = ?3, ciphertext = ?4, row_format = ?5, \
+             fingerprint = ?6 WHERE id = ?1",
+        )?;
+        let mut out = super::RekeyOutcome {
+            more: true,
+            ..Default::default()
+        };
+        let mut snapshot = keyring.snapshot();
+        let mut seen = 0usize;
+        while seen < limit && started.elapsed() < ADMIN_TX_BUDGET {
+            let want = (limit - seen).min(ADMIN_CHUNK);
+            let rows = select
+                .query_map(params![state.cursor, state.end_id, want as i64], |r| {
+                    Ok((sealed_row(r)?, r.get::<_, Option<Vec<u8>>>(13)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            seen += rows.len();
+            for (row, fp) in &rows {
+                state.cursor = row.id;
+                if keyring.needs_rotation(st.active_count, 1, st.active_created, now_micros()) {
+                    rotate_in_tx(tx, keyring, st)?;
+                    snapshot = keyring.snapshot();
+                }
+                let fp = match fp.as_deref().map(<[u8; 32]>::try_from) {
+                    None => None,
+                    Some(Ok(f)) => fingerprints.relayer(&f).map(|f| f.to_vec()),
+                    Some(Err(_)) => {
+                        return Err(Error::DataLoss(format!(
+                            "token {} has a malformed fingerprint",
+                            row.token
+                        )))
+                    }
+                };
+                let plain = snapshot.get(row.key_version).and_then(|old| {
+                    old.open(
+                        row.row_format,
+                        &row.token,
+                        &row.bound_meta,
+                        &row.nonce,
+                        &row.ciphertext,
+                    )
+                    .ok()
+                });
+                let Some(plain) = plain else {
+                    // Left sealed as it was (the finish refuses while it is); its
+                    // fingerprint still moves on, so reuse keeps finding it.
+                    out.failed.push(row.token.clone());
+                    tx.execute(
+                        "UPDATE tokens SET fingerprint = ?2 WHERE id = ?1",
+                        params![row.id, fp],
+                    )?;
+                    continue;
+                };
+                let sealed = snapshot.active.seal(&row.token, &row.bound_meta, &plain);
+                let version = snapshot.active.version();
+                update.execute(params![
+                    row.id,
+                    version,
+                    &sealed.nonce[..],
+                    sealed.ciphertext,
+                    crate::crypto::ROW_FORMAT,
+                    fp
+                ])?;
+                st.active_count += 1;
+                *st.counts.entry(version).or_insert(0) += 1;
+                out.resealed += 1;
+            }
+            if rows.len() < want {
+                out.more = false;
+                break;
+            }
+        }
+        meta_set(tx, "rekey", &state.encode())?;
+        if out.resealed > 0 {
+            mark_destroyed(tx)?;
+        }
+        if out.resealed > 0 || !out.failed.is_empty() {
+            st.audit.push(AuditEntry::new(
+                &caller,
+                "master_rekey_reseal",
+                &format!("key v{}", st.active_version),
+                if out.failed.is_empty() {
+                    "OK"
+                } else {
+                    "DATA_LOSS"
+                },
+                &format!(
+                    "{} rows re-sealed, {} failed",
+                    out.resealed,
+                    out.failed.len()
+                ),
+            ));
+        }
+        Ok(out)
+    })
+}
+
+pub(super) fn rekey_finish(store: &SqliteStore, caller: Caller) -> StoreFuture<u32> {
+    store.admin(move |tx, _keyring, st| {
+        let state = rekey_state(tx)?.ok_or_else(no_rekey)?;
+        let left: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM tokens WHERE id > ?1 AND id <= ?2 AND ciphertext IS NOT NULL",
+            params![state.cursor, state.end_id],
+            |r| r.get(0),
+        )?;
+        if left > 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "{left} rows are not re-sealed yet; run `keys rotate-master --rekey` again"
+            )));
+        }
+        let old: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM tokens WHERE key_version < ?1 AND ciphertext IS NOT NULL",
+            [state.version],
+            |r| r.get(0),
+        )?;
+        if old > 0 {
+            return Err(Error::DataLoss(format!(
+                "{old} tokens failed authentication and could not be re-sealed, so the old \
+                 data keys stay usable for them; investigate with `tokenvault check --full`"
+            )));
+        }
+        // Crypto-shred: the old data keys open no row any more.
+        let retired = tx.execute(
+            "UPDATE data_keys SET state = 'retired', wrapped = x'' \
+             WHERE version < ?1 AND state != 'retired'",
+            [state.version],
+        )?;
+        tx.execute("DELETE FROM meta WHERE key = 'rekey'", [])?;
+        mark_destroyed(tx)?;
+        bump_generation(tx)?;
+        st.audit.push(AuditEntry::new(
+            &caller,
+            "master_rekey_done",
+            "master key",
+            "OK",
+            &format!(
+                "every row re-sealed under v{}; {retired} old data keys destroyed",
+                state.version
+            ),
+        ));
+        Ok(retired as u32)
+    })
 }

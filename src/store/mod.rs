@@ -102,6 +102,9 @@ pub struct NewToken {
     /// Keyed fingerprint of the PAN, only when `reuse_existing` asked for one: a vault keeps
     /// no more PAN-derived values than its callers need, and an index entry fewer per row.
     pub fingerprint: Option<[u8; 32]>,
+    /// During a rekey: the fingerprint without the newest layer, which rows not yet
+    /// re-layered still have; the reuse lookup finds either.
+    pub fingerprint_prev: Option<[u8; 32]>,
     pub reuse_existing: bool,
     pub meta: TokenMeta,
     /// The vault's time when the request was taken: `reuse_existing` judges expiry by it (never
@@ -219,6 +222,99 @@ pub struct VaultHeader {
     pub key_check: Vec<u8>,
     pub wrapped_fingerprint_key: Vec<u8>,
     pub wrapped_audit_key: Vec<u8>,
+    /// What `keys rotate-master --rekey` added (empty for a vault never rekeyed).
+    pub layers: KeyLayers,
+}
+
+/// The `meta` keys `--rekey` writes; absent in a vault never rekeyed.
+pub const REKEY_META_KEYS: [&str; 4] = [
+    "fingerprint_layers",
+    "retired_audit_keys",
+    "audit_key_from",
+    "rekey",
+];
+
+/// Key material and state added by `keys rotate-master --rekey` (see [`crate::vault::rekey`]).
+#[derive(Clone, Debug, Default)]
+pub struct KeyLayers {
+    /// Wrapped fingerprint layers 1..=n, [`crate::crypto::WRAPPED_KEY_LEN`] bytes each.
+    pub fingerprint_layers: Vec<u8>,
+    /// Replaced audit MAC keys: (first sequence number u64 BE ‖ wrapped key) each.
+    pub retired_audit_keys: Vec<u8>,
+    /// Sequence number of the first record MACed under the current audit key.
+    pub audit_key_from: u64,
+    /// A rekey in progress.
+    pub rekey: Option<RekeyState>,
+}
+
+impl KeyLayers {
+    /// From the optional `meta` values; an ill-formed one is DataLoss.
+    pub fn from_meta(mut get: impl FnMut(&str) -> Result<Option<Vec<u8>>>) -> Result<KeyLayers> {
+        let bad =
+            |k: &str| crate::error::Error::DataLoss(format!("vault metadata `{k}` is malformed"));
+        let fingerprint_layers = get("fingerprint_layers")?.unwrap_or_default();
+        if fingerprint_layers.len() % crate::crypto::WRAPPED_KEY_LEN != 0 {
+            return Err(bad("fingerprint_layers"));
+        }
+        let retired_audit_keys = get("retired_audit_keys")?.unwrap_or_default();
+        if retired_audit_keys.len() % (8 + crate::crypto::WRAPPED_KEY_LEN) != 0 {
+            return Err(bad("retired_audit_keys"));
+        }
+        let audit_key_from = match get("audit_key_from")? {
+            None => 1,
+            Some(v) => u64::from_be_bytes(v.try_into().map_err(|_| bad("audit_key_from"))?),
+        };
+        let rekey = match get("rekey")? {
+            None => None,
+            Some(v) => Some(RekeyState::decode(&v).ok_or_else(|| bad("rekey"))?),
+        };
+        Ok(KeyLayers {
+            fingerprint_layers,
+            retired_audit_keys,
+            audit_key_from,
+            rekey,
+        })
+    }
+}
+
+/// A `--rekey` between its first transaction and its last: the new active data key version,
+/// the last row id that existed at the switch, and the last row id already re-sealed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RekeyState {
+    pub version: u32,
+    pub end_id: i64,
+    pub cursor: i64,
+}
+
+impl RekeyState {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(20);
+        out.extend_from_slice(&self.version.to_be_bytes());
+        out.extend_from_slice(&self.end_id.to_be_bytes());
+        out.extend_from_slice(&self.cursor.to_be_bytes());
+        out
+    }
+    pub fn decode(v: &[u8]) -> Option<RekeyState> {
+        if v.len() != 20 {
+            return None;
+        }
+        Some(RekeyState {
+            version: u32::from_be_bytes(v[0..4].try_into().ok()?),
+            end_id: i64::from_be_bytes(v[4..12].try_into().ok()?),
+            cursor: i64::from_be_bytes(v[12..20].try_into().ok()?),
+        })
+    }
+}
+
+/// One batch of a rekey's re-seal pass.
+#[derive(Clone, Debug, Default)]
+pub struct RekeyOutcome {
+    /// Rows re-sealed under the new data key (and their fingerprints re-layered).
+    pub resealed: u64,
+    /// Tokens whose ciphertext failed authentication; left as they were.
+    pub failed: Vec<String>,
+    /// False once the pass reached the end (nothing was left to do).
+    pub more: bool,
 }
 
 /// An audit signing key as stored: its number, public half and state.
@@ -330,6 +426,22 @@ pub trait Storage: Send + Sync + 'static {
         new_check: Vec<u8>,
         caller: Caller,
     ) -> StoreFuture<u32>;
+    /// First transaction of `keys rotate-master --rekey`: re-wraps every stored key under
+    /// `new_kwk`, adds a data key version, a fingerprint layer and an audit key wrapped only
+    /// under it, retires the audit key (MAC switch recorded in the chain) and records the
+    /// [`RekeyState`]. FailedPrecondition when a rekey is already in progress.
+    fn rekey_begin(
+        &self,
+        new_kwk: KeyWrappingKey,
+        new_check: Vec<u8>,
+        caller: Caller,
+    ) -> StoreFuture<RekeyState>;
+    /// Re-seals up to `limit` rows after the recorded cursor under the active version and
+    /// re-layers their fingerprints, advancing the cursor in the same transaction.
+    fn rekey_batch(&self, limit: usize, caller: Caller) -> StoreFuture<RekeyOutcome>;
+    /// Last transaction: retires (destroys) every data key older than the rekey's version,
+    /// once no row uses one, and clears the state. Returns the versions retired.
+    fn rekey_finish(&self, caller: Caller) -> StoreFuture<u32>;
     fn vault_id(&self) -> StoreFuture<Vec<u8>>;
     /// Rows holding a ciphertext, per key version referenced.
     fn rows_by_version(&self) -> StoreFuture<Vec<(u32, u64)>>;

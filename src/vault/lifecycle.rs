@@ -473,7 +473,7 @@ impl Vault {
 /// lock polls it with growing sleeps (SQLite's busy handler, up to 25 ms apart in its first
 /// 100 ms), and batches back to back would win every race. Admin work gets at most about
 /// half of the write lock's time.
-async fn yield_to_serving_writes(held: Duration) {
+pub(super) async fn yield_to_serving_writes(held: Duration) {
     tokio::time::sleep(held.clamp(Duration::from_millis(25), Duration::from_millis(100))).await;
 }
 

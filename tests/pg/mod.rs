@@ -262,6 +262,33 @@ impl Cluster {
         .unwrap()
     }
 
+    /// The first column (bytea) of every row `sql` returns in database `db`.
+    pub fn query_blobs(&self, db: &str, sql: &str) -> Vec<Vec<u8>> {
+        let url = self.url(db);
+        let sql = sql.to_string();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                client
+                    .query(&sql, &[])
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.get::<_, Vec<u8>>(0))
+                    .collect()
+            })
+        })
+        .join()
+        .unwrap()
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }

@@ -201,8 +201,95 @@ pub fn read_header(shared: &Arc<PgShared>) -> Result<VaultHeader> {
             key_check: get("key_check")?,
             wrapped_fingerprint_key: get("wrapped_fingerprint_key")?,
             wrapped_audit_key: get("wrapped_audit_key")?,
+            layers: crate::store::KeyLayers::from_meta(|key| Ok(meta.remove(key)))?,
         })
     })
+}
+
+async fn meta_opt(c: &impl tokio_postgres::GenericClient, key: &str) -> Result<Option<Vec<u8>>> {
+    Ok(
+        c.query_opt("SELECT value FROM meta WHERE key = $1", &[&key])
+            .await
+            .map_err(map_err)?
+            .map(|r| r.get(0)),
+    )
+}
+
+async fn meta_set(c: &impl tokio_postgres::GenericClient, key: &str, value: &[u8]) -> Result<()> {
+    c.execute(
+        "INSERT INTO meta(key, value) VALUES ($1, $2) \
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        &[&key, &value],
+    )
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+async fn rekey_state(c: &impl tokio_postgres::GenericClient) -> Result<Option<super::RekeyState>> {
+    match meta_opt(c, "rekey").await? {
+        None => Ok(None),
+        Some(v) => super::RekeyState::decode(&v)
+            .map(Some)
+            .ok_or_else(|| Error::DataLoss("vault metadata `rekey` is malformed".into())),
+    }
+}
+
+/// Re-wraps the kept data keys, the audit signing keys, and what earlier rekeys added
+/// (fingerprint layers, replaced audit keys) under `new_kwk`. Returns the data keys done.
+async fn rewrap_kept_keys(
+    tx: &Transaction<'_>,
+    keyring: &Keyring,
+    new_kwk: &KeyWrappingKey,
+) -> Result<u32> {
+    let mut rewrapped = 0u32;
+    for row in load_key_rows(&**tx).await? {
+        if row.state == KeyState::Retired {
+            continue;
+        }
+        let w = keyring.rewrap_under(new_kwk, &row.wrapped, KeyPurpose::Data(row.version))?;
+        tx.execute(
+            "UPDATE data_keys SET wrapped = $2 WHERE version = $1",
+            &[&i64::from(row.version), &w],
+        )
+        .await
+        .map_err(map_err)?;
+        rewrapped += 1;
+    }
+    let signing = tx
+        .query(
+            "SELECT id, wrapped FROM audit_signing_keys WHERE wrapped IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(map_err)?;
+    for r in &signing {
+        let (id, wrapped): (i64, Vec<u8>) = (r.get(0), r.get(1));
+        let w = keyring.rewrap_under(new_kwk, &wrapped, KeyPurpose::AuditSigning(id as u32))?;
+        tx.execute(
+            "UPDATE audit_signing_keys SET wrapped = $2 WHERE id = $1",
+            &[&id, &w],
+        )
+        .await
+        .map_err(map_err)?;
+    }
+    if let Some(v) = meta_opt(&**tx, "fingerprint_layers").await? {
+        meta_set(
+            &**tx,
+            "fingerprint_layers",
+            &keyring.rewrap_layers(new_kwk, &v)?,
+        )
+        .await?;
+    }
+    if let Some(v) = meta_opt(&**tx, "retired_audit_keys").await? {
+        meta_set(
+            &**tx,
+            "retired_audit_keys",
+            &keyring.rewrap_retired_audit(new_kwk, &v)?,
+        )
+        .await?;
+    }
+    Ok(rewrapped)
 }
 
 /// True when the database holds a vault.
@@ -556,6 +643,8 @@ struct TxState {
     active_created: Micros,
     counts: HashMap<u32, u64>,
     audit: Vec<AuditEntry>,
+    /// Set by the transaction that switches the audit key (`--rekey`).
+    audit_key_switch: bool,
 }
 
 /// Locks the chain head (serialising every writer of every replica), then reads the
@@ -598,6 +687,7 @@ async fn begin_state(tx: &Transaction<'_>, keyring: &Keyring) -> Result<TxState>
         active_created: active.get(2),
         counts: HashMap::new(),
         audit: Vec::new(),
+        audit_key_switch: false,
     };
     if keyring.needs_rotation(0, 0, st.active_created, now_micros())
         && master_is_current(tx, keyring).await?
@@ -609,7 +699,7 @@ async fn begin_state(tx: &Transaction<'_>, keyring: &Keyring) -> Result<TxState>
 
 async fn master_is_current(tx: &Transaction<'_>, keyring: &Keyring) -> Result<bool> {
     let wrapped = read_meta(&**tx, "wrapped_fingerprint_key").await?;
-    Ok(keyring.kwk_opens(&wrapped))
+    keyring.master_opens(&wrapped)
 }
 
 async fn finish_state(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) -> Result<()> {
@@ -624,6 +714,7 @@ async fn finish_state(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState)
         .drain()
         .map(|(v, n)| (i64::from(v), n as i64))
         .collect();
+    check_audit_key(tx, keyring, st).await?;
     let audit = chain_audit(keyring, st);
     let insert_audit = async {
         if let Some(rows) = &audit {
@@ -693,11 +784,30 @@ impl AuditColumns {
     }
 }
 
+/// A replica still holding the audit key a rekey replaced must not extend the chain: checked
+/// before every chaining of records (serving groups and admin transactions alike).
+async fn check_audit_key(tx: &Transaction<'_>, keyring: &Keyring, st: &TxState) -> Result<()> {
+    if st.audit.is_empty() || st.audit_key_switch {
+        return Ok(());
+    }
+    let stored_from: Option<Vec<u8>> = tx
+        .query_opt("SELECT value FROM meta WHERE key = 'audit_key_from'", &[])
+        .await
+        .map_err(map_err)?
+        .map(|r| r.get(0));
+    if super::sqlite::audit_key_from(stored_from)? != keyring.audit_keys().from() {
+        return Err(Error::Unavailable(STALE_MASTER.into()));
+    }
+    Ok(())
+}
+
 /// Chains the pending entries onto the head (advancing it in `st`); None when none is pending.
+/// Only after [`check_audit_key`].
 fn chain_audit(keyring: &Keyring, st: &mut TxState) -> Option<AuditColumns> {
     if st.audit.is_empty() {
         return None;
     }
+    let keys = keyring.audit_keys();
     let n = st.audit.len();
     let mut c = AuditColumns {
         seq: Vec::with_capacity(n),
@@ -716,7 +826,7 @@ fn chain_audit(keyring: &Keyring, st: &mut TxState) -> Option<AuditColumns> {
         st.audit_at = entry.at;
         let seq = st.audit_seq + 1;
         let bytes = canonical_bytes(seq, &entry);
-        let mac = keyring.audit_key().chain_mac(&st.audit_mac, &bytes);
+        let mac = keys.current().chain_mac(&st.audit_mac, &bytes);
         let hash = audit_chain_hash(&st.audit_hash, &bytes);
         c.seq.push(seq as i64);
         c.at.push(entry.at);
@@ -737,6 +847,7 @@ fn chain_audit(keyring: &Keyring, st: &mut TxState) -> Option<AuditColumns> {
 
 /// Appends the pending entries, chained, in one multi-row statement.
 async fn flush_audit(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) -> Result<()> {
+    check_audit_key(tx, keyring, st).await?;
     if let Some(rows) = chain_audit(keyring, st) {
         let stmt = tx.prepare_cached(SQL_INSERT_AUDIT).await.map_err(map_err)?;
         tx.execute(&stmt, &rows.params()).await.map_err(map_err)?;
@@ -787,14 +898,15 @@ async fn rotate_in_tx(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState)
 }
 
 /// The first live row of each asked (fingerprint, format), judged at each item's own time:
-/// one statement for every `reuse_existing` item of a group (`$4` numbers them).
+/// one statement for every `reuse_existing` item of a group (`$4` numbers them). While a
+/// rekey re-layers fingerprints, a row may still hold the previous layer's value (`$5`).
 const SQL_REUSE_MANY: &str = concat!(
     "SELECT q.i, t.token, t.key_version, ",
     "t.format, t.brand, t.pan_length, t.bin, t.last4, t.created_at, t.expires_at",
-    " FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[]) AS q(fp, fmt, now, i) \
-     CROSS JOIN LATERAL (SELECT token, key_version, ",
+    " FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bytea[]) \
+     AS q(fp, fmt, now, i, prev) CROSS JOIN LATERAL (SELECT token, key_version, ",
     meta_cols!(),
-    " FROM tokens WHERE fingerprint = q.fp AND format = q.fmt AND deleted_at IS NULL \
+    " FROM tokens WHERE fingerprint IN (q.fp, q.prev) AND format = q.fmt AND deleted_at IS NULL \
      AND (expires_at IS NULL OR expires_at > q.now) ORDER BY id LIMIT 1) t"
 );
 /// A whole group's new rows in one statement; a row whose token is taken is skipped and
@@ -1113,6 +1225,7 @@ async fn find_reusable(
     group: &[WriteOp],
 ) -> Result<HashMap<usize, StoredToken>> {
     let (mut fps, mut fmts, mut nows, mut idx) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut prevs = Vec::new();
     let items = group.iter().flat_map(|op| match op {
         WriteOp::Tokenize { items, .. } => items.as_slice(),
         _ => &[],
@@ -1120,6 +1233,7 @@ async fn find_reusable(
     for (g, item) in items.enumerate() {
         if let (true, Some(fp)) = (item.reuse_existing, &item.fingerprint) {
             fps.push(fp.to_vec());
+            prevs.push(item.fingerprint_prev.as_ref().unwrap_or(fp).to_vec());
             fmts.push(item.meta.format.code());
             nows.push(item.now);
             idx.push(g as i64);
@@ -1130,7 +1244,7 @@ async fn find_reusable(
     }
     let stmt = tx.prepare_cached(SQL_REUSE_MANY).await.map_err(map_err)?;
     let rows = tx
-        .query(&stmt, &[&fps, &fmts, &nows, &idx])
+        .query(&stmt, &[&fps, &fmts, &nows, &idx, &prevs])
         .await
         .map_err(map_err)?;
     Ok(rows
@@ -2170,6 +2284,329 @@ impl Storage for PgStore {
         })
     }
 
+    fn rekey_begin(
+        &self,
+        new_kwk: KeyWrappingKey,
+        new_check: Vec<u8>,
+        caller: Caller,
+    ) -> StoreFuture<super::RekeyState> {
+        self.admin(move |keyring, pool| async move {
+            admin_tx!(pool, keyring, |tx, st| {
+                if rekey_state(&*tx).await?.is_some() {
+                    return Err(Error::FailedPrecondition(
+                        "a rekey is already in progress: run `keys rotate-master --rekey` \
+                         again with the new master key to finish it"
+                            .into(),
+                    ));
+                }
+                if crate::crypto::ct_eq(&read_meta(&*tx, "key_check").await?, &new_check) {
+                    return Err(Error::InvalidArgument(
+                        "the new master key is the vault's current master key".into(),
+                    ));
+                }
+                let fingerprint = read_meta(&*tx, "wrapped_fingerprint_key").await?;
+                if !keyring.master_opens(&fingerprint)? {
+                    return Err(Error::FailedPrecondition(
+                        "the master key was rotated by another process meanwhile".into(),
+                    ));
+                }
+                rewrap_kept_keys(&tx, &keyring, &new_kwk).await?;
+                let fingerprint =
+                    keyring.rewrap_under(&new_kwk, &fingerprint, KeyPurpose::Fingerprint)?;
+                let mut layers = keyring.rewrap_layers(
+                    &new_kwk,
+                    &meta_opt(&*tx, "fingerprint_layers")
+                        .await?
+                        .unwrap_or_default(),
+                )?;
+                let layer = (layers.len() / crate::crypto::WRAPPED_KEY_LEN) as u32 + 1;
+                layers.extend(crate::keyring::new_wrapped_key(
+                    &new_kwk,
+                    KeyPurpose::FingerprintLayer(layer),
+                )?);
+                let max: i64 = tx
+                    .query_one("SELECT COALESCE(MAX(version), 0) FROM data_keys", &[])
+                    .await
+                    .map_err(map_err)?
+                    .get(0);
+                let version = (max + 1) as u32;
+                let now = now_micros();
+                tx.execute(
+                    "UPDATE data_keys SET state = 'decrypt_only' WHERE state = 'active'",
+                    &[],
+                )
+                .await
+                .map_err(map_err)?;
+                tx.execute(
+                    "INSERT INTO data_keys(version, wrapped, state, created_at) \
+                     VALUES ($1, $2, 'active', $3)",
+                    &[
+                        &i64::from(version),
+                        &crate::keyring::new_wrapped_key(&new_kwk, KeyPurpose::Data(version))?,
+                        &now,
+                    ],
+                )
+                .await
+                .map_err(map_err)?;
+                st.active_version = version;
+                st.active_count = 0;
+                st.active_created = now;
+                // The switch: this record is the last one MACed under the old audit key.
+                st.audit.push(AuditEntry::new(
+                    &caller,
+                    "master_rekey",
+                    "master key",
+                    "OK",
+                    &format!(
+                        "new master key; data key v{version} and fingerprint layer {layer} \
+                         created; records after this one are MACed under a new audit key"
+                    ),
+                ));
+                st.audit_key_switch = true;
+                let new_from = st.audit_seq + st.audit.len() as u64 + 1;
+                let old_from =
+                    super::sqlite::audit_key_from(meta_opt(&*tx, "audit_key_from").await?)?;
+                let mut retired = keyring.rewrap_retired_audit(
+                    &new_kwk,
+                    &meta_opt(&*tx, "retired_audit_keys")
+                        .await?
+                        .unwrap_or_default(),
+                )?;
+                retired.extend_from_slice(&old_from.to_be_bytes());
+                retired.extend(keyring.rewrap_as(
+                    &new_kwk,
+                    &read_meta(&*tx, "wrapped_audit_key").await?,
+                    KeyPurpose::Audit,
+                    KeyPurpose::RetiredAudit(old_from),
+                )?);
+                let audit_key = crate::keyring::new_wrapped_key(&new_kwk, KeyPurpose::Audit)?;
+                let end_id: i64 = tx
+                    .query_one("SELECT COALESCE(MAX(id), 0)::bigint FROM tokens", &[])
+                    .await
+                    .map_err(map_err)?
+                    .get(0);
+                let state = super::RekeyState {
+                    version,
+                    end_id,
+                    cursor: 0,
+                };
+                for (k, v) in [
+                    ("key_check", new_check.clone()),
+                    ("wrapped_fingerprint_key", fingerprint),
+                    ("fingerprint_layers", layers),
+                    ("wrapped_audit_key", audit_key),
+                    ("retired_audit_keys", retired),
+                    ("audit_key_from", new_from.to_be_bytes().to_vec()),
+                    ("rekey", state.encode()),
+                ] {
+                    meta_set(&*tx, k, &v).await?;
+                }
+                bump_generation(&tx).await?;
+                state
+            })
+        })
+    }
+
+    fn rekey_batch(&self, limit: usize, caller: Caller) -> StoreFuture<super::RekeyOutcome> {
+        self.admin(move |keyring, pool| async move {
+            admin_tx!(pool, keyring, |tx, st| {
+                let started = Instant::now();
+                let Some(mut state) = rekey_state(&*tx).await? else {
+                    return Err(Error::FailedPrecondition("no rekey is in progress".into()));
+                };
+                let fingerprints = keyring.fingerprints();
+                if fingerprints.relayer(&[0; 32]).is_none()
+                    || keyring.snapshot().get(state.version).is_none()
+                {
+                    return Err(Error::FailedPrecondition(
+                        "this process does not hold the rekey's new keys: open the vault with \
+                         the new master key"
+                            .into(),
+                    ));
+                }
+                let select = tx
+                    .prepare_cached(concat!(
+                        "SELECT ",
+                        sealed_cols!(),
+                        ", fingerprint FROM tokens WHERE id > $1 AND id <= $2 \
+                         AND ciphertext IS NOT NULL ORDER BY id LIMIT $3"
+                    ))
+                    .await
+                    .map_err(map_err)?;
+                let update = tx
+                    .prepare_cached(
+                        "UPDATE tokens SET key_version = $2, nonce = $3, ciphertext = $4, \
+                         row_format = $5, fingerprint = $6 WHERE id = $1",
+                    )
+                    .await
+                    .map_err(map_err)?;
+                let mut out = super::RekeyOutcome {
+                    more: true,
+                    ..Default::default()
+                };
+                let mut snapshot = keyring.snapshot();
+                let row_format = i64::from(crate::crypto::ROW_FORMAT);
+                let mut seen = 0usize;
+                while seen < limit && started.elapsed() < ADMIN_TX_BUDGET {
+                    let want = ((limit - seen) as i64).min(ADMIN_CHUNK);
+                    let rows = tx
+                        .query(&select, &[&state.cursor, &state.end_id, &want])
+                        .await
+                        .map_err(map_err)?;
+                    seen += rows.len();
+                    for r in &rows {
+                        let row = sealed_row(r);
+                        let fp: Option<Vec<u8>> = r.get(13);
+                        state.cursor = row.id;
+                        if keyring.needs_rotation(
+                            st.active_count,
+                            1,
+                            st.active_created,
+                            now_micros(),
+                        ) {
+                            rotate_in_tx(&tx, &keyring, st).await?;
+                            snapshot = keyring.snapshot();
+                        }
+                        let fp = match fp.as_deref().map(<[u8; 32]>::try_from) {
+                            None => None,
+                            Some(Ok(f)) => fingerprints.relayer(&f).map(|f| f.to_vec()),
+                            Some(Err(_)) => {
+                                return Err(Error::DataLoss(format!(
+                                    "token {} has a malformed fingerprint",
+                                    row.token
+                                )))
+                            }
+                        };
+                        let plain = snapshot.get(row.key_version).and_then(|old| {
+                            old.open(
+                                row.row_format,
+                                &row.token,
+                                &row.bound_meta,
+                                &row.nonce,
+                                &row.ciphertext,
+                            )
+                            .ok()
+                        });
+                        let Some(plain) = plain else {
+                            out.failed.push(row.token.clone());
+                            tx.execute(
+                                "UPDATE tokens SET fingerprint = $2 WHERE id = $1",
+                                &[&row.id, &fp],
+                            )
+                            .await
+                            .map_err(map_err)?;
+                            continue;
+                        };
+                        let sealed = snapshot.active.seal(&row.token, &row.bound_meta, &plain);
+                        let version = snapshot.active.version();
+                        tx.execute(
+                            &update,
+                            &[
+                                &row.id,
+                                &i64::from(version),
+                                &&sealed.nonce[..],
+                                &sealed.ciphertext,
+                                &row_format,
+                                &fp,
+                            ],
+                        )
+                        .await
+                        .map_err(map_err)?;
+                        st.active_count += 1;
+                        *st.counts.entry(version).or_insert(0) += 1;
+                        out.resealed += 1;
+                    }
+                    if (rows.len() as i64) < want {
+                        out.more = false;
+                        break;
+                    }
+                }
+                meta_set(&*tx, "rekey", &state.encode()).await?;
+                if out.resealed > 0 || !out.failed.is_empty() {
+                    st.audit.push(AuditEntry::new(
+                        &caller,
+                        "master_rekey_reseal",
+                        &format!("key v{}", st.active_version),
+                        if out.failed.is_empty() {
+                            "OK"
+                        } else {
+                            "DATA_LOSS"
+                        },
+                        &format!(
+                            "{} rows re-sealed, {} failed",
+                            out.resealed,
+                            out.failed.len()
+                        ),
+                    ));
+                }
+                out
+            })
+        })
+    }
+
+    fn rekey_finish(&self, caller: Caller) -> StoreFuture<u32> {
+        self.admin(move |keyring, pool| async move {
+            admin_tx!(pool, keyring, |tx, st| {
+                let Some(state) = rekey_state(&*tx).await? else {
+                    return Err(Error::FailedPrecondition("no rekey is in progress".into()));
+                };
+                let left: i64 = tx
+                    .query_one(
+                        "SELECT COUNT(*) FROM tokens WHERE id > $1 AND id <= $2 \
+                         AND ciphertext IS NOT NULL",
+                        &[&state.cursor, &state.end_id],
+                    )
+                    .await
+                    .map_err(map_err)?
+                    .get(0);
+                if left > 0 {
+                    return Err(Error::FailedPrecondition(format!(
+                        "{left} rows are not re-sealed yet; run `keys rotate-master --rekey` again"
+                    )));
+                }
+                let old: i64 = tx
+                    .query_one(
+                        "SELECT COUNT(*) FROM tokens WHERE key_version < $1 \
+                         AND ciphertext IS NOT NULL",
+                        &[&i64::from(state.version)],
+                    )
+                    .await
+                    .map_err(map_err)?
+                    .get(0);
+                if old > 0 {
+                    return Err(Error::DataLoss(format!(
+                        "{old} tokens failed authentication and could not be re-sealed, so \
+                         the old data keys stay usable for them; investigate with \
+                         `tokenvault check --full`"
+                    )));
+                }
+                let retired = tx
+                    .execute(
+                        "UPDATE data_keys SET state = 'retired', wrapped = ''::bytea \
+                         WHERE version < $1 AND state <> 'retired'",
+                        &[&i64::from(state.version)],
+                    )
+                    .await
+                    .map_err(map_err)?;
+                tx.execute("DELETE FROM meta WHERE key = 'rekey'", &[])
+                    .await
+                    .map_err(map_err)?;
+                bump_generation(&tx).await?;
+                st.audit.push(AuditEntry::new(
+                    &caller,
+                    "master_rekey_done",
+                    "master key",
+                    "OK",
+                    &format!(
+                        "every row re-sealed under v{}; {retired} old data keys destroyed",
+                        state.version
+                    ),
+                ));
+                retired as u32
+            })
+        })
+    }
+
     fn rotate_master(
         &self,
         new_kwk: KeyWrappingKey,
@@ -2185,51 +2622,13 @@ impl Storage for PgStore {
                     ));
                 }
                 let fingerprint = read_meta(&*tx, "wrapped_fingerprint_key").await?;
-                if !keyring.kwk_opens(&fingerprint) {
+                if !keyring.master_opens(&fingerprint)? {
                     return Err(Error::FailedPrecondition(
                         "the master key was rotated by another process meanwhile".into(),
                     ));
                 }
                 let audit_key = read_meta(&*tx, "wrapped_audit_key").await?;
-                let mut rewrapped = 0u32;
-                for row in load_key_rows(&*tx).await? {
-                    if row.state == KeyState::Retired {
-                        continue;
-                    }
-                    let w = keyring.rewrap_under(
-                        &new_kwk,
-                        &row.wrapped,
-                        KeyPurpose::Data(row.version),
-                    )?;
-                    tx.execute(
-                        "UPDATE data_keys SET wrapped = $2 WHERE version = $1",
-                        &[&i64::from(row.version), &w],
-                    )
-                    .await
-                    .map_err(map_err)?;
-                    rewrapped += 1;
-                }
-                let signing = tx
-                    .query(
-                        "SELECT id, wrapped FROM audit_signing_keys WHERE wrapped IS NOT NULL",
-                        &[],
-                    )
-                    .await
-                    .map_err(map_err)?;
-                for r in &signing {
-                    let (id, wrapped): (i64, Vec<u8>) = (r.get(0), r.get(1));
-                    let w = keyring.rewrap_under(
-                        &new_kwk,
-                        &wrapped,
-                        KeyPurpose::AuditSigning(id as u32),
-                    )?;
-                    tx.execute(
-                        "UPDATE audit_signing_keys SET wrapped = $2 WHERE id = $1",
-                        &[&id, &w],
-                    )
-                    .await
-                    .map_err(map_err)?;
-                }
+                let rewrapped = rewrap_kept_keys(&tx, &keyring, &new_kwk).await?;
                 let fingerprint =
                     keyring.rewrap_under(&new_kwk, &fingerprint, KeyPurpose::Fingerprint)?;
                 let audit_key = keyring.rewrap_under(&new_kwk, &audit_key, KeyPurpose::Audit)?;

@@ -221,6 +221,13 @@ pub fn read_header(data_dir: &Path) -> Result<VaultHeader> {
         key_check: get("key_check")?,
         wrapped_fingerprint_key: get("wrapped_fingerprint_key")?,
         wrapped_audit_key: get("wrapped_audit_key")?,
+        layers: crate::store::KeyLayers::from_meta(|key| {
+            Ok(conn
+                .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| {
+                    r.get::<_, Vec<u8>>(0)
+                })
+                .optional()?)
+        })?,
     })
 }
 
@@ -385,7 +392,7 @@ macro_rules! meta_cols {
 const SQL_REUSE: &str = concat!(
     "SELECT token, key_version, ",
     meta_cols!(),
-    " FROM tokens WHERE fingerprint = ?1 AND format = ?2 AND deleted_at IS NULL \
+    " FROM tokens WHERE fingerprint IN (?1, ?4) AND format = ?2 AND deleted_at IS NULL \
      AND (expires_at IS NULL OR expires_at > ?3) ORDER BY id LIMIT 1"
 );
 const SQL_INSERT_TOKEN: &str = concat!(
@@ -586,7 +593,7 @@ fn pages_in_use(tx: &Transaction<'_>) -> Result<i64> {
 
 /// Per-transaction state: the audit chain head and the active key's usage.
 pub(super) struct TxState {
-    audit_seq: u64,
+    pub(super) audit_seq: u64,
     audit_mac: Vec<u8>,
     audit_hash: [u8; 32],
     /// Time of the newest record: a record is never stamped earlier, so the trail's times
@@ -597,6 +604,9 @@ pub(super) struct TxState {
     pub(super) active_created: Micros,
     pub(super) counts: HashMap<u32, u64>,
     pub(super) audit: Vec<AuditEntry>,
+    /// Set by the transaction that switches the audit key (`--rekey`): its records are the
+    /// last ones MACed under the key being replaced.
+    pub(super) audit_key_switch: bool,
 }
 
 impl Writer {
@@ -893,6 +903,7 @@ fn begin_state(tx: &Transaction<'_>, keyring: &Keyring) -> Result<TxState> {
         active_created,
         counts: HashMap::new(),
         audit: Vec::new(),
+        audit_key_switch: false,
     };
     // Age-based rotation happens before the first encryption under an expired version
     // (with a stale master, tokenize refuses instead: see `insert_token`).
@@ -914,7 +925,7 @@ fn master_is_current(tx: &Transaction<'_>, keyring: &Keyring) -> Result<bool> {
     let wrapped: Vec<u8> = tx
         .prepare_cached("SELECT value FROM meta WHERE key = 'wrapped_fingerprint_key'")?
         .query_row([], |r| r.get(0))?;
-    Ok(keyring.kwk_opens(&wrapped))
+    keyring.master_opens(&wrapped)
 }
 
 /// A stored chain hash; a record without one was never given one (see [`prepare_audit`]).
@@ -953,6 +964,16 @@ fn finish_state(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) -> Re
 /// SHA-256 of a short record per entry: the signing of checkpoints happens elsewhere, off
 /// this path.
 fn flush_audit(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) -> Result<()> {
+    let keys = keyring.audit_keys();
+    // A process still holding the audit key a rekey replaced must not extend the chain with
+    // it: whoever holds the old master key could forge those records.
+    let stored_from: Option<Vec<u8>> = tx
+        .prepare_cached("SELECT value FROM meta WHERE key = 'audit_key_from'")?
+        .query_row([], |r| r.get(0))
+        .optional()?;
+    if !st.audit_key_switch && audit_key_from(stored_from)? != keys.from() {
+        return Err(Error::Unavailable(STALE_MASTER.into()));
+    }
     let mut stmt = tx.prepare_cached(
         "INSERT INTO audit(seq, at, principal, peer, action, subject, outcome, reason, mac, hash) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
@@ -964,7 +985,7 @@ fn flush_audit(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) -> Res
         st.audit_at = entry.at;
         let seq = st.audit_seq + 1;
         let bytes = canonical_bytes(seq, &entry);
-        let mac = keyring.audit_key().chain_mac(&st.audit_mac, &bytes);
+        let mac = keys.current().chain_mac(&st.audit_mac, &bytes);
         let hash = audit_chain_hash(&st.audit_hash, &bytes);
         stmt.execute(params![
             seq as i64,
@@ -983,6 +1004,16 @@ fn flush_audit(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) -> Res
         st.audit_hash = hash;
     }
     Ok(())
+}
+
+/// The stored `audit_key_from` (absent: 1, the vault's first key).
+pub(crate) fn audit_key_from(stored: Option<Vec<u8>>) -> Result<u64> {
+    match stored {
+        None => Ok(1),
+        Some(v) => Ok(u64::from_be_bytes(v.try_into().map_err(|_| {
+            Error::DataLoss("vault metadata `audit_key_from` is malformed".into())
+        })?)),
+    }
 }
 
 /// True when an audit signing key is active.
@@ -1051,7 +1082,11 @@ fn prepare_audit(conn: &mut Connection, keyring: &Keyring) -> Result<()> {
                 .collect::<rusqlite::Result<_>>()?;
             for rec in records {
                 let bytes = canonical_bytes(rec.seq, &rec.entry());
-                if !keyring.audit_key().verify(&prev_mac, &bytes, &rec.mac) {
+                if !keyring
+                    .audit_keys()
+                    .for_seq(rec.seq)
+                    .verify(&prev_mac, &bytes, &rec.mac)
+                {
                     return Err(Error::DataLoss(format!(
                         "audit record {} fails its HMAC chain: the trail was altered before \
                          this upgrade; refusing to extend the public hash chain over it \
@@ -1188,7 +1223,7 @@ pub(super) fn rotate_in_tx(
     let wrapped_fp: Vec<u8> = tx
         .prepare_cached("SELECT value FROM meta WHERE key = 'wrapped_fingerprint_key'")?
         .query_row([], |r| r.get(0))?;
-    if !keyring.kwk_opens(&wrapped_fp) {
+    if !keyring.master_opens(&wrapped_fp)? {
         return Err(Error::FailedPrecondition(
             "the vault's master key was rotated; restart with the new master key".into(),
         ));
@@ -1234,7 +1269,12 @@ fn insert_token(
         let existing = tx
             .prepare_cached(SQL_REUSE)?
             .query_row(
-                params![&fingerprint[..], item.meta.format.code(), item.now],
+                params![
+                    &fingerprint[..],
+                    item.meta.format.code(),
+                    item.now,
+                    &item.fingerprint_prev.as_ref().unwrap_or(fingerprint)[..]
+                ],
                 |r| {
                     Ok(StoredToken {
                         token: r.get(0)?,
@@ -2251,6 +2291,20 @@ impl Storage for SqliteStore {
         lifecycle::retire_key(self, version, caller)
     }
 
+    fn rekey_begin(
+        &self,
+        new_kwk: KeyWrappingKey,
+        new_check: Vec<u8>,
+        caller: Caller,
+    ) -> StoreFuture<crate::store::RekeyState> {
+        lifecycle::rekey_begin(self, new_kwk, new_check, caller)
+    }
+    fn rekey_batch(&self, limit: usize, caller: Caller) -> StoreFuture<crate::store::RekeyOutcome> {
+        lifecycle::rekey_batch(self, limit, caller)
+    }
+    fn rekey_finish(&self, caller: Caller) -> StoreFuture<u32> {
+        lifecycle::rekey_finish(self, caller)
+    }
     fn rotate_master(
         &self,
         new_kwk: KeyWrappingKey,
