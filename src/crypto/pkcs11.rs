@@ -495,8 +495,12 @@ impl HsmKey {
                 Ok(())
             }
             Ok(_) => Err(HsmDecryptError::Authentication),
+            // SoftHSM2 (and other OpenSSL-backed tokens) report a GCM tag that does not
+            // verify as CKR_GENERAL_ERROR: a wrong key, not a device fault (those are
+            // DEVICE_ERROR and the session faults, retried above).
             Err(CkError::Pkcs11(RvError::EncryptedDataInvalid, _))
-            | Err(CkError::Pkcs11(RvError::EncryptedDataLenRange, _)) => {
+            | Err(CkError::Pkcs11(RvError::EncryptedDataLenRange, _))
+            | Err(CkError::Pkcs11(RvError::GeneralError, _)) => {
                 Err(HsmDecryptError::Authentication)
             }
             Err(e) => Err(HsmDecryptError::Device(device("C_Decrypt", e))),
