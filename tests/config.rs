@@ -198,6 +198,11 @@ fn no_debug_output_shows_the_store_password() {
     for url in [
         "postgres://vault:s3cr3t-pw@db.example/vault?sslmode=disable",
         "postgresql://vault@127.0.0.1/vault?password=s3cr3t-pw",
+        // Review finding: tokio-postgres reads the userinfo up to the first `@` (base64
+        // passwords hold `/`), and decodes query keys.
+        "postgres://vault:s3cr3t-pw/x+y=@db.example/vault?sslmode=disable",
+        "postgres://vault:a?s3cr3t-pw@db.example/vault?sslmode=disable",
+        "postgresql://vault@127.0.0.1/vault?pass%77ord=s3cr3t-pw",
     ] {
         let file = Config::from_toml(&format!("[store]\nurl = \"{url}\"\n")).unwrap();
         let flags = Flags::try_parse_from(["t", "--store-url", url]).unwrap();

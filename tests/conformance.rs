@@ -11,7 +11,7 @@ use tokenvault::auth::Role;
 use tokenvault::card::Pan;
 use tokenvault::crypto::MasterKey;
 use tokenvault::error::Error;
-use tokenvault::token::TokenFormat;
+use tokenvault::token::{Token, TokenFormat};
 use tokenvault::vault::{
     Caller, KeyPolicy, KeyState, PurgeOptions, RewrapOptions, TokenizeRequest, Vault, VaultConfig,
 };
@@ -159,7 +159,92 @@ conformance!(
     audit_key_rotation_and_checkpoint,
     dual_control_requests_need_a_second_admin,
     rekey_cuts_off_the_old_master_key,
+    a_reuse_never_returns_a_token_its_group_deletes,
 );
+
+/// The attack of a racing delete: `Delete(X)` and `Tokenize(PAN of X, reuse_existing)` sent
+/// together, so they usually share one group (the writer is busy with the pairs before).
+/// Whatever the order the store picks, it must read as serial: a tokenize that answers X is
+/// recorded before X's delete, and one recorded after it creates a new token that reveals
+/// its card. Before the fix, PostgreSQL's one group-wide reuse lookup ran ahead of the
+/// group's deletes and answered X (created=false) from the very commit that deleted it.
+async fn a_reuse_never_returns_a_token_its_group_deletes(store: Store) {
+    let key = MasterKey::generate();
+    let vault = Vault::create(store.config(), &key).unwrap();
+    let pans: Vec<String> = (0..48u64)
+        .map(|n| {
+            let payload = format!("411111{n:09}");
+            let check = tokenvault::card::luhn_check_digit(payload.as_bytes());
+            format!("{payload}{}", check as char)
+        })
+        .collect();
+    for round in 0..3 {
+        let reqs = pans
+            .iter()
+            .map(|p| req(p, TokenFormat::Opaque, true))
+            .collect();
+        let first: Vec<String> = vault
+            .tokenize_batch(&caller(), reqs)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.unwrap().token.to_string())
+            .collect();
+        let from = vault.audit_head_seq().await.unwrap() + 1;
+        let mut handles = Vec::new();
+        for (pan, x) in pans.iter().zip(&first) {
+            let (v, x) = (vault.clone(), x.clone());
+            handles.push(tokio::spawn(async move {
+                v.delete(&caller(), Token::parse(&x).unwrap())
+                    .await
+                    .map(|_| None)
+            }));
+            let (v, pan) = (vault.clone(), pan.clone());
+            handles.push(tokio::spawn(async move {
+                v.tokenize(&caller(), req(&pan, TokenFormat::Opaque, true))
+                    .await
+                    .map(Some)
+            }));
+        }
+        let mut answers = Vec::new();
+        for h in handles {
+            if let Some(t) = h.await.unwrap().unwrap() {
+                answers.push(t);
+            }
+        }
+        let records = vault.audit_records(from, 10_000).await.unwrap();
+        for (i, x) in first.iter().enumerate() {
+            let deleted_at = records
+                .iter()
+                .position(|r| r.action == "delete" && &r.subject == x)
+                .unwrap_or_else(|| panic!("round {round}: delete of item {i} recorded"));
+            assert_eq!(records[deleted_at].outcome, "OK");
+            assert!(
+                !records[deleted_at..]
+                    .iter()
+                    .any(|r| r.action == "tokenize" && &r.subject == x),
+                "round {round}: item {i}'s token answered to a tokenize recorded after its delete"
+            );
+        }
+        for (i, t) in answers.iter().enumerate() {
+            if !first.contains(&t.token.to_string()) {
+                assert!(t.created, "round {round}: answer {i}");
+                let r = vault
+                    .detokenize(&caller(), t.token.clone(), "t".into())
+                    .await
+                    .unwrap();
+                assert!(pans.contains(&r.pan.expose_digits().to_string()));
+            }
+        }
+        // The next round starts from fresh tokens: delete what this one created.
+        for t in answers.iter().filter(|t| t.created) {
+            assert!(vault.delete(&caller(), t.token.clone()).await.unwrap());
+        }
+    }
+    let v = vault.verify_audit().await.unwrap();
+    assert!(v.is_ok(), "{}", v.describe());
+    vault.close().await;
+}
 
 async fn round_trip_reopen_and_wrong_key(store: Store) {
     let key = MasterKey::generate();

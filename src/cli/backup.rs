@@ -183,12 +183,8 @@ async fn restore_into_shared(args: &RestoreArgs) -> Result<(), CliError> {
             target.describe()
         )));
     }
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let tmp =
-        std::env::temp_dir().join(format!("tokenvault-restore-{}-{nanos}", std::process::id()));
-    super::common::create_private_dir(&tmp)?;
+    let staging = Staging::create()?;
+    let tmp = staging.0.clone();
     let result = async {
         let staged = tmp.join("vault");
         let report = Vault::restore(&Caller::cli(), &args.from, &staged, &master, false).await?;
@@ -200,7 +196,7 @@ async fn restore_into_shared(args: &RestoreArgs) -> Result<(), CliError> {
         Ok::<_, CliError>((report, counts, checked))
     }
     .await;
-    let _ = std::fs::remove_dir_all(&tmp);
+    drop(staging);
     let (report, counts, checked) = result?;
     if args.json {
         println!(
@@ -232,4 +228,50 @@ async fn restore_into_shared(args: &RestoreArgs) -> Result<(), CliError> {
         );
     }
     Ok(())
+}
+
+/// The private staging directory of `restore --store-url`: a random name under $TMPDIR,
+/// created (never reused: a directory someone else made there first is refused) with mode
+/// 0700, and removed when dropped, on every return, error or panic unwinding.
+struct Staging(std::path::PathBuf);
+
+impl Staging {
+    fn create() -> Result<Staging, CliError> {
+        use rand::Rng;
+        use std::os::unix::fs::DirBuilderExt;
+        let name: u128 = rand::thread_rng().gen();
+        let dir = std::env::temp_dir().join(format!("tokenvault-restore-{name:032x}"));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| CliError::Storage(format!("cannot create {}: {e}", dir.display())))?;
+        Ok(Staging(dir))
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review finding: the staging copy of a restore lived under a guessable /tmp name and
+    /// survived an error. Now: owner-only, unpredictable, gone when the guard drops.
+    #[test]
+    fn staging_is_private_random_and_removed() {
+        use std::os::unix::fs::PermissionsExt;
+        let (a, b) = (Staging::create().unwrap(), Staging::create().unwrap());
+        assert_ne!(a.0, b.0);
+        let mode = std::fs::metadata(&a.0).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        std::fs::write(a.0.join("vault.db"), b"staged").unwrap();
+        let path = a.0.clone();
+        drop(a);
+        assert!(!path.exists());
+        drop(b);
+    }
 }

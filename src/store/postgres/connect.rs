@@ -47,37 +47,101 @@ impl fmt::Display for PgUrl {
     }
 }
 
-/// The URL with any `user:password@` reduced to `user:***@`.
+/// The URL with its password hidden, read the way tokio-postgres reads it: the userinfo is
+/// everything up to the *first* `@` of the whole URL (so a password may hold `/`, `?` or
+/// `:`, as base64 ones do), and query keys are percent-decoded before they are matched
+/// (`?pass%77ord=` is `password`). When in doubt, more is hidden, never less.
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return "postgres://***".into();
     };
-    let (authority, tail) = match rest.find(['/', '?']) {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
+    let mut out = format!("{scheme}://");
+    let after = match rest.split_once('@') {
+        Some((userinfo, after)) => {
+            let (user, has_password) = match userinfo.split_once(':') {
+                Some((user, _)) => (user, true),
+                None => (userinfo, false),
+            };
+            // A "user" holding `/`, `?` or `=` is a URL without userinfo that has an `@`
+            // further on (the parser still takes all of it as the user name): hide it all.
+            if user.contains(['/', '?', '=', '&']) {
+                out.push_str("***@");
+            } else {
+                out.push_str(user);
+                out.push_str(if has_password { ":***@" } else { "@" });
+            }
+            after
+        }
+        None => rest,
     };
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{user}:***@{host}"),
-            None => format!("{userinfo}@{host}"),
-        },
-        None => authority.to_string(),
+    let (authority, tail) = match after.find(['/', '?']) {
+        Some(i) => after.split_at(i),
+        None => (after, ""),
     };
+    // A second `@` in the authority: a password with an unencoded `@`, whose remainder the
+    // parser would take for the host; hide up to the last one.
+    match authority.rsplit_once('@') {
+        Some((_, host)) => {
+            out.push_str("***@");
+            out.push_str(host);
+        }
+        None => out.push_str(authority),
+    }
     // Query parameters may carry a password too (`?password=`).
-    let tail = match tail.split_once('?') {
+    match tail.split_once('?') {
         Some((path, query)) => {
             let q: Vec<String> = query
                 .split('&')
                 .map(|kv| match kv.split_once('=') {
-                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    Some((k, _)) if is_password_key(k) => format!("{k}=***"),
                     _ => kv.to_string(),
                 })
                 .collect();
-            format!("{path}?{}", q.join("&"))
+            out.push_str(path);
+            out.push('?');
+            out.push_str(&q.join("&"));
         }
-        None => tail.to_string(),
-    };
-    format!("{scheme}://{authority}{tail}")
+        None => out.push_str(tail),
+    }
+    out
+}
+
+/// A query key tokio-postgres would read as `password` (it percent-decodes keys).
+fn is_password_key(key: &str) -> bool {
+    percent_decode(key).trim().eq_ignore_ascii_case("password")
+}
+
+/// `%XX` decoded (a malformed escape is kept as is), as tokio-postgres decodes URL parts.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && b[i + 1].is_ascii_hexdigit()
+            && b[i + 2].is_ascii_hexdigit()
+        {
+            let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("00");
+            out.push(u8::from_str_radix(hex, 16).unwrap_or(0));
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Where the query of a store URL starts: the first `?` after the userinfo (which ends at
+/// the URL's first `@`, as tokio-postgres parses it), not one inside a password.
+fn query_start(url: &str) -> Option<usize> {
+    let from = url
+        .find("://")
+        .map(|i| i + 3)
+        .and_then(|s| url[s..].find('@').map(|j| s + j + 1))
+        .unwrap_or(0);
+    url[from..].find('?').map(|i| from + i)
 }
 
 impl PgUrl {
@@ -92,15 +156,16 @@ impl PgUrl {
             return Err(bad("must start with postgres:// or postgresql://"));
         }
         // tokio-postgres knows neither `sslrootcert` nor the verify modes: take them out.
-        let (base, query) = match url.split_once('?') {
-            Some((b, q)) => (b, q),
+        let (base, query) = match query_start(url) {
+            Some(i) => (&url[..i], &url[i + 1..]),
             None => (url, ""),
         };
         let mut kept = Vec::new();
         let (mut sslmode, mut root) = (None::<String>, None::<String>);
         for kv in query.split('&').filter(|s| !s.is_empty()) {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            match k {
+            // Keys as tokio-postgres reads them (`ssl%6dode` is `sslmode`).
+            match percent_decode(k).as_str() {
                 "sslmode" => sslmode = Some(v.to_string()),
                 "sslrootcert" => root = Some(v.to_string()),
                 _ => kept.push(kv),
@@ -381,6 +446,86 @@ mod tests {
         assert!(!e.to_string().contains("s3cr3t-pw"));
         let e = PgUrl::parse("postgres://vault:s3cr3t-pw@db/vault?sslmode=bogus").unwrap_err();
         assert!(!e.to_string().contains("s3cr3t-pw"));
+    }
+
+    /// Review finding: the userinfo ends at the URL's first `@` (a password may hold `/`,
+    /// `?`, `:`), and query keys are percent-decoded, as tokio-postgres reads them.
+    #[test]
+    fn the_password_never_shows_however_it_is_spelt() {
+        for (url, password) in [
+            (
+                "postgres://svc:s3cr3t-pw/x@127.0.0.1/vault",
+                Some("s3cr3t-pw/x"),
+            ),
+            (
+                "postgres://svc:s3/cr3t-pw@127.0.0.1/vault",
+                Some("s3/cr3t-pw"),
+            ),
+            (
+                "postgres://svc:s3?cr3t-pw@127.0.0.1/vault",
+                Some("s3?cr3t-pw"),
+            ),
+            (
+                "postgres://svc:s3cr3t/pw?x=1@127.0.0.1/vault?sslmode=disable",
+                Some("s3cr3t/pw?x=1"),
+            ),
+            (
+                "postgres://svc:a:s3cr3t-pw@127.0.0.1/vault",
+                Some("a:s3cr3t-pw"),
+            ),
+            (
+                "postgres://svc@127.0.0.1/vault?pass%77ord=s3cr3t-pw",
+                Some("s3cr3t-pw"),
+            ),
+            ("postgres://svc@127.0.0.1/vault?PASSWORD=s3cr3t-pw", None),
+            (
+                "postgres://svc@127.0.0.1/vault?%70assword=s3cr3t-pw",
+                Some("s3cr3t-pw"),
+            ),
+        ] {
+            let shown = redact(url);
+            assert!(
+                !shown.contains("s3cr3t") && !shown.contains("cr3t-pw"),
+                "{shown}"
+            );
+            // The parser's view: the password is exactly what was hidden. (A key it does
+            // not know, `PASSWORD`, is refused, and the refusal hides it too.)
+            let text = match PgUrl::parse(url) {
+                Ok(u) => {
+                    assert_eq!(
+                        u.config.get_password(),
+                        password.map(str::as_bytes),
+                        "{url}"
+                    );
+                    format!("{u:?} {u}")
+                }
+                Err(e) => {
+                    assert!(password.is_none(), "{url}: {e}");
+                    e.to_string()
+                }
+            };
+            assert!(!text.contains("cr3t"), "{text}");
+        }
+        // The user and host still show.
+        assert_eq!(
+            redact("postgres://svc:pa/ss@db.example:5432/vault?sslmode=disable"),
+            "postgres://svc:***@db.example:5432/vault?sslmode=disable"
+        );
+        assert_eq!(
+            redact("postgres://svc@db/vault?pass%77ord=x&application_name=a"),
+            "postgres://svc@db/vault?pass%77ord=***&application_name=a"
+        );
+        // An unencoded `@` inside the password: its tail never shows as the "host".
+        let shown = redact("postgres://svc:p@s3cr3t-pw@db/vault");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        // No userinfo but an `@` further on: the parser's "user name" is hidden whole.
+        let shown = redact("postgres://db/vault?password=s3cr3t-pw&application_name=a@b");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        // Errors show the redacted URL too.
+        let e = PgUrl::parse("postgres://svc:s3cr3t/pw@db/vault?sslmode=bogus").unwrap_err();
+        assert!(!e.to_string().contains("s3cr3t"), "{e}");
+        // A percent-encoded `sslmode` key is the same key.
+        assert!(PgUrl::parse("postgres://db.example/v?ssl%6dode=disable").is_ok());
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! same number of round trips whatever its size: the head lock and the active key pipelined,
 //! one reuse lookup, one multi-row token insert (`unnest` arrays; again only for the rare
 //! colliding token), then the key counts, the chained audit rows and the head pipelined, and
-//! `COMMIT`. Lookups are one `token = ANY($1)` statement per batch.
+//! `COMMIT`. Lookups are one `token = ANY($1)` statement per batch. A group reads as its
+//! requests one by one in order: an item whose reusable row a delete earlier in the same
+//! group removed is looked up again (never answered with the token that commit deletes).
 //!
 //! One audit trail for the whole vault, ordered by the database: every writing transaction,
 //! serving group or admin operation, of every replica, first locks the one `audit_head`
@@ -1224,13 +1226,21 @@ async fn find_reusable(
     tx: &Transaction<'_>,
     group: &[WriteOp],
 ) -> Result<HashMap<usize, StoredToken>> {
-    let (mut fps, mut fmts, mut nows, mut idx) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut prevs = Vec::new();
     let items = group.iter().flat_map(|op| match op {
         WriteOp::Tokenize { items, .. } => items.as_slice(),
         _ => &[],
     });
-    for (g, item) in items.enumerate() {
+    lookup_reusable(tx, items.enumerate()).await
+}
+
+/// The oldest live row each `(index, item)` may reuse, as the transaction sees it now.
+async fn lookup_reusable<'i>(
+    tx: &Transaction<'_>,
+    items: impl Iterator<Item = (usize, &'i NewToken)>,
+) -> Result<HashMap<usize, StoredToken>> {
+    let (mut fps, mut fmts, mut nows, mut idx) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut prevs = Vec::new();
+    for (g, item) in items {
         if let (true, Some(fp)) = (item.reuse_existing, &item.fingerprint) {
             fps.push(fp.to_vec());
             prevs.push(item.fingerprint_prev.as_ref().unwrap_or(fp).to_vec());
@@ -1381,6 +1391,8 @@ impl Writer {
         } else {
             find_reusable(&tx, group).await?
         };
+        // Tokens this group's deletes removed so far, in the group's order.
+        let mut deleted = std::collections::HashSet::new();
         let mut batch = TokenBatch::new();
         let mut outcomes = Vec::with_capacity(group.len());
         // (outcome index, item count) of each tokenize op, answered once the batch is written.
@@ -1407,8 +1419,17 @@ impl Writer {
                     sizes.push((outcomes.len(), items.len()));
                     for item in items.iter_mut() {
                         let g = batch.items.len();
+                        let mut reuse = found.remove(&g);
+                        // The group-wide lookup ran before this group's deletes: a row one of
+                        // them removed ahead of this item is looked up again, as the item
+                        // would have found it one by one (the group reads as serial order).
+                        if reuse.as_ref().is_some_and(|r| deleted.contains(&r.token)) {
+                            reuse = lookup_reusable(&tx, std::iter::once((g, &*item)))
+                                .await?
+                                .remove(&g);
+                        }
                         batch
-                            .add(&tx, keyring, &mut st, item, caller, found.remove(&g))
+                            .add(&tx, keyring, &mut st, item, caller, reuse)
                             .await?;
                     }
                     Outcome::Tokenize(Vec::new())
@@ -1421,14 +1442,17 @@ impl Writer {
                         )
                         .await
                         .map_err(map_err)?;
-                    let deleted = tx
+                    let was_deleted = tx
                         .execute(&stmt, &[&*token, &now_micros()])
                         .await
                         .map_err(map_err)?
                         > 0;
-                    let outcome = if deleted { "OK" } else { "NOT_FOUND" };
+                    if was_deleted {
+                        deleted.insert(token.clone());
+                    }
+                    let outcome = if was_deleted { "OK" } else { "NOT_FOUND" };
                     st.audit.push(AuditEntry::new(caller, "delete", token, outcome, ""));
-                    Outcome::Delete(deleted)
+                    Outcome::Delete(was_deleted)
                 }
                 WriteOp::Audit { entries, .. } => {
                     st.audit.append(entries);
