@@ -1375,6 +1375,12 @@ impl Writer {
         let mut client = PgShared::client(&self.pool).await?;
         let tx = client.transaction().await.map_err(map_err)?;
         let mut st = begin_state(&tx, keyring).await?;
+        let fps = keyring.fingerprints();
+        for op in group.iter_mut() {
+            if let WriteOp::Tokenize { items, .. } = op {
+                items.iter_mut().for_each(|i| i.catch_up_fingerprint(&fps));
+            }
+        }
         let full = self.storage_full.load(Ordering::Relaxed);
         let mut found = if full {
             HashMap::new()
