@@ -2434,8 +2434,11 @@ impl Storage for PgStore {
                     .prepare_cached(concat!(
                         "SELECT ",
                         sealed_cols!(),
+                        // Old versions only: a row written after the switch already has the
+                        // new keys and layer (ids are never reused here, but keep both
+                        // stores' rule the same).
                         ", fingerprint FROM tokens WHERE id > $1 AND id <= $2 \
-                         AND ciphertext IS NOT NULL ORDER BY id LIMIT $3"
+                         AND ciphertext IS NOT NULL AND key_version < $4 ORDER BY id LIMIT $3"
                     ))
                     .await
                     .map_err(map_err)?;
@@ -2456,7 +2459,15 @@ impl Storage for PgStore {
                 while seen < limit && started.elapsed() < ADMIN_TX_BUDGET {
                     let want = ((limit - seen) as i64).min(ADMIN_CHUNK);
                     let rows = tx
-                        .query(&select, &[&state.cursor, &state.end_id, &want])
+                        .query(
+                            &select,
+                            &[
+                                &state.cursor,
+                                &state.end_id,
+                                &want,
+                                &i64::from(state.version),
+                            ],
+                        )
                         .await
                         .map_err(map_err)?;
                     seen += rows.len();
@@ -2559,8 +2570,8 @@ impl Storage for PgStore {
                 let left: i64 = tx
                     .query_one(
                         "SELECT COUNT(*) FROM tokens WHERE id > $1 AND id <= $2 \
-                         AND ciphertext IS NOT NULL",
-                        &[&state.cursor, &state.end_id],
+                         AND ciphertext IS NOT NULL AND key_version < $3",
+                        &[&state.cursor, &state.end_id, &i64::from(state.version)],
                     )
                     .await
                     .map_err(map_err)?
