@@ -1363,6 +1363,11 @@ async fn a_row_written_at_a_reused_id_during_a_rekey_is_not_layered_twice(store:
             .unwrap()
             .finished
     );
+    // A plain master rotation is refused while the rekey runs (review F).
+    match vault.rotate_master(&caller(), &MasterKey::generate()).await {
+        Err(Error::FailedPrecondition(m)) => assert!(m.contains("rekey is in progress"), "{m}"),
+        other => panic!("rotate-master during a rekey: {:?}", other.map(|_| ())),
+    }
     // The highest row goes away during the rekey; the next insert may take its id.
     vault.delete(&caller(), tokens[3].clone()).await.unwrap();
     let purge = PurgeOptions {

@@ -272,6 +272,10 @@ pub(super) fn rotate_master(
         let meta = |key: &str| -> Result<Vec<u8>> {
             store_err(tx.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)))
         };
+        // A plain re-wrap would leave the rekey's state naming keys it did not wrap.
+        if rekey_state(tx)?.is_some() {
+            return Err(Error::FailedPrecondition(REKEY_IN_PROGRESS.into()));
+        }
         let old_check = meta("key_check")?;
         if crate::crypto::ct_eq(&old_check, &new_check) {
             return Err(Error::InvalidArgument(
@@ -935,6 +939,10 @@ fn rekey_state(tx: &Connection) -> Result<Option<super::RekeyState>> {
             .ok_or_else(|| Error::DataLoss("vault metadata `rekey` is malformed".into())),
     }
 }
+
+/// Why a plain `rotate-master` is refused while a rekey runs (both stores).
+pub(crate) const REKEY_IN_PROGRESS: &str = "a rekey is in progress: finish it with `keys \
+     rotate-master --rekey` and the same new master key before a plain master rotation";
 
 fn no_rekey() -> Error {
     Error::FailedPrecondition("no rekey is in progress".into())

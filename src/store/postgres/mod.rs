@@ -2632,6 +2632,11 @@ impl Storage for PgStore {
     ) -> StoreFuture<u32> {
         self.admin(move |keyring, pool| async move {
             admin_tx!(pool, keyring, |tx, st| {
+                if rekey_state(&*tx).await?.is_some() {
+                    return Err(Error::FailedPrecondition(
+                        crate::store::lifecycle::REKEY_IN_PROGRESS.into(),
+                    ));
+                }
                 let old_check = read_meta(&*tx, "key_check").await?;
                 if crate::crypto::ct_eq(&old_check, &new_check) {
                     return Err(Error::InvalidArgument(
