@@ -65,6 +65,31 @@ impl Fingerprints {
         (fp, None)
     }
 
+    /// How many layers `reuse` applies now.
+    pub fn depth(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Brings a fingerprint `reuse` computed under `depth` layers up to the current ones (with
+    /// the value before the pending layer during a rekey). A request prepared before a reload
+    /// (SIGHUP after `--rekey` began) and written after it would otherwise be stored without
+    /// the new layer, testable with the old master key and an old backup, and its lookup would
+    /// miss rows already re-layered. None when nothing is missing (layers are only ever added).
+    pub fn catch_up(&self, fp: &[u8; 32], depth: usize) -> Option<([u8; 32], Option<[u8; 32]>)> {
+        let n = self.layers.len();
+        if depth >= n {
+            return None;
+        }
+        let (mut fp, mut prev) = (*fp, None);
+        for (i, layer) in self.layers.iter().enumerate().skip(depth) {
+            if i + 1 == n && self.pending {
+                prev = Some(fp);
+            }
+            fp = layer.layer(&fp);
+        }
+        Some((fp, prev))
+    }
+
     /// A stored fingerprint with the pending layer applied; None when no rekey is pending.
     pub fn relayer(&self, stored: &[u8; 32]) -> Option<[u8; 32]> {
         match (self.pending, self.layers.last()) {

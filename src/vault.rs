@@ -29,6 +29,8 @@ pub mod dual;
 pub mod lifecycle;
 pub mod rekey;
 #[cfg(test)]
+mod rekey_race_tests;
+#[cfg(test)]
 mod row_format_tests;
 pub use crate::model::{
     now_micros, Caller, ClientInfo, KeyPolicy, KeyState, KeyVersionInfo, Micros,
@@ -466,8 +468,9 @@ impl Vault {
         // The AAD binds the metadata too: an edited column fails authentication.
         let sealed = snapshot.active.seal(&token, &meta.canonical(), digits);
         // Scoped: a lookup can only ever find a token of the caller's own reuse scope.
+        let fps = self.inner.keyring.fingerprints();
         let (fingerprint, fingerprint_prev) = if req.reuse_existing {
-            let (fp, prev) = self.inner.keyring.fingerprints().reuse(reuse_scope, digits);
+            let (fp, prev) = fps.reuse(reuse_scope, digits);
             (Some(fp), prev)
         } else {
             (None, None)
@@ -478,6 +481,7 @@ impl Vault {
             key_version: snapshot.active.version(),
             fingerprint,
             fingerprint_prev,
+            fingerprint_depth: fps.depth(),
             reuse_existing: req.reuse_existing,
             meta,
             pan: req.pan,

@@ -160,6 +160,8 @@ conformance!(
     dual_control_requests_need_a_second_admin,
     rekey_cuts_off_the_old_master_key,
     a_reuse_never_returns_a_token_its_group_deletes,
+    a_replica_with_the_replaced_keys_is_cut_off_then_reuses_after_reload,
+    a_row_written_at_a_reused_id_during_a_rekey_is_not_layered_twice,
 );
 
 /// The attack of a racing delete: `Delete(X)` and `Tokenize(PAN of X, reuse_existing)` sent
@@ -1295,5 +1297,196 @@ async fn rekey_cuts_off_the_old_master_key(store: Store) {
     assert_eq!(again.token, fresh.token);
     let v = vault.verify_audit().await.unwrap();
     assert!(v.is_ok(), "{}", v.describe());
+    vault.close().await;
+}
+
+/// The merge of group commit and rekey: a second store instance (a replica) still holding
+/// the replaced keys gets UNAVAILABLE through the serving (group) path after the switch and
+/// writes nothing; reloaded with the new master key, `reuse_existing` through concurrent
+/// `Vault::tokenize` calls (one group) returns the old tokens, whether the row is already
+/// re-layered or not, and after the rekey finishes; one chain verifies across it all.
+async fn a_replica_with_the_replaced_keys_is_cut_off_then_reuses_after_reload(store: Store) {
+    let old = MasterKey::generate();
+    let server = Vault::create(store.config(), &old).unwrap();
+    let pans: Vec<String> = (0..6)
+        .map(|n| {
+            let head = format!("411111111100{:03}", n);
+            let check = tokenvault::card::luhn_check_digit(head.as_bytes());
+            format!("{head}{}", check as char)
+        })
+        .collect();
+    let mut tokens = Vec::new();
+    for pan in &pans {
+        let t = server
+            .tokenize(&caller(), req(pan, TokenFormat::Opaque, true))
+            .await
+            .unwrap();
+        tokens.push(t.token.to_string());
+    }
+    let admin = Vault::open(store.config(), &old).unwrap();
+    let new = MasterKey::generate();
+    let step = tokenvault::vault::RekeyOptions {
+        batch: 2,
+        max_batches: Some(1),
+    };
+    let r = admin.rekey(&caller(), &new, &step, |_| {}).await.unwrap();
+    assert!(!r.finished && r.resealed == 2);
+    let audited = admin.audit_records(1, 10_000).await.unwrap().len();
+    let rows = store.blobs("SELECT ciphertext FROM tokens").len();
+    // Stale keys: the group path refuses, for a new card and for a reuse alike.
+    let stale = concurrently(
+        &server,
+        pans.iter()
+            .map(String::as_str)
+            .chain(["5555555555554444"])
+            .collect(),
+    )
+    .await;
+    for r in &stale {
+        assert!(
+            matches!(r, Err(Error::Unavailable(_))),
+            "{:?}",
+            r.as_ref().map(|_| ())
+        );
+    }
+    assert_eq!(admin.audit_records(1, 10_000).await.unwrap().len(), audited);
+    assert_eq!(store.blobs("SELECT ciphertext FROM tokens").len(), rows);
+
+    server.reload_master_key(&new).await.unwrap();
+    let check_reuse = |v: &'static str| {
+        let server = server.clone();
+        let pans = pans.clone();
+        let tokens = tokens.clone();
+        async move {
+            let got = concurrently(&server, pans.iter().map(String::as_str).collect()).await;
+            for (t, token) in got.into_iter().zip(&tokens) {
+                let t = t.unwrap();
+                assert!(!t.created, "{v}: reuse made a new token");
+                assert_eq!(&t.token.to_string(), token, "{v}");
+            }
+        }
+    };
+    check_reuse("during the rekey").await;
+    let fresh = server
+        .tokenize(
+            &caller(),
+            req("5555555555554444", TokenFormat::Opaque, true),
+        )
+        .await
+        .unwrap();
+    let r = admin
+        .rekey(
+            &caller(),
+            &new,
+            &tokenvault::vault::RekeyOptions {
+                batch: 2,
+                max_batches: None,
+            },
+            |_| {},
+        )
+        .await
+        .unwrap();
+    assert!(r.finished && r.resumed);
+    check_reuse("after the rekey").await;
+    let again = server
+        .tokenize(
+            &caller(),
+            req("5555555555554444", TokenFormat::Opaque, true),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.token, fresh.token);
+    assert!(!again.created);
+    let v = server.verify_audit().await.unwrap();
+    assert!(v.is_ok(), "{}", v.describe());
+    admin.close().await;
+    server.close().await;
+}
+
+/// `reuse_existing` tokenize calls issued at once, so the writer takes them as one group.
+async fn concurrently(
+    vault: &Vault,
+    pans: Vec<&str>,
+) -> Vec<Result<tokenvault::vault::Tokenized, Error>> {
+    let handles: Vec<_> = pans
+        .into_iter()
+        .map(|p| {
+            let (vault, r) = (vault.clone(), req(p, TokenFormat::Opaque, true));
+            tokio::spawn(async move { vault.tokenize(&caller(), r).await })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+/// SQLite reuses the highest id once it is purged: a row written after the switch can sit at
+/// an id <= the switch's last id. The re-seal pass must leave it alone (it already has the
+/// new key and layer); layered twice, reuse would miss it and silently make a second token.
+async fn a_row_written_at_a_reused_id_during_a_rekey_is_not_layered_twice(store: Store) {
+    let old = MasterKey::generate();
+    let vault = Vault::create(store.config(), &old).unwrap();
+    let mut tokens = Vec::new();
+    for pan in PANS {
+        let t = vault
+            .tokenize(&caller(), req(pan, TokenFormat::Opaque, true))
+            .await
+            .unwrap();
+        tokens.push(t.token);
+    }
+    let new = MasterKey::generate();
+    let begin = tokenvault::vault::RekeyOptions {
+        batch: 10,
+        max_batches: Some(0),
+    };
+    assert!(
+        !vault
+            .rekey(&caller(), &new, &begin, |_| {})
+            .await
+            .unwrap()
+            .finished
+    );
+    // A plain master rotation is refused while the rekey runs (review F).
+    match vault.rotate_master(&caller(), &MasterKey::generate()).await {
+        Err(Error::FailedPrecondition(m)) => assert!(m.contains("rekey is in progress"), "{m}"),
+        other => panic!("rotate-master during a rekey: {:?}", other.map(|_| ())),
+    }
+    // The highest row goes away during the rekey; the next insert may take its id.
+    vault.delete(&caller(), tokens[3].clone()).await.unwrap();
+    let purge = PurgeOptions {
+        deleted: true,
+        expired: false,
+        older_than: None,
+        batch: 10,
+    };
+    assert_eq!(vault.purge(&caller(), &purge).await.unwrap().deleted, 1);
+    let during = vault
+        .tokenize(&caller(), req(PANS[3], TokenFormat::Opaque, true))
+        .await
+        .unwrap();
+    assert!(during.created);
+    let done = tokenvault::vault::RekeyOptions {
+        batch: 10,
+        max_batches: None,
+    };
+    let r = vault.rekey(&caller(), &new, &done, |_| {}).await.unwrap();
+    assert!(r.finished);
+    assert_eq!(r.resealed, 3, "only the rows from before the switch");
+    let again = vault
+        .tokenize(&caller(), req(PANS[3], TokenFormat::Opaque, true))
+        .await
+        .unwrap();
+    assert!(!again.created, "reuse made a second token");
+    assert_eq!(again.token, during.token);
+    for (pan, token) in PANS.iter().zip(&tokens).take(3) {
+        let t = vault
+            .tokenize(&caller(), req(pan, TokenFormat::Opaque, true))
+            .await
+            .unwrap();
+        assert_eq!(&t.token, token);
+    }
+    assert!(vault.verify_audit().await.unwrap().is_ok());
     vault.close().await;
 }

@@ -272,6 +272,10 @@ pub(super) fn rotate_master(
         let meta = |key: &str| -> Result<Vec<u8>> {
             store_err(tx.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)))
         };
+        // A plain re-wrap would leave the rekey's state naming keys it did not wrap.
+        if rekey_state(tx)?.is_some() {
+            return Err(Error::FailedPrecondition(REKEY_IN_PROGRESS.into()));
+        }
         let old_check = meta("key_check")?;
         if crate::crypto::ct_eq(&old_check, &new_check) {
             return Err(Error::InvalidArgument(
@@ -936,6 +940,10 @@ fn rekey_state(tx: &Connection) -> Result<Option<super::RekeyState>> {
     }
 }
 
+/// Why a plain `rotate-master` is refused while a rekey runs (both stores).
+pub(crate) const REKEY_IN_PROGRESS: &str = "a rekey is in progress: finish it with `keys \
+     rotate-master --rekey` and the same new master key before a plain master rotation";
+
 fn no_rekey() -> Error {
     Error::FailedPrecondition("no rekey is in progress".into())
 }
@@ -1093,8 +1101,11 @@ pub(super) fn rekey_batch(
         let mut select = tx.prepare_cached(concat!(
             "SELECT ",
             sealed_cols!(),
+            // Old versions only: ids are reused (no AUTOINCREMENT), so a row written after
+            // the switch may sit at an id <= end_id; it already has the new keys and layer,
+            // and layering its fingerprint again would make reuse miss it.
             ", fingerprint FROM tokens WHERE id > ?1 AND id <= ?2 AND ciphertext IS NOT NULL \
-             ORDER BY id LIMIT ?3"
+             AND key_version < ?4 ORDER BY id LIMIT ?3"
         ))?;
         let mut update = tx.prepare_cached(
             "UPDATE tokens SET key_version = ?2, nonce = ?3, ciphertext = ?4, row_format = ?5, \
@@ -1109,9 +1120,10 @@ pub(super) fn rekey_batch(
         while seen < limit && started.elapsed() < ADMIN_TX_BUDGET {
             let want = (limit - seen).min(ADMIN_CHUNK);
             let rows = select
-                .query_map(params![state.cursor, state.end_id, want as i64], |r| {
-                    Ok((sealed_row(r)?, r.get::<_, Option<Vec<u8>>>(13)?))
-                })?
+                .query_map(
+                    params![state.cursor, state.end_id, want as i64, state.version],
+                    |r| Ok((sealed_row(r)?, r.get::<_, Option<Vec<u8>>>(13)?)),
+                )?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             seen += rows.len();
             for (row, fp) in &rows {
@@ -1198,8 +1210,9 @@ pub(super) fn rekey_finish(store: &SqliteStore, caller: Caller) -> StoreFuture<u
     store.admin(move |tx, _keyring, st| {
         let state = rekey_state(tx)?.ok_or_else(no_rekey)?;
         let left: i64 = tx.query_row(
-            "SELECT COUNT(*) FROM tokens WHERE id > ?1 AND id <= ?2 AND ciphertext IS NOT NULL",
-            params![state.cursor, state.end_id],
+            "SELECT COUNT(*) FROM tokens WHERE id > ?1 AND id <= ?2 AND ciphertext IS NOT NULL \
+             AND key_version < ?3",
+            params![state.cursor, state.end_id, state.version],
             |r| r.get(0),
         )?;
         if left > 0 {

@@ -105,11 +105,28 @@ pub struct NewToken {
     /// During a rekey: the fingerprint without the newest layer, which rows not yet
     /// re-layered still have; the reuse lookup finds either.
     pub fingerprint_prev: Option<[u8; 32]>,
+    /// The fingerprint layers (`Fingerprints::depth`) `fingerprint` was computed under: the
+    /// writer catches it up (`NewToken::catch_up_fingerprint`) if a reload added one since.
+    pub fingerprint_depth: usize,
     pub reuse_existing: bool,
     pub meta: TokenMeta,
     /// The vault's time when the request was taken: `reuse_existing` judges expiry by it (never
     /// the system clock), as the lookup does, so it never returns a token detokenize refuses.
     pub now: Micros,
+}
+
+impl NewToken {
+    /// Called by the writers before the reuse lookup and the insert: a fingerprint computed
+    /// before a reload added a layer gets it now (see `Fingerprints::catch_up`).
+    pub fn catch_up_fingerprint(&mut self, fps: &crate::keyring::Fingerprints) {
+        if let Some(fp) = self.fingerprint {
+            if let Some((fp, prev)) = fps.catch_up(&fp, self.fingerprint_depth) {
+                self.fingerprint = Some(fp);
+                self.fingerprint_prev = prev;
+                self.fingerprint_depth = fps.depth();
+            }
+        }
+    }
 }
 
 /// What is stored beside the ciphertext: what PCI DSS allows to be shown.

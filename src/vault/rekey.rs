@@ -104,7 +104,9 @@ impl Vault {
         let mut report = RekeyReport::default();
         let state = match header.layers.rekey {
             Some(state) => {
-                if !check.matches(&header.key_check) {
+                // `verify`, not `matches`: a PKCS#11 device fault stays UNAVAILABLE (retry),
+                // never a claim that another rekey is in progress.
+                if !check.verify(&header.key_check)? {
                     return Err(Error::FailedPrecondition(
                         "a rekey to another master key is in progress: run it again with that \
                          key as the new master key to finish it"

@@ -1385,6 +1385,12 @@ impl Writer {
         let mut client = PgShared::client(&self.pool).await?;
         let tx = client.transaction().await.map_err(map_err)?;
         let mut st = begin_state(&tx, keyring).await?;
+        let fps = keyring.fingerprints();
+        for op in group.iter_mut() {
+            if let WriteOp::Tokenize { items, .. } = op {
+                items.iter_mut().for_each(|i| i.catch_up_fingerprint(&fps));
+            }
+        }
         let full = self.storage_full.load(Ordering::Relaxed);
         let mut found = if full {
             HashMap::new()
@@ -2452,8 +2458,11 @@ impl Storage for PgStore {
                     .prepare_cached(concat!(
                         "SELECT ",
                         sealed_cols!(),
+                        // Old versions only: a row written after the switch already has the
+                        // new keys and layer (ids are never reused here, but keep both
+                        // stores' rule the same).
                         ", fingerprint FROM tokens WHERE id > $1 AND id <= $2 \
-                         AND ciphertext IS NOT NULL ORDER BY id LIMIT $3"
+                         AND ciphertext IS NOT NULL AND key_version < $4 ORDER BY id LIMIT $3"
                     ))
                     .await
                     .map_err(map_err)?;
@@ -2474,7 +2483,15 @@ impl Storage for PgStore {
                 while seen < limit && started.elapsed() < ADMIN_TX_BUDGET {
                     let want = ((limit - seen) as i64).min(ADMIN_CHUNK);
                     let rows = tx
-                        .query(&select, &[&state.cursor, &state.end_id, &want])
+                        .query(
+                            &select,
+                            &[
+                                &state.cursor,
+                                &state.end_id,
+                                &want,
+                                &i64::from(state.version),
+                            ],
+                        )
                         .await
                         .map_err(map_err)?;
                     seen += rows.len();
@@ -2577,8 +2594,8 @@ impl Storage for PgStore {
                 let left: i64 = tx
                     .query_one(
                         "SELECT COUNT(*) FROM tokens WHERE id > $1 AND id <= $2 \
-                         AND ciphertext IS NOT NULL",
-                        &[&state.cursor, &state.end_id],
+                         AND ciphertext IS NOT NULL AND key_version < $3",
+                        &[&state.cursor, &state.end_id, &i64::from(state.version)],
                     )
                     .await
                     .map_err(map_err)?
@@ -2639,6 +2656,11 @@ impl Storage for PgStore {
     ) -> StoreFuture<u32> {
         self.admin(move |keyring, pool| async move {
             admin_tx!(pool, keyring, |tx, st| {
+                if rekey_state(&*tx).await?.is_some() {
+                    return Err(Error::FailedPrecondition(
+                        crate::store::lifecycle::REKEY_IN_PROGRESS.into(),
+                    ));
+                }
                 let old_check = read_meta(&*tx, "key_check").await?;
                 if crate::crypto::ct_eq(&old_check, &new_check) {
                     return Err(Error::InvalidArgument(

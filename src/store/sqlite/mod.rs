@@ -1265,6 +1265,7 @@ fn insert_token(
     st: &mut TxState,
     item: &mut NewToken,
 ) -> Result<Result<StoredToken>> {
+    item.catch_up_fingerprint(&keyring.fingerprints());
     if let (true, Some(fingerprint)) = (item.reuse_existing, &item.fingerprint) {
         let existing = tx
             .prepare_cached(SQL_REUSE)?
