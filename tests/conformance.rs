@@ -1453,6 +1453,13 @@ async fn a_row_written_at_a_reused_id_during_a_rekey_is_not_layered_twice(store:
         Err(Error::FailedPrecondition(m)) => assert!(m.contains("rekey is in progress"), "{m}"),
         other => panic!("rotate-master during a rekey: {:?}", other.map(|_| ())),
     }
+    // So is a rewrap (or a retire, which rewraps): a row it moved under the new key would keep
+    // its old fingerprint layer, and the re-seal pass below would skip it.
+    let rewrap = RewrapOptions::default();
+    match vault.rewrap(&caller(), &rewrap, |_| {}).await {
+        Err(Error::FailedPrecondition(m)) => assert!(m.contains("rekey is in progress"), "{m}"),
+        other => panic!("rewrap during a rekey: {:?}", other.map(|_| ())),
+    }
     // The highest row goes away during the rekey; the next insert may take its id.
     vault.delete(&caller(), tokens[3].clone()).await.unwrap();
     let purge = PurgeOptions {

@@ -106,6 +106,10 @@ pub(super) fn rewrap_batch(
     caller: Caller,
 ) -> StoreFuture<RewrapOutcome> {
     store.admin(move |tx, keyring, st| {
+        // A re-seal under the rekey's new key would skip the row's fingerprint re-layering.
+        if rekey_state(tx)?.is_some() {
+            return Err(Error::FailedPrecondition(REWRAP_DURING_REKEY.into()));
+        }
         let started = std::time::Instant::now();
         // NOT INDEXED: walk the rowid range; the key_version index would sort every batch.
         // A full rewrap also upgrades rows of an older row format under the active version.
@@ -939,6 +943,11 @@ fn rekey_state(tx: &Connection) -> Result<Option<super::RekeyState>> {
             .ok_or_else(|| Error::DataLoss("vault metadata `rekey` is malformed".into())),
     }
 }
+
+/// Why a rewrap is refused while a rekey runs (both stores): the rekey re-seals every row
+/// itself, and a row a rewrap moved under the new key would keep its old fingerprint layer.
+pub(crate) const REWRAP_DURING_REKEY: &str = "a rekey is in progress: it re-seals every row \
+     itself; finish it with `keys rotate-master --rekey` and the same new master key first";
 
 /// Why a plain `rotate-master` is refused while a rekey runs (both stores).
 pub(crate) const REKEY_IN_PROGRESS: &str = "a rekey is in progress: finish it with `keys \

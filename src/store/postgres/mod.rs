@@ -2147,6 +2147,11 @@ impl Storage for PgStore {
     fn rewrap_batch(&self, b: RewrapBatch, caller: Caller) -> StoreFuture<RewrapOutcome> {
         self.admin(move |keyring, pool| async move {
             admin_tx!(pool, keyring, |tx, st| {
+                if rekey_state(&*tx).await?.is_some() {
+                    return Err(Error::FailedPrecondition(
+                        crate::store::lifecycle::REWRAP_DURING_REKEY.into(),
+                    ));
+                }
                 let started = Instant::now();
                 let select = tx
                     .prepare_cached(concat!(
