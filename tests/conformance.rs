@@ -1248,6 +1248,13 @@ async fn rekey_cuts_off_the_old_master_key(store: Store) {
             KeyPurpose::Audit
         )
         .is_err());
+    // The checkpoint signing key the backup holds was replaced when the rekey finished.
+    let signers = vault.audit_signing_keys().await.unwrap();
+    assert_eq!(signers.len(), 2);
+    assert!(!signers[0].active && signers[1].active);
+    for w in store.blobs("SELECT wrapped FROM audit_signing_keys WHERE wrapped IS NOT NULL") {
+        assert!(old_kwk.unwrap(&w, KeyPurpose::AuditSigning(2)).is_err());
+    }
     let fps = stored_fps(&store);
     assert_eq!(fps.len(), 10);
     for pan in pans.iter().map(String::as_str).chain(["5555555555554444"]) {

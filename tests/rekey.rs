@@ -156,6 +156,16 @@ impl OldKeyHolder {
         if let Some(w) = meta(conn, "wrapped_audit_key") {
             n += usize::from(self.kwk.unwrap(&w, KeyPurpose::Audit).is_ok());
         }
+        let signing: Vec<(u32, Vec<u8>)> = conn
+            .prepare("SELECT id, wrapped FROM audit_signing_keys WHERE wrapped IS NOT NULL")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        for (id, w) in signing {
+            n += usize::from(self.kwk.unwrap(&w, KeyPurpose::AuditSigning(id)).is_ok());
+        }
         for (i, w) in meta(conn, "fingerprint_layers")
             .unwrap_or_default()
             .chunks(60)
@@ -321,6 +331,28 @@ async fn the_old_key_and_an_old_backup_open_nothing_created_after_a_rekey() {
     let verified = macs_verified_by(&attacker.audit, &records);
     assert_eq!(verified, (1..=switch).collect::<Vec<_>>());
     assert!(records.len() as u64 > switch + 3);
+    // The signing key the old backup holds (the old master unwraps it) was replaced when the
+    // rekey finished, with a handover record: it signs no checkpoint past that point.
+    let signing_key = |conn: &Connection, state: &str| -> (u32, Vec<u8>) {
+        conn.query_row(
+            "SELECT id, public_key FROM audit_signing_keys WHERE state = ?1 ORDER BY id DESC",
+            [state],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+    };
+    let (old_signer, old_public) = signing_key(&Connection::open(&backup).unwrap(), "active");
+    let (new_signer, new_public) = signing_key(&current, "active");
+    assert!(new_signer > old_signer && new_public != old_public);
+    assert_eq!(signing_key(&current, "retired"), (old_signer, old_public));
+    let done = records
+        .iter()
+        .find(|r| r.action == "master_rekey_done")
+        .expect("the end is recorded")
+        .seq;
+    assert!(records
+        .iter()
+        .any(|r| r.seq > done && r.action == tokenvault::audit::ROTATE_ACTION));
     drop(current);
 
     // The old master opens nothing; the new one opens everything.
@@ -338,6 +370,14 @@ async fn the_old_key_and_an_old_backup_open_nothing_created_after_a_rekey() {
     }
     let verification = vault.verify_audit().await.unwrap();
     assert!(verification.is_ok(), "{}", verification.describe());
+    // The same command run again after it finished: a clear answer, nothing changed.
+    match vault
+        .rekey(&caller(), &new, &RekeyOptions::default(), |_| {})
+        .await
+    {
+        Err(Error::InvalidArgument(m)) => assert!(m.contains("nothing to do"), "{m}"),
+        other => panic!("a finished rekey run again: {:?}", other.map(|_| ())),
+    }
     let keys = vault.list_keys().await.unwrap();
     assert!(keys
         .iter()

@@ -597,8 +597,8 @@ async fn rekey_master(
     } else if r.finished {
         println!(
             "master key rekeyed: data key v{} active, {} rows re-sealed, {} old data keys \
-             destroyed, new fingerprint layer and audit key; only the new master key ({}) \
-             opens this database. The old master key and earlier backups open nothing \
+             destroyed, new fingerprint layer, audit key and checkpoint signing key (publish \
+             `audit public-key`); only the new master key ({}) opens this database. The old master key and earlier backups open nothing \
              created from now on (destroy them to cut off what they hold from before).",
             r.version,
             r.resealed,

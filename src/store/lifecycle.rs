@@ -949,6 +949,10 @@ fn rekey_state(tx: &Connection) -> Result<Option<super::RekeyState>> {
 pub(crate) const REWRAP_DURING_REKEY: &str = "a rekey is in progress: it re-seals every row \
      itself; finish it with `keys rotate-master --rekey` and the same new master key first";
 
+/// Why `rekey_finish` is refused by a process still holding the replaced keys (both stores).
+pub(crate) const REKEY_NEW_KEYS: &str = "this process does not hold the rekey's new keys: \
+     open the vault with the new master key";
+
 /// Why a plain `rotate-master` is refused while a rekey runs (both stores).
 pub(crate) const REKEY_IN_PROGRESS: &str = "a rekey is in progress: finish it with `keys \
      rotate-master --rekey` and the same new master key before a plain master rotation";
@@ -1101,11 +1105,7 @@ pub(super) fn rekey_batch(
         if fingerprints.relayer(&[0; 32]).is_none()
             || keyring.snapshot().get(state.version).is_none()
         {
-            return Err(Error::FailedPrecondition(
-                "this process does not hold the rekey's new keys: open the vault with the new \
-                 master key"
-                    .into(),
-            ));
+            return Err(Error::FailedPrecondition(REKEY_NEW_KEYS.into()));
         }
         let mut select = tx.prepare_cached(concat!(
             "SELECT ",
@@ -1216,8 +1216,11 @@ pub(super) fn rekey_batch(
 }
 
 pub(super) fn rekey_finish(store: &SqliteStore, caller: Caller) -> StoreFuture<u32> {
-    store.admin(move |tx, _keyring, st| {
+    store.admin(move |tx, keyring, st| {
         let state = rekey_state(tx)?.ok_or_else(no_rekey)?;
+        if keyring.snapshot().get(state.version).is_none() {
+            return Err(Error::FailedPrecondition(REKEY_NEW_KEYS.into()));
+        }
         let left: i64 = tx.query_row(
             "SELECT COUNT(*) FROM tokens WHERE id > ?1 AND id <= ?2 AND ciphertext IS NOT NULL \
              AND key_version < ?3",
@@ -1259,6 +1262,9 @@ pub(super) fn rekey_finish(store: &SqliteStore, caller: Caller) -> StoreFuture<u
                 state.version
             ),
         ));
+        // The old master and an earlier backup still open the signing key: replace it, so
+        // they cannot sign a checkpoint over the chain from here on.
+        super::sqlite::rotate_signing_in_tx(tx, keyring, st, &caller)?;
         Ok(retired as u32)
     })
 }

@@ -12,7 +12,7 @@
 //! | data keys                | a new active version; every row re-sealed under it; the old versions retired (wrapped key destroyed) |
 //! | reuse fingerprints       | a new fingerprint *layer* applied over every stored fingerprint      |
 //! | audit MAC key            | a new key from the record after the `master_rekey` record on          |
-//! | audit signing key        | re-wrapped (`audit rotate-key` replaces it; its public half is public) |
+//! | audit signing key        | replaced as the rekey finishes (an `audit_key_rotate` record with the handover signature); re-wrapped until then |
 //!
 //! **Fingerprint layers.** A reuse fingerprint is HMAC(root, scope ‖ card); the scope (the
 //! caller's principal or reuse group) is not stored with the row, so a stored fingerprint
@@ -37,7 +37,8 @@
 //!    id) and re-layer their fingerprints, moving the cursor in the same transaction. Rows
 //!    written after the switch already use the new keys.
 //! 3. `rekey_finish`: once no row uses an old version, retire them (the wrapped keys are
-//!    overwritten, and the WAL truncated) and clear `meta.rekey`.
+//!    overwritten, and the WAL truncated), replace the audit signing key (an old backup holds
+//!    the old one, which then signs no checkpoint past the handover) and clear `meta.rekey`.
 //!
 //! A run killed anywhere resumes with the same command (it opens the vault with the new key
 //! when the old one no longer fits). A server running beside it holds the old keys: after
@@ -117,6 +118,15 @@ impl Vault {
                 state
             }
             None => {
+                // Run again after it finished (or a plain rotation to this key): say so.
+                if check.verify(&header.key_check)? {
+                    return Err(Error::InvalidArgument(
+                        "the vault's master key is already this key and no rekey is in \
+                         progress: a rekey to it has finished, nothing to do (to cut this key \
+                         off, rekey to another new key)"
+                            .into(),
+                    ));
+                }
                 self.inner
                     .store
                     .rekey_begin(kwk, check.to_stored()?, caller.clone())

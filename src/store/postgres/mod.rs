@@ -1696,6 +1696,63 @@ fn admin_request_from_row(r: &Row) -> AdminRequestRow {
     }
 }
 
+/// Replaces the active audit signing key inside `tx` (`audit rotate-key`, and the end of a
+/// rekey): the handover record is signed by the old key, whose wrapped seed is destroyed.
+async fn rotate_signing_in_tx(
+    tx: &Transaction<'_>,
+    keyring: &Keyring,
+    st: &mut TxState,
+    caller: &Caller,
+) -> Result<(u32, AuditPublicKey)> {
+    let old = tx
+        .query_opt(
+            "SELECT id, wrapped FROM audit_signing_keys WHERE state = 'active'",
+            &[],
+        )
+        .await
+        .map_err(map_err)?
+        .ok_or_else(|| Error::FailedPrecondition("the vault has no audit signing key".into()))?;
+    let (old_id, old_wrapped): (i64, Vec<u8>) = (old.get(0), old.get(1));
+    let old = keyring.audit_signer(old_id as u32, &old_wrapped)?;
+    let new_id = old_id + 1;
+    let (new, wrapped) = keyring.new_audit_signing_key(new_id as u32)?;
+    flush_audit(tx, keyring, st).await?;
+    let vault = vault_hex(&**tx).await?;
+    let seq = st.audit_seq + 1;
+    let old_key_id = old.public_key().key_id();
+    let message =
+        audit::handover_message(&vault, seq, &st.audit_hash, &old_key_id, &new.public_key());
+    let handover = old.sign(&message);
+    let now = now_micros();
+    tx.execute(
+        "UPDATE audit_signing_keys SET state = 'retired', wrapped = NULL, retired_at = $2 \
+         WHERE id = $1",
+        &[&old_id, &now],
+    )
+    .await
+    .map_err(map_err)?;
+    tx.execute(
+        "INSERT INTO audit_signing_keys(id, public_key, wrapped, state, created_at) \
+         VALUES ($1, $2, $3, 'active', $4)",
+        &[
+            &new_id,
+            &new.public_key().to_bytes().to_vec(),
+            &wrapped,
+            &now,
+        ],
+    )
+    .await
+    .map_err(map_err)?;
+    st.audit.push(AuditEntry::new(
+        caller,
+        audit::ROTATE_ACTION,
+        &format!("audit key {new_id}"),
+        "OK",
+        &audit::rotation_reason(&new.public_key(), &old_key_id, &handover),
+    ));
+    Ok((new_id as u32, new.public_key()))
+}
+
 macro_rules! admin_tx {
     ($pool:expr, $keyring:expr, |$tx:ident, $st:ident| $body:block) => {{
         let mut client = PgShared::client(&$pool).await?;
@@ -2091,55 +2148,7 @@ impl Storage for PgStore {
     fn rotate_audit_signing_key(&self, caller: Caller) -> StoreFuture<(u32, AuditPublicKey)> {
         self.admin(move |keyring, pool| async move {
             admin_tx!(pool, keyring, |tx, st| {
-                let old = tx
-                    .query_opt(
-                        "SELECT id, wrapped FROM audit_signing_keys WHERE state = 'active'",
-                        &[],
-                    )
-                    .await
-                    .map_err(map_err)?
-                    .ok_or_else(|| {
-                        Error::FailedPrecondition("the vault has no audit signing key".into())
-                    })?;
-                let (old_id, old_wrapped): (i64, Vec<u8>) = (old.get(0), old.get(1));
-                let old = keyring.audit_signer(old_id as u32, &old_wrapped)?;
-                let new_id = old_id + 1;
-                let (new, wrapped) = keyring.new_audit_signing_key(new_id as u32)?;
-                flush_audit(&tx, &keyring, st).await?;
-                let vault = vault_hex(&*tx).await?;
-                let seq = st.audit_seq + 1;
-                let old_key_id = old.public_key().key_id();
-                let message = audit::handover_message(
-                    &vault,
-                    seq,
-                    &st.audit_hash,
-                    &old_key_id,
-                    &new.public_key(),
-                );
-                let handover = old.sign(&message);
-                let now = now_micros();
-                tx.execute(
-                    "UPDATE audit_signing_keys SET state = 'retired', wrapped = NULL, retired_at = $2 \
-                     WHERE id = $1",
-                    &[&old_id, &now],
-                )
-                .await
-                .map_err(map_err)?;
-                tx.execute(
-                    "INSERT INTO audit_signing_keys(id, public_key, wrapped, state, created_at) \
-                     VALUES ($1, $2, $3, 'active', $4)",
-                    &[&new_id, &new.public_key().to_bytes().to_vec(), &wrapped, &now],
-                )
-                .await
-                .map_err(map_err)?;
-                st.audit.push(AuditEntry::new(
-                    &caller,
-                    audit::ROTATE_ACTION,
-                    &format!("audit key {new_id}"),
-                    "OK",
-                    &audit::rotation_reason(&new.public_key(), &old_key_id, &handover),
-                ));
-                (new_id as u32, new.public_key())
+                rotate_signing_in_tx(&tx, &keyring, st, &caller).await?
             })
         })
     }
@@ -2454,9 +2463,7 @@ impl Storage for PgStore {
                     || keyring.snapshot().get(state.version).is_none()
                 {
                     return Err(Error::FailedPrecondition(
-                        "this process does not hold the rekey's new keys: open the vault with \
-                         the new master key"
-                            .into(),
+                        crate::store::lifecycle::REKEY_NEW_KEYS.into(),
                     ));
                 }
                 let select = tx
@@ -2596,6 +2603,11 @@ impl Storage for PgStore {
                 let Some(state) = rekey_state(&*tx).await? else {
                     return Err(Error::FailedPrecondition("no rekey is in progress".into()));
                 };
+                if keyring.snapshot().get(state.version).is_none() {
+                    return Err(Error::FailedPrecondition(
+                        crate::store::lifecycle::REKEY_NEW_KEYS.into(),
+                    ));
+                }
                 let left: i64 = tx
                     .query_one(
                         "SELECT COUNT(*) FROM tokens WHERE id > $1 AND id <= $2 \
@@ -2648,6 +2660,9 @@ impl Storage for PgStore {
                         state.version
                     ),
                 ));
+                // The old master and an earlier backup still open the signing key: replace
+                // it, so they cannot sign a checkpoint over the chain from here on.
+                rotate_signing_in_tx(&tx, &keyring, st, &caller).await?;
                 retired as u32
             })
         })

@@ -1902,6 +1902,57 @@ pub fn initial_key_rows(data_dir: &Path) -> Result<Vec<KeyRow>> {
     load_key_rows(&conn)
 }
 
+/// Replaces the active audit signing key inside `tx` (`audit rotate-key`, and the end of a
+/// rekey): the handover record is signed by the old key, whose wrapped seed is destroyed.
+pub(super) fn rotate_signing_in_tx(
+    tx: &Transaction<'_>,
+    keyring: &Keyring,
+    st: &mut TxState,
+    caller: &Caller,
+) -> Result<(u32, AuditPublicKey)> {
+    let (old_id, old_wrapped): (i64, Vec<u8>) = tx
+        .query_row(
+            "SELECT id, wrapped FROM audit_signing_keys WHERE state = 'active'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?
+        .ok_or_else(|| Error::FailedPrecondition("the vault has no audit signing key".into()))?;
+    let old = keyring.audit_signer(old_id as u32, &old_wrapped)?;
+    let new_id = old_id + 1;
+    let (new, wrapped) = keyring.new_audit_signing_key(new_id as u32)?;
+    // The handover names the rotation record's place in the chain: write whatever
+    // is pending first, so that place is known.
+    flush_audit(tx, keyring, st)?;
+    let vault = vault_hex(tx)?;
+    let seq = st.audit_seq + 1;
+    let old_key_id = old.public_key().key_id();
+    let message =
+        audit::handover_message(&vault, seq, &st.audit_hash, &old_key_id, &new.public_key());
+    let handover = old.sign(&message);
+    let now = now_micros();
+    tx.execute(
+        "UPDATE audit_signing_keys SET state = 'retired', wrapped = NULL, retired_at = ?2 \
+             WHERE id = ?1",
+        params![old_id, now],
+    )?;
+    // The old wrapped seed is destroyed: truncate it out of the WAL too.
+    mark_destroyed(tx)?;
+    tx.execute(
+        "INSERT INTO audit_signing_keys(id, public_key, wrapped, state, created_at) \
+             VALUES (?1, ?2, ?3, 'active', ?4)",
+        params![new_id, &new.public_key().to_bytes()[..], wrapped, now],
+    )?;
+    st.audit.push(AuditEntry::new(
+        caller,
+        audit::ROTATE_ACTION,
+        &format!("audit key {new_id}"),
+        "OK",
+        &audit::rotation_reason(&new.public_key(), &old_key_id, &handover),
+    ));
+    Ok((new_id as u32, new.public_key()))
+}
+
 impl Storage for SqliteStore {
     fn tokenize(
         &self,
@@ -2232,56 +2283,7 @@ impl Storage for SqliteStore {
     }
 
     fn rotate_audit_signing_key(&self, caller: Caller) -> StoreFuture<(u32, AuditPublicKey)> {
-        self.admin(move |tx, keyring, st| {
-            let (old_id, old_wrapped): (i64, Vec<u8>) = tx
-                .query_row(
-                    "SELECT id, wrapped FROM audit_signing_keys WHERE state = 'active'",
-                    [],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?
-                .ok_or_else(|| {
-                    Error::FailedPrecondition("the vault has no audit signing key".into())
-                })?;
-            let old = keyring.audit_signer(old_id as u32, &old_wrapped)?;
-            let new_id = old_id + 1;
-            let (new, wrapped) = keyring.new_audit_signing_key(new_id as u32)?;
-            // The handover names the rotation record's place in the chain: write whatever
-            // is pending first, so that place is known.
-            flush_audit(tx, keyring, st)?;
-            let vault = vault_hex(tx)?;
-            let seq = st.audit_seq + 1;
-            let old_key_id = old.public_key().key_id();
-            let message = audit::handover_message(
-                &vault,
-                seq,
-                &st.audit_hash,
-                &old_key_id,
-                &new.public_key(),
-            );
-            let handover = old.sign(&message);
-            let now = now_micros();
-            tx.execute(
-                "UPDATE audit_signing_keys SET state = 'retired', wrapped = NULL, retired_at = ?2 \
-                 WHERE id = ?1",
-                params![old_id, now],
-            )?;
-            // The old wrapped seed is destroyed: truncate it out of the WAL too.
-            mark_destroyed(tx)?;
-            tx.execute(
-                "INSERT INTO audit_signing_keys(id, public_key, wrapped, state, created_at) \
-                 VALUES (?1, ?2, ?3, 'active', ?4)",
-                params![new_id, &new.public_key().to_bytes()[..], wrapped, now],
-            )?;
-            st.audit.push(AuditEntry::new(
-                &caller,
-                audit::ROTATE_ACTION,
-                &format!("audit key {new_id}"),
-                "OK",
-                &audit::rotation_reason(&new.public_key(), &old_key_id, &handover),
-            ));
-            Ok((new_id as u32, new.public_key()))
-        })
+        self.admin(move |tx, keyring, st| rotate_signing_in_tx(tx, keyring, st, &caller))
     }
 
     fn rewrap_batch(&self, batch: RewrapBatch, caller: Caller) -> StoreFuture<RewrapOutcome> {
