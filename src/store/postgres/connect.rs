@@ -230,9 +230,17 @@ impl PgUrl {
         if config.get_password().is_none() {
             if let Ok(p) = std::env::var("PGPASSWORD") {
                 config.password(p);
-            } else if let Some(file) = password_file_path() {
-                if let Some(p) = password_from_file(&file, &config)? {
-                    config.password(p);
+            } else if let Some((file, named)) = password_file_path() {
+                match password_from_file(&file, &config) {
+                    Ok(Some(p)) => {
+                        config.password(p.as_str());
+                    }
+                    Ok(None) => {}
+                    // `~/.pgpass` merely lying around (this store may not need a password at
+                    // all): ignored with a warning, as libpq does. A file PGPASSFILE names was
+                    // meant to be used: its error stops the start.
+                    Err(e) if !named => tracing::warn!(error = %e, "password file ignored"),
+                    Err(e) => return Err(e),
                 }
             }
         }
@@ -317,13 +325,23 @@ pub fn map_err(e: tokio_postgres::Error) -> Error {
         {
             return Error::Unavailable(format!("database: {}", db.message()));
         }
-        if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+        // 28xxx: the login was refused (a wrong or rotated password, pg_hba): retry elsewhere.
+        if *code == SqlState::INSUFFICIENT_PRIVILEGE || code.code().starts_with("28") {
             return Error::Unavailable(format!("database: {}", db.message()));
         }
         return Error::Internal(format!("database: {} ({})", db.message(), code.code()));
     }
-    // No server error: the connection itself failed or closed.
-    Error::Unavailable(format!("database connection: {e}"))
+    // No server error: the connection itself failed or closed, or the server asked for
+    // something the configuration lacks ("invalid configuration: password missing"). The
+    // causes tokio-postgres chains never hold the URL or the password.
+    let mut why = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        why.push_str(": ");
+        why.push_str(&s.to_string());
+        source = s.source();
+    }
+    Error::Unavailable(format!("database connection: {why}"))
 }
 
 pub fn map_pool_err(e: deadpool_postgres::PoolError) -> Error {
@@ -333,13 +351,14 @@ pub fn map_pool_err(e: deadpool_postgres::PoolError) -> Error {
     }
 }
 
-/// The password file libpq would read: `PGPASSFILE`, else `~/.pgpass`.
-fn password_file_path() -> Option<std::path::PathBuf> {
+/// The password file libpq would read, and whether `PGPASSFILE` named it: `PGPASSFILE`, else
+/// `~/.pgpass`.
+fn password_file_path() -> Option<(std::path::PathBuf, bool)> {
     match std::env::var_os("PGPASSFILE") {
-        Some(p) if !p.is_empty() => Some(p.into()),
+        Some(p) if !p.is_empty() => Some((p.into(), true)),
         _ => std::env::var_os("HOME")
             .filter(|h| !h.is_empty())
-            .map(|h| std::path::Path::new(&h).join(".pgpass")),
+            .map(|h| (std::path::Path::new(&h).join(".pgpass"), false)),
     }
 }
 
@@ -352,7 +371,7 @@ fn password_file_path() -> Option<std::path::PathBuf> {
 fn password_from_file(
     path: &std::path::Path,
     config: &tokio_postgres::Config,
-) -> Result<Option<String>> {
+) -> Result<Option<zeroize::Zeroizing<String>>> {
     use std::os::unix::fs::PermissionsExt;
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
@@ -377,8 +396,10 @@ fn password_from_file(
             path.display()
         )));
     }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::FailedPrecondition(format!("password file {}: {e}", path.display())))?;
+    // Every line of the file is a secret: wiped when dropped.
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+        Error::FailedPrecondition(format!("password file {}: {e}", path.display()))
+    })?);
     let host = match config.get_hosts().first() {
         // libpq matches a Unix socket (the default directory or any other) as `localhost`.
         Some(tokio_postgres::config::Host::Unix(_)) | None => "localhost".to_string(),
@@ -392,7 +413,7 @@ fn password_from_file(
         .to_string();
     let user = config.get_user().unwrap_or_default();
     let db = config.get_dbname().unwrap_or(user);
-    Ok(match_password_line(&text, [&host, &port, db, user]))
+    Ok(match_password_line(&text, [&host, &port, db, user]).map(zeroize::Zeroizing::new))
 }
 
 /// The first matching line's password (see [`password_from_file`]).
@@ -588,7 +609,10 @@ mod tests {
         for mode in [0o600, 0o400] {
             std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
             assert_eq!(
-                password_from_file(&file, &config).unwrap().as_deref(),
+                password_from_file(&file, &config)
+                    .unwrap()
+                    .as_deref()
+                    .map(String::as_str),
                 Some("s3cr3t-pw")
             );
         }
