@@ -647,26 +647,32 @@ struct TxState {
     audit: Vec<AuditEntry>,
     /// Set by the transaction that switches the audit key (`--rekey`).
     audit_key_switch: bool,
+    /// `meta.audit_key_from` as committed when the head lock was taken: only a transaction
+    /// holding that lock changes it, and that one sets `audit_key_switch`.
+    audit_key_from: Option<Vec<u8>>,
 }
 
 /// Locks the chain head (serialising every writer of every replica), then reads the
 /// active key as committed now, reloading the keyring when another replica rotated.
 async fn begin_state(tx: &Transaction<'_>, keyring: &Keyring) -> Result<TxState> {
-    let (head_stmt, active_stmt) = tokio::try_join!(
+    let (head_stmt, active_stmt, from_stmt) = tokio::try_join!(
         biased;
         tx.prepare_cached("SELECT seq, mac, hash, at FROM audit_head WHERE id = 1 FOR UPDATE"),
         tx.prepare_cached(
             "SELECT version, encryptions, created_at FROM data_keys WHERE state = 'active'"
         ),
+        tx.prepare_cached("SELECT value FROM meta WHERE key = 'audit_key_from'"),
     )
     .map_err(map_err)?;
     // Pipelined in this order (`biased`: the lock's request is sent first), and the server
     // runs a connection's statements one after the other, each with a fresh snapshot: the
-    // key is read only once the lock is held, as committed by the previous holder.
-    let (head, active) = tokio::try_join!(
+    // key and the audit key's start are read only once the lock is held, as committed by the
+    // previous holder.
+    let (head, active, from) = tokio::try_join!(
         biased;
         tx.query_one(&head_stmt, &[]),
         tx.query_one(&active_stmt, &[]),
+        tx.query_opt(&from_stmt, &[]),
     )
     .map_err(map_err)?;
     let hash: Vec<u8> = head.get(2);
@@ -690,6 +696,7 @@ async fn begin_state(tx: &Transaction<'_>, keyring: &Keyring) -> Result<TxState>
         counts: HashMap::new(),
         audit: Vec::new(),
         audit_key_switch: false,
+        audit_key_from: from.map(|r| r.get(0)),
     };
     if keyring.needs_rotation(0, 0, st.active_created, now_micros())
         && master_is_current(tx, keyring).await?
@@ -716,7 +723,7 @@ async fn finish_state(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState)
         .drain()
         .map(|(v, n)| (i64::from(v), n as i64))
         .collect();
-    check_audit_key(tx, keyring, st).await?;
+    check_audit_key(keyring, st)?;
     let audit = chain_audit(keyring, st);
     let insert_audit = async {
         if let Some(rows) = &audit {
@@ -788,16 +795,11 @@ impl AuditColumns {
 
 /// A replica still holding the audit key a rekey replaced must not extend the chain: checked
 /// before every chaining of records (serving groups and admin transactions alike).
-async fn check_audit_key(tx: &Transaction<'_>, keyring: &Keyring, st: &TxState) -> Result<()> {
+fn check_audit_key(keyring: &Keyring, st: &TxState) -> Result<()> {
     if st.audit.is_empty() || st.audit_key_switch {
         return Ok(());
     }
-    let stored_from: Option<Vec<u8>> = tx
-        .query_opt("SELECT value FROM meta WHERE key = 'audit_key_from'", &[])
-        .await
-        .map_err(map_err)?
-        .map(|r| r.get(0));
-    if super::sqlite::audit_key_from(stored_from)? != keyring.audit_keys().from() {
+    if super::sqlite::audit_key_from(st.audit_key_from.clone())? != keyring.audit_keys().from() {
         return Err(Error::Unavailable(STALE_MASTER.into()));
     }
     Ok(())
@@ -849,7 +851,7 @@ fn chain_audit(keyring: &Keyring, st: &mut TxState) -> Option<AuditColumns> {
 
 /// Appends the pending entries, chained, in one multi-row statement.
 async fn flush_audit(tx: &Transaction<'_>, keyring: &Keyring, st: &mut TxState) -> Result<()> {
-    check_audit_key(tx, keyring, st).await?;
+    check_audit_key(keyring, st)?;
     if let Some(rows) = chain_audit(keyring, st) {
         let stmt = tx.prepare_cached(SQL_INSERT_AUDIT).await.map_err(map_err)?;
         tx.execute(&stmt, &rows.params()).await.map_err(map_err)?;
