@@ -10,13 +10,23 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
+use crate::audit::{self, AuditEntry};
 use crate::crypto::{
-    AuditKey, AuditSigningKey, DataKey, FingerprintKey, KeyPurpose, KeyWrappingKey, SecretKey,
-    UnwrapError, WRAPPED_KEY_LEN,
+    AuditKey, AuditPublicKey, AuditSigningKey, DataKey, FingerprintKey, KeyPurpose, KeyWrappingKey,
+    SecretKey, UnwrapError, WRAPPED_KEY_LEN,
 };
 use crate::error::{Error, Result};
-use crate::model::{KeyPolicy, KeyState, Micros};
+use crate::model::{Caller, KeyPolicy, KeyState, Micros};
 use crate::store::VaultHeader;
+
+/// What [`Keyring::audit_signing_handover`] gives the store to write.
+pub struct SigningHandover {
+    pub new_id: u32,
+    pub public: AuditPublicKey,
+    /// The new key's seed, wrapped under the master key.
+    pub wrapped: Vec<u8>,
+    pub entry: AuditEntry,
+}
 
 /// A `data_keys` row as stored.
 #[derive(Clone, Debug)]
@@ -396,6 +406,41 @@ impl Keyring {
     /// A fresh audit signing key number `n` and its seed wrapped for storage.
     pub fn new_audit_signing_key(&self, n: u32) -> Result<(AuditSigningKey, Vec<u8>)> {
         Ok(AuditSigningKey::generate_wrapped(&self.kwk(), n)?)
+    }
+
+    /// The replacement of audit signing key `old_id` (`audit rotate-key`, the end of a
+    /// rekey), the same for every store: key `old_id + 1` wrapped under the master, and the
+    /// `audit_key_rotate` entry carrying the old key's handover signature over the place the
+    /// entry takes in the chain (`seq`, after `prev_hash`). The store retires the old row
+    /// (destroying its wrapped seed), inserts the new one and appends the entry.
+    pub fn audit_signing_handover(
+        &self,
+        old_id: u32,
+        old_wrapped: &[u8],
+        vault: &str,
+        seq: u64,
+        prev_hash: &[u8; 32],
+        caller: &Caller,
+    ) -> Result<SigningHandover> {
+        let old = self.audit_signer(old_id, old_wrapped)?;
+        let new_id = old_id + 1;
+        let (new, wrapped) = self.new_audit_signing_key(new_id)?;
+        let public = new.public_key();
+        let old_key_id = old.public_key().key_id();
+        let message = audit::handover_message(vault, seq, prev_hash, &old_key_id, &public);
+        let handover = old.sign(&message);
+        Ok(SigningHandover {
+            new_id,
+            public,
+            wrapped,
+            entry: AuditEntry::new(
+                caller,
+                audit::ROTATE_ACTION,
+                &format!("audit key {new_id}"),
+                "OK",
+                &audit::rotation_reason(&public, &old_key_id, &handover),
+            ),
+        })
     }
 
     /// A fresh random data key for `version`, wrapped for storage.

@@ -1715,16 +1715,15 @@ async fn rotate_signing_in_tx(
         .map_err(map_err)?
         .ok_or_else(|| Error::FailedPrecondition("the vault has no audit signing key".into()))?;
     let (old_id, old_wrapped): (i64, Vec<u8>) = (old.get(0), old.get(1));
-    let old = keyring.audit_signer(old_id as u32, &old_wrapped)?;
-    let new_id = old_id + 1;
-    let (new, wrapped) = keyring.new_audit_signing_key(new_id as u32)?;
     flush_audit(tx, keyring, st).await?;
-    let vault = vault_hex(&**tx).await?;
-    let seq = st.audit_seq + 1;
-    let old_key_id = old.public_key().key_id();
-    let message =
-        audit::handover_message(&vault, seq, &st.audit_hash, &old_key_id, &new.public_key());
-    let handover = old.sign(&message);
+    let h = keyring.audit_signing_handover(
+        old_id as u32,
+        &old_wrapped,
+        &vault_hex(&**tx).await?,
+        st.audit_seq + 1,
+        &st.audit_hash,
+        caller,
+    )?;
     let now = now_micros();
     tx.execute(
         "UPDATE audit_signing_keys SET state = 'retired', wrapped = NULL, retired_at = $2 \
@@ -1737,22 +1736,16 @@ async fn rotate_signing_in_tx(
         "INSERT INTO audit_signing_keys(id, public_key, wrapped, state, created_at) \
          VALUES ($1, $2, $3, 'active', $4)",
         &[
-            &new_id,
-            &new.public_key().to_bytes().to_vec(),
-            &wrapped,
+            &i64::from(h.new_id),
+            &h.public.to_bytes().to_vec(),
+            &h.wrapped,
             &now,
         ],
     )
     .await
     .map_err(map_err)?;
-    st.audit.push(AuditEntry::new(
-        caller,
-        audit::ROTATE_ACTION,
-        &format!("audit key {new_id}"),
-        "OK",
-        &audit::rotation_reason(&new.public_key(), &old_key_id, &handover),
-    ));
-    Ok((new_id as u32, new.public_key()))
+    st.audit.push(h.entry);
+    Ok((h.new_id, h.public))
 }
 
 macro_rules! admin_tx {

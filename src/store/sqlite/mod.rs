@@ -1918,39 +1918,32 @@ pub(super) fn rotate_signing_in_tx(
         )
         .optional()?
         .ok_or_else(|| Error::FailedPrecondition("the vault has no audit signing key".into()))?;
-    let old = keyring.audit_signer(old_id as u32, &old_wrapped)?;
-    let new_id = old_id + 1;
-    let (new, wrapped) = keyring.new_audit_signing_key(new_id as u32)?;
     // The handover names the rotation record's place in the chain: write whatever
     // is pending first, so that place is known.
     flush_audit(tx, keyring, st)?;
-    let vault = vault_hex(tx)?;
-    let seq = st.audit_seq + 1;
-    let old_key_id = old.public_key().key_id();
-    let message =
-        audit::handover_message(&vault, seq, &st.audit_hash, &old_key_id, &new.public_key());
-    let handover = old.sign(&message);
+    let h = keyring.audit_signing_handover(
+        old_id as u32,
+        &old_wrapped,
+        &vault_hex(tx)?,
+        st.audit_seq + 1,
+        &st.audit_hash,
+        caller,
+    )?;
     let now = now_micros();
     tx.execute(
         "UPDATE audit_signing_keys SET state = 'retired', wrapped = NULL, retired_at = ?2 \
-             WHERE id = ?1",
+         WHERE id = ?1",
         params![old_id, now],
     )?;
     // The old wrapped seed is destroyed: truncate it out of the WAL too.
     mark_destroyed(tx)?;
     tx.execute(
         "INSERT INTO audit_signing_keys(id, public_key, wrapped, state, created_at) \
-             VALUES (?1, ?2, ?3, 'active', ?4)",
-        params![new_id, &new.public_key().to_bytes()[..], wrapped, now],
+         VALUES (?1, ?2, ?3, 'active', ?4)",
+        params![h.new_id, &h.public.to_bytes()[..], h.wrapped, now],
     )?;
-    st.audit.push(AuditEntry::new(
-        caller,
-        audit::ROTATE_ACTION,
-        &format!("audit key {new_id}"),
-        "OK",
-        &audit::rotation_reason(&new.public_key(), &old_key_id, &handover),
-    ));
-    Ok((new_id as u32, new.public_key()))
+    st.audit.push(h.entry);
+    Ok((h.new_id, h.public))
 }
 
 impl Storage for SqliteStore {
