@@ -13,7 +13,8 @@ use tokenvault::crypto::MasterKey;
 use tokenvault::error::Error;
 use tokenvault::token::{Token, TokenFormat};
 use tokenvault::vault::{
-    Caller, KeyPolicy, KeyState, PurgeOptions, RewrapOptions, TokenizeRequest, Vault, VaultConfig,
+    Caller, Clock, KeyPolicy, KeyState, PurgeOptions, RewrapOptions, TokenizeRequest, Vault,
+    VaultConfig,
 };
 
 const PANS: [&str; 4] = [
@@ -162,7 +163,56 @@ conformance!(
     a_reuse_never_returns_a_token_its_group_deletes,
     a_replica_with_the_replaced_keys_is_cut_off_then_reuses_after_reload,
     a_row_written_at_a_reused_id_during_a_rekey_is_not_layered_twice,
+    concurrent_reveals_each_get_their_own_answer,
 );
+
+/// Many reveals at once, of live, deleted and expired tokens: each gets exactly its own
+/// answer. PostgreSQL folds concurrent lookups into shared statements (and judges expiry
+/// per request), so a mix-up between the callers of one statement would show here.
+async fn concurrent_reveals_each_get_their_own_answer(store: Store) {
+    let key = MasterKey::generate();
+    let clock = Clock::stepped();
+    let mut cfg = store.config();
+    cfg.clock = clock.clone();
+    let vault = Vault::create(cfg, &key).unwrap();
+    let hour = 3_600_000_000i64;
+    let in_an_hour = vault.now() + hour;
+    let mut tokens = Vec::new();
+    for i in 0..40 {
+        let mut r = req(PANS[i % 4], TokenFormat::Opaque, false);
+        // Every third expires in an hour; every seventh is deleted.
+        r.expires_at = (i % 3 == 0).then_some(in_an_hour);
+        let t = vault.tokenize(&caller(), r).await.unwrap().token;
+        if i % 7 == 0 {
+            assert!(vault.delete(&caller(), t.clone()).await.unwrap());
+        }
+        tokens.push((t, (i % 3 != 0 && i % 7 != 0).then_some(PANS[i % 4])));
+    }
+    clock.set_step(2 * hour);
+    let tokens = Arc::new(tokens);
+    let tasks: Vec<_> = (0..240)
+        .map(|n| {
+            let (vault, tokens) = (vault.clone(), tokens.clone());
+            tokio::spawn(async move {
+                let (token, pan) = &tokens[(n * 7) % tokens.len()];
+                let got = vault.detokenize(&caller(), token.clone(), "t".into()).await;
+                match (got, pan) {
+                    (Ok(r), Some(pan)) => assert_eq!(r.pan.expose_digits(), *pan),
+                    (Err(Error::NotFound), None) => {}
+                    (got, pan) => {
+                        panic!("{token:?}: got {:?}, expected {pan:?}", got.map(|r| r.info))
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let v = vault.verify_audit().await.unwrap();
+    assert!(v.is_ok(), "{}", v.describe());
+    vault.close().await;
+}
 
 /// The attack of a racing delete: `Delete(X)` and `Tokenize(PAN of X, reuse_existing)` sent
 /// together, so they usually share one group (the writer is busy with the pairs before).
@@ -1155,6 +1205,81 @@ async fn a_group_of_64_costs_the_statements_of_a_group_of_1() {
         ));
     }
     assert_eq!(per_batch, vec![(1, 1, 1, 1), (1, 1, 1, 1)]);
+    vault.close().await;
+}
+
+/// Concurrent reveals share lookup statements: 256 detokenizes sent at once run far fewer
+/// than 256 `token = ANY($1)` statements (counted by pg_stat_statements); before, one each.
+/// Pooled connections plan generically (`plan_cache_mode`): no re-planning per execution.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_lookups_share_statements_and_generic_plans() {
+    let Some(cluster) = pg::private_cluster_with(
+        "-c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track_planning=on",
+    ) else {
+        return;
+    };
+    let store = Store::postgres_on(cluster.clone()).unwrap();
+    let Store::Postgres { url, .. } = &store else {
+        unreachable!()
+    };
+    let db = pg::db_of(url).to_owned();
+    cluster.sql(&db, "CREATE EXTENSION pg_stat_statements");
+    let key = MasterKey::generate();
+    let vault = Vault::create(store.config(), &key).unwrap();
+    let reqs = (0..64)
+        .map(|i| req(PANS[i % 4], TokenFormat::Opaque, false))
+        .collect();
+    let tokens: Vec<Token> = vault
+        .tokenize_batch(&caller(), reqs)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap().token)
+        .collect();
+    cluster.sql(&db, "SELECT pg_stat_statements_reset()");
+    let tasks: Vec<_> = (0..256)
+        .map(|n| {
+            let (vault, token) = (vault.clone(), tokens[n % 64].clone());
+            tokio::spawn(async move {
+                let r = vault
+                    .detokenize(&caller(), token, "t".into())
+                    .await
+                    .unwrap();
+                assert_eq!(r.pan.expose_digits(), PANS[n % 64 % 4]);
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let q = |sql: &str| cluster.query(&db, sql).trim().to_owned();
+    let lookups: i64 = q("SELECT COALESCE(SUM(calls), 0) FROM pg_stat_statements \
+         WHERE query LIKE 'SELECT token, key_version, nonce, ciphertext%'")
+    .parse()
+    .unwrap();
+    assert!(
+        (1..64).contains(&lookups),
+        "256 concurrent reveals ran {lookups} lookup statements"
+    );
+    // Planned once per pooled connection, not per execution: before, `= ANY($1)` got a
+    // custom plan every time (the server's generic estimate assumes ten array elements).
+    cluster.sql(&db, "SELECT pg_stat_statements_reset()");
+    for token in &tokens[..20] {
+        vault
+            .detokenize(&caller(), token.clone(), "t".into())
+            .await
+            .unwrap();
+    }
+    let (calls, plans) = {
+        let row = q(
+            "SELECT SUM(calls) || '|' || SUM(plans) FROM pg_stat_statements \
+             WHERE query LIKE 'SELECT token, key_version, nonce, ciphertext%'",
+        );
+        let (c, p) = row.split_once('|').unwrap();
+        (c.parse::<i64>().unwrap(), p.parse::<i64>().unwrap())
+    };
+    assert_eq!(calls, 20);
+    assert!(plans <= 6, "20 lookups planned {plans} times");
     vault.close().await;
 }
 

@@ -7,9 +7,10 @@
 //! same number of round trips whatever its size: the head lock and the active key pipelined,
 //! one reuse lookup, one multi-row token insert (`unnest` arrays; again only for the rare
 //! colliding token), then the key counts, the chained audit rows and the head pipelined, and
-//! `COMMIT`. Lookups are one `token = ANY($1)` statement per batch. A group reads as its
-//! requests one by one in order: an item whose reusable row a delete earlier in the same
-//! group removed is looked up again (never answered with the token that commit deletes).
+//! `COMMIT`. Concurrent lookups share one `token = ANY($1)` statement (`run_lookups`), and
+//! every pooled session plans generically (`connect.rs`). A group reads as its requests one
+//! by one in order: an item whose reusable row a delete earlier in the same group removed is
+//! looked up again (never answered with the token that commit deletes).
 //!
 //! One audit trail for the whole vault, ordered by the database: every writing transaction,
 //! serving group or admin operation, of every replica, first locks the one `audit_head`
@@ -1494,6 +1495,102 @@ fn fail(op: WriteOp, e: Error) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Lookups
+
+/// Tokens one statement looks up at most.
+const MAX_LOOKUP_BATCH: usize = 512;
+
+struct LookupReq {
+    tokens: Vec<String>,
+    now: Micros,
+    reply: oneshot::Sender<Result<Vec<Option<TokenRow>>>>,
+}
+
+/// Folds concurrent lookups into one `token = ANY($1)` statement each. A request is sent at
+/// once while a connection slot is free; only when every slot is busy do requests queue, and
+/// the next statement then takes all of them. So an idle replica adds no wait, and a loaded
+/// one spends one statement (one plan, one index descent per token, one round trip) on many
+/// callers instead of one each.
+async fn run_lookups(pool: Pool, slots: usize, mut rx: mpsc::Receiver<LookupReq>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(slots.max(1)));
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let mut n = first.tokens.len();
+        let mut batch = vec![first];
+        while n < MAX_LOOKUP_BATCH {
+            match rx.try_recv() {
+                Ok(req) => {
+                    n += req.tokens.len();
+                    batch.push(req);
+                }
+                Err(_) => break,
+            }
+        }
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let result = lookup_batch(&pool, &batch).await;
+            drop(permit);
+            match result {
+                Ok(found) => {
+                    for req in batch {
+                        let rows = req
+                            .tokens
+                            .iter()
+                            .map(|t| {
+                                found
+                                    .get(t)
+                                    // Each request judges expiry at its own time (the
+                                    // statement used the batch's earliest).
+                                    .filter(|r| r.meta.expires_at.map_or(true, |e| e > req.now))
+                                    .cloned()
+                            })
+                            .collect();
+                        let _ = req.reply.send(Ok(rows));
+                    }
+                }
+                Err(e) => {
+                    for req in batch {
+                        let _ = req.reply.send(Err(duplicate(&e)));
+                    }
+                }
+            }
+        });
+    }
+}
+
+async fn lookup_batch(pool: &Pool, batch: &[LookupReq]) -> Result<HashMap<String, TokenRow>> {
+    let client = PgShared::client(pool).await?;
+    let stmt = client.prepare_cached(SQL_LOOKUP).await.map_err(map_err)?;
+    let tokens: Vec<&str> = batch
+        .iter()
+        .flat_map(|r| r.tokens.iter().map(String::as_str))
+        .collect();
+    let now = batch.iter().map(|r| r.now).min().unwrap_or_default();
+    let rows = client
+        .query(&stmt, &[&tokens, &now])
+        .await
+        .map_err(map_err)?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let (row_format, bound_meta) = binding_from_row(r, 4);
+            let row = TokenRow {
+                token: r.get(0),
+                key_version: r.get::<_, i64>(1) as u32,
+                nonce: r.get(2),
+                ciphertext: r.get(3),
+                meta: meta_from_row(r, 4),
+                row_format,
+                bound_meta,
+            };
+            (row.token.clone(), row)
+        })
+        .collect())
+}
+
+// ---------------------------------------------------------------------------------------
 // The store
 
 pub struct PgStore {
@@ -1501,6 +1598,7 @@ pub struct PgStore {
     keyring: Arc<Keyring>,
     writer_tx: Mutex<Option<mpsc::Sender<WriteOp>>>,
     writer_done: Mutex<Option<oneshot::Receiver<()>>>,
+    lookup_tx: mpsc::Sender<LookupReq>,
     healthy: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
 }
@@ -1549,6 +1647,12 @@ impl PgStore {
             writer.run(rx).await;
             let _ = done_tx.send(());
         });
+        // The pool holds the read connections plus two (the writer, the health probe).
+        let lookup_slots = shared.pool.status().max_size.saturating_sub(2).max(1);
+        let (lookup_tx, lookup_rx) = mpsc::channel(p.writer_queue.max(1));
+        shared
+            .handle()
+            .spawn(run_lookups(shared.pool.clone(), lookup_slots, lookup_rx));
         {
             let (pool, healthy, stop) = (shared.pool.clone(), healthy.clone(), stop.clone());
             shared.handle().spawn(async move {
@@ -1578,6 +1682,7 @@ impl PgStore {
             keyring,
             writer_tx: Mutex::new(Some(tx)),
             writer_done: Mutex::new(Some(done_rx)),
+            lookup_tx,
             healthy,
             stop,
         })
@@ -1777,29 +1882,15 @@ impl Storage for PgStore {
     }
 
     fn lookup(&self, tokens: Vec<String>, now: Micros) -> StoreFuture<Vec<Option<TokenRow>>> {
-        self.read(move |client| async move {
-            let stmt = client.prepare_cached(SQL_LOOKUP).await.map_err(map_err)?;
-            let rows = client
-                .query(&stmt, &[&tokens, &now])
+        let sender = self.lookup_tx.clone();
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            sender
+                .send(LookupReq { tokens, now, reply })
                 .await
-                .map_err(map_err)?;
-            let found: HashMap<String, TokenRow> = rows
-                .iter()
-                .map(|r| {
-                    let (row_format, bound_meta) = binding_from_row(r, 4);
-                    let row = TokenRow {
-                        token: r.get(0),
-                        key_version: r.get::<_, i64>(1) as u32,
-                        nonce: r.get(2),
-                        ciphertext: r.get(3),
-                        meta: meta_from_row(r, 4),
-                        row_format,
-                        bound_meta,
-                    };
-                    (row.token.clone(), row)
-                })
-                .collect();
-            Ok(tokens.iter().map(|t| found.get(t).cloned()).collect())
+                .map_err(|_| Error::Unavailable("the vault is closed".into()))?;
+            rx.await
+                .map_err(|_| Error::Unavailable("the vault is closed".into()))?
         })
     }
 
