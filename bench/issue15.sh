@@ -15,6 +15,11 @@
 # seconds per run), ROUNDS (3, medians), CLIENTS (64), ROWS (peer detokenize table, 100000),
 # PREFILL (vault detokenize tokens, 10000), PGPORT_BENCH (54339), KEEP=1 keeps the cluster.
 # Prints one summary table at the end; every run's report stays in $OUT (printed).
+#
+# ONLY=tokenize|detokenize skips the peer and the table: one replica, one run of that
+# operation, then its rate and latency, the writer's groups (size, time) from the replica's
+# metrics, and a `top` snapshot taken mid-run; PERF=1 adds a system-wide
+# `perf record -a -g` of 4 s mid-run, kept as $OUT/perf.data.
 set -euo pipefail
 
 BIN=$(realpath "${BIN:-target/release/tokenvault}")
@@ -126,11 +131,12 @@ wait_serving() { # addr
     done
     log "no SERVING from $1 within 30 s"; return 1
 }
-start_replica() { # addr
-    "$BIN" --log-level warn serve --listen "$1" --detokenize-rate 10000000/s "${VARGS[@]}" \
-        >>"$OUT/serve.out" 2>>"$OUT/serve-$1.log" &
+start_replica() { # addr [extra serve args]
+    local addr=$1; shift
+    "$BIN" --log-level warn serve --listen "$addr" "$@" --detokenize-rate 10000000/s "${VARGS[@]}" \
+        >>"$OUT/serve.out" 2>>"$OUT/serve-$addr.log" &
     pids+=($!)
-    wait_serving "$1"
+    wait_serving "$addr"
 }
 bench() { # name addr concurrency op extra...
     local name=$1 addr=$2 c=$3 op=$4; shift 4
@@ -148,6 +154,31 @@ bench2() { # name op extra...
     wait "$a" "$b"
     awk -v a="$(rate "$name-a")" -v b="$(rate "$name-b")" 'BEGIN {printf "%.1f\n", a + b}' >"$OUT/$name.sum"
 }
+
+if [ -n "${ONLY:-}" ]; then
+    METRICS=127.0.0.1:50099
+    start_replica "$R1" --metrics-listen "$METRICS"
+    extra=()
+    [ "$ONLY" = detokenize ] && extra=(--prefill "$PREFILL")
+    (
+        sleep $((DURATION / 2 + 2))
+        top -b -n 1 -w 200 | head -16 >"$OUT/top.txt"
+        if [ "${PERF:-0}" = 1 ]; then
+            perf record -a -g -o "$OUT/perf.data" -- sleep 4 >/dev/null 2>&1
+        fi
+    ) &
+    snap=$!
+    bench "only-$ONLY" "$R1" "$CLIENTS" "$ONLY" "${extra[@]}"
+    wait "$snap"
+    curl -s "http://$METRICS/metrics" >"$OUT/metrics.txt"
+    jq -r '"\(.op): \(.pans_per_s) /s, p50 \(.latency.p50_us) us, p99 \(.latency.p99_us) us"' "$OUT/only-$ONLY.json"
+    awk '/^tokenvault_store_group_commit_items_sum/ {i=$2} /^tokenvault_store_group_commit_items_count/ {n=$2}
+         /^tokenvault_store_commit_duration_seconds_sum/ {t=$2}
+         END {printf "writer (whole run, prefill included): %d groups, %.1f items/group, %.2f ms/group, busy %.1f s\n", n, i/n, 1000*t/n, t}' "$OUT/metrics.txt"
+    cat "$OUT/top.txt"
+    echo "Reports: $OUT"
+    exit 0
+fi
 
 start_replica "$R1"
 for ((r = 1; r <= ROUNDS; r++)); do
