@@ -528,3 +528,79 @@ fn sealed_start_on_postgresql_is_unsealed_by_three_shares() {
         "4111111111111111"
     );
 }
+
+/// `master-key combine --store-url`: the vault id and the key check come from PostgreSQL. Three
+/// shares rebuild a key that opens the vault there; two are refused; an altered share rebuilds
+/// a wrong key that the database's key check refuses, and no key file is written.
+#[test]
+fn combine_on_postgresql_checks_the_rebuilt_key_against_the_database() {
+    let Some(cluster) = pg::cluster() else {
+        return;
+    };
+    let url = cluster.create_db();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let key = dir.join("pg.key");
+    let out = bin()
+        .args(["init", "--store-url", &url, "--generate-master-key"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let out = bin()
+        .args(["master-key", "split", "--shares", "5", "--threshold", "3"])
+        .args(["--store-url", &url, "--master-key-file"])
+        .arg(&key)
+        .arg("--out-dir")
+        .arg(dir.join("shares"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let shares: Vec<std::path::PathBuf> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(Into::into)
+        .collect();
+    assert_eq!(shares.len(), 5);
+    let combine = |shares: &[&Path], out_key: &Path| {
+        let mut c = bin();
+        c.args(["master-key", "combine", "--store-url", &url]);
+        for s in shares {
+            c.arg("--share-file").arg(s);
+        }
+        c.arg("--out").arg(out_key).output().unwrap()
+    };
+
+    let rebuilt = dir.join("rebuilt.key");
+    let out = combine(&[&shares[3], &shares[0], &shares[4]], &rebuilt);
+    assert!(out.status.success(), "{}", text(&out));
+    // The rebuilt key alone (the original is gone) opens the vault in the database.
+    std::fs::remove_file(&key).unwrap();
+    let out = bin()
+        .args(["keys", "list", "--store-url", &url, "--master-key-file"])
+        .arg(&rebuilt)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+
+    let out = combine(&[&shares[1], &shares[2]], &dir.join("two.key"));
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(!dir.join("two.key").exists());
+
+    let altered = dir.join("altered.txt");
+    let body = std::fs::read_to_string(&shares[1]).unwrap();
+    let line = body.lines().find(|l| l.starts_with("share: ")).unwrap();
+    let b64 = &line["share: ".len()..];
+    let flipped = if b64.as_bytes()[5] == b'A' { 'B' } else { 'A' };
+    let mut new_b64 = b64.to_owned();
+    new_b64.replace_range(5..6, &flipped.to_string());
+    std::fs::write(&altered, body.replace(b64, &new_b64)).unwrap();
+    std::fs::set_permissions(&altered, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = combine(&[&altered, &shares[2], &shares[3]], &dir.join("a.key"));
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(
+        text(&out).contains("does not open this vault"),
+        "{}",
+        text(&out)
+    );
+    assert!(!dir.join("a.key").exists());
+}

@@ -34,6 +34,15 @@ pub enum MasterKeyCommand {
         /// Directory holding the vault the key belongs to (the rebuilt key is checked against it).
         #[arg(long, env = "TOKENVAULT_DATA_DIR", default_value = super::common::DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
+        /// The vault's shared PostgreSQL store instead of --data-dir (as for every command
+        /// that opens a vault; the password never on the command line).
+        #[arg(
+            long,
+            env = "TOKENVAULT_STORE_URL",
+            value_name = "URL",
+            hide_env_values = true
+        )]
+        store_url: Option<crate::config::StoreUrl>,
         /// A share file; repeat once per share.
         #[arg(long = "share-file", value_name = "FILE", required = true)]
         share_files: Vec<PathBuf>,
@@ -170,11 +179,19 @@ pub async fn run(cmd: MasterKeyCommand) -> Result<(), CliError> {
         }
         MasterKeyCommand::Combine {
             data_dir,
+            store_url,
             share_files,
             out,
         } => {
             crate::hardening::harden_process();
-            let id = vault_id(&data_dir)?;
+            let url = store_url.as_deref().filter(|u| !u.trim().is_empty());
+            if url.is_none() {
+                require_vault(&data_dir)?;
+            }
+            let header =
+                crate::store::StoreLocation::from_config(&data_dir, url, 1)?.read_header()?;
+            let id = VaultId::from_slice(&header.vault_id)
+                .ok_or_else(|| CliError::Storage("vault id has the wrong length".into()))?;
             let mut collector = Collector::new();
             for path in &share_files {
                 collector
@@ -189,7 +206,7 @@ pub async fn run(cmd: MasterKeyCommand) -> Result<(), CliError> {
                     )))
                 }
             };
-            check_rebuilt(&data_dir, &master)?;
+            check_rebuilt(&header, &master)?;
             master.write_new_file(&out)?;
             println!(
                 "master key rebuilt and written to {} (mode 0600)",
@@ -201,8 +218,7 @@ pub async fn run(cmd: MasterKeyCommand) -> Result<(), CliError> {
 }
 
 /// The rebuilt key opens the vault (an altered share rebuilds a wrong key).
-fn check_rebuilt(data_dir: &std::path::Path, master: &MasterKey) -> Result<(), CliError> {
-    let header = crate::store::sqlite::read_header(data_dir)?;
+fn check_rebuilt(header: &crate::store::VaultHeader, master: &MasterKey) -> Result<(), CliError> {
     let id = VaultId::from_slice(&header.vault_id)
         .ok_or_else(|| CliError::Storage("vault id has the wrong length".into()))?;
     let (_, check) = master.derive(&id);
