@@ -436,17 +436,22 @@ fn password_from_file(
         .to_string();
     let user = config.get_user().unwrap_or_default();
     let db = config.get_dbname().unwrap_or(user);
-    Ok(match_password_line(&text, [&host, &port, db, user]).map(zeroize::Zeroizing::new))
+    Ok(match_password_line(&text, [&host, &port, db, user]))
 }
 
-/// The first matching line's password (see [`password_from_file`]).
-fn match_password_line(text: &str, want: [&str; 4]) -> Option<String> {
+/// The first matching line's password (see [`password_from_file`]). Every field is built in
+/// a zeroizing buffer sized for its whole line up front (never reallocated, so no copy of a
+/// password is left behind), the other lines' passwords included.
+fn match_password_line(text: &str, want: [&str; 4]) -> Option<zeroize::Zeroizing<String>> {
+    use zeroize::Zeroizing;
     for line in text.lines() {
         if line.starts_with('#') || line.trim().is_empty() {
             continue;
         }
+        let field = || Zeroizing::new(String::with_capacity(line.len()));
         // Split on unescaped `:` into at most five fields, unescaping as we go.
-        let mut fields = vec![String::new()];
+        let mut fields = Vec::with_capacity(5);
+        fields.push(field());
         let mut chars = line.chars();
         while let Some(c) = chars.next() {
             match c {
@@ -455,7 +460,7 @@ fn match_password_line(text: &str, want: [&str; 4]) -> Option<String> {
                         fields.last_mut()?.push(n);
                     }
                 }
-                ':' if fields.len() < 5 => fields.push(String::new()),
+                ':' if fields.len() < 5 => fields.push(field()),
                 c => fields.last_mut()?.push(c),
             }
         }
@@ -465,7 +470,7 @@ fn match_password_line(text: &str, want: [&str; 4]) -> Option<String> {
         let matches = fields[..4]
             .iter()
             .zip(want)
-            .all(|(f, w)| f == "*" || f == w);
+            .all(|(f, w)| f.as_str() == "*" || f.as_str() == w);
         if matches {
             return fields.pop();
         }
@@ -601,18 +606,24 @@ mod tests {
                     db.example:*:vault:vault:p\\:w\\\\d\n\
                     *:*:*:*:fallback\n";
         assert_eq!(
-            match_password_line(text, ["db.example", "5432", "vault", "vault"]).as_deref(),
+            match_password_line(text, ["db.example", "5432", "vault", "vault"])
+                .as_deref()
+                .map(String::as_str),
             Some("p:w\\d")
         );
         assert_eq!(
-            match_password_line(text, ["db.example", "5432", "other", "vault"]).as_deref(),
+            match_password_line(text, ["db.example", "5432", "other", "vault"])
+                .as_deref()
+                .map(String::as_str),
             Some("wrong-db")
         );
         assert_eq!(
-            match_password_line(text, ["elsewhere", "1", "x", "y"]).as_deref(),
+            match_password_line(text, ["elsewhere", "1", "x", "y"])
+                .as_deref()
+                .map(String::as_str),
             Some("fallback")
         );
-        assert_eq!(match_password_line("a:b:c:d\n", ["a", "b", "c", "d"]), None);
+        assert!(match_password_line("a:b:c:d\n", ["a", "b", "c", "d"]).is_none());
     }
 
     #[test]
