@@ -523,3 +523,113 @@ async fn rotate_master_between_every_kind() {
     assert_eq!(revealed.pan.expose_digits(), pan);
     vault.close().await;
 }
+
+/// `keys rotate-master --rekey` from a key file into SoftHSM2, in two runs (stopped after one
+/// batch, then resumed with the token only): every row is re-sealed under a new data key
+/// whose wrapping only the token opens. Afterwards the file key opens nothing, the token's key
+/// decrypts every row (`check --full`), the chain verifies, and the old version is retired.
+#[tokio::test]
+async fn rekey_into_softhsm_reseals_every_row_and_cuts_off_the_file_key() {
+    let Some(hsm) = SoftHsm::new(&["vault-r"]) else {
+        return;
+    };
+    let dir = hsm.dir.path();
+    let data = dir.join("data");
+    let file = dir.join("file.key");
+    let out = hsm
+        .bin()
+        .args(["init", "--data-dir"])
+        .arg(&data)
+        .arg("--generate-master-key")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let vault = Vault::open(
+        VaultConfig::new(&data),
+        &MasterKey::load_file(&file).unwrap(),
+    )
+    .unwrap();
+    let req = |i: usize| tokenvault::vault::TokenizeRequest {
+        pan: tokenvault::card::Pan::parse(["4111111111111111", "5555555555554444"][i % 2]).unwrap(),
+        format: tokenvault::token::TokenFormat::Opaque,
+        reuse_existing: i == 0,
+        expires_at: None,
+    };
+    for i in 0..40 {
+        vault.tokenize(&Caller::cli(), req(i)).await.unwrap();
+    }
+    vault.close().await;
+    drop(vault);
+
+    let uri = hsm.uri("vault-r", "master-rekeyed");
+    let rekey = |old_file: Option<&Path>, extra: &[&str]| {
+        let mut c = hsm.bin();
+        c.args([
+            "keys",
+            "rotate-master",
+            "--rekey",
+            "--json",
+            "--batch",
+            "16",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--new-master-key-pkcs11", &uri]);
+        if let Some(f) = old_file {
+            c.arg("--master-key-file").arg(f);
+        }
+        c.args(extra).output().unwrap()
+    };
+    // Stopped after one batch of 16 rows...
+    let out = rekey(Some(&file), &["--max-batches", "1"]);
+    assert_ok(&out);
+    let first: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(first["rekeyed"], false, "{first}");
+    // ...and finished by a run that names only the token (the file key no longer opens it).
+    let out = rekey(None, &[]);
+    assert_ok(&out);
+    let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(done["rekeyed"], true, "{done}");
+    assert_eq!(done["resumed"], true, "{done}");
+
+    let status = |key_args: &[&str]| {
+        hsm.bin()
+            .args(["keys", "status", "--json", "--data-dir"])
+            .arg(&data)
+            .args(key_args)
+            .output()
+            .unwrap()
+    };
+    assert_eq!(
+        status(&["--master-key-file", file.to_str().unwrap()])
+            .status
+            .code(),
+        Some(3)
+    );
+    assert_ok(&status(&["--master-key-pkcs11", &uri]));
+    // The token's key decrypts every row, and the chain verifies.
+    let out = hsm.run(&["check", "--full", "--json"], &data, &uri);
+    assert_ok(&out);
+    let check: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(check["ok"], true, "{check}");
+    assert_eq!(check["rows_checked"], 40, "{check}");
+    assert_ok(&hsm.run(&["audit", "verify"], &data, &uri));
+    // Every row is under the new version; the old one is retired and holds none.
+    let out = hsm.run(&["keys", "list", "--json"], &data, &uri);
+    assert_ok(&out);
+    let keys: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let states: Vec<(u64, &str, u64)> = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| {
+            (
+                k["version"].as_u64().unwrap(),
+                k["state"].as_str().unwrap(),
+                k["rows"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(states, vec![(1, "retired", 0), (2, "active", 40)]);
+}
