@@ -1038,6 +1038,80 @@ async fn a_database_restart_fails_fast_then_recovers_without_a_restart() {
     vault.close().await;
 }
 
+/// A database that stops answering without closing its connections (every server process
+/// stopped with SIGSTOP, like a hung host or a silent partition): a reveal and a tokenize fail
+/// with UNAVAILABLE within the serving bound (10 s) instead of waiting for TCP to give up,
+/// health reports it, and once the server runs again the vault serves without a restart.
+/// Before the bound, both waited until the server ran again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_database_fails_requests_within_a_bound_then_recovers() {
+    let Some(store) = pg::private_cluster().and_then(Store::postgres_on) else {
+        return;
+    };
+    let Store::Postgres { cluster, .. } = &store else {
+        unreachable!()
+    };
+    let key = MasterKey::generate();
+    let vault = Vault::create(store.config(), &key).unwrap();
+    let t = vault
+        .tokenize(&caller(), req(PANS[0], TokenFormat::Opaque, false))
+        .await
+        .unwrap();
+    let frozen = cluster.freeze();
+    let started = std::time::Instant::now();
+    let who = caller();
+    let (tokenized, revealed) = tokio::join!(
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            vault.tokenize(&who, req(PANS[1], TokenFormat::Opaque, false)),
+        ),
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            vault.detokenize(&who, t.token.clone(), "t".into()),
+        ),
+    );
+    let waited = started.elapsed();
+    let tokenized = tokenized.expect("tokenize still waiting after 30 s");
+    let revealed = revealed
+        .expect("detokenize still waiting after 30 s")
+        .map(|r| r.info);
+    assert!(
+        matches!(tokenized, Err(Error::Unavailable(_))),
+        "{tokenized:?}"
+    );
+    assert!(
+        matches!(revealed, Err(Error::Unavailable(_))),
+        "{revealed:?}"
+    );
+    assert!(waited < Duration::from_secs(15), "{waited:?}");
+    assert!(!vault.healthy(), "health reports the silent database");
+    drop(frozen);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match vault
+            .detokenize(&caller(), t.token.clone(), "t".into())
+            .await
+        {
+            Ok(r) => {
+                assert_eq!(r.pan.expose_digits(), PANS[0]);
+                break;
+            }
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("still recovering: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("no recovery: {e}"),
+        }
+    }
+    vault
+        .tokenize(&caller(), req(PANS[2], TokenFormat::Opaque, false))
+        .await
+        .unwrap();
+    let v = vault.verify_audit().await.unwrap();
+    assert!(v.is_ok(), "{}", v.describe());
+    vault.close().await;
+}
+
 /// `serve` and the admin commands need only SELECT/INSERT/UPDATE/DELETE (the README's
 /// GRANTs); only `init` (and a migration) needs to create tables.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -192,6 +192,33 @@ impl Cluster {
         self.pg_ctl_start();
     }
 
+    /// Stops every server process with SIGSTOP: connections stay open and nothing answers
+    /// (a hung host, a silent partition). They run again when the guard drops.
+    pub fn freeze(&self) -> Frozen {
+        let pid_file = std::fs::read_to_string(self.data().join("postmaster.pid")).unwrap();
+        let postmaster: i32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
+        // The postmaster first, so it forks no new backend meanwhile.
+        let mut pids = vec![postmaster];
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            // Field 4 of /proc/PID/stat, after the command in parentheses, is the parent.
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            let after = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
+            if after.split_whitespace().nth(1) == Some(&postmaster.to_string()) {
+                pids.push(pid);
+            }
+        }
+        for &pid in &pids {
+            // SAFETY: kill has no memory preconditions; these are our own server's processes.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        }
+        Frozen(pids)
+    }
+
     /// The URL of database `db` as the superuser, over TCP without TLS.
     pub fn url(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
@@ -291,6 +318,18 @@ impl Cluster {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+}
+
+/// Server processes stopped by [`Cluster::freeze`]; dropping it lets them run again.
+pub struct Frozen(Vec<i32>);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for &pid in self.0.iter().rev() {
+            // SAFETY: as in `freeze`.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
     }
 }
 

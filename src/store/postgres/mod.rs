@@ -65,6 +65,20 @@ const WALK_CHUNK: i64 = 10_000;
 /// How often an idle replica proves the database answers (health), and measures the vault's
 /// size against `limits.max_storage_bytes`.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// The longest a serving group or lookup waits for the database. A server that stops
+/// answering without closing its connections (a hung host, a silent partition) would
+/// otherwise hold callers until TCP gives up, which can be many minutes. Past this the
+/// callers get UNAVAILABLE. A group cut off after its `COMMIT` was sent may still commit; its
+/// callers were not told it did, which is what UNAVAILABLE means. Far above a healthy group
+/// (milliseconds) or an admin transaction holding the head lock (`ADMIN_TX_BUDGET`).
+const SERVING_WAIT: Duration = Duration::from_secs(10);
+
+fn no_answer() -> Error {
+    Error::Unavailable(format!(
+        "the database did not answer within {} s",
+        SERVING_WAIT.as_secs()
+    ))
+}
 /// Share of the storage limit that tokenize may use; the rest is kept for audit records
 /// (reveals stay possible). The same share as SQLite's.
 const TOKENIZE_SHARE: f64 = 0.9;
@@ -1345,7 +1359,9 @@ impl Writer {
 
     async fn commit_group(&self, mut group: Vec<WriteOp>) {
         let (n, started) = (group.len(), Instant::now());
-        let result = self.apply_group(&mut group).await;
+        let result = tokio::time::timeout(SERVING_WAIT, self.apply_group(&mut group))
+            .await
+            .unwrap_or_else(|_| Err(no_answer()));
         super::observe_commit(n, started.elapsed(), result.is_ok());
         match result {
             Ok(outcomes) => {
@@ -1530,7 +1546,9 @@ async fn run_lookups(pool: Pool, slots: usize, mut rx: mpsc::Receiver<LookupReq>
         }
         let pool = pool.clone();
         tokio::spawn(async move {
-            let result = lookup_batch(&pool, &batch).await;
+            let result = tokio::time::timeout(SERVING_WAIT, lookup_batch(&pool, &batch))
+                .await
+                .unwrap_or_else(|_| Err(no_answer()));
             drop(permit);
             match result {
                 Ok(found) => {
