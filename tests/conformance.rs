@@ -990,6 +990,24 @@ async fn replicas_see_key_and_client_changes_within_a_second() {
     }
 }
 
+/// Retries a reveal of `token` until it answers `pan`; panics if it has not within `limit`.
+async fn reveals_again_within(vault: &Vault, token: &Token, pan: &str, limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match vault.detokenize(&caller(), token.clone(), "t".into()).await {
+            Ok(r) => {
+                assert_eq!(r.pan.expose_digits(), pan);
+                return;
+            }
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("still recovering: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("no recovery: {e}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_restart_fails_fast_then_recovers_without_a_restart() {
     // A cluster of its own: the restart must not hit the other tests.
@@ -1015,23 +1033,7 @@ async fn a_database_restart_fails_fast_then_recovers_without_a_restart() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(!vault.healthy(), "health reports the lost database");
     cluster.start_again();
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        match vault
-            .detokenize(&caller(), t.token.clone(), "t".into())
-            .await
-        {
-            Ok(r) => {
-                assert_eq!(r.pan.expose_digits(), PANS[0]);
-                break;
-            }
-            Err(e) if std::time::Instant::now() < deadline => {
-                eprintln!("still recovering: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("no recovery: {e}"),
-        }
-    }
+    reveals_again_within(&vault, &t.token, PANS[0], Duration::from_secs(15)).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(vault.healthy());
     assert!(vault.verify_audit().await.unwrap().is_ok());
@@ -1086,23 +1088,7 @@ async fn a_hung_database_fails_requests_within_a_bound_then_recovers() {
     assert!(waited < Duration::from_secs(15), "{waited:?}");
     assert!(!vault.healthy(), "health reports the silent database");
     drop(frozen);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        match vault
-            .detokenize(&caller(), t.token.clone(), "t".into())
-            .await
-        {
-            Ok(r) => {
-                assert_eq!(r.pan.expose_digits(), PANS[0]);
-                break;
-            }
-            Err(e) if std::time::Instant::now() < deadline => {
-                eprintln!("still recovering: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("no recovery: {e}"),
-        }
-    }
+    reveals_again_within(&vault, &t.token, PANS[0], Duration::from_secs(20)).await;
     vault
         .tokenize(&caller(), req(PANS[2], TokenFormat::Opaque, false))
         .await

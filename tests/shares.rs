@@ -83,6 +83,19 @@ fn combine(data: &Path, shares: &[&Path], out_key: &Path) -> Output {
     c.arg("--out").arg(out_key).output().unwrap()
 }
 
+/// A copy of `share` at `out` (0600) with one base64 character of its share line changed.
+fn altered_copy(share: &Path, out: &Path) -> std::path::PathBuf {
+    let body = std::fs::read_to_string(share).unwrap();
+    let line = body.lines().find(|l| l.starts_with("share: ")).unwrap();
+    let b64 = &line["share: ".len()..];
+    let flipped = if b64.as_bytes()[5] == b'A' { 'B' } else { 'A' };
+    let mut new_b64 = b64.to_owned();
+    new_b64.replace_range(5..6, &flipped.to_string());
+    std::fs::write(out, body.replace(b64, &new_b64)).unwrap();
+    std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o600)).unwrap();
+    out.to_path_buf()
+}
+
 #[tokio::test]
 async fn three_of_five_shares_rebuild_the_key_and_fewer_or_foreign_ones_do_not() {
     let tmp = tempfile::tempdir().unwrap();
@@ -169,15 +182,7 @@ async fn three_of_five_shares_rebuild_the_key_and_fewer_or_foreign_ones_do_not()
     assert!(!msg.contains(&vault_hex), "{msg}");
 
     // An altered share rebuilds a wrong key, which the vault's key check refuses.
-    let altered = dir.join("altered.txt");
-    let body = std::fs::read_to_string(&shares[0]).unwrap();
-    let line = body.lines().find(|l| l.starts_with("share: ")).unwrap();
-    let b64 = &line["share: ".len()..];
-    let flipped = if b64.as_bytes()[5] == b'A' { 'B' } else { 'A' };
-    let mut new_b64 = b64.to_owned();
-    new_b64.replace_range(5..6, &flipped.to_string());
-    std::fs::write(&altered, body.replace(b64, &new_b64)).unwrap();
-    std::fs::set_permissions(&altered, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let altered = altered_copy(&shares[0], &dir.join("altered.txt"));
     let out = combine(
         &data,
         &[&altered, &shares[1], &shares[2]],
@@ -586,15 +591,7 @@ fn combine_on_postgresql_checks_the_rebuilt_key_against_the_database() {
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     assert!(!dir.join("two.key").exists());
 
-    let altered = dir.join("altered.txt");
-    let body = std::fs::read_to_string(&shares[1]).unwrap();
-    let line = body.lines().find(|l| l.starts_with("share: ")).unwrap();
-    let b64 = &line["share: ".len()..];
-    let flipped = if b64.as_bytes()[5] == b'A' { 'B' } else { 'A' };
-    let mut new_b64 = b64.to_owned();
-    new_b64.replace_range(5..6, &flipped.to_string());
-    std::fs::write(&altered, body.replace(b64, &new_b64)).unwrap();
-    std::fs::set_permissions(&altered, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let altered = altered_copy(&shares[1], &dir.join("altered.txt"));
     let out = combine(&[&altered, &shares[2], &shares[3]], &dir.join("a.key"));
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     assert!(
