@@ -99,23 +99,23 @@ pub async fn unseal(args: UnsealArgs) -> Result<(), CliError> {
     }
 }
 
-/// The vault id recorded in `data_dir`'s header.
-pub fn vault_id(data_dir: &std::path::Path) -> Result<VaultId, CliError> {
-    require_vault(data_dir)?;
-    let header = crate::store::sqlite::read_header(data_dir)?;
-    VaultId::from_slice(&header.vault_id)
-        .ok_or_else(|| CliError::Storage("vault id has the wrong length".into()))
+/// The header and id of the vault in `data_dir`, or in the shared store `url` when given.
+fn header_at(
+    data_dir: &std::path::Path,
+    url: Option<&str>,
+) -> Result<(crate::store::VaultHeader, VaultId), CliError> {
+    if url.is_none() {
+        require_vault(data_dir)?;
+    }
+    let header = crate::store::StoreLocation::from_config(data_dir, url, 1)?.read_header()?;
+    let id = VaultId::from_slice(&header.vault_id)
+        .ok_or_else(|| CliError::Storage("vault id has the wrong length".into()))?;
+    Ok((header, id))
 }
 
 /// The vault id of the vault `args` name: a data directory or a shared store URL.
 pub fn vault_id_of(args: &super::common::VaultArgs) -> Result<VaultId, CliError> {
-    let config = args.config();
-    if config.store_url.is_none() {
-        require_vault(&args.data_dir)?;
-    }
-    let header = config.location()?.read_header()?;
-    VaultId::from_slice(&header.vault_id)
-        .ok_or_else(|| CliError::Storage("vault id has the wrong length".into()))
+    Ok(header_at(&args.data_dir, args.shared_store_url())?.1)
 }
 
 /// Reads a share file (small, owner-only like a key file).
@@ -185,13 +185,7 @@ pub async fn run(cmd: MasterKeyCommand) -> Result<(), CliError> {
         } => {
             crate::hardening::harden_process();
             let url = store_url.as_deref().filter(|u| !u.trim().is_empty());
-            if url.is_none() {
-                require_vault(&data_dir)?;
-            }
-            let header =
-                crate::store::StoreLocation::from_config(&data_dir, url, 1)?.read_header()?;
-            let id = VaultId::from_slice(&header.vault_id)
-                .ok_or_else(|| CliError::Storage("vault id has the wrong length".into()))?;
+            let (header, id) = header_at(&data_dir, url)?;
             let mut collector = Collector::new();
             for path in &share_files {
                 collector
@@ -206,7 +200,7 @@ pub async fn run(cmd: MasterKeyCommand) -> Result<(), CliError> {
                     )))
                 }
             };
-            check_rebuilt(&header, &master)?;
+            check_rebuilt(&id, &header, &master)?;
             master.write_new_file(&out)?;
             println!(
                 "master key rebuilt and written to {} (mode 0600)",
@@ -218,10 +212,12 @@ pub async fn run(cmd: MasterKeyCommand) -> Result<(), CliError> {
 }
 
 /// The rebuilt key opens the vault (an altered share rebuilds a wrong key).
-fn check_rebuilt(header: &crate::store::VaultHeader, master: &MasterKey) -> Result<(), CliError> {
-    let id = VaultId::from_slice(&header.vault_id)
-        .ok_or_else(|| CliError::Storage("vault id has the wrong length".into()))?;
-    let (_, check) = master.derive(&id);
+fn check_rebuilt(
+    id: &VaultId,
+    header: &crate::store::VaultHeader,
+    master: &MasterKey,
+) -> Result<(), CliError> {
+    let (_, check) = master.derive(id);
     if check.matches(&header.key_check) {
         Ok(())
     } else {

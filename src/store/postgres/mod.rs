@@ -72,13 +72,6 @@ const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// callers were not told it did, which is what UNAVAILABLE means. Far above a healthy group
 /// (milliseconds) or an admin transaction holding the head lock (`ADMIN_TX_BUDGET`).
 const SERVING_WAIT: Duration = Duration::from_secs(10);
-
-fn no_answer() -> Error {
-    Error::Unavailable(format!(
-        "the database did not answer within {} s",
-        SERVING_WAIT.as_secs()
-    ))
-}
 /// Share of the storage limit that tokenize may use; the rest is kept for audit records
 /// (reveals stay possible). The same share as SQLite's.
 const TOKENIZE_SHARE: f64 = 0.9;
@@ -86,6 +79,14 @@ const TOKENIZE_SHARE: f64 = 0.9;
 const SQL_VAULT_BYTES: &str = "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0)::bigint \
      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
      WHERE c.relkind = 'r' AND n.nspname = current_schema()";
+
+/// What a caller hears when the database did not answer within [`SERVING_WAIT`].
+fn no_answer() -> Error {
+    Error::Unavailable(format!(
+        "the database did not answer within {} s",
+        SERVING_WAIT.as_secs()
+    ))
+}
 
 /// Measures the vault's tables against the tokenize share of the limit; sets `full`.
 async fn measure_storage(pool: &Pool, limit: u64, full: &AtomicBool) -> Result<()> {
