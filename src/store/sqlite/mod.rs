@@ -54,7 +54,8 @@ pub(crate) const MAX_TOKEN_DRAWS: usize = 32;
 const STATEMENT_CACHE: usize = 64;
 /// Lookups of at most this many tokens run on the caller's thread (see [`ReadPool`]).
 const INLINE_LOOKUP: usize = 16;
-/// Reads go through a memory map of the database file (the WAL is read normally).
+/// The writer reads the database file through a memory map (readers do not: see
+/// [`open_reader`]; the WAL is read normally).
 const MMAP_SIZE: i64 = 1 << 30;
 pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -1412,10 +1413,14 @@ fn open_reader(path: &Path, busy_timeout: Duration) -> Result<Connection> {
     enable_secure_delete(&conn)?;
     conn.pragma_update(None, "query_only", true)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-    // Every commit of the writer invalidates a reader's page cache, and clearing a
-    // large cache costs more than re-reading through the memory map.
+    // Every commit of the writer invalidates a reader's page cache, so the cache is small.
+    // No memory map either: in WAL mode a reader that finds the database changed since its
+    // last read drops its whole map (`pagerBeginReadTransaction` → unfetch), so under
+    // writes every lookup paid an munmap (with a TLB shootdown across cores) and page
+    // faults to map it again; plain reads from the OS page cache cost less (BENCHMARKS.md,
+    // "Readers without a memory map").
     conn.pragma_update(None, "cache_size", -2_000)?;
-    conn.pragma_update(None, "mmap_size", MMAP_SIZE)?;
+    conn.pragma_update(None, "mmap_size", 0)?;
     Ok(conn)
 }
 
