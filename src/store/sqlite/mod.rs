@@ -2397,3 +2397,25 @@ impl Drop for SqliteStore {
         self.reads.stop();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reader with a memory map drops it whenever the writer committed since its last read,
+    /// so under writes each lookup would unmap and fault the map back in (BENCHMARKS.md,
+    /// "Readers without a memory map").
+    #[test]
+    fn readers_read_without_a_memory_map_and_the_writer_with_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        let writer = Connection::open(&path).unwrap();
+        set_pragmas(&writer, None).unwrap();
+        writer.execute_batch("CREATE TABLE t(x)").unwrap();
+        let reader = open_reader(&path, BUSY_TIMEOUT).unwrap();
+        let mmap =
+            |c: &Connection| -> i64 { c.query_row("PRAGMA mmap_size", [], |r| r.get(0)).unwrap() };
+        assert_eq!(mmap(&reader), 0);
+        assert_eq!(mmap(&writer), MMAP_SIZE);
+    }
+}
