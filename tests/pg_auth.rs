@@ -2,7 +2,8 @@
 //! (pg_hba `scram-sha-256` on the loopback), the password from `PGPASSWORD` or a libpq
 //! password file. A file `PGPASSFILE` names that others may read stops the command; a
 //! `~/.pgpass` others may read is ignored (as libpq does); a wrong or missing password is a
-//! clear failure; no password ever shows in any output.
+//! clear failure; no password ever shows in any output. And at `--log-level debug` no
+//! statement parameter shows either.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -144,5 +145,61 @@ fn a_scram_role_logs_in_with_a_password_from_pgpassword_or_a_0600_password_file(
         cluster.query(&db, "SELECT count(*) FROM data_keys"),
         "1",
         "the vault lives in the role's database"
+    );
+}
+
+/// `--log-level debug` on a PostgreSQL store: the driver logs every statement's parameters
+/// at debug (tokens, ciphertexts, client key hashes, audit records), so its statement logs
+/// stay off whatever level is asked for; the vault's own debug lines still show.
+#[test]
+fn debug_logs_never_carry_the_databases_statement_parameters() {
+    let Some(cluster) = pg::cluster() else {
+        return;
+    };
+    let url = cluster.create_db();
+    let tmp = tempfile::tempdir().unwrap();
+    let key = tmp.path().join("pg.key");
+    let run = |args: &[&str]| {
+        let out = bin(tmp.path())
+            .args(["--log-level", "debug"])
+            .args(args)
+            .args(["--store-url", &url])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        out
+    };
+    let init = run(&["init", "--generate-master-key", key.to_str().unwrap()]);
+    let key_arg = ["--master-key-file", key.to_str().unwrap()];
+    let add = run(&[
+        &["clients", "add", "checkout", "--roles", "tokenize"][..],
+        &key_arg,
+    ]
+    .concat());
+    let api_key = String::from_utf8_lossy(&add.stdout).trim().to_owned();
+    assert!(api_key.len() >= 20, "{}", text(&add));
+    let list = run(&[&["keys", "list"][..], &key_arg].concat());
+    let stored_hash = cluster.query_blobs(
+        pg::db_of(&url),
+        "SELECT key_hash FROM clients WHERE name = 'checkout'",
+    );
+    let mut debug_lines = 0;
+    for out in [&init, &add, &list] {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        debug_lines += stderr.lines().filter(|l| l.contains("DEBUG")).count();
+        assert!(!stderr.contains("with parameters"), "{}", text(out));
+        assert!(!stderr.contains("DEBUG tokio_postgres"), "{}", text(out));
+        assert!(!stderr.contains(&api_key), "{}", text(out));
+        for hash in &stored_hash {
+            assert!(
+                !stderr.contains(&format!("{hash:?}")[1..20]),
+                "{}",
+                text(out)
+            );
+        }
+    }
+    assert!(
+        debug_lines > 0,
+        "no debug line at all: the level was not debug"
     );
 }
