@@ -1656,6 +1656,26 @@ async fn a_row_written_at_a_reused_id_during_a_rekey_is_not_layered_twice(store:
         Err(Error::FailedPrecondition(m)) => assert!(m.contains("rekey is in progress"), "{m}"),
         other => panic!("rewrap during a rekey: {:?}", other.map(|_| ())),
     }
+    // And so a revoke of the active version, refused before its first step (a rotation), so
+    // nothing changes: the refused command leaves the key versions as they were.
+    let versions = |keys: Vec<tokenvault::vault::KeyVersionInfo>| {
+        keys.iter()
+            .map(|k| (k.version, k.state, k.encryptions))
+            .collect::<Vec<_>>()
+    };
+    let before = versions(vault.list_keys().await.unwrap());
+    let active = vault
+        .list_keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|k| k.state == KeyState::Active);
+    let active = active.expect("an active version").version;
+    match vault.revoke_key(&caller(), active, 10, |_| {}).await {
+        Err(Error::FailedPrecondition(m)) => assert!(m.contains("rekey is in progress"), "{m}"),
+        other => panic!("revoke during a rekey: {:?}", other.map(|_| ())),
+    }
+    assert_eq!(versions(vault.list_keys().await.unwrap()), before);
     // The highest row goes away during the rekey; the next insert may take its id.
     vault.delete(&caller(), tokens[3].clone()).await.unwrap();
     let purge = PurgeOptions {
