@@ -1418,7 +1418,7 @@ fn open_reader(path: &Path, busy_timeout: Duration) -> Result<Connection> {
     // last read drops its whole map (`pagerBeginReadTransaction` → unfetch), so under
     // writes every lookup paid an munmap (with a TLB shootdown across cores) and page
     // faults to map it again; plain reads from the OS page cache cost less (BENCHMARKS.md,
-    // "Readers without a memory map").
+    // "Issue 14 after stop 25").
     conn.pragma_update(None, "cache_size", -2_000)?;
     conn.pragma_update(None, "mmap_size", 0)?;
     Ok(conn)
@@ -2404,7 +2404,7 @@ mod tests {
 
     /// A reader with a memory map drops it whenever the writer committed since its last read,
     /// so under writes each lookup would unmap and fault the map back in (BENCHMARKS.md,
-    /// "Readers without a memory map").
+    /// "Issue 14 after stop 25").
     #[test]
     fn readers_read_without_a_memory_map_and_the_writer_with_one() {
         let dir = tempfile::tempdir().unwrap();
