@@ -718,7 +718,16 @@ impl Vault {
     }
 
     pub async fn rotate_key(&self, caller: &Caller) -> Result<u32> {
-        let v = self.inner.store.rotate_key(caller.clone()).await?;
+        self.rotate(caller, false).await
+    }
+
+    /// `unless_rekey`: see [`crate::store::Storage::rotate_key`].
+    pub(crate) async fn rotate(&self, caller: &Caller, unless_rekey: bool) -> Result<u32> {
+        let v = self
+            .inner
+            .store
+            .rotate_key(caller.clone(), unless_rekey)
+            .await?;
         self.refresh().await?;
         Ok(v)
     }

@@ -935,7 +935,7 @@ fn meta_set(tx: &Connection, key: &str, value: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn rekey_state(tx: &Connection) -> Result<Option<super::RekeyState>> {
+pub(super) fn rekey_state(tx: &Connection) -> Result<Option<super::RekeyState>> {
     match meta_opt(tx, "rekey")? {
         None => Ok(None),
         Some(v) => super::RekeyState::decode(&v)

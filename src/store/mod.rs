@@ -391,8 +391,10 @@ pub trait Storage: Send + Sync + 'static {
     fn delete(&self, token: String, caller: Caller) -> StoreFuture<bool>;
     /// Appends audit records; resolves once they are committed.
     fn append_audit(&self, entries: Vec<AuditEntry>) -> StoreFuture<()>;
-    /// New active version; the previous one becomes decrypt-only.
-    fn rotate_key(&self, caller: Caller) -> StoreFuture<u32>;
+    /// New active version; the previous one becomes decrypt-only. With `unless_rekey`,
+    /// refused (FailedPrecondition) in the same transaction when a rekey is in progress: the
+    /// first step of a revoke, whose rewrap a rekey would refuse.
+    fn rotate_key(&self, caller: Caller, unless_rekey: bool) -> StoreFuture<u32>;
     fn key_rows(&self) -> StoreFuture<Vec<KeyRow>>;
     fn key_usage(&self) -> StoreFuture<Vec<KeyVersionInfo>>;
     fn add_client(&self, row: ClientRow, caller: Caller) -> StoreFuture<()>;

@@ -244,20 +244,9 @@ impl Vault {
                 report.already_retired = true;
                 return Ok(report);
             }
-            KeyState::Active => {
-                // The rewrap below is refused while a rekey runs: refuse before the rotation,
-                // so that the refused command changes nothing.
-                let location = self.inner.location.clone();
-                let header = tokio::task::spawn_blocking(move || location.read_header())
-                    .await
-                    .map_err(|e| Error::Internal(format!("read header: {e}")))??;
-                if header.layers.rekey.is_some() {
-                    return Err(Error::FailedPrecondition(
-                        crate::store::lifecycle::REWRAP_DURING_REKEY.into(),
-                    ));
-                }
-                report.rotated_to = Some(self.rotate_key(caller).await?)
-            }
+            // The rewrap below is refused while a rekey runs: the rotation is refused too, in
+            // its own transaction, so that the refused command changes nothing.
+            KeyState::Active => report.rotated_to = Some(self.rotate(caller, true).await?),
             KeyState::DecryptOnly => {}
         }
         let opts = RewrapOptions {

@@ -1925,9 +1925,14 @@ impl Storage for PgStore {
         self.write(move |reply| WriteOp::Audit { entries, reply })
     }
 
-    fn rotate_key(&self, caller: Caller) -> StoreFuture<u32> {
+    fn rotate_key(&self, caller: Caller, unless_rekey: bool) -> StoreFuture<u32> {
         self.admin(move |keyring, pool| async move {
             admin_tx!(pool, keyring, |tx, st| {
+                if unless_rekey && rekey_state(&*tx).await?.is_some() {
+                    return Err(Error::FailedPrecondition(
+                        crate::store::lifecycle::REWRAP_DURING_REKEY.into(),
+                    ));
+                }
                 let v = rotate_in_tx(&tx, &keyring, st).await?;
                 if let Some(last) = st.audit.last_mut() {
                     *last = AuditEntry::new(&caller, "key_rotate", &format!("key v{v}"), "OK", "");

@@ -1989,8 +1989,13 @@ impl Storage for SqliteStore {
         self.write(move |reply| WriteOp::Audit { entries, reply })
     }
 
-    fn rotate_key(&self, caller: Caller) -> StoreFuture<u32> {
+    fn rotate_key(&self, caller: Caller, unless_rekey: bool) -> StoreFuture<u32> {
         self.admin(move |tx, keyring, st| {
+            if unless_rekey && lifecycle::rekey_state(tx)?.is_some() {
+                return Err(Error::FailedPrecondition(
+                    lifecycle::REWRAP_DURING_REKEY.into(),
+                ));
+            }
             let v = rotate_in_tx(tx, keyring, st)?;
             // Attribute the rotation to whoever asked for it.
             if let Some(last) = st.audit.last_mut() {
