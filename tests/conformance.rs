@@ -1663,14 +1663,10 @@ async fn a_row_written_at_a_reused_id_during_a_rekey_is_not_layered_twice(store:
             .map(|k| (k.version, k.state, k.encryptions))
             .collect::<Vec<_>>()
     };
-    let before = versions(vault.list_keys().await.unwrap());
-    let active = vault
-        .list_keys()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|k| k.state == KeyState::Active);
+    let keys = vault.list_keys().await.unwrap();
+    let active = keys.iter().find(|k| k.state == KeyState::Active);
     let active = active.expect("an active version").version;
+    let before = versions(keys);
     match vault.revoke_key(&caller(), active, 10, |_| {}).await {
         Err(Error::FailedPrecondition(m)) => assert!(m.contains("rekey is in progress"), "{m}"),
         other => panic!("revoke during a rekey: {:?}", other.map(|_| ())),

@@ -200,6 +200,12 @@ fn scrub_env_value(name: &str) {
     }
 }
 
+/// A `--store-url` as given, for commands without [`VaultArgs`]: an empty one (an empty
+/// `TOKENVAULT_STORE_URL`) means none, the vault in the data directory.
+pub fn shared_store_url(url: Option<&crate::config::StoreUrl>) -> Option<&str> {
+    url.map(|u| &**u).filter(|u| !u.trim().is_empty())
+}
+
 impl VaultArgs {
     /// True when a master key source was given (file option or environment).
     pub fn has_master_key_source(&self) -> bool {
@@ -256,7 +262,7 @@ impl VaultArgs {
 
     /// The PostgreSQL URL when one was given (an empty one means none).
     pub fn shared_store_url(&self) -> Option<&str> {
-        self.store_url.as_deref().filter(|u| !u.trim().is_empty())
+        shared_store_url(self.store_url.as_ref())
     }
 
     /// Opens the existing vault, with a clear message when there is none.

@@ -184,7 +184,7 @@ pub async fn run(cmd: MasterKeyCommand) -> Result<(), CliError> {
             out,
         } => {
             crate::hardening::harden_process();
-            let url = store_url.as_deref().filter(|u| !u.trim().is_empty());
+            let url = super::common::shared_store_url(store_url.as_ref());
             let (header, id) = header_at(&data_dir, url)?;
             let mut collector = Collector::new();
             for path in &share_files {
