@@ -188,21 +188,36 @@ async fn a_disk_filled_by_someone_else_leaves_reveals_working() {
     vault.close().await;
 }
 
-/// Writes a file until the filesystem refuses more; returns its path.
+/// Takes every free byte of the filesystem in one `fallocate`, as another program filling the
+/// disk would, and returns the file's path. One call, not a loop of writes: the vault's
+/// prober gives its reserve back when it sees the disk nearly full, and a filler still
+/// writing then would eat the reserve too (the race that once failed this test in CI).
 fn fill_disk(dir: &Path) -> PathBuf {
-    use std::io::Write;
+    use std::os::fd::AsRawFd;
     let path = dir.join("filler");
-    let mut f = std::fs::File::create(&path).unwrap();
-    let chunk = vec![0xA5u8; 64 * 1024];
-    loop {
-        if f.write_all(&chunk).is_err() {
-            break;
+    let f = std::fs::File::create(&path).unwrap();
+    // tmpfs allocates all or nothing: a failure means the vault wrote in between, so measure
+    // again and retry; the first success has taken every free page.
+    for _ in 0..50 {
+        let free = statvfs_free(dir);
+        assert!(free > 0, "nothing left to fill");
+        // SAFETY: a valid open descriptor; mode 0 allocates [0, free).
+        if unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, free as libc::off_t) } == 0 {
+            f.sync_all().unwrap();
+            return path;
         }
+        let e = std::io::Error::last_os_error();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "fallocate: {e}");
     }
-    let small = vec![0xA5u8; 512];
-    while f.write_all(&small).is_ok() {}
-    let _ = f.sync_all();
-    path
+    panic!("could not take the disk's free space in one step");
+}
+
+fn statvfs_free(dir: &Path) -> u64 {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: zeroed statvfs is a valid out-parameter; c is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    st.f_bavail as u64 * st.f_frsize as u64
 }
 
 fn bin() -> Command {
