@@ -215,6 +215,187 @@ async fn locked_database_is_unavailable_not_serving_and_recovers() {
     server.shutdown().await;
 }
 
+/// A small ext4 filesystem in a file, loop-mounted (needs root, as in CI; without it the
+/// test says so and does nothing, except under CI=true, where it fails). Unmounted on drop.
+struct LoopExt4 {
+    dir: tempfile::TempDir,
+}
+
+impl LoopExt4 {
+    fn mount() -> Option<LoopExt4> {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("fs.img");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(128 << 20)
+            .unwrap();
+        let run = |cmd: &mut Command| cmd.output().map(|o| (o.status.success(), o));
+        let made = run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image));
+        let mounted = match made {
+            Ok((true, _)) => run(Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&image)
+                .arg(&mnt)),
+            other => other,
+        };
+        match mounted {
+            Ok((true, _)) => Some(LoopExt4 { dir }),
+            failed => {
+                let why = match failed {
+                    Ok((_, o)) => String::from_utf8_lossy(&o.stderr).into_owned(),
+                    Err(e) => e.to_string(),
+                };
+                // In CI nothing may be skipped for lack of a component: there it fails.
+                assert!(
+                    std::env::var_os("CI").is_none(),
+                    "CI must run the hung-disk test as root with mkfs.ext4 and loop devices: {why}"
+                );
+                eprintln!("SKIPPED: cannot loop-mount an ext4 image ({why}); run as root");
+                None
+            }
+        }
+    }
+
+    fn path(&self) -> std::path::PathBuf {
+        self.dir.path().join("mnt")
+    }
+}
+
+impl Drop for LoopExt4 {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.path()).output();
+    }
+}
+
+/// A filesystem frozen with FIFREEZE, as `fsfreeze -f` does: every write to it, and every
+/// fsync, blocks in the kernel until it is thawed. To the vault this is a disk that stopped
+/// answering (a hung volume), not one that fails. Thawed on drop, and by a watchdog after two
+/// minutes whatever happens, so a failing test cannot leave threads stuck in the kernel.
+struct Frozen {
+    dir: std::fs::File,
+}
+
+/// `_IOWR('X', 119, int)` and `_IOWR('X', 120, int)` from linux/fs.h.
+const FIFREEZE: libc::c_ulong = 0xC004_5877;
+const FITHAW: libc::c_ulong = 0xC004_5878;
+
+impl Frozen {
+    fn freeze(path: &std::path::Path) -> Frozen {
+        use std::os::fd::AsRawFd;
+        let dir = std::fs::File::open(path).unwrap();
+        // SAFETY: a valid descriptor of the filesystem's directory; the argument is unused.
+        let r = unsafe { libc::ioctl(dir.as_raw_fd(), FIFREEZE as _, 0) };
+        assert_eq!(r, 0, "FIFREEZE: {}", std::io::Error::last_os_error());
+        let watchdog = dir.try_clone().unwrap();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(120));
+            // SAFETY: as above; EINVAL when already thawed.
+            unsafe { libc::ioctl(watchdog.as_raw_fd(), FITHAW as _, 0) };
+        });
+        Frozen { dir }
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: as in `freeze`.
+        unsafe { libc::ioctl(self.dir.as_raw_fd(), FITHAW as _, 0) };
+    }
+}
+
+/// A disk that stops answering (writes and fsyncs hang, nothing fails) must not hold callers
+/// for as long as it hangs, nor keep health SERVING: a waiting write gives up within the
+/// store's bound, health goes NOT_SERVING, later writes are refused at once, a reveal gives no
+/// PAN without its audit record, and once the disk answers again everything recovers without
+/// a restart, every stored token reveals, and the audit chain is whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_that_stops_answering_fails_fast_and_recovers() {
+    let Some(fs) = LoopExt4::mount() else { return };
+    let mut server = TestServer::start_in(&fs.path(), ServerConfig::default(), |_| {}).await;
+    let mut checkout = server.client(CHECKOUT).await;
+    let payments = server.client(PAYMENTS).await;
+    let mut stored = Vec::new();
+    for n in 0..20 {
+        let pan = test_pan(n);
+        let token = checkout
+            .tokenize(tokenize_req(&pan))
+            .await
+            .unwrap()
+            .into_inner()
+            .token;
+        stored.push((token, pan));
+    }
+    assert_eq!(health(&server).await, ServingStatus::Serving);
+
+    let frozen = Frozen::freeze(&fs.path());
+    let started = Instant::now();
+    let detokenize = |mut c: tokenvault::grpc::client::Client, token: String| async move {
+        c.detokenize(pb::DetokenizeRequest {
+            token,
+            reason: "charge".into(),
+        })
+        .await
+    };
+    let (tokenized, revealed) = tokio::join!(
+        checkout.tokenize(tokenize_req(&test_pan(100))),
+        detokenize(payments.clone(), stored[0].0.clone()),
+    );
+    let waited = started.elapsed();
+    for (what, status) in [
+        ("tokenize", tokenized.map(|_| ()).unwrap_err()),
+        ("detokenize", revealed.map(|_| ()).unwrap_err()),
+    ] {
+        assert_eq!(status.code(), Code::Unavailable, "{what}: {}", status.message());
+        assert!(!has_digit_run(status.message(), 12), "{what}: {}", status.message());
+    }
+    assert!(
+        waited < Duration::from_secs(20),
+        "callers were held {waited:?} by a hung disk"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), async || health(&server).await
+            == ServingStatus::NotServing)
+        .await,
+        "health stayed SERVING on a disk that stopped answering"
+    );
+    // Now refused at once, not queued behind the stuck write.
+    let again = Instant::now();
+    let refused = checkout.tokenize(tokenize_req(&test_pan(101))).await;
+    assert_eq!(refused.unwrap_err().code(), Code::Unavailable);
+    let refused = detokenize(payments.clone(), stored[1].0.clone()).await;
+    assert_eq!(refused.unwrap_err().code(), Code::Unavailable);
+    assert!(
+        again.elapsed() < Duration::from_secs(2),
+        "a stalled store queued new writes for {:?}",
+        again.elapsed()
+    );
+
+    drop(frozen);
+    assert!(
+        eventually(Duration::from_secs(10), async || health(&server).await
+            == ServingStatus::Serving)
+        .await,
+        "health did not recover once the disk answered"
+    );
+    for (token, pan) in &stored {
+        let got = detokenize(payments.clone(), token.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .pan;
+        assert!(&got == pan, "a stored token revealed another card");
+    }
+    checkout.tokenize(tokenize_req(&test_pan(102))).await.unwrap();
+    match server.vault.verify_audit().await.unwrap() {
+        tokenvault::audit::Verification::Ok { .. } => {}
+        other => panic!("audit chain after the hang: {other:?}"),
+    }
+    server.shutdown().await;
+}
+
 // ---- the binary refuses to start on bad storage or bad keys ----
 
 fn bin() -> Command {

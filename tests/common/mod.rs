@@ -59,7 +59,17 @@ impl TestServer {
         cfg: ServerConfig,
         tune: impl FnOnce(&mut VaultConfig),
     ) -> TestServer {
-        let dir = tempfile::tempdir().expect("tempdir");
+        TestServer::start_in(&std::env::temp_dir(), cfg, tune).await
+    }
+
+    /// As [`TestServer::start_with_vault`], with the data directory under `parent` (a
+    /// filesystem the test controls).
+    pub async fn start_in(
+        parent: &std::path::Path,
+        cfg: ServerConfig,
+        tune: impl FnOnce(&mut VaultConfig),
+    ) -> TestServer {
+        let dir = tempfile::tempdir_in(parent).expect("tempdir");
         let master = MasterKey::generate();
         let mut vcfg = VaultConfig::new(dir.path().join("data"));
         tune(&mut vcfg);

@@ -4,7 +4,10 @@
 //!
 //! Durability: `journal_mode=WAL` and `synchronous=FULL` are set and read back at open; a
 //! caller is answered only after the `COMMIT` of the group holding its write returned. A
-//! failed commit fails every request of its group and acknowledges none.
+//! failed commit fails every request of its group and acknowledges none. A disk that stops
+//! answering holds no caller for long: a serving write waits at most [`WRITE_WAIT`], and once
+//! the writer has been on one operation for [`STALL_LIMIT`] the store reports itself
+//! unhealthy and refuses new serving writes at once (see [`Pulse`]).
 //!
 //! Destruction: every connection runs with `secure_delete=ON`, and a commit that destroys
 //! data bumps `destroy_seq` in `meta`; the checkpointer of every process with the vault open
@@ -58,6 +61,14 @@ const INLINE_LOOKUP: usize = 16;
 /// [`open_reader`]; the WAL is read normally).
 const MMAP_SIZE: i64 = 1 << 30;
 pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// A serving write (tokenize, delete, an audit record) waits at most this long for its
+/// commit, then its caller hears UNAVAILABLE: a disk that stops answering (a hung volume, a
+/// frozen filesystem) must not hold callers for as long as it hangs. The same bound as the
+/// PostgreSQL store's.
+const WRITE_WAIT: Duration = Duration::from_secs(10);
+/// Once the writer has been on one operation this long, the store reports itself unhealthy
+/// and refuses new serving writes at once instead of queueing them behind it (see [`Pulse`]).
+const STALL_LIMIT: Duration = Duration::from_secs(5);
 
 pub fn db_path(data_dir: &Path) -> PathBuf {
     data_dir.join(DB_FILE)
@@ -532,8 +543,50 @@ impl Pending {
     }
 }
 
+/// When the writer began what it is doing now (a group, an admin step, a WAL reset); zero
+/// while it waits for work. A disk that stops completing writes shows here as an operation
+/// that never ends, seen from threads that do not touch the disk (health checks and callers),
+/// since the writer itself is stuck in the kernel.
+pub(super) struct Pulse {
+    base: Instant,
+    /// Milliseconds since `base`, plus one (so zero means idle).
+    busy_since: std::sync::atomic::AtomicU64,
+}
+
+impl Pulse {
+    fn new() -> Pulse {
+        Pulse {
+            base: Instant::now(),
+            busy_since: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64 + 1
+    }
+
+    fn begin(&self) {
+        self.busy_since.store(self.now(), Ordering::Relaxed);
+    }
+
+    fn idle(&self) {
+        self.busy_since.store(0, Ordering::Relaxed);
+    }
+
+    /// How long the current operation has been running, if one is.
+    fn busy_for(&self) -> Option<Duration> {
+        let since = self.busy_since.load(Ordering::Relaxed);
+        (since != 0).then(|| Duration::from_millis(self.now().saturating_sub(since)))
+    }
+
+    fn stalled(&self) -> Option<Duration> {
+        self.busy_for().filter(|d| *d >= STALL_LIMIT)
+    }
+}
+
 pub struct Writer {
     conn: Connection,
+    pulse: Arc<Pulse>,
     keyring: Arc<Keyring>,
     healthy: Arc<AtomicBool>,
     max_group_items: usize,
@@ -618,6 +671,7 @@ impl Writer {
         let mut admin: std::collections::VecDeque<AdminFn> = std::collections::VecDeque::new();
         loop {
             let first = if admin.is_empty() {
+                self.pulse.idle();
                 match rx.blocking_recv() {
                     Some(op) => op,
                     None => break,
@@ -627,6 +681,7 @@ impl Writer {
                     Ok(op) => op,
                     Err(_) => {
                         if let Some(f) = admin.pop_front() {
+                            self.pulse.begin();
                             f(&mut self);
                         }
                         continue;
@@ -652,13 +707,17 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            self.pulse.begin();
             self.commit_group(group);
             if let Some(f) = admin.pop_front() {
+                self.pulse.begin();
                 f(&mut self);
             }
             self.space.writing.store(true, Ordering::Relaxed);
+            self.pulse.begin();
             self.bound_wal();
         }
+        self.pulse.idle();
         tracing::debug!("writer stopped");
     }
 
@@ -1615,6 +1674,7 @@ impl Drop for GatePause {
 
 pub struct SqliteStore {
     writer_tx: Mutex<Option<mpsc::Sender<WriteOp>>>,
+    pulse: Arc<Pulse>,
     writer: Mutex<Option<JoinHandle<()>>>,
     reads: ReadPool,
     healthy: Arc<AtomicBool>,
@@ -1683,8 +1743,10 @@ impl SqliteStore {
         let checkpoints: Arc<CheckpointGate> = Arc::default();
         let healthy = Arc::new(AtomicBool::new(true));
         let (tx, rx) = mpsc::channel(p.writer_queue.max(1));
+        let pulse = Arc::new(Pulse::new());
         let writer = Writer {
             conn,
+            pulse: pulse.clone(),
             keyring,
             healthy: healthy.clone(),
             max_group_items: p.max_group_items.max(1),
@@ -1705,6 +1767,7 @@ impl SqliteStore {
             .map_err(|e| Error::Internal(format!("spawn writer: {e}")))?;
         let store = SqliteStore {
             writer_tx: Mutex::new(Some(tx)),
+            pulse,
             writer: Mutex::new(Some(handle)),
             reads,
             healthy,
@@ -1812,6 +1875,35 @@ impl SqliteStore {
                 .map_err(|_| Error::Unavailable("the vault is closed".into()))?;
             rx.await
                 .map_err(|_| Error::Internal("the writer stopped before answering".into()))?
+        })
+    }
+
+    /// A write on a client's behalf: refused at once while the writer is stalled, and
+    /// bounded by [`WRITE_WAIT`] otherwise. A request that gave up may still commit once the
+    /// disk answers again (its operation was handed over): a token its caller never
+    /// received, or the audit record of a reveal that was never answered, never the reverse.
+    fn serving_write<T: Send + 'static>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> WriteOp,
+    ) -> StoreFuture<T> {
+        if let Some(stuck) = self.pulse.stalled() {
+            let e = Error::Unavailable(format!(
+                "storage has not completed a write for {} s (a disk that stopped answering?)",
+                stuck.as_secs()
+            ));
+            return Box::pin(async move { Err(e) });
+        }
+        let write = self.write(make);
+        Box::pin(async move {
+            tokio::time::timeout(WRITE_WAIT, write)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::Unavailable(format!(
+                        "storage did not complete the write within {} s (a disk that \
+                         stopped answering?)",
+                        WRITE_WAIT.as_secs()
+                    )))
+                })
         })
     }
 
@@ -1957,7 +2049,7 @@ impl Storage for SqliteStore {
         items: Vec<NewToken>,
         caller: Caller,
     ) -> StoreFuture<Vec<Result<StoredToken>>> {
-        self.write(move |reply| WriteOp::Tokenize {
+        self.serving_write(move |reply| WriteOp::Tokenize {
             items,
             caller,
             reply,
@@ -1978,7 +2070,7 @@ impl Storage for SqliteStore {
     }
 
     fn delete(&self, token: String, caller: Caller) -> StoreFuture<bool> {
-        self.write(move |reply| WriteOp::Delete {
+        self.serving_write(move |reply| WriteOp::Delete {
             token,
             caller,
             reply,
@@ -1986,7 +2078,7 @@ impl Storage for SqliteStore {
     }
 
     fn append_audit(&self, entries: Vec<AuditEntry>) -> StoreFuture<()> {
-        self.write(move |reply| WriteOp::Audit { entries, reply })
+        self.serving_write(move |reply| WriteOp::Audit { entries, reply })
     }
 
     fn rotate_key(&self, caller: Caller, unless_rekey: bool) -> StoreFuture<u32> {
@@ -2357,7 +2449,7 @@ impl Storage for SqliteStore {
     }
 
     fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.healthy.load(Ordering::Relaxed) && self.pulse.stalled().is_none()
     }
 
     fn pause_checkpoints(&self) -> CheckpointPause {
