@@ -4,6 +4,8 @@
 //! vault that `serve --dev` created; group- or other-writable data is refused; and
 //! `keys rotate-master` says what the old master key can still open.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -11,22 +13,9 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_tokenvault");
-
 fn tokenvault(cwd: &Path) -> Command {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = common::tokenvault_command();
     cmd.current_dir(cwd);
-    for var in [
-        "TOKENVAULT_DATA_DIR",
-        "TOKENVAULT_MASTER_KEY_FILE",
-        "TOKENVAULT_MASTER_KEY",
-        "TOKENVAULT_ADDR",
-        "TOKENVAULT_API_KEY",
-        "TOKENVAULT_LISTEN",
-        "RUST_LOG",
-    ] {
-        cmd.env_remove(var);
-    }
     cmd
 }
 

@@ -1,30 +1,18 @@
 //! Smoke tests of the `tokenvault` binary: admin commands on a fresh vault, exit codes, and
 //! `serve --dev` end to end with the client commands.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tokenvault");
-
 /// The binary with no inherited tokenvault settings, run in `cwd`.
 fn tokenvault(cwd: &Path) -> Command {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = common::tokenvault_command();
     cmd.current_dir(cwd);
-    for var in [
-        "TOKENVAULT_DATA_DIR",
-        "TOKENVAULT_MASTER_KEY_FILE",
-        "TOKENVAULT_MASTER_KEY",
-        "TOKENVAULT_ADDR",
-        "TOKENVAULT_API_KEY",
-        "TOKENVAULT_LISTEN",
-        "TOKENVAULT_MAX_BATCH_ITEMS",
-        "RUST_LOG",
-    ] {
-        cmd.env_remove(var);
-    }
     cmd
 }
 

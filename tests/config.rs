@@ -1,20 +1,15 @@
 //! `tokenvault config check` end to end: precedence flag > environment > file > default,
 //! unknown keys named, secrets redacted, exit codes.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
-const BIN: &str = env!("CARGO_BIN_EXE_tokenvault");
-
 /// The binary with no inherited tokenvault settings.
 fn tokenvault(cwd: &Path) -> Command {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = common::tokenvault_command();
     cmd.current_dir(cwd);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("TOKENVAULT_") {
-            cmd.env_remove(name);
-        }
-    }
     cmd
 }
 

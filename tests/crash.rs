@@ -22,11 +22,7 @@ const KILLS: usize = 10;
 const CLIENTS: usize = 6;
 
 fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tokenvault"));
-    c.env_remove("TOKENVAULT_MASTER_KEY")
-        .env_remove("RUST_LOG")
-        .env_remove("TOKENVAULT_DATA_DIR");
-    c
+    common::tokenvault_command()
 }
 
 /// Starts `serve` on an ephemeral port and returns it with the address it bound.

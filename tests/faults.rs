@@ -348,8 +348,17 @@ async fn a_disk_that_stops_answering_fails_fast_and_recovers() {
         ("tokenize", tokenized.map(|_| ()).unwrap_err()),
         ("detokenize", revealed.map(|_| ()).unwrap_err()),
     ] {
-        assert_eq!(status.code(), Code::Unavailable, "{what}: {}", status.message());
-        assert!(!has_digit_run(status.message(), 12), "{what}: {}", status.message());
+        assert_eq!(
+            status.code(),
+            Code::Unavailable,
+            "{what}: {}",
+            status.message()
+        );
+        assert!(
+            !has_digit_run(status.message(), 12),
+            "{what}: {}",
+            status.message()
+        );
     }
     assert!(
         waited < Duration::from_secs(20),
@@ -388,7 +397,10 @@ async fn a_disk_that_stops_answering_fails_fast_and_recovers() {
             .pan;
         assert!(&got == pan, "a stored token revealed another card");
     }
-    checkout.tokenize(tokenize_req(&test_pan(102))).await.unwrap();
+    checkout
+        .tokenize(tokenize_req(&test_pan(102)))
+        .await
+        .unwrap();
     match server.vault.verify_audit().await.unwrap() {
         tokenvault::audit::Verification::Ok { .. } => {}
         other => panic!("audit chain after the hang: {other:?}"),
@@ -399,12 +411,7 @@ async fn a_disk_that_stops_answering_fails_fast_and_recovers() {
 // ---- the binary refuses to start on bad storage or bad keys ----
 
 fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tokenvault"));
-    c.env_remove("TOKENVAULT_MASTER_KEY")
-        .env_remove("TOKENVAULT_MASTER_KEY_FILE")
-        .env_remove("TOKENVAULT_DATA_DIR")
-        .env_remove("RUST_LOG");
-    c
+    common::tokenvault_command()
 }
 
 /// Runs `serve` on an ephemeral loopback port and expects it to refuse to start.

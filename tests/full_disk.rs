@@ -11,7 +11,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::test_pan;
@@ -221,17 +221,7 @@ fn statvfs_free(dir: &Path) -> u64 {
 }
 
 fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tokenvault"));
-    for var in [
-        "TOKENVAULT_DATA_DIR",
-        "TOKENVAULT_MASTER_KEY_FILE",
-        "TOKENVAULT_MASTER_KEY",
-        "RUST_LOG",
-    ] {
-        c.env_remove(var);
-    }
-    c.stdin(Stdio::null());
-    c
+    common::tokenvault_command()
 }
 
 fn admin(args: &[&str], data: &Path, key: &Path) -> Output {

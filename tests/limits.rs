@@ -239,13 +239,7 @@ where
 }
 
 fn tokenvault() -> std::process::Command {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tokenvault"));
-    cmd.env_remove("TOKENVAULT_MASTER_KEY")
-        .env_remove("TOKENVAULT_MASTER_KEY_FILE")
-        .env_remove("TOKENVAULT_DATA_DIR")
-        .env_remove("TOKENVAULT_LISTEN")
-        .stdin(std::process::Stdio::null());
-    cmd
+    common::tokenvault_command()
 }
 
 #[test]

@@ -19,13 +19,8 @@ use tokenvault::vault::{Caller, Vault, VaultConfig};
 
 /// The binary with no inherited tokenvault or log settings.
 fn tokenvault(cwd: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tokenvault"));
-    cmd.current_dir(cwd).env_remove("RUST_LOG");
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("TOKENVAULT_") {
-            cmd.env_remove(name);
-        }
-    }
+    let mut cmd = common::tokenvault_command();
+    cmd.current_dir(cwd);
     cmd
 }
 

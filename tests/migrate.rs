@@ -2,6 +2,8 @@
 //! snapshot format, against a throwaway PostgreSQL cluster (see `pg/mod.rs`): after each,
 //! the same master key opens the copy and every token detokenizes unchanged.
 
+mod common;
+
 mod pg;
 
 use std::path::Path;
@@ -14,11 +16,7 @@ use tokenvault::token::{Token, TokenFormat};
 use tokenvault::vault::{Caller, TokenizeRequest, Vault, VaultConfig};
 
 fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tokenvault"));
-    c.env_remove("TOKENVAULT_MASTER_KEY")
-        .env_remove("TOKENVAULT_DATA_DIR")
-        .env_remove("TOKENVAULT_STORE_URL");
-    c
+    common::tokenvault_command()
 }
 
 fn run(args: &[&str], key: &Path) -> (bool, String) {

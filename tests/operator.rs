@@ -22,19 +22,7 @@ use tokenvault::vault::{
 };
 
 fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tokenvault"));
-    for var in [
-        "TOKENVAULT_DATA_DIR",
-        "TOKENVAULT_MASTER_KEY_FILE",
-        "TOKENVAULT_MASTER_KEY",
-        "TOKENVAULT_CONFIG",
-        "TOKENVAULT_LISTEN",
-        "RUST_LOG",
-    ] {
-        c.env_remove(var);
-    }
-    c.stdin(Stdio::null());
-    c
+    common::tokenvault_command()
 }
 
 /// Runs an admin command against `data` with the key file `key`.

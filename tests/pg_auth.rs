@@ -5,9 +5,11 @@
 //! clear failure; no password ever shows in any output. And at `--log-level debug` no
 //! statement parameter shows either.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 mod pg;
 
@@ -15,20 +17,10 @@ const PASSWORD: &str = "Corr3ct-h0rse:b@ttery/st?ple";
 const WRONG: &str = "not-the-Passw0rd";
 
 fn bin(home: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tokenvault"));
-    for var in [
-        "TOKENVAULT_DATA_DIR",
-        "TOKENVAULT_MASTER_KEY_FILE",
-        "TOKENVAULT_MASTER_KEY",
-        "TOKENVAULT_MASTER_KEY_PKCS11",
-        "TOKENVAULT_STORE_URL",
-        "PGPASSWORD",
-        "PGPASSFILE",
-        "RUST_LOG",
-    ] {
-        c.env_remove(var);
-    }
-    c.env("HOME", home).stdin(Stdio::null());
+    let mut c = common::tokenvault_command();
+    c.env_remove("PGPASSWORD")
+        .env_remove("PGPASSFILE")
+        .env("HOME", home);
     c
 }
 

@@ -25,12 +25,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tokenvault"));
-    c.env_remove("TOKENVAULT_MASTER_KEY")
-        .env_remove("RUST_LOG")
-        .env_remove("TOKENVAULT_DATA_DIR")
-        .env_remove("TOKENVAULT_STORE_URL");
-    c
+    common::tokenvault_command()
 }
 
 struct Replica {

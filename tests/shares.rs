@@ -2,6 +2,8 @@
 //! Share files are 0600 and name their index and vault; any 3 of 5 rebuild a key that opens
 //! the vault; 2 do not; a foreign, repeated or altered share is refused on its own.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -12,18 +14,7 @@ use tokenvault::vault::{Caller, Vault, VaultConfig};
 mod pg;
 
 fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tokenvault"));
-    for var in [
-        "TOKENVAULT_DATA_DIR",
-        "TOKENVAULT_MASTER_KEY_FILE",
-        "TOKENVAULT_MASTER_KEY",
-        "TOKENVAULT_MASTER_KEY_PKCS11",
-        "RUST_LOG",
-    ] {
-        c.env_remove(var);
-    }
-    c.stdin(Stdio::null());
-    c
+    common::tokenvault_command()
 }
 
 fn text(out: &Output) -> String {

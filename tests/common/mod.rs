@@ -6,6 +6,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the fixture
 
 use std::net::SocketAddr;
+use std::process::{Command, Stdio};
 
 use tempfile::TempDir;
 use tokio::net::TcpListener;
@@ -183,4 +184,18 @@ pub fn has_digit_run(text: &str, min: usize) -> bool {
         }
     }
     false
+}
+
+/// The tokenvault binary, with none of the test runner's `TOKENVAULT_*` settings nor
+/// `RUST_LOG` (a developer's shell must not change what a test runs against) and stdin
+/// closed. A test sets what it needs on the returned command.
+pub fn tokenvault_command() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tokenvault"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("TOKENVAULT_") {
+            c.env_remove(name);
+        }
+    }
+    c.env_remove("RUST_LOG").stdin(Stdio::null());
+    c
 }
