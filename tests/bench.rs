@@ -122,6 +122,19 @@ async fn paced_and_timed_runs() {
     assert!(report.latency.p50_us <= report.latency.p99_us);
     assert!(report.latency.p99_us <= report.latency.max_us);
     assert_eq!(report.target_rate, Some(200.0));
+    // And not far below it: the pacer keeps the schedule (a tick-bound one sent late).
+    assert!(report.requests >= 50, "{}", report.requests);
+
+    // A paced run of a number of requests ends once they are sent, though its schedule has
+    // no end of its own.
+    let mut cfg = bounded(&server, Op::Tokenize, 30);
+    cfg.rate = Some(300.0);
+    let report = tokio::time::timeout(Duration::from_secs(30), bench::run(cfg))
+        .await
+        .expect("a paced run of 30 requests ended")
+        .expect("paced run");
+    assert_eq!(report.requests, 30);
+    assert_eq!(report.errors, 0, "{:?}", report.errors_by_code);
     server.stop().await.expect("clean stop");
 }
 

@@ -7,9 +7,9 @@
 //! - test card numbers are generated before the run ([`pans::PanGenerator`]); a request
 //!   costs one small string copy per card number;
 //! - closed loop by default (each slot sends its next request when the previous answered);
-//!   with a target rate, open loop: each slot follows a fixed schedule and latency is counted
-//!   from the *scheduled* send time, so a stalled server cannot hide its queueing delay
-//!   (no coordinated omission).
+//!   with a target rate, open loop: one pacer thread sets the send times ([`Pacer`]), the
+//!   next free slot sends at each, and latency is counted from the *scheduled* send time, so
+//!   a stalled server cannot hide its queueing delay (no coordinated omission).
 //!
 //! Card numbers are synthetic but treated as card data: nothing here prints or logs them,
 //! nor the PANs a server returns.
@@ -561,6 +561,49 @@ struct Shared {
     failed: AtomicU64,
 }
 
+/// Send times of an open-loop run, from one thread that sleeps on the kernel's
+/// high-resolution timers. A `tokio::time::sleep_until` per request would do: tokio's timer
+/// wheel ticks once a millisecond, so every request went out up to 1 ms late, in bursts at
+/// each tick, and that lateness counted in every latency, the no-op reference's too
+/// (BENCHMARKS.md, "Stop 26"). Slots take the next time from one queue, in order.
+struct Pacer {
+    next: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<Instant>>,
+}
+
+impl Pacer {
+    /// Times `start + k / rate` until `end` (or until every slot has gone).
+    fn start(rate: f64, start: Instant, end: Option<Instant>) -> std::io::Result<Arc<Pacer>> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::Builder::new()
+            .name("bench-pacer".into())
+            .spawn(move || {
+                // Wake at the time asked, not up to 50 µs later (the default timer slack).
+                // SAFETY: PR_SET_TIMERSLACK takes one integer and affects this thread only.
+                unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
+                for k in 0u64.. {
+                    let at = start + Duration::from_secs_f64(k as f64 / rate);
+                    if end.is_some_and(|e| at >= e) {
+                        break;
+                    }
+                    if let Some(wait) = at.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    if tx.send(at).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Arc::new(Pacer {
+            next: tokio::sync::Mutex::new(rx),
+        }))
+    }
+
+    /// The next scheduled send time; None once the schedule has ended.
+    async fn next(&self) -> Option<Instant> {
+        self.next.lock().await.recv().await
+    }
+}
+
 /// What one worker measured.
 struct WorkerResult {
     /// Per RPC kind: histogram, requests, ok.
@@ -589,6 +632,8 @@ struct Worker {
     detok: Option<Client>,
     pans: Arc<Vec<String>>,
     tokens: Arc<Vec<String>>,
+    /// Open loop: the send times (closed loop: none).
+    pacer: Option<Arc<Pacer>>,
 }
 
 impl Worker {
@@ -614,24 +659,16 @@ impl Worker {
         } else {
             rng.gen_range(0..self.tokens.len())
         };
-        // Open loop: this worker's share of the rate, phase-shifted so workers interleave.
-        let interval = cfg.rate.map(|r| Duration::from_secs_f64(stride as f64 / r));
-        let mut next_send =
-            interval.map(|iv| Instant::now() + iv.mul_f64(self.id as f64 / stride as f64));
         loop {
             if shared.stop.load(Ordering::Relaxed) {
                 break;
             }
-            let start = match (interval, next_send.as_mut()) {
-                (Some(iv), Some(next)) => {
-                    let at = *next;
-                    *next += iv;
-                    if at > Instant::now() {
-                        tokio::time::sleep_until(at.into()).await;
-                    }
-                    at
-                }
-                _ => Instant::now(),
+            let start = match &self.pacer {
+                Some(pacer) => match pacer.next().await {
+                    Some(at) => at,
+                    None => break,
+                },
+                None => Instant::now(),
             };
             if let Some(d) = shared.deadline {
                 if start >= d {
@@ -854,6 +891,13 @@ pub async fn run(cfg: BenchConfig) -> Result<BenchReport, BenchError> {
         failed: AtomicU64::new(0),
     });
 
+    let pacer = match cfg.rate {
+        Some(rate) => Some(
+            Pacer::start(rate, started, deadline)
+                .map_err(|e| BenchError::Failed(format!("cannot start the pacer thread: {e}")))?,
+        ),
+        None => None,
+    };
     let mut workers = Vec::with_capacity(cfg.concurrency);
     for id in 0..cfg.concurrency {
         let channel = &channels[id % channels.len()];
@@ -875,6 +919,7 @@ pub async fn run(cfg: BenchConfig) -> Result<BenchReport, BenchError> {
             detok,
             pans: pans.clone(),
             tokens: tokens.clone(),
+            pacer: pacer.clone(),
         };
         workers.push(tokio::spawn(worker.run()));
     }
