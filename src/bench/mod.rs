@@ -562,10 +562,10 @@ struct Shared {
 }
 
 /// Send times of an open-loop run, from one thread that sleeps on the kernel's
-/// high-resolution timers. A `tokio::time::sleep_until` per request would do: tokio's timer
-/// wheel ticks once a millisecond, so every request went out up to 1 ms late, in bursts at
-/// each tick, and that lateness counted in every latency, the no-op reference's too
-/// (BENCHMARKS.md, "Stop 26"). Slots take the next time from one queue, in order.
+/// high-resolution timers. Not a `tokio::time::sleep_until` per request: tokio's timer wheel
+/// ticks once a millisecond, so every request went out up to 1 ms late, in bursts at each
+/// tick, and that lateness counted in every latency, the no-op reference's too (BENCHMARKS.md,
+/// "Stop 26"). Slots take the next time from one queue, in order.
 struct Pacer {
     next: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<Instant>>,
 }

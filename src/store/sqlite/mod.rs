@@ -547,7 +547,7 @@ impl Pending {
 /// while it waits for work. A disk that stops completing writes shows here as an operation
 /// that never ends, seen from threads that do not touch the disk (health checks and callers),
 /// since the writer itself is stuck in the kernel.
-pub(super) struct Pulse {
+struct Pulse {
     base: Instant,
     /// Milliseconds since `base`, plus one (so zero means idle).
     busy_since: std::sync::atomic::AtomicU64,
