@@ -199,8 +199,10 @@ fn fill_disk(dir: &Path) -> PathBuf {
     // tmpfs allocates all or nothing: a failure means the vault wrote in between, so measure
     // again and retry; the first success has taken every free page.
     for _ in 0..50 {
-        let free = statvfs_free(dir);
-        assert!(free > 0, "nothing left to fill");
+        let free = tokenvault::store::space::free_bytes(dir).expect("statvfs");
+        if free == 0 {
+            return path; // full already
+        }
         // SAFETY: a valid open descriptor; mode 0 allocates [0, free).
         if unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, free as libc::off_t) } == 0 {
             f.sync_all().unwrap();
@@ -210,14 +212,6 @@ fn fill_disk(dir: &Path) -> PathBuf {
         assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "fallocate: {e}");
     }
     panic!("could not take the disk's free space in one step");
-}
-
-fn statvfs_free(dir: &Path) -> u64 {
-    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: zeroed statvfs is a valid out-parameter; c is NUL-terminated.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
-    st.f_bavail as u64 * st.f_frsize as u64
 }
 
 fn bin() -> Command {
