@@ -87,6 +87,26 @@ impl AuditEntry {
     }
 }
 
+impl AuditEntry {
+    /// The `audit_key_rotate` record: its reason is composed by the vault from key material
+    /// alone ([`rotation_reason`]: the new public key, the old key's id, the handover
+    /// signature), never from a caller's text, so it is stored as is. Through
+    /// [`AuditEntry::new`] the card-number filter took a run of digits in that hex and base64
+    /// for a card about once in 900 rotations, and a rotation record without its reason
+    /// breaks every verification of the trail after it.
+    pub(crate) fn key_rotation(caller: &Caller, subject: &str, reason: String) -> Self {
+        AuditEntry {
+            at: crate::vault::now_micros(),
+            principal: caller.principal.clone(),
+            peer: caller.peer.clone(),
+            action: ROTATE_ACTION.to_owned(),
+            subject: subject.to_owned(),
+            outcome: "OK".to_owned(),
+            reason,
+        }
+    }
+}
+
 /// A stored record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct AuditRecord {
@@ -893,5 +913,36 @@ impl Checkpointer {
         let _ = self.stop.send(true);
         let mut last = self.task.await.unwrap_or_default();
         write_if_moved(&self.vault, &self.file, &mut last).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Ed25519 base point: a valid public key.
+    const KEY: &str = "ed25519:WGZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmY=";
+
+    #[test]
+    fn a_rotation_record_keeps_a_reason_whose_key_id_reads_like_a_card() {
+        let new_key = AuditPublicKey::parse(KEY).expect("valid key");
+        // A real old key id (from a run that broke the trail): 12 digits between letters.
+        let reason = rotation_reason(&new_key, "c520676337360a37", &[7u8; 64]);
+        assert!(
+            crate::card::contains_card_number(&reason),
+            "the filter reads this reason as holding a card"
+        );
+        let caller = Caller::new("system", "local");
+        let entry = AuditEntry::key_rotation(&caller, "audit key 2", reason.clone());
+        assert_eq!(entry.reason, reason);
+        assert_eq!(entry.action, ROTATE_ACTION);
+        let (key, old, sig) = parse_rotation_reason(&entry.reason).expect("parses");
+        assert_eq!(
+            (key, old.as_str(), sig),
+            (new_key, "c520676337360a37", vec![7u8; 64])
+        );
+        // Any other record's reason keeps the filter.
+        let other = AuditEntry::new(&caller, "detokenize", "tok", "OK", &reason);
+        assert_eq!(other.reason, REASON_WITHHELD);
     }
 }

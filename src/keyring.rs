@@ -433,12 +433,10 @@ impl Keyring {
             new_id,
             public,
             wrapped,
-            entry: AuditEntry::new(
+            entry: AuditEntry::key_rotation(
                 caller,
-                audit::ROTATE_ACTION,
                 &format!("audit key {new_id}"),
-                "OK",
-                &audit::rotation_reason(&public, &old_key_id, &handover),
+                audit::rotation_reason(&public, &old_key_id, &handover),
             ),
         })
     }

@@ -1706,6 +1706,7 @@ async fn a_row_written_at_a_reused_id_during_a_rekey_is_not_layered_twice(store:
             .unwrap();
         assert_eq!(&t.token, token);
     }
-    assert!(vault.verify_audit().await.unwrap().is_ok());
+    let v = vault.verify_audit().await.unwrap();
+    assert!(v.is_ok(), "{v:?}");
     vault.close().await;
 }
