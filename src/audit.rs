@@ -85,14 +85,12 @@ impl AuditEntry {
             reason: reason.to_owned(),
         }
     }
-}
 
-impl AuditEntry {
     /// The `audit_key_rotate` record: its reason is composed by the vault from key material
     /// alone ([`rotation_reason`]: the new public key, the old key's id, the handover
     /// signature), never from a caller's text, so it is stored as is. Through
     /// [`AuditEntry::new`] the card-number filter took a run of digits in that hex and base64
-    /// for a card about once in 900 rotations, and a rotation record without its reason
+    /// for a card about once in 300 to 900 rotations, and a rotation record without its reason
     /// breaks every verification of the trail after it.
     pub(crate) fn key_rotation(caller: &Caller, subject: &str, reason: String) -> Self {
         AuditEntry {

@@ -22,7 +22,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -550,14 +550,14 @@ impl Pending {
 struct Pulse {
     base: Instant,
     /// Milliseconds since `base`, plus one (so zero means idle).
-    busy_since: std::sync::atomic::AtomicU64,
+    busy_since: AtomicU64,
 }
 
 impl Pulse {
     fn new() -> Pulse {
         Pulse {
             base: Instant::now(),
-            busy_since: std::sync::atomic::AtomicU64::new(0),
+            busy_since: AtomicU64::new(0),
         }
     }
 
@@ -573,14 +573,11 @@ impl Pulse {
         self.busy_since.store(0, Ordering::Relaxed);
     }
 
-    /// How long the current operation has been running, if one is.
-    fn busy_for(&self) -> Option<Duration> {
-        let since = self.busy_since.load(Ordering::Relaxed);
-        (since != 0).then(|| Duration::from_millis(self.now().saturating_sub(since)))
-    }
-
+    /// How long the current operation has been running, once that is [`STALL_LIMIT`] or more.
     fn stalled(&self) -> Option<Duration> {
-        self.busy_for().filter(|d| *d >= STALL_LIMIT)
+        let since = self.busy_since.load(Ordering::Relaxed);
+        let busy = Duration::from_millis(self.now().saturating_sub(since));
+        (since != 0 && busy >= STALL_LIMIT).then_some(busy)
     }
 }
 
@@ -616,9 +613,9 @@ const TOKENIZE_SHARE: f64 = 0.9;
 #[derive(Default)]
 pub(super) struct SpaceGauge {
     /// Allocated bytes of every file but the database itself (WAL, index, leftovers).
-    other: std::sync::atomic::AtomicU64,
+    other: AtomicU64,
     /// Bytes available on the filesystem (u64::MAX when unknown).
-    free: std::sync::atomic::AtomicU64,
+    free: AtomicU64,
     /// Set by the writer after each group, cleared by the prober's tick: while the writer is
     /// busy it resets the WAL itself ([`Writer::bound_wal`]) and truncates after destroying
     /// commits, and the prober only copies frames back (PASSIVE) ahead of those resets.
