@@ -3,6 +3,8 @@
 //! "Guarantees" has a test here that fails if the promise breaks.
 
 mod common;
+#[path = "faults/fuse_disk.rs"]
+mod fuse_disk;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -389,6 +391,161 @@ async fn a_disk_that_stops_answering_fails_fast_and_recovers() {
         .await,
         "health did not recover once the disk answered"
     );
+    for (token, pan) in &stored {
+        let got = detokenize(payments.clone(), token.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .pan;
+        assert!(&got == pan, "a stored token revealed another card");
+    }
+    checkout
+        .tokenize(tokenize_req(&test_pan(102)))
+        .await
+        .unwrap();
+    match server.vault.verify_audit().await.unwrap() {
+        tokenvault::audit::Verification::Ok { .. } => {}
+        other => panic!("audit chain after the hang: {other:?}"),
+    }
+    server.shutdown().await;
+}
+
+/// The health check, bounded: a server whose runtime is stuck does not answer at all.
+async fn health_within(server: &TestServer, limit: Duration) -> Option<ServingStatus> {
+    tokio::time::timeout(limit, health(server)).await.ok()
+}
+
+/// Thaws the FUSE disk on drop, so a failing test cannot leave threads waiting on it.
+struct Thaw(fuse_disk::Switch);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        self.0.set(false);
+    }
+}
+
+/// A disk that stops answering reads too (a hung volume: a read that misses the page cache
+/// waits in the kernel, nothing fails). A lookup runs on a runtime worker when a point-read
+/// connection is free, and a worker waiting in the kernel serves nothing else; when every
+/// worker held one, the server stopped answering altogether, health checks included. Now at
+/// least one worker stays free: health answers and goes NOT_SERVING, later reveals and
+/// tokenizes are refused at once, and once the disk answers everything recovers without a
+/// restart, with every card where it was and the audit chain whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_that_stops_answering_reads_leaves_the_server_answering() {
+    let disk = match fuse_disk::FuseDisk::mount() {
+        Ok(disk) => disk,
+        Err(why) => {
+            // In CI nothing may be skipped for lack of a component: there it fails.
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must run the hung-read test as root with /dev/fuse: {why}"
+            );
+            eprintln!("SKIPPED: cannot mount a FUSE filesystem ({why}); run as root");
+            return;
+        }
+    };
+    let mut server = TestServer::start_in(disk.path(), ServerConfig::default(), |_| {}).await;
+    let mut checkout = server.client(CHECKOUT).await;
+    let mut stored = Vec::new();
+    for n in 0..20 {
+        let pan = test_pan(n);
+        let token = checkout
+            .tokenize(tokenize_req(&pan))
+            .await
+            .unwrap()
+            .into_inner()
+            .token;
+        stored.push((token, pan));
+    }
+    assert_eq!(health(&server).await, ServingStatus::Serving);
+
+    let _thaw = Thaw(disk.switch.clone());
+    let watchdog = disk.switch.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(120));
+        watchdog.set(false);
+    });
+    disk.switch.set(true);
+    // Drop the clean cached pages, so reads reach the (now silent) disk.
+    std::fs::write("/proc/sys/vm/drop_caches", "1").unwrap();
+    let started = Instant::now();
+    let detokenize = |mut c: tokenvault::grpc::client::Client, token: String| async move {
+        c.detokenize(pb::DetokenizeRequest {
+            token,
+            reason: "charge".into(),
+        })
+        .await
+    };
+    // The first reveals meet the hung disk in their lookups.
+    let mut hung = Vec::new();
+    for (token, _) in &stored[..3] {
+        let client = server.client(PAYMENTS).await;
+        hung.push(tokio::spawn(detokenize(client, token.clone())));
+    }
+    let mut answered = false;
+    let mut not_serving = false;
+    while started.elapsed() < Duration::from_secs(15) {
+        match health_within(&server, Duration::from_secs(2)).await {
+            Some(ServingStatus::NotServing) => {
+                (answered, not_serving) = (true, true);
+                break;
+            }
+            Some(_) => answered = true,
+            None => break,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        answered && not_serving,
+        "health on a disk that stopped answering reads: answered {answered}, NOT_SERVING \
+         {not_serving}, after {:?}",
+        started.elapsed()
+    );
+    // Refused at once, not queued behind the stuck reads.
+    let payments = server.client(PAYMENTS).await;
+    let again = Instant::now();
+    let (tokenized, revealed) = tokio::join!(
+        checkout.tokenize(tokenize_req(&test_pan(100))),
+        detokenize(payments.clone(), stored[10].0.clone()),
+    );
+    for (what, status) in [
+        ("tokenize", tokenized.map(|_| ()).unwrap_err()),
+        ("detokenize", revealed.map(|_| ()).unwrap_err()),
+    ] {
+        assert_eq!(
+            status.code(),
+            Code::Unavailable,
+            "{what}: {}",
+            status.message()
+        );
+        assert!(
+            !has_digit_run(status.message(), 12),
+            "{what}: {}",
+            status.message()
+        );
+    }
+    assert!(
+        again.elapsed() < Duration::from_secs(2),
+        "a stalled store held new requests for {:?}",
+        again.elapsed()
+    );
+
+    disk.switch.set(false);
+    assert!(
+        eventually(Duration::from_secs(10), async || health(&server).await
+            == ServingStatus::Serving)
+        .await,
+        "health did not recover once the disk answered"
+    );
+    // The reveals that waited on the disk end with their own card or UNAVAILABLE (their
+    // audit record's write gave up), never another card.
+    for (task, (_, pan)) in hung.into_iter().zip(&stored) {
+        match task.await.unwrap() {
+            Ok(r) => assert!(&r.into_inner().pan == pan, "a reveal gave another card"),
+            Err(status) => assert_eq!(status.code(), Code::Unavailable, "{}", status.message()),
+        }
+    }
     for (token, pan) in &stored {
         let got = detokenize(payments.clone(), token.clone())
             .await

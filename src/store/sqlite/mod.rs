@@ -7,7 +7,8 @@
 //! failed commit fails every request of its group and acknowledges none. A disk that stops
 //! answering holds no caller for long: a serving write waits at most [`WRITE_WAIT`], and once
 //! the writer has been on one operation for [`STALL_LIMIT`] the store reports itself
-//! unhealthy and refuses new serving writes at once (see [`Pulse`]).
+//! unhealthy and refuses new serving writes at once (see [`Pulse`]). Reads are bounded the
+//! same way, and a read that hangs never holds every runtime worker (see [`ReadPool`]).
 //!
 //! Destruction: every connection runs with `secure_delete=ON`, and a commit that destroys
 //! data bumps `destroy_seq` in `meta`; the checkpointer of every process with the vault open
@@ -69,6 +70,8 @@ const WRITE_WAIT: Duration = Duration::from_secs(10);
 /// Once the writer has been on one operation this long, the store reports itself unhealthy
 /// and refuses new serving writes at once instead of queueing them behind it (see [`Pulse`]).
 const STALL_LIMIT: Duration = Duration::from_secs(5);
+/// A lookup handed to a reader thread waits at most this long for it (see [`ReadPool`]).
+const READ_WAIT: Duration = WRITE_WAIT;
 
 pub fn db_path(data_dir: &Path) -> PathBuf {
     data_dir.join(DB_FILE)
@@ -1414,7 +1417,7 @@ fn insert_token(
 // ---------------------------------------------------------------------------------------
 // The read pool
 
-type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
+type ReadJob = Box<dyn FnOnce(&Connection, &Pulse) + Send>;
 
 fn lookup_rows(conn: &Connection, tokens: &[String], now: Micros) -> Result<Vec<Option<TokenRow>>> {
     let mut stmt = conn.prepare_cached(SQL_LOOKUP)?;
@@ -1440,25 +1443,45 @@ fn lookup_rows(conn: &Connection, tokens: &[String], now: Micros) -> Result<Vec<
 }
 
 /// Readers. Point reads (a Detokenize's lookup) run on the calling thread, on a connection
-/// taken from `idle`: a WAL-mode read never waits for the writer, and a point read through
-/// the memory map costs less than the two thread hand-offs of a trip to a reader thread.
-/// Longer reads (exports, checks, listings) go to the reader threads.
+/// taken from `idle`: a WAL-mode read never waits for the writer, and a point read costs less
+/// there than the two thread hand-offs of a trip to a reader thread. Longer reads (exports,
+/// checks, listings) go to the reader threads.
+///
+/// A disk that stops answering reads blocks a thread inside `pread` for as long as it hangs,
+/// and a runtime worker blocked there serves nothing else. So there is always one
+/// point-read connection fewer than the runtime has workers: at least one worker stays free
+/// for health checks and for refusing what the store cannot serve. Every serving read is on
+/// a [`Pulse`], so a read that hangs is seen from outside: the store reports itself
+/// unhealthy and refuses new lookups at once, and a lookup sent to a reader thread waits at
+/// most [`READ_WAIT`].
 struct ReadPool {
     tx: Mutex<Option<std_mpsc::SyncSender<ReadJob>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    /// Connections for point reads; None once the vault is closed.
-    idle: Mutex<Option<Vec<Connection>>>,
+    /// Connections for point reads, each with its pulse; None once the vault is closed.
+    idle: Mutex<Option<Vec<PointReader>>>,
+    /// One per point-read connection and one per reader thread.
+    pulses: Vec<Arc<Pulse>>,
 }
 
-/// Point-read connections: one per runtime worker (a thread that can read at the same
-/// moment); a read finding none free goes to a reader thread.
+/// A point-read connection and the pulse its reads run on.
+type PointReader = (Connection, Arc<Pulse>);
+
+/// Point-read connections: one fewer than the runtime's workers (see [`ReadPool`]), at most
+/// 7; none on a runtime with one worker. A read finding none free goes to a reader thread.
 fn inline_readers() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
+    let workers = tokio::runtime::Handle::try_current()
+        .map(|h| h.metrics().num_workers())
+        .unwrap_or_else(|_| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    workers.saturating_sub(1).min(7)
 }
 
 /// How long a point read on a runtime worker waits for a busy database before it is handed
 /// to a reader thread, which waits the full [`BUSY_TIMEOUT`].
 const INLINE_BUSY_TIMEOUT: Duration = Duration::from_millis(20);
+
+/// Reads queued for the reader threads beyond which a new one is refused (UNAVAILABLE), not
+/// waited for: the caller may be a runtime worker.
+const READ_QUEUE: usize = 1024;
 
 fn open_reader(path: &Path, busy_timeout: Duration) -> Result<Connection> {
     let conn = Connection::open_with_flags(
@@ -1482,12 +1505,15 @@ fn open_reader(path: &Path, busy_timeout: Duration) -> Result<Connection> {
 
 impl ReadPool {
     fn start(path: &Path, n: usize) -> Result<ReadPool> {
-        let (tx, rx) = std_mpsc::sync_channel::<ReadJob>(1024);
+        let (tx, rx) = std_mpsc::sync_channel::<ReadJob>(READ_QUEUE);
         let rx = Arc::new(Mutex::new(rx));
         let mut threads = Vec::new();
+        let mut pulses = Vec::new();
         for i in 0..n.max(1) {
             let conn = open_reader(path, BUSY_TIMEOUT)?;
             let rx = rx.clone();
+            let pulse = Arc::new(Pulse::new());
+            pulses.push(pulse.clone());
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("tokenvault-read-{i}"))
@@ -1497,57 +1523,84 @@ impl ReadPool {
                             guard.recv()
                         };
                         match job {
-                            Ok(job) => job(&conn),
+                            Ok(job) => job(&conn, &pulse),
                             Err(_) => break,
                         }
                     })
                     .map_err(|e| Error::Internal(format!("spawn reader: {e}")))?,
             );
         }
-        let idle = (0..inline_readers())
-            .map(|_| open_reader(path, INLINE_BUSY_TIMEOUT))
-            .collect::<Result<Vec<_>>>()?;
+        let mut idle = Vec::new();
+        for _ in 0..inline_readers() {
+            let pulse = Arc::new(Pulse::new());
+            pulses.push(pulse.clone());
+            idle.push((open_reader(path, INLINE_BUSY_TIMEOUT)?, pulse));
+        }
         Ok(ReadPool {
             tx: Mutex::new(Some(tx)),
             threads: Mutex::new(threads),
             idle: Mutex::new(Some(idle)),
+            pulses,
         })
     }
 
-    /// Runs a short read here, on this thread (see [`ReadPool`]); None when no point-read
-    /// connection is free (or the vault is closed): the caller then submits it.
+    /// How long the oldest serving read still running has been at it, once that is
+    /// [`STALL_LIMIT`] or more.
+    fn stalled(&self) -> Option<Duration> {
+        self.pulses.iter().filter_map(|p| p.stalled()).max()
+    }
+
+    /// Runs a short serving read here, on this thread (see [`ReadPool`]); None when no
+    /// point-read connection is free (or the vault is closed): the caller then submits it.
     fn inline<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Option<Result<T>> {
-        let conn = self
+        let (conn, pulse) = self
             .idle
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_mut()?
             .pop()?;
+        pulse.begin();
         let out = f(&conn);
+        pulse.idle();
         if let Some(idle) = &mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()) {
-            idle.push(conn);
+            idle.push((conn, pulse));
         }
         Some(out)
     }
 
+    /// Queues a read for the reader threads; `serving` puts it on the thread's pulse (a
+    /// lookup for a caller, not an export or a check, which may rightly take long).
     fn submit<T: Send + 'static>(
         &self,
+        serving: bool,
         f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
     ) -> oneshot::Receiver<Result<T>> {
         let (reply, rx) = oneshot::channel();
         let sender = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        match sender {
-            Some(s) => {
-                let job: ReadJob = Box::new(move |conn| {
-                    let _ = reply.send(f(conn));
-                });
-                if let Err(std_mpsc::SendError(job)) = s.send(job) {
-                    drop(job);
-                }
+        let Some(s) = sender else {
+            let _ = reply.send(Err(Error::Unavailable("the vault is closed".into())));
+            return rx;
+        };
+        let job: ReadJob = Box::new(move |conn, pulse| {
+            if serving {
+                pulse.begin();
             }
-            None => {
-                let _ = reply.send(Err(Error::Unavailable("the vault is closed".into())));
-            }
+            let out = f(conn);
+            pulse.idle();
+            let _ = reply.send(out);
+        });
+        // Never block the caller (a runtime worker) on a full queue: readers that stopped
+        // answering would take the runtime with them.
+        if let Err(e) = s.try_send(job) {
+            let full = matches!(e, std_mpsc::TrySendError::Full(_));
+            drop(e);
+            let (reply, rx) = oneshot::channel();
+            let _ = reply.send(Err(Error::Unavailable(if full {
+                format!("{READ_QUEUE} reads are already waiting for storage")
+            } else {
+                "the vault is closed".into()
+            })));
+            return rx;
         }
         rx
     }
@@ -1883,9 +1936,14 @@ impl SqliteStore {
         &self,
         make: impl FnOnce(Reply<T>) -> WriteOp,
     ) -> StoreFuture<T> {
-        if let Some(stuck) = self.pulse.stalled() {
+        // A read that hangs means the same disk: a write now would likely hang too.
+        let stalled = [
+            ("write", self.pulse.stalled()),
+            ("read", self.reads.stalled()),
+        ];
+        if let Some((what, Some(stuck))) = stalled.into_iter().find(|(_, s)| s.is_some()) {
             let e = Error::Unavailable(format!(
-                "storage has not completed a write for {} s (a disk that stopped answering?)",
+                "storage has not completed a {what} for {} s (a disk that stopped answering?)",
                 stuck.as_secs()
             ));
             return Box::pin(async move { Err(e) });
@@ -1919,10 +1977,44 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
     ) -> StoreFuture<T> {
-        let rx = self.reads.submit(f);
+        let rx = self.reads.submit(false, f);
         Box::pin(async move {
             rx.await
                 .map_err(|_| Error::Unavailable("the vault is closed".into()))?
+        })
+    }
+
+    /// A lookup for a caller: refused at once while a serving read is stalled, run on this
+    /// thread when `inline` and a point-read connection is free, else on a reader thread,
+    /// waited for at most [`READ_WAIT`] (see [`ReadPool`]).
+    fn serving_read<T: Send + 'static>(
+        &self,
+        inline: bool,
+        f: impl Fn(&Connection) -> Result<T> + Send + 'static,
+    ) -> StoreFuture<T> {
+        if let Some(stuck) = self.reads.stalled() {
+            let e = Error::Unavailable(format!(
+                "storage has not completed a read for {} s (a disk that stopped answering?)",
+                stuck.as_secs()
+            ));
+            return Box::pin(async move { Err(e) });
+        }
+        // A read kept waiting (a WAL reset holding the index) goes to a reader thread, so a
+        // runtime worker never waits long.
+        match inline.then(|| self.reads.inline(&f)).flatten() {
+            Some(Err(Error::Unavailable(_))) | None => {}
+            Some(rows) => return Box::pin(async move { rows }),
+        }
+        let rx = self.reads.submit(true, f);
+        Box::pin(async move {
+            match tokio::time::timeout(READ_WAIT, rx).await {
+                Ok(r) => r.map_err(|_| Error::Unavailable("the vault is closed".into()))?,
+                Err(_) => Err(Error::Unavailable(format!(
+                    "storage did not complete the read within {} s (a disk that stopped \
+                     answering?)",
+                    READ_WAIT.as_secs()
+                ))),
+            }
         })
     }
 }
@@ -2055,15 +2147,8 @@ impl Storage for SqliteStore {
 
     fn lookup(&self, tokens: Vec<String>, now: Micros) -> StoreFuture<Vec<Option<TokenRow>>> {
         // A few tokens are a few index probes: cheaper here than a trip to a reader thread.
-        // A read kept waiting (a WAL reset holding the index) goes to a reader thread, so a
-        // runtime worker never waits long.
-        if tokens.len() <= INLINE_LOOKUP {
-            match self.reads.inline(|conn| lookup_rows(conn, &tokens, now)) {
-                Some(Err(Error::Unavailable(_))) | None => {}
-                Some(rows) => return Box::pin(async move { rows }),
-            }
-        }
-        self.read(move |conn| lookup_rows(conn, &tokens, now))
+        let inline = tokens.len() <= INLINE_LOOKUP;
+        self.serving_read(inline, move |conn| lookup_rows(conn, &tokens, now))
     }
 
     fn delete(&self, token: String, caller: Caller) -> StoreFuture<bool> {
@@ -2446,7 +2531,9 @@ impl Storage for SqliteStore {
     }
 
     fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed) && self.pulse.stalled().is_none()
+        self.healthy.load(Ordering::Relaxed)
+            && self.pulse.stalled().is_none()
+            && self.reads.stalled().is_none()
     }
 
     fn pause_checkpoints(&self) -> CheckpointPause {
