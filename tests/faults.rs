@@ -465,32 +465,15 @@ impl Drop for Thaw {
 /// restart, with every card where it was and the audit chain whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_that_stops_answering_reads_leaves_the_server_answering() {
-    let disk = match fuse_disk::FuseDisk::mount() {
-        Ok(disk) => disk,
-        Err(why) => {
-            // In CI nothing may be skipped for lack of a component: there it fails.
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "CI must run the hung-read test as root with /dev/fuse: {why}"
-            );
-            eprintln!("SKIPPED: cannot mount a FUSE filesystem ({why}); run as root");
-            return;
-        }
+    let Some(disk) = fuse_disk_or_skip() else {
+        return;
     };
     let mut server = TestServer::start_in(disk.path(), ServerConfig::default(), |_| {}).await;
     let mut checkout = server.client(CHECKOUT).await;
     let stored = store_cards(&mut checkout, 20).await;
     assert_eq!(health(&server).await, ServingStatus::Serving);
 
-    let _thaw = Thaw(disk.switch.clone());
-    let watchdog = disk.switch.clone();
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(120));
-        watchdog.set(false);
-    });
-    disk.switch.set(true);
-    // Drop the clean cached pages, so reads reach the (now silent) disk.
-    std::fs::write("/proc/sys/vm/drop_caches", "1").unwrap();
+    let thaw = freeze_reads(&disk);
     let started = Instant::now();
     // The first reveals meet the hung disk in their lookups.
     let mut hung = Vec::new();
@@ -531,7 +514,7 @@ async fn a_disk_that_stops_answering_reads_leaves_the_server_answering() {
         again.elapsed()
     );
 
-    disk.switch.set(false);
+    drop(thaw);
     // The reveals that waited on the disk end with their own card or UNAVAILABLE (their
     // audit record's write gave up), never another card.
     for (task, (_, pan)) in hung.into_iter().zip(&stored) {
@@ -540,6 +523,116 @@ async fn a_disk_that_stops_answering_reads_leaves_the_server_answering() {
             Err(status) => assert_eq!(status.code(), Code::Unavailable, "{}", status.message()),
         }
     }
+    assert_recovers(&server, &mut checkout, &payments, &stored).await;
+    server.shutdown().await;
+}
+
+/// Mounts the FUSE disk, or says why not (a failure in CI, where nothing may be skipped).
+fn fuse_disk_or_skip() -> Option<fuse_disk::FuseDisk> {
+    match fuse_disk::FuseDisk::mount() {
+        Ok(disk) => Some(disk),
+        Err(why) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must run the hung-read tests as root with /dev/fuse: {why}"
+            );
+            eprintln!("SKIPPED: cannot mount a FUSE filesystem ({why}); run as root");
+            None
+        }
+    }
+}
+
+/// Freezes the disk and drops the clean cached pages, so reads reach the (now silent) disk;
+/// thawed when the guard drops, and by a watchdog after two minutes whatever happens.
+fn freeze_reads(disk: &fuse_disk::FuseDisk) -> Thaw {
+    let watchdog = disk.switch.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(120));
+        watchdog.set(false);
+    });
+    disk.switch.set(true);
+    std::fs::write("/proc/sys/vm/drop_caches", "1").unwrap();
+    Thaw(disk.switch.clone())
+}
+
+/// A flood of reveals on a disk whose reads hang, sent before the store could notice the
+/// stall: the reader threads' queue fills, and what does not fit is refused with UNAVAILABLE
+/// at once. The server keeps answering meanwhile (a full queue used to block the runtime
+/// worker that submitted to it, and with it every request on that worker), and once the disk
+/// answers every queued reveal ends with its own card or UNAVAILABLE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_reveals_on_a_hung_disk_is_refused_beyond_the_read_queue() {
+    let Some(disk) = fuse_disk_or_skip() else {
+        return;
+    };
+    let mut server = TestServer::start_in(disk.path(), ServerConfig::default(), |_| {}).await;
+    let mut checkout = server.client(CHECKOUT).await;
+    let stored = store_cards(&mut checkout, 20).await;
+    // Enough connections for the flood: each admits 64 requests at a time.
+    let mut clients = Vec::new();
+    for _ in 0..24 {
+        clients.push(server.client(PAYMENTS).await);
+    }
+
+    let thaw = freeze_reads(&disk);
+    let started = Instant::now();
+    let mut flood = Vec::new();
+    for i in 0..1_300 {
+        let (token, pan) = stored[i % stored.len()].clone();
+        let client = clients[i % clients.len()].clone();
+        flood.push(tokio::spawn(async move {
+            (reveal(client, token).await, pan, Instant::now())
+        }));
+    }
+    // Refusals come back at once, long before a stalled read is noticed (5 s).
+    let mut refused = 0;
+    while started.elapsed() < Duration::from_secs(4) && refused == 0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Nothing can succeed while the disk is silent: a finished reveal was refused.
+        refused = flood.iter().filter(|t| t.is_finished()).count();
+    }
+    assert!(
+        refused > 0,
+        "no reveal was refused within {:?}: a full read queue held them",
+        started.elapsed()
+    );
+    assert!(
+        health_within(&server, Duration::from_secs(2))
+            .await
+            .is_some(),
+        "health did not answer during the flood"
+    );
+
+    drop(thaw);
+    let (mut ok, mut unavailable, mut queue_full) = (0, 0, 0);
+    for task in flood {
+        let (result, pan, at) = task.await.unwrap();
+        match result {
+            Ok(r) => {
+                assert!(r.into_inner().pan == pan, "a reveal gave another card");
+                ok += 1;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+                assert!(!has_digit_run(status.message(), 12), "{}", status.message());
+                if status.message().contains("reads are already waiting") {
+                    queue_full += 1;
+                    assert!(
+                        at.duration_since(started) < Duration::from_secs(4),
+                        "a full queue refused late: {:?}",
+                        at.duration_since(started)
+                    );
+                }
+                unavailable += 1;
+            }
+        }
+    }
+    assert!(
+        queue_full > 0 && ok + unavailable == 1_300,
+        "{ok} ok, {unavailable} refused, {queue_full} of them for a full queue"
+    );
+    eprintln!("{ok} ok, {unavailable} refused, {queue_full} of them for a full queue");
+    let payments = server.client(PAYMENTS).await;
     assert_recovers(&server, &mut checkout, &payments, &stored).await;
     server.shutdown().await;
 }
