@@ -519,8 +519,8 @@ pub struct FuseDisk {
 }
 
 impl FuseDisk {
-    /// Mounts one in a new temporary directory; None (with a reason) where FUSE cannot be
-    /// mounted (no /dev/fuse, not root).
+    /// Mounts one in a new temporary directory; the reason where FUSE cannot be mounted
+    /// (no /dev/fuse, not root).
     pub fn mount() -> Result<FuseDisk, String> {
         let dirs = tempfile::tempdir().map_err(|e| e.to_string())?;
         let (backing, mountpoint) = (dirs.path().join("backing"), dirs.path().join("mnt"));
