@@ -1,5 +1,6 @@
-//! Storage faults against a real server: a full disk, a database locked by another process,
-//! a damaged database file, and wrong or missing master keys. Each promise in the README's
+//! Storage faults against a real server: a full disk, a disk that stops answering (writes
+//! only, or reads too: `faults/fuse_disk.rs`), a database locked by another process, a
+//! damaged database file, and wrong or missing master keys. Each promise in the README's
 //! "Guarantees" has a test here that fails if the promise breaks.
 
 mod common;

@@ -55,6 +55,16 @@ fn errno(e: &std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EIO)
 }
 
+/// Answers an operation with nothing to return: `missing` when its inode or handle is
+/// unknown (None), else the outcome of the backing call.
+fn answer(reply: ReplyEmpty, done: Option<std::io::Result<()>>, missing: i32) {
+    match done {
+        Some(Ok(())) => reply.ok(),
+        Some(Err(e)) => reply.error(errno(&e)),
+        None => reply.error(missing),
+    }
+}
+
 fn time(secs: i64, nsecs: i64) -> SystemTime {
     if secs >= 0 {
         UNIX_EPOCH + Duration::new(secs as u64, nsecs as u32)
@@ -220,26 +230,22 @@ impl Filesystem for Passthrough {
 
     fn unlink(&mut self, _r: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
         self.switch.wait_while_frozen();
-        match self
-            .child(parent, name)
-            .map(|rel| std::fs::remove_file(self.full(&rel)))
-        {
-            Some(Ok(())) => reply.ok(),
-            Some(Err(e)) => reply.error(errno(&e)),
-            None => reply.error(libc::ENOENT),
-        }
+        answer(
+            reply,
+            self.child(parent, name)
+                .map(|rel| std::fs::remove_file(self.full(&rel))),
+            libc::ENOENT,
+        )
     }
 
     fn rmdir(&mut self, _r: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
         self.switch.wait_while_frozen();
-        match self
-            .child(parent, name)
-            .map(|rel| std::fs::remove_dir(self.full(&rel)))
-        {
-            Some(Ok(())) => reply.ok(),
-            Some(Err(e)) => reply.error(errno(&e)),
-            None => reply.error(libc::ENOENT),
-        }
+        answer(
+            reply,
+            self.child(parent, name)
+                .map(|rel| std::fs::remove_dir(self.full(&rel))),
+            libc::ENOENT,
+        )
     }
 
     fn rename(
@@ -403,23 +409,17 @@ impl Filesystem for Passthrough {
                 f.sync_all()
             }
         });
-        match synced {
-            Some(Ok(())) => reply.ok(),
-            Some(Err(e)) => reply.error(errno(&e)),
-            None => reply.error(libc::EBADF),
-        }
+        answer(reply, synced, libc::EBADF)
     }
 
     fn fsyncdir(&mut self, _r: &Request<'_>, ino: u64, _fh: u64, _ds: bool, reply: ReplyEmpty) {
         self.switch.wait_while_frozen();
-        match self
-            .path(ino)
-            .map(|rel| File::open(self.full(&rel)).and_then(|d| d.sync_all()))
-        {
-            Some(Ok(())) => reply.ok(),
-            Some(Err(e)) => reply.error(errno(&e)),
-            None => reply.error(libc::ENOENT),
-        }
+        answer(
+            reply,
+            self.path(ino)
+                .map(|rel| File::open(self.full(&rel)).and_then(|d| d.sync_all())),
+            libc::ENOENT,
+        )
     }
 
     fn readdir(

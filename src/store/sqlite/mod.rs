@@ -578,10 +578,31 @@ impl Pulse {
 
     /// How long the current operation has been running, once that is [`STALL_LIMIT`] or more.
     fn stalled(&self) -> Option<Duration> {
+        // Idle is the common case, on every request's path: no clock read for it.
         let since = self.busy_since.load(Ordering::Relaxed);
+        if since == 0 {
+            return None;
+        }
         let busy = Duration::from_millis(self.now().saturating_sub(since));
-        (since != 0 && busy >= STALL_LIMIT).then_some(busy)
+        (busy >= STALL_LIMIT).then_some(busy)
     }
+}
+
+/// A serving request refused at once: storage has been on one `what` (write, read) for
+/// `stuck`.
+fn stalled_error(what: &str, stuck: Duration) -> Error {
+    Error::Unavailable(format!(
+        "storage has not completed a {what} for {} s (a disk that stopped answering?)",
+        stuck.as_secs()
+    ))
+}
+
+/// A serving request that waited `wait` for storage to complete its `what`, and gave up.
+fn gave_up_error(what: &str, wait: Duration) -> Error {
+    Error::Unavailable(format!(
+        "storage did not complete the {what} within {} s (a disk that stopped answering?)",
+        wait.as_secs()
+    ))
 }
 
 pub struct Writer {
@@ -1591,17 +1612,16 @@ impl ReadPool {
         });
         // Never block the caller (a runtime worker) on a full queue: readers that stopped
         // answering would take the runtime with them.
-        if let Err(e) = s.try_send(job) {
-            let full = matches!(e, std_mpsc::TrySendError::Full(_));
-            drop(e);
-            let (reply, rx) = oneshot::channel();
-            let _ = reply.send(Err(Error::Unavailable(if full {
+        let refused = match s.try_send(job) {
+            Ok(()) => return rx,
+            Err(std_mpsc::TrySendError::Full(_)) => {
                 format!("{READ_QUEUE} reads are already waiting for storage")
-            } else {
-                "the vault is closed".into()
-            })));
-            return rx;
-        }
+            }
+            Err(std_mpsc::TrySendError::Disconnected(_)) => "the vault is closed".into(),
+        };
+        // The job, and the reply in it, went with the error: answer through a new one.
+        let (reply, rx) = oneshot::channel();
+        let _ = reply.send(Err(Error::Unavailable(refused)));
         rx
     }
 
@@ -1942,23 +1962,14 @@ impl SqliteStore {
             ("read", self.reads.stalled()),
         ];
         if let Some((what, Some(stuck))) = stalled.into_iter().find(|(_, s)| s.is_some()) {
-            let e = Error::Unavailable(format!(
-                "storage has not completed a {what} for {} s (a disk that stopped answering?)",
-                stuck.as_secs()
-            ));
+            let e = stalled_error(what, stuck);
             return Box::pin(async move { Err(e) });
         }
         let write = self.write(make);
         Box::pin(async move {
             tokio::time::timeout(WRITE_WAIT, write)
                 .await
-                .unwrap_or_else(|_| {
-                    Err(Error::Unavailable(format!(
-                        "storage did not complete the write within {} s (a disk that \
-                         stopped answering?)",
-                        WRITE_WAIT.as_secs()
-                    )))
-                })
+                .unwrap_or_else(|_| Err(gave_up_error("write", WRITE_WAIT)))
         })
     }
 
@@ -1993,10 +2004,7 @@ impl SqliteStore {
         f: impl Fn(&Connection) -> Result<T> + Send + 'static,
     ) -> StoreFuture<T> {
         if let Some(stuck) = self.reads.stalled() {
-            let e = Error::Unavailable(format!(
-                "storage has not completed a read for {} s (a disk that stopped answering?)",
-                stuck.as_secs()
-            ));
+            let e = stalled_error("read", stuck);
             return Box::pin(async move { Err(e) });
         }
         // A read kept waiting (a WAL reset holding the index) goes to a reader thread, so a
@@ -2009,11 +2017,7 @@ impl SqliteStore {
         Box::pin(async move {
             match tokio::time::timeout(READ_WAIT, rx).await {
                 Ok(r) => r.map_err(|_| Error::Unavailable("the vault is closed".into()))?,
-                Err(_) => Err(Error::Unavailable(format!(
-                    "storage did not complete the read within {} s (a disk that stopped \
-                     answering?)",
-                    READ_WAIT.as_secs()
-                ))),
+                Err(_) => Err(gave_up_error("read", READ_WAIT)),
             }
         })
     }
