@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::audit::{
@@ -14,7 +14,7 @@ use crate::audit::{
 };
 use crate::auth::Role;
 use crate::card::{Brand, Pan};
-use crate::crypto::{self, AuditPublicKey, MasterKey, VaultId};
+use crate::crypto::{self, AuditPublicKey, DataKey, MasterKey, VaultId};
 use crate::error::{outcome_of, Error, Result};
 use crate::keyring::{Genesis, Keyring};
 use crate::store::lock::DirLock;
@@ -30,6 +30,8 @@ pub mod lifecycle;
 pub mod rekey;
 #[cfg(test)]
 mod rekey_race_tests;
+#[cfg(test)]
+mod reveal_tests;
 #[cfg(test)]
 mod row_format_tests;
 pub use crate::model::{
@@ -125,6 +127,48 @@ pub struct Tokenized {
 pub struct Revealed {
     pub pan: Pan,
     pub info: TokenInfo,
+}
+
+/// A reveal as asked: shared between [`Vault::reveal_batch`] and the decision it hands the
+/// store, which may run on the store's writer thread.
+struct RevealRequest {
+    caller: Caller,
+    action: String,
+    items: Vec<(Token, String)>,
+}
+
+impl RevealRequest {
+    /// One result and one audit record per item, in order: `open` is called for each item
+    /// with a row whose reason is acceptable.
+    fn settle<R>(
+        &self,
+        rows: Vec<Option<R>>,
+        mut open: impl FnMut(R) -> Result<Revealed>,
+    ) -> (Vec<Result<Revealed>>, Vec<AuditEntry>) {
+        let mut results = Vec::with_capacity(rows.len());
+        let mut audit = Vec::with_capacity(rows.len());
+        for ((token, reason), row) in self.items.iter().zip(rows) {
+            // The reason is stored in the audit trail, so it must not carry a card number.
+            let card_in_reason = crate::card::contains_card_number(reason);
+            let r = match row {
+                _ if card_in_reason => Err(Error::InvalidArgument(
+                    "reason must not contain a card number (it is stored in the audit trail)"
+                        .into(),
+                )),
+                Some(row) => open(row),
+                None => Err(Error::NotFound),
+            };
+            audit.push(AuditEntry::new(
+                &self.caller,
+                &self.action,
+                token.as_str(),
+                outcome_of(&r),
+                if card_in_reason { "" } else { reason },
+            ));
+            results.push(r);
+        }
+        (results, audit)
+    }
 }
 
 /// Per-client settings an admin chooses at `clients add`.
@@ -575,6 +619,12 @@ impl Vault {
 
     /// [`Vault::detokenize_batch`] recorded under another audit `action` (the proxy's
     /// `proxy_detokenize`): the same lookup, checks and fail-closed audit commit.
+    ///
+    /// One trip to the store where it can: the rows are opened inside the store's
+    /// transaction ([`Storage::reveal`]) with the keys loaded here, and the PANs leave only
+    /// once the store answers that the records of their reveals are committed. A row under
+    /// a key version not loaded yet is handed back, and then the reveal takes two trips
+    /// (lookup, refresh and open here, then the records).
     pub async fn reveal_batch(
         &self,
         caller: &Caller,
@@ -582,32 +632,55 @@ impl Vault {
         items: Vec<(Token, String)>,
     ) -> Result<Vec<Result<Revealed>>> {
         let tokens = items.iter().map(|(t, _)| t.as_str().to_owned()).collect();
-        let rows = self.inner.store.lookup(tokens, self.now()).await?;
-        let mut results = Vec::with_capacity(rows.len());
-        let mut audit = Vec::with_capacity(rows.len());
-        for ((token, reason), row) in items.iter().zip(rows) {
-            // The reason is stored in the audit trail, so it must not carry a card number.
-            let card_in_reason = crate::card::contains_card_number(reason);
-            let r = match row {
-                _ if card_in_reason => Err(Error::InvalidArgument(
-                    "reason must not contain a card number (it is stored in the audit trail)"
-                        .into(),
-                )),
-                Some(row) => self.reveal(row).await,
-                None => Err(Error::NotFound),
-            };
-            audit.push(AuditEntry::new(
-                caller,
-                action,
-                token.as_str(),
-                outcome_of(&r),
-                if card_in_reason { "" } else { reason },
-            ));
-            results.push(r);
+        let request = Arc::new(RevealRequest {
+            caller: caller.clone(),
+            action: action.to_owned(),
+            items,
+        });
+        let opened: Arc<Mutex<Option<Vec<Result<Revealed>>>>> = Arc::default();
+        let decide = {
+            let (vault, request, opened) = (self.clone(), request.clone(), opened.clone());
+            Box::new(move |rows: Vec<Option<TokenRow>>| {
+                let snapshot = vault.inner.keyring.snapshot();
+                let missing = rows
+                    .iter()
+                    .flatten()
+                    .any(|row| snapshot.get(row.key_version).is_none());
+                if missing {
+                    return Err(rows);
+                }
+                let (results, audit) = request.settle(rows, |row| {
+                    let key = snapshot.get(row.key_version).ok_or_else(|| {
+                        Error::Internal("key version vanished from a snapshot".into())
+                    })?;
+                    vault.open_row(key, row)
+                });
+                *opened.lock().unwrap_or_else(|e| e.into_inner()) = Some(results);
+                Ok(audit)
+            })
+        };
+        match self.inner.store.reveal(tokens, self.now(), decide).await? {
+            None => opened
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .ok_or_else(|| Error::Internal("reveal recorded without its results".into())),
+            Some(rows) => {
+                let mut opened = Vec::with_capacity(rows.len());
+                for ((_, reason), row) in request.items.iter().zip(rows) {
+                    opened.push(match row {
+                        Some(row) if !crate::card::contains_card_number(reason) => {
+                            Some(self.reveal(row).await)
+                        }
+                        _ => None,
+                    });
+                }
+                let (results, audit) = request.settle(opened, |r| r);
+                // Fail closed: no PAN leaves unless the record of its reveal is committed.
+                self.inner.store.append_audit(audit).await?;
+                Ok(results)
+            }
         }
-        // Fail closed: no PAN leaves unless the record of its reveal is committed.
-        self.inner.store.append_audit(audit).await?;
-        Ok(results)
     }
 
     async fn reveal(&self, row: TokenRow) -> Result<Revealed> {
@@ -631,6 +704,11 @@ impl Vault {
                 row.key_version
             ))
         })?;
+        self.open_row(key, row)
+    }
+
+    /// Authenticates and opens a row under its key version: an altered row is DATA_LOSS.
+    fn open_row(&self, key: &DataKey, row: TokenRow) -> Result<Revealed> {
         let digits = key.open(
             row.row_format,
             &row.token,

@@ -164,7 +164,58 @@ conformance!(
     a_replica_with_the_replaced_keys_is_cut_off_then_reuses_after_reload,
     a_row_written_at_a_reused_id_during_a_rekey_is_not_layered_twice,
     concurrent_reveals_each_get_their_own_answer,
+    a_reveal_under_a_version_loaded_later_is_recorded_once,
 );
+
+/// A token sealed under a key version this handle has not loaded yet (rotated and used by
+/// another process a moment ago): the reveal's lookup finds a row it cannot open where the
+/// store would record it (SQLite: on the writer), so the row is handed back with nothing
+/// written; the vault then loads the version, answers, and records the reveal exactly once.
+/// So does a token that is not there, in the same request.
+async fn a_reveal_under_a_version_loaded_later_is_recorded_once(store: Store) {
+    let key = MasterKey::generate();
+    let server = Vault::create(store.config(), &key).unwrap();
+    let admin = Vault::open(store.config(), &key).unwrap();
+    assert_eq!(admin.rotate_key(&caller()).await.unwrap(), 2);
+    let t = admin
+        .tokenize(&caller(), req(PANS[1], TokenFormat::Opaque, false))
+        .await
+        .unwrap()
+        .token;
+    let before = server.audit_records(1, 100_000).await.unwrap().len();
+    let absent = Token::parse("tok_00000000000000000000000000").unwrap();
+    let got = server
+        .detokenize_batch(
+            &caller(),
+            vec![
+                (t.clone(), "charge".into()),
+                (absent.clone(), "charge".into()),
+            ],
+        )
+        .await
+        .unwrap();
+    let Ok(r) = &got[0] else {
+        panic!("the rotated token: {:?}", got[0].as_ref().map(|r| &r.info));
+    };
+    assert_eq!((r.pan.expose_digits(), r.info.key_version), (PANS[1], 2));
+    assert!(matches!(got[1], Err(Error::NotFound)));
+    let records = server.audit_records(1, 100_000).await.unwrap();
+    let new: Vec<(&str, &str, &str)> = records[before..]
+        .iter()
+        .map(|r| (r.action.as_str(), r.subject.as_str(), r.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        new,
+        vec![
+            ("detokenize", t.as_str(), "OK"),
+            ("detokenize", absent.as_str(), "NOT_FOUND")
+        ]
+    );
+    let v = server.verify_audit().await.unwrap();
+    assert!(v.is_ok(), "{}", v.describe());
+    admin.close().await;
+    server.close().await;
+}
 
 /// Many reveals at once, of live, deleted and expired tokens: each gets exactly its own
 /// answer. PostgreSQL folds concurrent lookups into shared statements (and judges expiry

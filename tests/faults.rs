@@ -556,13 +556,16 @@ fn freeze_reads(disk: &fuse_disk::FuseDisk) -> Thaw {
     Thaw(disk.switch.clone())
 }
 
-/// A flood of reveals on a disk whose reads hang, sent before the store could notice the
-/// stall: the reader threads' queue fills, and what does not fit is refused with UNAVAILABLE
-/// at once. The server keeps answering meanwhile (a full queue used to block the runtime
-/// worker that submitted to it, and with it every request on that worker), and once the disk
-/// answers every queued reveal ends with its own card or UNAVAILABLE.
+/// A flood of lookups (GetTokenInfo) and reveals on a disk whose reads hang, sent before the
+/// store could notice the stall. Lookups go to the reader threads: their queue fills, and
+/// what does not fit is refused with UNAVAILABLE at once. Reveals go to the writer (lookup
+/// and audit record in one group), whose bounded queue holds them at most `WRITE_WAIT`
+/// without blocking a runtime worker. The server keeps answering meanwhile (a full read
+/// queue used to block the runtime worker that submitted to it, and with it every request
+/// on that worker), and once the disk answers every request ends with its own token or card
+/// or UNAVAILABLE.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flood_of_reveals_on_a_hung_disk_is_refused_beyond_the_read_queue() {
+async fn a_flood_on_a_hung_disk_is_refused_beyond_the_queues() {
     let Some(disk) = fuse_disk_or_skip() else {
         return;
     };
@@ -571,30 +574,43 @@ async fn a_flood_of_reveals_on_a_hung_disk_is_refused_beyond_the_read_queue() {
     let stored = store_cards(&mut checkout, 20).await;
     // Enough connections for the flood: each admits 64 requests at a time.
     let mut clients = Vec::new();
-    for _ in 0..24 {
+    for _ in 0..26 {
         clients.push(server.client(PAYMENTS).await);
     }
 
     let thaw = freeze_reads(&disk);
     let started = Instant::now();
     let mut flood = Vec::new();
-    for i in 0..1_300 {
+    for i in 0..1_500 {
         let (token, pan) = stored[i % stored.len()].clone();
-        let client = clients[i % clients.len()].clone();
+        let mut client = clients[i % clients.len()].clone();
         flood.push(tokio::spawn(async move {
-            (reveal(client, token).await, pan, Instant::now())
+            // Every fifth a reveal; the rest lookups. Each answers with what it asked for.
+            let answer = if i % 5 == 0 {
+                reveal(client, token.clone())
+                    .await
+                    .map(|r| r.into_inner().pan == pan)
+            } else {
+                client
+                    .get_token_info(pb::GetTokenInfoRequest {
+                        token: token.clone(),
+                    })
+                    .await
+                    .map(|r| r.into_inner().info.is_some_and(|info| info.token == token))
+            };
+            (answer, Instant::now())
         }));
     }
     // Refusals come back at once, long before a stalled read is noticed (5 s).
     let mut refused = 0;
     while started.elapsed() < Duration::from_secs(4) && refused == 0 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        // Nothing can succeed while the disk is silent: a finished reveal was refused.
+        // Nothing can succeed while the disk is silent: a finished request was refused.
         refused = flood.iter().filter(|t| t.is_finished()).count();
     }
     assert!(
         refused > 0,
-        "no reveal was refused within {:?}: a full read queue held them",
+        "nothing was refused within {:?}: a full read queue held them",
         started.elapsed()
     );
     assert!(
@@ -607,10 +623,13 @@ async fn a_flood_of_reveals_on_a_hung_disk_is_refused_beyond_the_read_queue() {
     drop(thaw);
     let (mut ok, mut unavailable, mut queue_full) = (0, 0, 0);
     for task in flood {
-        let (result, pan, at) = task.await.unwrap();
+        let (result, at) = task.await.unwrap();
         match result {
-            Ok(r) => {
-                assert!(r.into_inner().pan == pan, "a reveal gave another card");
+            Ok(own) => {
+                assert!(
+                    own,
+                    "a request was answered with another token's card or info"
+                );
                 ok += 1;
             }
             Err(status) => {
@@ -629,7 +648,7 @@ async fn a_flood_of_reveals_on_a_hung_disk_is_refused_beyond_the_read_queue() {
         }
     }
     assert!(
-        queue_full > 0 && ok + unavailable == 1_300,
+        queue_full > 0 && ok + unavailable == 1_500,
         "{ok} ok, {unavailable} refused, {queue_full} of them for a full queue"
     );
     eprintln!("{ok} ok, {unavailable} refused, {queue_full} of them for a full queue");

@@ -356,6 +356,15 @@ pub struct CheckpointSource {
     pub wrapped_key: Vec<u8>,
 }
 
+/// Turns a reveal's looked-up rows into its audit records, inside the store's transaction
+/// (see [`Storage::reveal`]): `Ok(records)` to commit them, or `Err(rows)` to hand the rows
+/// back with nothing written, when deciding needs what cannot be done there (a key version
+/// not loaded yet). It runs on the store's writer, so it must not block or wait.
+pub type RevealDecision = Box<
+    dyn FnOnce(Vec<Option<TokenRow>>) -> std::result::Result<Vec<AuditEntry>, Vec<Option<TokenRow>>>
+        + Send,
+>;
+
 /// Called for each audit record of a snapshot walk, in ascending order.
 pub type AuditVisitor = Box<dyn FnMut(&AuditRecord) + Send>;
 
@@ -387,6 +396,17 @@ pub trait Storage: Send + Sync + 'static {
     ) -> StoreFuture<Vec<Result<StoredToken>>>;
     /// Live rows (not deleted, not expired at `now`) for each token, in order.
     fn lookup(&self, tokens: Vec<String>, now: Micros) -> StoreFuture<Vec<Option<TokenRow>>>;
+    /// A reveal: looks up `tokens` as [`Storage::lookup`] does, hands the rows to `decide` and
+    /// commits the audit records it returns. Resolves to `None` once those are committed,
+    /// or to `Some(rows)` when `decide` handed the rows back (nothing written). SQLite does
+    /// it all in one trip to its writer: the lookup on the writer's own connection, whose
+    /// page cache survives its commits, in the group that commits the records.
+    fn reveal(
+        &self,
+        tokens: Vec<String>,
+        now: Micros,
+        decide: RevealDecision,
+    ) -> StoreFuture<Option<Vec<Option<TokenRow>>>>;
     /// Destroys the ciphertext of a live token and appends the audit record.
     fn delete(&self, token: String, caller: Caller) -> StoreFuture<bool>;
     /// Appends audit records; resolves once they are committed.

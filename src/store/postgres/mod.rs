@@ -46,8 +46,8 @@ use super::lifecycle::{
 use super::sqlite::{duplicate, roles_from_text, roles_to_text, MAX_TOKEN_DRAWS, STALE_MASTER};
 use super::{
     AdminRequestRow, AuditSigningKeyInfo, AuditVisitor, CheckpointPause, CheckpointSource,
-    ClientRow, NewToken, OpenParams, Storage, StoreFuture, StoredToken, TokenMeta, TokenRow,
-    VaultHeader,
+    ClientRow, NewToken, OpenParams, RevealDecision, Storage, StoreFuture, StoredToken, TokenMeta,
+    TokenRow, VaultHeader,
 };
 use crate::audit::{self, canonical_bytes, AuditEntry, AuditRecord, GENESIS_MAC};
 use crate::card::Brand;
@@ -1612,6 +1612,21 @@ async fn lookup_batch(pool: &Pool, batch: &[LookupReq]) -> Result<HashMap<String
 // ---------------------------------------------------------------------------------------
 // The store
 
+/// Hands one operation to the writer and waits for its answer (after its group's commit).
+async fn send_write<T>(
+    sender: Option<mpsc::Sender<WriteOp>>,
+    op: WriteOp,
+    rx: oneshot::Receiver<Result<T>>,
+) -> Result<T> {
+    let sender = sender.ok_or_else(|| Error::Unavailable("the vault is closed".into()))?;
+    sender
+        .send(op)
+        .await
+        .map_err(|_| Error::Unavailable("the vault is closed".into()))?;
+    rx.await
+        .map_err(|_| Error::Internal("the writer stopped before answering".into()))?
+}
+
 pub struct PgStore {
     shared: Arc<PgShared>,
     keyring: Arc<Keyring>,
@@ -1707,23 +1722,17 @@ impl PgStore {
         })
     }
 
-    fn write<T: Send + 'static>(&self, make: impl FnOnce(Reply<T>) -> WriteOp) -> StoreFuture<T> {
-        let sender = self
-            .writer_tx
+    fn sender(&self) -> Option<mpsc::Sender<WriteOp>> {
+        self.writer_tx
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone();
+            .clone()
+    }
+
+    fn write<T: Send + 'static>(&self, make: impl FnOnce(Reply<T>) -> WriteOp) -> StoreFuture<T> {
         let (reply, rx) = oneshot::channel();
         let op = make(reply);
-        Box::pin(async move {
-            let sender = sender.ok_or_else(|| Error::Unavailable("the vault is closed".into()))?;
-            sender
-                .send(op)
-                .await
-                .map_err(|_| Error::Unavailable("the vault is closed".into()))?;
-            rx.await
-                .map_err(|_| Error::Internal("the writer stopped before answering".into()))?
-        })
+        Box::pin(send_write(self.sender(), op, rx))
     }
 
     /// Runs an admin operation in its own transaction holding the chain head, on any
@@ -1923,6 +1932,28 @@ impl Storage for PgStore {
 
     fn append_audit(&self, entries: Vec<AuditEntry>) -> StoreFuture<()> {
         self.write(move |reply| WriteOp::Audit { entries, reply })
+    }
+
+    /// Two trips: the lookup (batched with this replica's concurrent lookups), then the
+    /// records in the writer's next group.
+    fn reveal(
+        &self,
+        tokens: Vec<String>,
+        now: Micros,
+        decide: RevealDecision,
+    ) -> StoreFuture<Option<Vec<Option<TokenRow>>>> {
+        let lookup = self.lookup(tokens, now);
+        let sender = self.sender();
+        Box::pin(async move {
+            match decide(lookup.await?) {
+                Ok(entries) => {
+                    let (reply, rx) = oneshot::channel();
+                    send_write(sender, WriteOp::Audit { entries, reply }, rx).await?;
+                    Ok(None)
+                }
+                Err(rows) => Ok(Some(rows)),
+            }
+        })
     }
 
     fn rotate_key(&self, caller: Caller, unless_rekey: bool) -> StoreFuture<u32> {

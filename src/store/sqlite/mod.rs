@@ -38,7 +38,8 @@ use super::migrations;
 use super::space;
 use super::{
     AdminRequestRow, AuditSigningKeyInfo, AuditVisitor, CheckpointPause, CheckpointSource,
-    ClientRow, NewToken, Storage, StoreFuture, StoredToken, TokenMeta, TokenRow, VaultHeader,
+    ClientRow, NewToken, RevealDecision, Storage, StoreFuture, StoredToken, TokenMeta, TokenRow,
+    VaultHeader,
 };
 use crate::audit::{self, canonical_bytes, AuditEntry, AuditRecord, GENESIS_MAC};
 use crate::auth::Role;
@@ -452,6 +453,12 @@ enum WriteOp {
         entries: Vec<AuditEntry>,
         reply: Reply<()>,
     },
+    Reveal {
+        tokens: Vec<String>,
+        now: Micros,
+        decide: RevealDecision,
+        reply: Reply<Option<Vec<Option<TokenRow>>>>,
+    },
     /// Runs alone, in its own transaction, between groups.
     Admin(AdminFn),
 }
@@ -461,6 +468,7 @@ impl WriteOp {
         match self {
             WriteOp::Tokenize { items, .. } => items.len().max(1),
             WriteOp::Audit { entries, .. } => entries.len().max(1),
+            WriteOp::Reveal { tokens, .. } => tokens.len().max(1),
             _ => 1,
         }
     }
@@ -479,6 +487,11 @@ enum Work {
     Audit {
         entries: Vec<AuditEntry>,
     },
+    Reveal {
+        tokens: Vec<String>,
+        now: Micros,
+        decide: RevealDecision,
+    },
 }
 
 /// What an operation produced, sent only after the group's commit.
@@ -486,6 +499,8 @@ enum Outcome {
     Tokenize(Vec<Result<StoredToken>>),
     Delete(bool),
     Audit,
+    /// `Some(rows)`: the decision handed the rows back, nothing was recorded.
+    Reveal(Option<Vec<Option<TokenRow>>>),
 }
 
 /// Where an operation is answered. Kept apart from its [`Work`] so that every caller hears
@@ -494,6 +509,7 @@ enum Pending {
     Tokenize(Reply<Vec<Result<StoredToken>>>),
     Delete(Reply<bool>),
     Audit(Reply<()>),
+    Reveal(Reply<Option<Vec<Option<TokenRow>>>>),
 }
 
 impl WriteOp {
@@ -510,6 +526,19 @@ impl WriteOp {
                 reply,
             } => (Work::Delete { token, caller }, Pending::Delete(reply)),
             WriteOp::Audit { entries, reply } => (Work::Audit { entries }, Pending::Audit(reply)),
+            WriteOp::Reveal {
+                tokens,
+                now,
+                decide,
+                reply,
+            } => (
+                Work::Reveal {
+                    tokens,
+                    now,
+                    decide,
+                },
+                Pending::Reveal(reply),
+            ),
             WriteOp::Admin(_) => unreachable!("admin operations run alone, never in a group"),
         }
     }
@@ -527,6 +556,9 @@ impl Pending {
             (Pending::Audit(r), Outcome::Audit) => {
                 let _ = r.send(Ok(()));
             }
+            (Pending::Reveal(r), Outcome::Reveal(rows)) => {
+                let _ = r.send(Ok(rows));
+            }
             (p, _) => p.fail(Error::Internal("writer outcome of the wrong kind".into())),
         }
     }
@@ -540,6 +572,9 @@ impl Pending {
                 let _ = r.send(Err(e));
             }
             Pending::Audit(r) => {
+                let _ = r.send(Err(e));
+            }
+            Pending::Reveal(r) => {
                 let _ = r.send(Err(e));
             }
         }
@@ -902,6 +937,25 @@ impl Writer {
                 Work::Audit { entries } => {
                     st.audit.extend(entries);
                     Outcome::Audit
+                }
+                // On the writer's connection: its page cache and memory map survive its own
+                // commits, while a reader's are dropped after every commit of the writer.
+                // The decision is the caller's code: a panic in it fails this group, not
+                // the writer.
+                Work::Reveal {
+                    tokens,
+                    now,
+                    decide,
+                } => {
+                    let rows = lookup_rows(&tx, &tokens, now)?;
+                    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decide(rows))) {
+                        Ok(Ok(entries)) => {
+                            st.audit.extend(entries);
+                            Outcome::Reveal(None)
+                        }
+                        Ok(Err(rows)) => Outcome::Reveal(Some(rows)),
+                        Err(_) => return Err(Error::Internal("a reveal's decision panicked".into())),
+                    }
                 }
             });
         }
@@ -2165,6 +2219,20 @@ impl Storage for SqliteStore {
 
     fn append_audit(&self, entries: Vec<AuditEntry>) -> StoreFuture<()> {
         self.serving_write(move |reply| WriteOp::Audit { entries, reply })
+    }
+
+    fn reveal(
+        &self,
+        tokens: Vec<String>,
+        now: Micros,
+        decide: RevealDecision,
+    ) -> StoreFuture<Option<Vec<Option<TokenRow>>>> {
+        self.serving_write(move |reply| WriteOp::Reveal {
+            tokens,
+            now,
+            decide,
+            reply,
+        })
     }
 
     fn rotate_key(&self, caller: Caller, unless_rekey: bool) -> StoreFuture<u32> {
