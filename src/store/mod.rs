@@ -10,8 +10,10 @@
 //!
 //! Every write goes through one writer that folds whatever is queued into one transaction
 //! (group commit) and answers callers only after `COMMIT` returned with `synchronous=FULL`.
-//! Audit records ride in the same transactions as the data they describe. Reads run on a
-//! small pool of read-only connections on their own threads, never on async workers.
+//! Audit records ride in the same transactions as the data they describe. A reveal's
+//! lookup rides with its audit record too where the backend can ([`Storage::reveal`]:
+//! SQLite's writer). Other reads use a small pool of read-only connections (SQLite: a point
+//! read on the calling thread when a connection is free, else on the reader threads).
 
 pub mod copy;
 pub mod datadir;
