@@ -638,10 +638,14 @@ impl Vault {
             items,
         });
         let opened: Arc<Mutex<Option<Vec<Result<Revealed>>>>> = Arc::default();
+        let now = self.now();
+        // Not the whole vault: the decision is dropped on the writer's thread, and the last
+        // handle of a vault dropped there would stop the writer from its own thread.
         let decide = {
-            let (vault, request, opened) = (self.clone(), request.clone(), opened.clone());
+            let (keyring, request, opened) =
+                (self.inner.keyring.clone(), request.clone(), opened.clone());
             Box::new(move |rows: Vec<Option<TokenRow>>| {
-                let snapshot = vault.inner.keyring.snapshot();
+                let snapshot = keyring.snapshot();
                 let missing = rows
                     .iter()
                     .flatten()
@@ -653,13 +657,13 @@ impl Vault {
                     let key = snapshot.get(row.key_version).ok_or_else(|| {
                         Error::Internal("key version vanished from a snapshot".into())
                     })?;
-                    vault.open_row(key, row)
+                    open_row(key, row, now)
                 });
                 *opened.lock().unwrap_or_else(|e| e.into_inner()) = Some(results);
                 Ok(audit)
             })
         };
-        match self.inner.store.reveal(tokens, self.now(), decide).await? {
+        match self.inner.store.reveal(tokens, now, decide).await? {
             None => opened
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -704,30 +708,7 @@ impl Vault {
                 row.key_version
             ))
         })?;
-        self.open_row(key, row)
-    }
-
-    /// Authenticates and opens a row under its key version: an altered row is DATA_LOSS.
-    fn open_row(&self, key: &DataKey, row: TokenRow) -> Result<Revealed> {
-        let digits = key.open(
-            row.row_format,
-            &row.token,
-            &row.bound_meta,
-            &row.nonce,
-            &row.ciphertext,
-        )?;
-        // The expiry just authenticated, checked again here rather than only in the
-        // lookup's SQL (a row's format can predate the binding; the clock moved on), by the
-        // same vault time: the system clock may be behind or ahead of it.
-        if row.meta.expires_at.is_some_and(|at| at <= self.now()) {
-            return Err(Error::NotFound);
-        }
-        let text = std::str::from_utf8(&digits)
-            .map_err(|_| Error::DataLoss("decrypted value is not a card number".into()))?;
-        let pan = crate::card::Pan::parse(text)
-            .map_err(|_| Error::DataLoss("decrypted value is not a card number".into()))?;
-        let info = token_info(&row.token, row.key_version, &row.meta);
-        Ok(Revealed { pan, info })
+        open_row(key, row, self.now())
     }
 
     pub async fn info(&self, caller: &Caller, token: Token) -> Result<TokenInfo> {
@@ -1201,6 +1182,29 @@ fn tokenized(s: StoredToken) -> Tokenized {
         created: s.created,
         info,
     }
+}
+
+/// Authenticates and opens a row under its key version: an altered row is DATA_LOSS. `now`
+/// is vault time (the system clock may be behind or ahead of it).
+fn open_row(key: &DataKey, row: TokenRow, now: Micros) -> Result<Revealed> {
+    let digits = key.open(
+        row.row_format,
+        &row.token,
+        &row.bound_meta,
+        &row.nonce,
+        &row.ciphertext,
+    )?;
+    // The expiry just authenticated, checked again here rather than only in the lookup's
+    // SQL: a row's format can predate the binding.
+    if row.meta.expires_at.is_some_and(|at| at <= now) {
+        return Err(Error::NotFound);
+    }
+    let text = std::str::from_utf8(&digits)
+        .map_err(|_| Error::DataLoss("decrypted value is not a card number".into()))?;
+    let pan = crate::card::Pan::parse(text)
+        .map_err(|_| Error::DataLoss("decrypted value is not a card number".into()))?;
+    let info = token_info(&row.token, row.key_version, &row.meta);
+    Ok(Revealed { pan, info })
 }
 
 fn token_info(token: &str, key_version: u32, m: &TokenMeta) -> TokenInfo {
