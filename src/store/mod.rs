@@ -358,6 +358,21 @@ pub struct CheckpointSource {
     pub wrapped_key: Vec<u8>,
 }
 
+/// Hands one operation to a backend's writer and waits for its answer, which the writer
+/// sends after its group's commit (or with the group's error). `None`: the store is closed.
+pub(crate) async fn send_to_writer<Op, T>(
+    sender: Option<tokio::sync::mpsc::Sender<Op>>,
+    op: Op,
+    answer: tokio::sync::oneshot::Receiver<Result<T>>,
+) -> Result<T> {
+    let closed = || crate::error::Error::Unavailable("the vault is closed".into());
+    let sender = sender.ok_or_else(closed)?;
+    sender.send(op).await.map_err(|_| closed())?;
+    answer
+        .await
+        .map_err(|_| crate::error::Error::Internal("the writer stopped before answering".into()))?
+}
+
 /// Turns a reveal's looked-up rows into its audit records, inside the store's transaction
 /// (see [`Storage::reveal`]): `Ok(records)` to commit them, or `Err(rows)` to hand the rows
 /// back with nothing written, when deciding needs what cannot be done there (a key version

@@ -1612,21 +1612,6 @@ async fn lookup_batch(pool: &Pool, batch: &[LookupReq]) -> Result<HashMap<String
 // ---------------------------------------------------------------------------------------
 // The store
 
-/// Hands one operation to the writer and waits for its answer (after its group's commit).
-async fn send_write<T>(
-    sender: Option<mpsc::Sender<WriteOp>>,
-    op: WriteOp,
-    rx: oneshot::Receiver<Result<T>>,
-) -> Result<T> {
-    let sender = sender.ok_or_else(|| Error::Unavailable("the vault is closed".into()))?;
-    sender
-        .send(op)
-        .await
-        .map_err(|_| Error::Unavailable("the vault is closed".into()))?;
-    rx.await
-        .map_err(|_| Error::Internal("the writer stopped before answering".into()))?
-}
-
 pub struct PgStore {
     shared: Arc<PgShared>,
     keyring: Arc<Keyring>,
@@ -1732,7 +1717,7 @@ impl PgStore {
     fn write<T: Send + 'static>(&self, make: impl FnOnce(Reply<T>) -> WriteOp) -> StoreFuture<T> {
         let (reply, rx) = oneshot::channel();
         let op = make(reply);
-        Box::pin(send_write(self.sender(), op, rx))
+        Box::pin(super::send_to_writer(self.sender(), op, rx))
     }
 
     /// Runs an admin operation in its own transaction holding the chain head, on any
@@ -1948,7 +1933,7 @@ impl Storage for PgStore {
             match decide(lookup.await?) {
                 Ok(entries) => {
                     let (reply, rx) = oneshot::channel();
-                    send_write(sender, WriteOp::Audit { entries, reply }, rx).await?;
+                    super::send_to_writer(sender, WriteOp::Audit { entries, reply }, rx).await?;
                     Ok(None)
                 }
                 Err(rows) => Ok(Some(rows)),

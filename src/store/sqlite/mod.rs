@@ -1988,18 +1988,9 @@ impl SqliteStore {
     }
 
     fn write<T: Send + 'static>(&self, make: impl FnOnce(Reply<T>) -> WriteOp) -> StoreFuture<T> {
-        let sender = self.sender();
         let (reply, rx) = oneshot::channel();
         let op = make(reply);
-        Box::pin(async move {
-            let sender = sender.ok_or_else(|| Error::Unavailable("the vault is closed".into()))?;
-            sender
-                .send(op)
-                .await
-                .map_err(|_| Error::Unavailable("the vault is closed".into()))?;
-            rx.await
-                .map_err(|_| Error::Internal("the writer stopped before answering".into()))?
-        })
+        Box::pin(super::send_to_writer(self.sender(), op, rx))
     }
 
     /// A write on a client's behalf: refused at once while the writer is stalled, and
