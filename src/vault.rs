@@ -133,7 +133,7 @@ pub struct Revealed {
 /// store, which may run on the store's writer thread.
 struct RevealRequest {
     caller: Caller,
-    action: String,
+    action: &'static str,
     items: Vec<(Token, String)>,
 }
 
@@ -160,7 +160,7 @@ impl RevealRequest {
             };
             audit.push(AuditEntry::new(
                 &self.caller,
-                &self.action,
+                self.action,
                 token.as_str(),
                 outcome_of(&r),
                 if card_in_reason { "" } else { reason },
@@ -628,13 +628,13 @@ impl Vault {
     pub async fn reveal_batch(
         &self,
         caller: &Caller,
-        action: &str,
+        action: &'static str,
         items: Vec<(Token, String)>,
     ) -> Result<Vec<Result<Revealed>>> {
         let tokens = items.iter().map(|(t, _)| t.as_str().to_owned()).collect();
         let request = Arc::new(RevealRequest {
             caller: caller.clone(),
-            action: action.to_owned(),
+            action,
             items,
         });
         let opened: Arc<Mutex<Option<Vec<Result<Revealed>>>>> = Arc::default();
